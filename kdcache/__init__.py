@@ -1,0 +1,35 @@
+"""kdcache: offline knowledge distillation at scale.
+
+Teachers' soft targets are computed once (on Ray), stored under a content-addressed key
+(Arrow IPC), and streamed to students (trained with DeepSpeed). ``import kdcache`` needs
+neither Ray, DeepSpeed nor Zarr; each is imported where it is used.
+"""
+
+from __future__ import annotations
+
+__version__ = "0.1.0"
+
+from kdcache import losses, targets
+from kdcache.build import BuildReport, build_cache
+from kdcache.cache import CacheEntry, EnsembleView, open_cache
+from kdcache.data import ArrayDataset, ShardedDataset
+from kdcache.errors import KDCacheError
+from kdcache.stream import SoftTargetDataset
+from kdcache.teachers import Teacher, TeacherEnsemble
+
+__all__ = [
+    "ArrayDataset",
+    "BuildReport",
+    "CacheEntry",
+    "EnsembleView",
+    "KDCacheError",
+    "ShardedDataset",
+    "SoftTargetDataset",
+    "Teacher",
+    "TeacherEnsemble",
+    "__version__",
+    "build_cache",
+    "losses",
+    "open_cache",
+    "targets",
+]

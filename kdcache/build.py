@@ -1,0 +1,318 @@
+"""The teacher stage: plan the work, run it (in-process or on Ray actors), commit.
+
+``build_cache`` makes one cache entry per teacher over a sharded dataset. It is
+idempotent and resumable: entries with a manifest are reused (a *hit*), and of an
+interrupted entry only the shards without a commit record are computed.
+"""
+
+from __future__ import annotations
+
+import logging
+import platform
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+
+from kdcache import __version__, schema, targets
+from kdcache.cache import CacheEntry, EnsembleView, Lease
+from kdcache.data import ShardedDataset
+from kdcache.errors import ConfigError, RetriableError
+from kdcache.schema import TargetSpec
+from kdcache.teachers import Teacher, TeacherEnsemble
+
+log = logging.getLogger(__name__)
+
+EXECUTORS = ("ray", "local")
+
+
+@dataclass
+class BuildReport:
+    """What one ``build_cache`` call did.
+
+    Attributes:
+        hit: True when every entry already existed (the teacher stage was skipped).
+        keys: Entry key per teacher, in ensemble order.
+        computed: Number of (teacher, shard) pairs computed by this call.
+        reused: Number of (teacher, shard) pairs found already committed.
+        num_samples: Samples run through teachers by this call (summed over teachers).
+        wall_s: Wall time of the call, seconds.
+        per_actor: Samples and busy seconds per actor (or "local").
+    """
+
+    hit: bool
+    keys: list[str]
+    computed: int = 0
+    reused: int = 0
+    num_samples: int = 0
+    wall_s: float = 0.0
+    per_actor: dict[str, dict[str, float]] = field(default_factory=dict)
+
+
+def compute_shard(
+    dataset: ShardedDataset,
+    teachers: Sequence[Teacher],
+    entries: Sequence[CacheEntry],
+    shard_index: int,
+    batch_size: int,
+) -> dict[str, float]:
+    """Run ``teachers`` over one input shard and commit one output shard per teacher.
+
+    This is the unit of work of every executor. It is idempotent: rerunning it rewrites
+    byte-identical files under the same names.
+
+    Returns:
+        ``{"samples": rows x teachers, "seconds": wall time}``.
+
+    Raises:
+        TeacherOutputError: NaN/inf or wrong shape (fatal; names teacher and sample).
+    """
+    start = time.perf_counter()
+    shard = dataset.read_shard(shard_index)
+    ids = np.asarray(shard["sample_id"], dtype=np.int64)
+    inputs = shard["inputs"]
+    for teacher, entry in zip(teachers, entries, strict=True):
+        temperature = float(entry.spec["targets"]["temperature"])
+        parts = []
+        for lo in range(0, len(ids), batch_size):
+            logits = teacher.logits(inputs[lo : lo + batch_size])
+            targets.check_finite(logits, teacher=teacher.name, sample_ids_B=ids[lo : lo + batch_size])
+            parts.append(targets.scale_logits(logits, temperature).numpy())
+        values = np.concatenate(parts) if parts else np.zeros((0, 0), np.float32)
+        entry.write_shard(shard_index, ids, values)
+    return {"samples": float(len(ids) * len(teachers)), "seconds": time.perf_counter() - start}
+
+
+def _as_ensemble(teachers: Teacher | TeacherEnsemble | Sequence[Teacher]) -> TeacherEnsemble:
+    if isinstance(teachers, TeacherEnsemble):
+        return teachers
+    if isinstance(teachers, Teacher):
+        return TeacherEnsemble([teachers])
+    return TeacherEnsemble(list(teachers))
+
+
+def build_cache(
+    dataset: ShardedDataset,
+    teachers: Teacher | TeacherEnsemble | Sequence[Teacher],
+    *,
+    temperature: float,
+    root: str,
+    storage_dtype: str = "float32",
+    backend: str = "arrow",
+    executor: str = "ray",
+    address: str | None = None,
+    num_actors: int | None = None,
+    cpus_per_actor: float = 1.0,
+    batch_size: int = 1024,
+    max_retries: int = 2,
+    lease_ttl_s: float = 600.0,
+    progress: bool = True,
+) -> CacheEntry | EnsembleView:
+    """Cache every teacher's scaled logits over ``dataset`` and return the cache.
+
+    Each teacher gets its own entry keyed by (dataset fingerprint, teacher fingerprint,
+    target spec); entries already complete are reused, so adding a teacher to an ensemble
+    computes only that teacher, and a rerun after an interruption computes only the
+    shards not yet committed.
+
+    Args:
+        dataset: A :class:`kdcache.data.ShardedDataset` (picklable).
+        teachers: A teacher, a list of teachers, or a :class:`TeacherEnsemble`.
+        temperature: tau > 0; entries store ``logits / tau`` and tau is in the key.
+        root: Cache root: local path, ``file://`` or another pyarrow filesystem URI.
+        storage_dtype: ``"float32"`` or ``"float16"`` (values out of range are refused).
+        backend: Storage backend (``"arrow"``).
+        executor: ``"ray"`` (actors; local Ray when no cluster is given) or ``"local"``
+            (this process; for debugging and tests without Ray).
+        address: Ray cluster address; None uses ``RAY_ADDRESS`` or starts a local Ray.
+        num_actors: Ray actors; default one per ``cpus_per_actor`` CPUs, at most one per shard.
+        cpus_per_actor: CPUs each actor requests (and torch threads it uses).
+        batch_size: Rows per teacher forward pass; does not change the key or the bytes.
+        max_retries: Times a shard is retried after its actor died (infrastructure
+            failures only; teacher errors fail at once).
+        lease_ttl_s: Seconds before a crashed job's lease can be taken over.
+        progress: Show a progress bar.
+
+    Returns:
+        A :class:`CacheEntry` for one teacher, else an :class:`EnsembleView` (saved under
+        ``<root>/ensembles/``). Its ``build_report`` attribute is a :class:`BuildReport`.
+
+    Raises:
+        ConfigError: bad temperature, dtype, backend or executor.
+        TeacherOutputError: a teacher returned NaN/inf or a wrong shape (names the
+            teacher and the sample); everything committed before stays committed.
+        LeaseHeldError: another job is building the same entry and did not finish in time.
+    """
+    if executor not in EXECUTORS:
+        raise ConfigError(f"executor must be one of {EXECUTORS}, got {executor!r}")
+    if batch_size < 1:
+        raise ConfigError(f"batch_size must be >= 1, got {batch_size}")
+    started = time.perf_counter()
+    ensemble = _as_ensemble(teachers)
+    spec = TargetSpec(temperature=temperature, storage_dtype=storage_dtype, backend=backend)
+    dataset_fp = dataset.fingerprint()
+    entries = []
+    for teacher in ensemble:
+        material = schema.entry_spec(dataset_fp, teacher.fingerprint(), spec)
+        entry = CacheEntry(root, schema.content_key(material))
+        entry.write_spec(material)
+        entries.append(entry)
+
+    leases: list[Lease] = []
+    pending: dict[int, list[int]] = {}  # shard -> indices of teachers still to compute
+    report = BuildReport(hit=False, keys=[e.key for e in entries])
+    try:
+        for k, entry in enumerate(entries):
+            if entry.is_complete:
+                continue
+            lease = Lease(entry, ttl_s=lease_ttl_s)
+            if not lease.acquire():
+                continue  # another job completed it while we waited
+            leases.append(lease)
+            for i in range(dataset.num_shards):
+                if entry.committed_shard(i) is None:
+                    pending.setdefault(i, []).append(k)
+                else:
+                    report.reused += 1
+        report.computed = sum(len(v) for v in pending.values())
+        todo = [e for e in entries if not e.is_complete]
+        if not todo:
+            report.hit = True
+            log.info("cache hit: all %d teacher entries exist under %s; teacher stage skipped",
+                     len(entries), root)
+        else:
+            if report.reused:
+                log.info("resuming: %d (teacher, shard) outputs already committed, %d to compute",
+                         report.reused, report.computed)
+            if pending:
+                run = _run_ray if executor == "ray" else _run_local
+                run(dataset, ensemble, entries, pending, report, batch_size=batch_size,
+                    address=address, num_actors=num_actors, cpus_per_actor=cpus_per_actor,
+                    max_retries=max_retries, progress=progress, leases=leases)
+            info = {
+                "temperature": spec.temperature,
+                "versions": {"kdcache": __version__, "torch": torch.__version__,
+                             "python": platform.python_version()},
+                "build": {"executor": executor, "batch_size": batch_size},
+            }
+            for teacher, entry in zip(ensemble, entries, strict=True):
+                if not entry.is_complete:
+                    entry.commit(dataset.num_shards, {**info, "teacher_name": teacher.name,
+                                                      "teacher": teacher.fingerprint()})
+    finally:
+        for lease in leases:
+            lease.release()
+    report.wall_s = time.perf_counter() - started
+    cache: CacheEntry | EnsembleView
+    if len(entries) == 1:
+        cache = entries[0]
+    else:
+        cache = EnsembleView(entries, ensemble.rule, ensemble.weights)
+        cache.save()
+    cache.build_report = report  # type: ignore[union-attr]
+    return cache
+
+
+def _progress(total: int, samples_total: int, enabled: bool):  # type: ignore[no-untyped-def]
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, unit="shard", desc="teacher stage", disable=not enabled,
+                dynamic_ncols=True)
+
+
+def _run_local(dataset, ensemble, entries, pending, report, *, batch_size, progress,
+               leases, **_: Any) -> None:  # type: ignore[no-untyped-def]
+    bar = _progress(len(pending), 0, progress)
+    for shard_index, ks in sorted(pending.items()):
+        stats = compute_shard(dataset, [ensemble.teachers[k] for k in ks],
+                              [entries[k] for k in ks], shard_index, batch_size)
+        _account(report, "local", stats, bar, leases)
+    bar.close()
+
+
+def _account(report: BuildReport, actor: str, stats: dict[str, float], bar, leases) -> None:  # type: ignore[no-untyped-def]
+    slot = report.per_actor.setdefault(actor, {"samples": 0.0, "seconds": 0.0, "shards": 0.0})
+    slot["samples"] += stats["samples"]
+    slot["seconds"] += stats["seconds"]
+    slot["shards"] += 1
+    report.num_samples += int(stats["samples"])
+    elapsed = bar.format_dict.get("elapsed") or 1e-9
+    bar.set_postfix_str(f"{report.num_samples / elapsed:,.0f} samples/s")
+    bar.update(1)
+    for lease in leases:
+        lease.renew()
+
+
+def _run_ray(dataset, ensemble, entries, pending, report, *, batch_size, address, num_actors,
+             cpus_per_actor, max_retries, progress, leases) -> None:  # type: ignore[no-untyped-def]
+    from kdcache.errors import require
+
+    ray = require("ray", "ray")
+    started_here = not ray.is_initialized()
+    if started_here:
+        ray.init(address=address, include_dashboard=False, log_to_driver=True,
+                 logging_level=logging.WARNING)
+    try:
+        num_cpus = float(ray.cluster_resources().get("CPU", 1))
+        n = num_actors or max(1, int(num_cpus // cpus_per_actor))
+        n = min(n, len(pending))
+        threads = max(1, int(cpus_per_actor))
+
+        @ray.remote(num_cpus=cpus_per_actor, max_restarts=0)
+        class TeacherActor:
+            """Holds the ensemble's teachers (co-located small models) and runs shards."""
+
+            def __init__(self, refs):  # type: ignore[no-untyped-def]
+                # Wrapped in a list so the driver, which keeps the refs alive, owns them.
+                torch.set_num_threads(threads)
+                self.dataset, self.teachers, self.entries = ray.get(refs)
+
+            def run(self, shard_index, ks):  # type: ignore[no-untyped-def]
+                return compute_shard(self.dataset, [self.teachers[k] for k in ks],
+                                     [self.entries[k] for k in ks], shard_index, batch_size)
+
+        refs = [ray.put(dataset), ray.put(ensemble.teachers), ray.put(entries)]
+        actors = [TeacherActor.remote(refs) for _ in range(n)]
+        log.info("teacher stage: %d shard(s) x %d teacher(s) on %d Ray actor(s)",
+                 len(pending), len(ensemble), n)
+        bar = _progress(len(pending), 0, progress)
+        queue = [(shard, ks, 0) for shard, ks in sorted(pending.items())]
+        in_flight: dict[Any, tuple[int, tuple[int, list[int], int]]] = {}
+        free = list(range(n))
+        actor_died = (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError)
+        while queue or in_flight:
+            while queue and free:
+                a = free.pop()
+                work = queue.pop(0)
+                in_flight[actors[a].run.remote(work[0], work[1])] = (a, work)
+            done, _ = ray.wait(list(in_flight), num_returns=1)
+            a, (shard_index, ks, attempt) = in_flight.pop(done[0])
+            try:
+                stats = ray.get(done[0])  # a teacher error (fatal) raises here: job stops
+            except actor_died as exc:
+                # Infrastructure failure: the shard's files are idempotent, so rerun it on
+                # a fresh actor, a bounded number of times.
+                if attempt >= max_retries:
+                    raise RetriableError(
+                        f"shard {shard_index} failed {attempt + 1} times because its actor "
+                        f"died ({type(exc).__name__}); committed shards are kept, rerun the "
+                        "build to resume"
+                    ) from exc
+                log.warning("actor-%d died on shard %d (%s); retrying on a new actor "
+                            "(attempt %d of %d)", a, shard_index, type(exc).__name__,
+                            attempt + 2, max_retries + 1)
+                actors[a] = TeacherActor.remote(refs)
+                queue.insert(0, (shard_index, ks, attempt + 1))
+                free.append(a)
+                continue
+            _account(report, f"actor-{a}", stats, bar, leases)
+            free.append(a)
+        bar.close()
+        for actor in actors:
+            ray.kill(actor)
+    finally:
+        if started_here:
+            ray.shutdown()

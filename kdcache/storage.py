@@ -1,0 +1,161 @@
+"""Filesystem access for cache roots: local paths, ``file://`` and anything pyarrow's
+filesystems resolve (``s3://``, ``gs://``, ``hdfs://``).
+
+The one primitive the commit protocol needs is :meth:`Location.write_atomic`: on a local
+filesystem it writes a temporary file in the same directory, fsyncs it and renames it
+over the target (POSIX rename is atomic); on object stores a single PUT is already
+atomic, so it writes the object directly and never leaves a partial object visible.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import uuid
+from dataclasses import dataclass
+from functools import cached_property
+
+import pyarrow.fs as pafs
+
+STAGING_PREFIX = ".tmp-"
+
+
+def _split_uri(uri: str) -> tuple[str, bool]:
+    """Normalise a user URI; returns (uri or absolute local path, is_local)."""
+    if "://" not in uri:
+        return os.path.abspath(os.path.expanduser(uri)), True
+    if uri.startswith("file://"):
+        return os.path.abspath(uri[len("file://") :]), True
+    return uri.rstrip("/"), False
+
+
+@dataclass(frozen=True)
+class Location:
+    """A directory on some filesystem, picklable (it travels to Ray actors as a URI).
+
+    Args:
+        uri: A local path, ``file:///abs/path``, or a URI pyarrow understands (``s3://b/p``).
+    """
+
+    uri: str
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "uri", _split_uri(self.uri)[0])
+
+    @property
+    def is_local(self) -> bool:
+        return _split_uri(self.uri)[1]
+
+    @cached_property
+    def _fs_and_path(self) -> tuple[pafs.FileSystem, str]:
+        if self.is_local:
+            return pafs.LocalFileSystem(), self.uri
+        fs, path = pafs.FileSystem.from_uri(self.uri)
+        return fs, path
+
+    @property
+    def fs(self) -> pafs.FileSystem:
+        return self._fs_and_path[0]
+
+    @property
+    def path(self) -> str:
+        return self._fs_and_path[1]
+
+    def __getstate__(self) -> dict[str, str]:
+        return {"uri": self.uri}
+
+    def __setstate__(self, state: dict[str, str]) -> None:
+        object.__setattr__(self, "uri", state["uri"])
+
+    def child(self, *parts: str) -> Location:
+        return Location("/".join([self.uri.rstrip("/"), *parts]))
+
+    def _p(self, name: str) -> str:
+        return f"{self.path.rstrip('/')}/{name}" if name else self.path
+
+    def display(self, name: str = "") -> str:
+        return f"{self.uri.rstrip('/')}/{name}" if name else self.uri
+
+    # -- queries -------------------------------------------------------------------
+    def exists(self, name: str = "") -> bool:
+        return self.fs.get_file_info(self._p(name)).type != pafs.FileType.NotFound
+
+    def size(self, name: str) -> int:
+        info = self.fs.get_file_info(self._p(name))
+        if info.type == pafs.FileType.NotFound:
+            raise FileNotFoundError(self.display(name))
+        return int(info.size)
+
+    def listdir(self, name: str = "") -> list[str]:
+        """Names (not paths) directly under ``name``; empty when it does not exist."""
+        sel = pafs.FileSelector(self._p(name), allow_not_found=True, recursive=False)
+        return sorted(info.base_name for info in self.fs.get_file_info(sel))
+
+    # -- I/O -----------------------------------------------------------------------
+    def read_bytes(self, name: str) -> bytes:
+        try:
+            with self.fs.open_input_stream(self._p(name)) as f:
+                return bytes(f.readall())
+        except FileNotFoundError:
+            raise FileNotFoundError(self.display(name)) from None
+
+    def makedirs(self, name: str = "") -> None:
+        self.fs.create_dir(self._p(name), recursive=True)
+
+    def write_atomic(self, name: str, data: bytes) -> None:
+        """Write ``data`` so that readers see either the old file or all of the new one."""
+        target = self._p(name)
+        if not self.is_local:
+            with self.fs.open_output_stream(target) as f:
+                f.write(data)
+            return
+        directory, base = os.path.split(target)
+        os.makedirs(directory, exist_ok=True)
+        tmp = os.path.join(directory, f"{STAGING_PREFIX}{base}.{uuid.uuid4().hex}")
+        try:
+            with open(tmp, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, target)
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+        dir_fd = os.open(directory, os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
+
+    def create_exclusive(self, name: str, data: bytes) -> bool:
+        """Create ``name`` only if absent; True when this call created it.
+
+        Local filesystems use ``O_CREAT | O_EXCL``; object stores have no such primitive
+        in pyarrow, so there it is a check-then-write (documented as best effort).
+        """
+        target = self._p(name)
+        if not self.is_local:
+            if self.exists(name):
+                return False
+            self.write_atomic(name, data)
+            return True
+        os.makedirs(os.path.dirname(target), exist_ok=True)
+        try:
+            fd = os.open(target, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:
+            return False
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        return True
+
+    def delete(self, name: str) -> None:
+        try:
+            self.fs.delete_file(self._p(name))
+        except FileNotFoundError:
+            pass
+
+
+def sha256_hex(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()

@@ -1,0 +1,51 @@
+"""Fakes and fixtures shared by kdcache's tests and by users' own tests.
+
+Everything here is small, deterministic and CPU-only.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from kdcache.data import ArrayDataset
+from kdcache.teachers import Teacher
+
+
+def toy_dataset(num_records: int = 64, num_features: int = 8, num_classes: int = 5, *,
+                num_shards: int = 4, seed: int = 0, id_offset: int = 1000) -> ArrayDataset:
+    """A random float32 dataset [N, F] with labels in [0, C) and ids ``id_offset + i``."""
+    rng = np.random.default_rng(seed)
+    return ArrayDataset(
+        sample_ids=np.arange(num_records, dtype=np.int64) + id_offset,
+        inputs=rng.standard_normal((num_records, num_features)).astype(np.float32),
+        labels=rng.integers(0, num_classes, num_records),
+        num_shards=num_shards,
+        preprocessing={"toy": True, "seed": seed},
+    )
+
+
+def linear_teacher(num_features: int = 8, num_classes: int = 5, *, seed: int = 0,
+                   name: str | None = None, scale: float = 3.0) -> Teacher:
+    """A Teacher wrapping a seeded ``nn.Linear(F, C)`` (weights scaled by ``scale``)."""
+    g = torch.Generator().manual_seed(seed)
+    module = torch.nn.Linear(num_features, num_classes)
+    with torch.no_grad():
+        module.weight.copy_(torch.randn(num_classes, num_features, generator=g) * scale)
+        module.bias.copy_(torch.randn(num_classes, generator=g))
+    return Teacher.from_module(module, name=name or f"linear-{seed}",
+                               config={"in": num_features, "out": num_classes})
+
+
+class NaNAt(torch.nn.Module):
+    """Wraps a module and returns NaN logits for rows whose first feature equals ``value``."""
+
+    def __init__(self, inner: torch.nn.Module, value: float) -> None:
+        super().__init__()
+        self.inner = inner
+        self.value = value
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.inner(x)
+        bad = x[:, 0] == self.value
+        return torch.where(bad[:, None], torch.full_like(out, float("nan")), out)

@@ -1,0 +1,1 @@
+"""End-to-end jobs built on kdcache (recipes). The library never imports this package."""
