@@ -1,93 +1,709 @@
-"""Distillation losses.
+"""Distillation losses on dense and sparse soft targets, plus feature and relation losses.
 
-Pure tensor functions; no I/O. Every loss upcasts to float32 before any math.
+Pure tensor functions (and one small learned projection); no I/O. Every loss upcasts to
+float32 before any math.
 
 Shape legend:
-    B: batch (samples, or flattened valid tokens).  V: classes or vocabulary.
+    K: teachers.  B: batch (samples).  T: tokens.  V: classes or vocabulary.
+    N: rows, the flattened leading dims (B, or B * T).  M: rows that count (valid).
+    S: kept sparse entries per row.  D, E: student and teacher feature widths.
 
 Conventions (kdcache's choice where tools disagree; see ``docs/losses.md``):
     * ``alpha`` weighs the distillation term; ``1 - alpha`` weighs the hard-label
-      cross-entropy: ``loss = alpha * tau^2 * KL(p_t || p_s) + (1 - alpha) * CE``.
+      cross-entropy: ``loss = alpha * tau^2 * D(p_t, p_s) + (1 - alpha) * CE``.
     * The tau^2 factor is applied explicitly (switch: ``scale_by_temperature_squared``)
       so gradient magnitudes stay comparable across temperatures (Hinton et al. 2015, sec. 2).
-    * Reduction is "batchmean": KL summed over V, averaged over the rows that count.
+    * Reduction is "batchmean": a divergence summed over V, averaged over the rows that
+      count (all rows, or the valid positions of a mask), so padding never dilutes it.
     * Teacher targets are passed as *log-probabilities at temperature tau* (what
       :func:`kdcache.targets.log_probs` or :func:`kdcache.targets.combine_ensemble` return),
-      never as probabilities or raw logits.
+      never as probabilities or raw logits, or as :class:`kdcache.targets.SparseTargets`.
+    * Sparse targets (top-k, top-p, mixtures) are compared on S + 1 buckets: each kept id,
+      plus one *tail* bucket holding the exact mass outside the kept ids for both teacher
+      and student. That is exact at k = V and otherwise a lower bound on the full-vocabulary
+      divergence (data-processing inequality). Sampled targets use the counts
+      (Anshumann et al. 2025). The student's full-vocabulary normaliser is computed in row
+      chunks by a custom autograd function, so no [N, V] float32 tensor is materialised.
 """
 
 from __future__ import annotations
 
-import torch
+import math
+from collections.abc import Sequence
+from typing import Any
 
+import torch
+from torch.nn import functional as F  # noqa: N812 (the universal torch alias)
+
+from kdcache import targets as _targets
 from kdcache.errors import ConfigError
+from kdcache.targets import SparseTargets
 
 IGNORE_INDEX = -100
+
+#: Divergences every distillation entry point accepts (``divergence=...``).
+DIVERGENCES = (
+    "forward_kl",
+    "reverse_kl",
+    "jsd",
+    "skew_kl",
+    "skew_reverse_kl",
+    "total_variation",
+)
+
+#: Multi-teacher modes of :func:`multi_teacher_loss`.
+MULTI_TEACHER_MODES = ("combined_target", "sum_of_losses")
+
+#: Elements (rows * V) per float32 chunk in the sparse student pass: 16 MiB.
+_CHUNK_ELEMENTS = 1 << 22
+_NEG_INF = float("-inf")
+
+Targets = torch.Tensor | SparseTargets
+
+
+def _check_temperature(temperature: float) -> float:
+    t = float(temperature)
+    if not t > 0 or t != t or t == float("inf"):
+        raise ConfigError(f"temperature must be a finite number > 0, got {temperature!r}")
+    return t
+
+
+def _chunk(chunk_rows: int | None, vocab: int) -> int:
+    if chunk_rows is None:
+        return max(1, _CHUNK_ELEMENTS // max(vocab, 1))
+    if int(chunk_rows) < 1:
+        raise ConfigError(f"chunk_rows must be >= 1, got {chunk_rows}")
+    return int(chunk_rows)
+
+
+# --------------------------------------------------------------------------------------
+# The student's log-probabilities at sparse ids, chunked over rows
+# --------------------------------------------------------------------------------------
+
+
+class _SparseStudentLogProbs(torch.autograd.Function):
+    """(logits [N, V], ids [M, S], rows [M]) -> (log q at ids [M, S], log q of the tail [M]).
+
+    Forward and backward both walk the rows in chunks and recompute the chunk's float32
+    softmax, so peak extra memory is a few [chunk, V] float32 tensors; the gradient is
+    written straight into one tensor shaped (and typed) like the logits.
+    """
+
+    @staticmethod
+    def forward(
+        ctx: Any,
+        logits_NV: torch.Tensor,
+        ids_MS: torch.Tensor,
+        rows_M: torch.Tensor,
+        temperature: float,
+        chunk_rows: int,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        num_rows, num_slots = ids_MS.shape
+        valid_MS = ids_MS >= 0
+        safe_MS = ids_MS.clamp(min=0)
+        kept_MS = torch.zeros(num_rows, num_slots, device=logits_NV.device)
+        tail_M = torch.empty(num_rows, device=logits_NV.device)
+        for lo in range(0, num_rows, chunk_rows):
+            hi = min(lo + chunk_rows, num_rows)
+            u_CV = logits_NV.index_select(0, rows_M[lo:hi]).float() / temperature
+            lse_C = torch.logsumexp(u_CV, dim=-1)
+            kept_MS[lo:hi] = u_CV.gather(1, safe_MS[lo:hi]) - lse_C[:, None]
+            hit_CV = torch.zeros_like(u_CV).scatter_add_(1, safe_MS[lo:hi], valid_MS[lo:hi].float())
+            u_CV.masked_fill_(hit_CV > 0, _NEG_INF)
+            tail_M[lo:hi] = torch.logsumexp(u_CV, dim=-1) - lse_C
+        kept_MS.masked_fill_(~valid_MS, 0.0)  # finite placeholder; callers mask pads
+        ctx.save_for_backward(logits_NV, ids_MS, rows_M, tail_M)
+        ctx.temperature = temperature
+        ctx.chunk_rows = chunk_rows
+        return kept_MS, tail_M
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(
+        ctx: Any, grad_kept_MS: torch.Tensor, grad_tail_M: torch.Tensor
+    ) -> tuple[torch.Tensor | None, None, None, None, None]:
+        logits_NV, ids_MS, rows_M, tail_M = ctx.saved_tensors
+        temperature, chunk_rows = ctx.temperature, ctx.chunk_rows
+        grad_NV = torch.zeros_like(logits_NV)
+        valid_MS = ids_MS >= 0
+        safe_MS = ids_MS.clamp(min=0)
+        grad_kept_MS = grad_kept_MS.float().masked_fill(~valid_MS, 0.0)
+        grad_tail_M = grad_tail_M.float()
+        for lo in range(0, ids_MS.shape[0], chunk_rows):
+            hi = min(lo + chunk_rows, ids_MS.shape[0])
+            rows = rows_M[lo:hi]
+            u_CV = logits_NV.index_select(0, rows).float() / temperature
+            lse_C = torch.logsumexp(u_CV, dim=-1)
+            gk_CS, gt_C = grad_kept_MS[lo:hi], grad_tail_M[lo:hi]
+            # d log q_i / du_j = [i == j] - q_j
+            # d log q_tail / du_j = [j in tail] q_j / q_tail - q_j
+            g_CV = torch.exp(u_CV - lse_C[:, None]) * -(gk_CS.sum(dim=1) + gt_C)[:, None]
+            g_CV.scatter_add_(1, safe_MS[lo:hi], gk_CS)
+            log_tail_C = tail_M[lo:hi] + lse_C  # log sum_{j in tail} exp(u_j)
+            use_tail_C = torch.isfinite(log_tail_C) & (gt_C != 0)
+            if bool(use_tail_C.any()):
+                hit_CV = torch.zeros_like(u_CV).scatter_add_(
+                    1, safe_MS[lo:hi], valid_MS[lo:hi].float()
+                )
+                shift_C = torch.where(use_tail_C, log_tail_C, torch.zeros_like(log_tail_C))
+                share_CV = torch.exp(u_CV - shift_C[:, None])
+                share_CV = share_CV.masked_fill((hit_CV > 0) | ~use_tail_C[:, None], 0.0)
+                g_CV += gt_C[:, None] * share_CV
+            grad_NV.index_copy_(0, rows, (g_CV / temperature).to(grad_NV.dtype))
+        return grad_NV, None, None, None, None
+
+
+def sparse_student_log_probs(
+    student_logits_NV: torch.Tensor,
+    ids_MS: torch.Tensor,
+    *,
+    temperature: float,
+    rows_M: torch.Tensor | None = None,
+    chunk_rows: int | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The student's log-probabilities at a few ids per row, and of everything else.
+
+    Uses the full-vocabulary normaliser, computed in row chunks: neither the forward nor
+    the backward pass materialises an [N, V] float32 tensor (only [chunk_rows, V]); the
+    gradient has the logits' dtype.
+
+    Args:
+        student_logits_NV: Raw student logits, shape [N, V], any float dtype.
+        ids_MS: int64 ids, shape [M, S], in [0, V) or :data:`kdcache.targets.PAD_ID`;
+            unique within a row.
+        temperature: tau > 0 applied to the student logits.
+        rows_M: int64 rows of ``student_logits_NV`` that ``ids_MS`` refers to (unique);
+            all N rows in order when None.
+        chunk_rows: Rows per chunk; by default as many as fit 2^22 float32 elements.
+
+    Returns:
+        ``(log_q_MS, log_q_tail_M)``: float32 [M, S] log-probabilities at the ids (-inf in
+        pad slots), and float32 [M] log of the mass outside the row's ids (-inf when the
+        ids cover the vocabulary).
+
+    Raises:
+        ConfigError: bad temperature, chunk size, shapes or ids.
+    """
+    if student_logits_NV.dim() != 2 or ids_MS.dim() != 2:
+        raise ConfigError(
+            f"expected logits [N, V] and ids [M, S], got {tuple(student_logits_NV.shape)} "
+            f"and {tuple(ids_MS.shape)}"
+        )
+    tau = _check_temperature(temperature)
+    num_rows, vocab = student_logits_NV.shape
+    if rows_M is None:
+        rows_M = torch.arange(num_rows, device=student_logits_NV.device)
+    if rows_M.shape[0] != ids_MS.shape[0]:
+        raise ConfigError(f"{ids_MS.shape[0]} rows of ids for {rows_M.shape[0]} student rows")
+    if ids_MS.numel() and int(ids_MS.max()) >= vocab:
+        raise ConfigError(f"an id {int(ids_MS.max())} is outside the student's vocabulary {vocab}")
+    ids_MS = ids_MS.to(device=student_logits_NV.device, dtype=torch.int64)
+    kept_MS, tail_M = _SparseStudentLogProbs.apply(
+        student_logits_NV, ids_MS, rows_M, tau, _chunk(chunk_rows, vocab)
+    )
+    return kept_MS.masked_fill(ids_MS < 0, _NEG_INF), tail_M
+
+
+# --------------------------------------------------------------------------------------
+# Divergences on aligned log-probability tensors (last dim = outcomes)
+# --------------------------------------------------------------------------------------
+
+
+def _kl_sum(log_a: torch.Tensor, log_b: torch.Tensor) -> torch.Tensor:
+    """sum a (log a - log b) over the last dim, with 0 log 0 = 0 and NaN-free gradients."""
+    a = log_a.exp()
+    pos = a > 0
+    zero = torch.zeros((), device=a.device)
+    la = torch.where(pos, log_a, zero)
+    lb = torch.where(pos, log_b, zero)
+    return torch.where(pos, a * (la - lb), zero).sum(dim=-1)
+
+
+def _log_mix(log_a: torch.Tensor, log_b: torch.Tensor, wa: float, wb: float) -> torch.Tensor:
+    """log(wa * a + wb * b), NaN-free where both are 0."""
+    if wa == 0.0:
+        return log_b + math.log(wb)
+    if wb == 0.0:
+        return log_a + math.log(wa)
+    both_zero = torch.isneginf(log_a) & torch.isneginf(log_b)
+    zero = torch.zeros((), device=log_a.device)
+    la = torch.where(both_zero, zero, log_a)
+    lb = torch.where(both_zero, zero, log_b)
+    mixed = torch.logaddexp(la + math.log(wa), lb + math.log(wb))
+    return torch.where(both_zero, torch.full_like(mixed, _NEG_INF), mixed)
+
+
+def _divergence(
+    log_p: torch.Tensor, log_q: torch.Tensor, kind: str, beta: float, skew: float
+) -> torch.Tensor:
+    """D(p_teacher, q_student) summed over the last dim."""
+    if kind == "forward_kl":
+        return _kl_sum(log_p, log_q)
+    if kind == "reverse_kl":
+        return _kl_sum(log_q, log_p)
+    if kind == "jsd":
+        log_m = _log_mix(log_p, log_q, beta, 1.0 - beta)
+        return beta * _kl_sum(log_p, log_m) + (1.0 - beta) * _kl_sum(log_q, log_m)
+    if kind == "skew_kl":
+        return _kl_sum(log_p, _log_mix(log_p, log_q, skew, 1.0 - skew))
+    if kind == "skew_reverse_kl":
+        return _kl_sum(log_q, _log_mix(log_p, log_q, 1.0 - skew, skew))
+    if kind == "total_variation":
+        return 0.5 * (log_p.exp() - log_q.exp()).abs().sum(dim=-1)
+    raise ConfigError(f"unknown divergence {kind!r}; expected one of {DIVERGENCES}")
+
+
+def _check_kind(kind: str, beta: float, skew: float) -> None:
+    if kind not in DIVERGENCES:
+        raise ConfigError(f"unknown divergence {kind!r}; expected one of {DIVERGENCES}")
+    if kind == "jsd" and not 0.0 < beta < 1.0:
+        raise ConfigError(f"jsd needs 0 < beta < 1, got {beta}")
+    if kind in ("skew_kl", "skew_reverse_kl") and not 0.0 <= skew < 1.0:
+        raise ConfigError(f"skew must be in [0, 1), got {skew}")
+
+
+def _flat_student(student_logits: torch.Tensor) -> torch.Tensor:
+    if student_logits.dim() < 2:
+        raise ConfigError(
+            f"student logits must be [B, V] or [B, T, V], got {tuple(student_logits.shape)}"
+        )
+    return student_logits.reshape(-1, student_logits.shape[-1])
+
+
+def _rows_divergence(
+    student_logits: torch.Tensor,
+    teacher: Targets,
+    *,
+    temperature: float,
+    kind: str,
+    beta: float,
+    skew: float,
+    rows_M: torch.Tensor | None,
+    chunk_rows: int | None,
+) -> torch.Tensor:
+    """float32 [M] divergence for the selected rows (all rows when rows_M is None)."""
+    tau = _check_temperature(temperature)
+    _check_kind(kind, beta, skew)
+    student_NV = _flat_student(student_logits)
+    num_rows, vocab = student_NV.shape
+    if isinstance(teacher, SparseTargets):
+        if teacher.num_rows != num_rows:
+            raise ConfigError(
+                f"sparse targets have {teacher.num_rows} rows but the student has {num_rows} "
+                f"rows (leading dims {tuple(student_logits.shape[:-1])} flattened)"
+            )
+        if teacher.kind == "sampled" and kind == "reverse_kl":
+            raise ConfigError(
+                "reverse KL needs the teacher's probability wherever the student puts mass, "
+                "and sampled targets only estimate it on the drawn ids; use top-k targets "
+                "(exact tail bucket) or another divergence"
+            )
+        sel = teacher if rows_M is None else teacher.rows(rows_M)
+        ids_MS = sel.ids_BS.to(student_NV.device)
+        log_q_MS, log_q_tail_M = sparse_student_log_probs(
+            student_NV, ids_MS, temperature=tau, rows_M=rows_M, chunk_rows=chunk_rows
+        )
+        if sel.kind == "sampled":
+            log_phat_MS = sel.estimate_log_probs().to(student_NV.device)
+            if kind == "forward_kl":
+                # Unbiased estimate of KL(p || q): sum_i p_hat_i (log p_i - log q_i), with
+                # the exact teacher log p_i of each drawn id.
+                log_p_MS = sel.log_probs().to(student_NV.device)
+                w_MS = log_phat_MS.exp()
+                pos = w_MS > 0
+                zero = torch.zeros((), device=w_MS.device)
+                diff = torch.where(pos, log_p_MS, zero) - torch.where(pos, log_q_MS, zero)
+                return torch.where(pos, w_MS * diff, zero).sum(dim=-1)
+            log_p_tail_M = torch.full_like(log_q_tail_M, _NEG_INF)
+            log_p_MS = log_phat_MS
+        else:
+            log_p_MS = sel.log_probs().to(student_NV.device)
+            log_p_tail_M = sel.tail_log_mass().to(student_NV.device)
+            # When the kept ids cover the vocabulary there is no tail, whatever rounding says.
+            covers = (ids_MS >= 0).sum(dim=-1) >= vocab
+            log_p_tail_M = log_p_tail_M.masked_fill(covers, _NEG_INF)
+        log_p = torch.cat([log_p_MS, log_p_tail_M[:, None]], dim=-1)
+        log_q = torch.cat([log_q_MS, log_q_tail_M[:, None]], dim=-1)
+        return _divergence(log_p, log_q, kind, beta, skew)
+    if teacher.shape != student_logits.shape:
+        raise ConfigError(
+            f"student logits {tuple(student_logits.shape)} and teacher log-probabilities "
+            f"{tuple(teacher.shape)} must have the same shape [..., V]"
+        )
+    teacher_NV = teacher.reshape(-1, vocab)
+    if rows_M is not None:
+        student_NV = student_NV.index_select(0, rows_M)
+        teacher_NV = teacher_NV.index_select(0, rows_M.to(teacher_NV.device))
+    log_q = torch.log_softmax(student_NV.float() / tau, dim=-1)
+    return _divergence(teacher_NV.float(), log_q, kind, beta, skew)
+
+
+def divergence(
+    student_logits_BV: torch.Tensor,
+    teacher: Targets,
+    *,
+    temperature: float,
+    kind: str = "forward_kl",
+    beta: float = 0.5,
+    skew: float = 0.1,
+    chunk_rows: int | None = None,
+) -> torch.Tensor:
+    """Per-row divergence ``D(p_t, p_s)`` of any kind in :data:`DIVERGENCES`, unreduced.
+
+    Args:
+        student_logits_BV: Raw student logits, shape [B, V] or [B, T, V], any float dtype.
+        teacher: Teacher log-probabilities at tau shaped like the student logits (entries
+            may be -inf where the teacher has no mass), or SparseTargets with B (or B * T)
+            rows.
+        temperature: tau > 0 applied to the student logits.
+        kind: The divergence (see the named functions below for each formula).
+        beta: JSD mixing weight, 0 < beta < 1.
+        skew: Skew KL mixing weight, 0 <= skew < 1.
+        chunk_rows: Row chunk for sparse targets (see :func:`sparse_student_log_probs`).
+
+    Returns:
+        float32 tensor shaped like the student's leading dims ([B] or [B, T]).
+
+    Raises:
+        ConfigError: unknown kind, parameters out of range, or shapes that disagree.
+    """
+    out = _rows_divergence(
+        student_logits_BV,
+        teacher,
+        temperature=temperature,
+        kind=kind,
+        beta=beta,
+        skew=skew,
+        rows_M=None,
+        chunk_rows=chunk_rows,
+    )
+    return out.reshape(student_logits_BV.shape[:-1])
 
 
 def forward_kl(
     student_logits_BV: torch.Tensor,
-    teacher_log_probs_BV: torch.Tensor,
+    teacher_log_probs_BV: Targets,
     *,
     temperature: float,
+    chunk_rows: int | None = None,
 ) -> torch.Tensor:
-    """Per-row forward KL(p_t || p_s) at temperature tau, summed over V.
+    """Per-row forward KL(p_t || p_s) = sum_v p_t (log p_t - log p_s) at temperature tau.
+
+    Mass-covering: the student is pushed to cover everything the teacher allows.
 
     Args:
-        student_logits_BV: Raw student logits, shape [B, V], any float dtype.
-        teacher_log_probs_BV: Teacher log-probabilities at tau, shape [B, V]; entries may
-            be -inf where the teacher puts zero mass.
+        student_logits_BV: Raw student logits, shape [B, V] (or [B, T, V]), any float dtype.
+        teacher_log_probs_BV: Teacher log-probabilities at tau, same shape; entries may be
+            -inf where the teacher puts zero mass (0 log 0 = 0). Or SparseTargets: top-k,
+            top-p and mixtures use the exact tail bucket; sampled targets give the unbiased
+            estimate ``sum_i p_hat_i (log p_t,i - log p_s,i)`` over drawn ids (which can be
+            negative for one draw).
         temperature: tau > 0 applied to the student logits.
+        chunk_rows: Row chunk for sparse targets.
 
     Returns:
-        float32 tensor of shape [B], each entry >= 0 (up to rounding).
+        float32 tensor of shape [B] (or [B, T]), each entry >= 0 (up to rounding).
 
     Raises:
         ConfigError: temperature <= 0 or shapes differ.
 
-    Source: Hinton, Vinyals, Dean 2015, sec. 2.
+    Source: Hinton, Vinyals, Dean 2015, sec. 2; sampled form: Anshumann et al. 2025.
     """
-    if not temperature > 0:
-        raise ConfigError(f"temperature must be > 0, got {temperature}")
-    if student_logits_BV.shape != teacher_log_probs_BV.shape:
+    return divergence(
+        student_logits_BV,
+        teacher_log_probs_BV,
+        temperature=temperature,
+        kind="forward_kl",
+        chunk_rows=chunk_rows,
+    )
+
+
+def reverse_kl(
+    student_logits_BV: torch.Tensor,
+    teacher_log_probs_BV: Targets,
+    *,
+    temperature: float,
+    chunk_rows: int | None = None,
+) -> torch.Tensor:
+    """Per-row reverse KL(p_s || p_t) = sum_v p_s (log p_s - log p_t): mode-seeking.
+
+    Infinite where the student puts mass on an id the teacher gives none (mask such
+    padded slots in the student logits too, with -inf). Sampled targets are refused.
+
+    Args, Returns: as :func:`forward_kl`.
+
+    Raises:
+        ConfigError: as :func:`forward_kl`, or sampled targets.
+
+    Source: Gu et al., "MiniLLM: Knowledge Distillation of Large Language Models",
+    ICLR 2024, sec. 2.1.
+    """
+    return divergence(
+        student_logits_BV,
+        teacher_log_probs_BV,
+        temperature=temperature,
+        kind="reverse_kl",
+        chunk_rows=chunk_rows,
+    )
+
+
+def jsd(
+    student_logits_BV: torch.Tensor,
+    teacher_log_probs_BV: Targets,
+    *,
+    temperature: float,
+    beta: float = 0.5,
+    chunk_rows: int | None = None,
+) -> torch.Tensor:
+    """Per-row generalised Jensen-Shannon divergence with weight beta on the teacher.
+
+    ``JSD_beta = beta KL(p_t || m) + (1 - beta) KL(p_s || m)``, ``m = beta p_t + (1 - beta)
+    p_s``; between 0 and the binary entropy of beta (<= ln 2, reached at beta = 0.5).
+
+    Args:
+        beta: Teacher weight, 0 < beta < 1.
+        Others: as :func:`forward_kl`.
+
+    Returns:
+        float32 [B] (or [B, T]).
+
+    Raises:
+        ConfigError: as :func:`forward_kl`, or beta outside (0, 1).
+
+    Source: Agarwal et al., "On-Policy Distillation of Language Models: Learning from
+    Self-Generated Mistakes" (GKD), ICLR 2024, sec. 3.
+    """
+    return divergence(
+        student_logits_BV,
+        teacher_log_probs_BV,
+        temperature=temperature,
+        kind="jsd",
+        beta=beta,
+        chunk_rows=chunk_rows,
+    )
+
+
+def skew_kl(
+    student_logits_BV: torch.Tensor,
+    teacher_log_probs_BV: Targets,
+    *,
+    temperature: float,
+    skew: float = 0.1,
+    chunk_rows: int | None = None,
+) -> torch.Tensor:
+    """Per-row skew KL ``KL(p_t || skew p_t + (1 - skew) p_s)``; skew = 0 is forward KL.
+
+    Args:
+        skew: Mixing weight alpha of DistiLLM, 0 <= skew < 1 (0.1 in the paper).
+        Others: as :func:`forward_kl`.
+
+    Returns:
+        float32 [B] (or [B, T]), finite for skew > 0 even where the student has no mass.
+
+    Raises:
+        ConfigError: as :func:`forward_kl`, or skew outside [0, 1).
+
+    Source: Ko et al., "DistiLLM: Towards Streamlined Distillation for Large Language
+    Models", ICML 2024, sec. 3.1 (SKL).
+    """
+    return divergence(
+        student_logits_BV,
+        teacher_log_probs_BV,
+        temperature=temperature,
+        kind="skew_kl",
+        skew=skew,
+        chunk_rows=chunk_rows,
+    )
+
+
+def skew_reverse_kl(
+    student_logits_BV: torch.Tensor,
+    teacher_log_probs_BV: Targets,
+    *,
+    temperature: float,
+    skew: float = 0.1,
+    chunk_rows: int | None = None,
+) -> torch.Tensor:
+    """Per-row skew reverse KL ``KL(p_s || (1 - skew) p_t + skew p_s)``; skew = 0 is reverse KL.
+
+    Args, Returns, Raises: as :func:`skew_kl`.
+
+    Source: Ko et al., DistiLLM, ICML 2024, sec. 3.1 (SRKL).
+    """
+    return divergence(
+        student_logits_BV,
+        teacher_log_probs_BV,
+        temperature=temperature,
+        kind="skew_reverse_kl",
+        skew=skew,
+        chunk_rows=chunk_rows,
+    )
+
+
+def total_variation(
+    student_logits_BV: torch.Tensor,
+    teacher_log_probs_BV: Targets,
+    *,
+    temperature: float,
+    chunk_rows: int | None = None,
+) -> torch.Tensor:
+    """Per-row total variation distance ``0.5 * sum_v |p_t - p_s|``, in [0, 1].
+
+    Args, Returns, Raises: as :func:`forward_kl`.
+
+    Source: Wen et al., "f-Divergence Minimization for Sequence-Level Knowledge
+    Distillation", ACL 2023, sec. 2.2 (TVD).
+    """
+    return divergence(
+        student_logits_BV,
+        teacher_log_probs_BV,
+        temperature=temperature,
+        kind="total_variation",
+        chunk_rows=chunk_rows,
+    )
+
+
+# --------------------------------------------------------------------------------------
+# Reduced losses
+# --------------------------------------------------------------------------------------
+
+
+def _valid_rows(mask: torch.Tensor | None, leading: torch.Size, device: torch.device):
+    """int64 [M] indices of rows that count, or None for all rows."""
+    if mask is None:
+        return None
+    mask_t = torch.as_tensor(mask, device=device)
+    if mask_t.dtype != torch.bool:
+        raise ConfigError(f"mask must be a bool tensor, got {mask_t.dtype}")
+    if tuple(mask_t.shape) != tuple(leading):
         raise ConfigError(
-            f"student logits {tuple(student_logits_BV.shape)} and teacher log-probabilities "
-            f"{tuple(teacher_log_probs_BV.shape)} must have the same shape [B, V]"
+            f"mask shape {tuple(mask_t.shape)} must equal the logits' leading dims {tuple(leading)}"
         )
-    log_q = torch.log_softmax(student_logits_BV.float() / temperature, dim=-1)
-    log_p = teacher_log_probs_BV.float()
-    p = log_p.exp()
-    # 0 * log 0 = 0: where the teacher has no mass the term vanishes (and stays finite).
-    terms = torch.where(p > 0, p * (log_p - log_q), torch.zeros_like(p))
-    return terms.sum(dim=-1)
+    return mask_t.reshape(-1).nonzero().flatten()
+
+
+def cross_entropy(
+    student_logits_BV: torch.Tensor,
+    labels_B: torch.Tensor,
+    ignore_index: int = IGNORE_INDEX,
+    *,
+    chunk_rows: int | None = None,
+) -> torch.Tensor:
+    """Hard-label cross-entropy at temperature 1, mean over labelled rows, float32.
+
+    Computed in row chunks (:func:`sparse_student_log_probs` at the label), so a large
+    vocabulary never gets an [N, V] float32 copy.
+
+    Args:
+        student_logits_BV: Raw logits, shape [B, V] or [B, T, V], any float dtype.
+        labels_B: int64 class ids or next tokens, shape [B] or [B, T];
+            ``ignore_index`` positions (padding, prompt, unlabelled rows) are excluded.
+        ignore_index: Label value to skip.
+        chunk_rows: Rows per chunk.
+
+    Returns:
+        Scalar float32 tensor; 0 (with a zero, finite gradient) when no row has a label.
+
+    Raises:
+        ConfigError: labels of the wrong shape or outside [0, V).
+    """
+    student_NV = _flat_student(student_logits_BV)
+    labels = torch.as_tensor(labels_B, device=student_NV.device)
+    if tuple(labels.shape) != tuple(student_logits_BV.shape[:-1]):
+        raise ConfigError(
+            f"labels shape {tuple(labels.shape)} must equal the logits' leading dims "
+            f"{tuple(student_logits_BV.shape[:-1])}"
+        )
+    labels_N = labels.reshape(-1).long()
+    rows_M = (labels_N != ignore_index).nonzero().flatten()
+    picked = labels_N.index_select(0, rows_M)
+    if picked.numel() and (int(picked.min()) < 0 or int(picked.max()) >= student_NV.shape[1]):
+        raise ConfigError(
+            f"labels must be in [0, {student_NV.shape[1]}) or equal ignore_index={ignore_index}"
+        )
+    log_q_M1, _ = sparse_student_log_probs(
+        student_NV, picked[:, None], temperature=1.0, rows_M=rows_M, chunk_rows=chunk_rows
+    )
+    return -log_q_M1.sum() / max(int(rows_M.numel()), 1)
+
+
+def _distill_term(
+    student_logits: torch.Tensor,
+    teacher: Targets,
+    *,
+    temperature: float,
+    divergence: str,
+    beta: float,
+    skew: float,
+    mask: torch.Tensor | None,
+    scale_by_temperature_squared: bool,
+    chunk_rows: int | None,
+) -> torch.Tensor:
+    rows_M = _valid_rows(mask, student_logits.shape[:-1], student_logits.device)
+    per_row = _rows_divergence(
+        student_logits,
+        teacher,
+        temperature=temperature,
+        kind=divergence,
+        beta=beta,
+        skew=skew,
+        rows_M=rows_M,
+        chunk_rows=chunk_rows,
+    )
+    count = per_row.shape[0]
+    scale = float(temperature) ** 2 if scale_by_temperature_squared else 1.0
+    return per_row.sum() * (scale / max(count, 1))
+
+
+def _check_alpha(alpha: float, labels: torch.Tensor | None) -> None:
+    if not 0.0 <= alpha <= 1.0:
+        raise ConfigError(f"alpha must be in [0, 1], got {alpha}")
+    if alpha < 1.0 and labels is None:
+        raise ConfigError("alpha < 1 mixes in cross-entropy, so labels_B is required")
 
 
 def kd_loss(
     student_logits_BV: torch.Tensor,
-    teacher_log_probs_BV: torch.Tensor,
+    teacher_log_probs_BV: Targets,
     *,
     temperature: float,
     alpha: float = 1.0,
     labels_B: torch.Tensor | None = None,
     scale_by_temperature_squared: bool = True,
     ignore_index: int = IGNORE_INDEX,
+    divergence: str = "forward_kl",
+    beta: float = 0.5,
+    skew: float = 0.1,
+    mask: torch.Tensor | None = None,
+    chunk_rows: int | None = None,
 ) -> torch.Tensor:
-    """Hinton-style loss: ``alpha * tau^2 * KL(p_t || p_s) + (1 - alpha) * CE(y, s)``.
+    """Hinton-style loss: ``alpha * tau^2 * D(p_t, p_s) + (1 - alpha) * CE(y, s)``.
+
+    D is forward KL by default (any of :data:`DIVERGENCES`). The distillation term counts
+    the rows where ``mask`` is True (all rows when None), *not* the label mask: an
+    unlabelled sample still has a teacher. For token-level language-model losses, where
+    padding and prompt positions carry ``ignore_index``, use :func:`token_kd_loss`.
 
     Args:
-        student_logits_BV: Raw student logits, shape [B, V], any float dtype (upcast to fp32).
+        student_logits_BV: Raw student logits, shape [B, V] or [B, T, V], any float dtype
+            (upcast to fp32).
         teacher_log_probs_BV: Teacher (or ensemble) log-probabilities at temperature tau,
-            shape [B, V].
+            same shape, or SparseTargets with one row per student row.
         temperature: tau > 0, dimensionless.
         alpha: Weight of the distillation term in [0, 1].
-        labels_B: Hard labels, int64 shape [B], ``ignore_index`` where a sample has no label.
-            Required when alpha < 1.
-        scale_by_temperature_squared: Multiply the KL term by tau^2 (default True).
+        labels_B: Hard labels, int64 shape [B] (or [B, T]), ``ignore_index`` where a row has
+            no label. Required when alpha < 1.
+        scale_by_temperature_squared: Multiply the distillation term by tau^2 (default True).
         ignore_index: Label value that excludes a row from the cross-entropy.
+        divergence: Which D (see :func:`divergence`).
+        beta: JSD weight. skew: skew-KL weight.
+        mask: Optional bool [B] (or [B, T]): rows that count in the distillation term.
+        chunk_rows: Row chunk for sparse targets and the cross-entropy.
 
     Returns:
-        Scalar float32 tensor. KL is summed over V and averaged over B ("batchmean");
-        CE (at temperature 1) is averaged over labelled rows. A term with no rows is 0.
+        Scalar float32 tensor. D is summed over V and averaged over the counted rows
+        ("batchmean"); CE (at temperature 1) is averaged over labelled rows. A term with no
+        rows is 0 with finite (zero) gradients.
 
     Raises:
         ConfigError: alpha outside [0, 1], temperature <= 0, shapes differ, or labels
@@ -95,37 +711,328 @@ def kd_loss(
 
     Source: Hinton, Vinyals, Dean, "Distilling the Knowledge in a Neural Network", 2015, sec. 2.
     """
-    if not 0.0 <= alpha <= 1.0:
-        raise ConfigError(f"alpha must be in [0, 1], got {alpha}")
-    if alpha < 1.0 and labels_B is None:
-        raise ConfigError("alpha < 1 mixes in cross-entropy, so labels_B is required")
-    loss = student_logits_BV.new_zeros((), dtype=torch.float32)
+    _check_alpha(alpha, labels_B)
+    loss = torch.zeros((), device=student_logits_BV.device)
     if alpha > 0:
-        kl = forward_kl(student_logits_BV, teacher_log_probs_BV, temperature=temperature).mean()
-        scale = temperature**2 if scale_by_temperature_squared else 1.0
-        loss = loss + alpha * scale * kl
+        kd = _distill_term(
+            student_logits_BV,
+            teacher_log_probs_BV,
+            temperature=temperature,
+            divergence=divergence,
+            beta=beta,
+            skew=skew,
+            mask=mask,
+            scale_by_temperature_squared=scale_by_temperature_squared,
+            chunk_rows=chunk_rows,
+        )
+        loss = loss + alpha * kd
     if alpha < 1.0:
         assert labels_B is not None
-        loss = loss + (1.0 - alpha) * cross_entropy(student_logits_BV, labels_B, ignore_index)
+        ce = cross_entropy(student_logits_BV, labels_B, ignore_index, chunk_rows=chunk_rows)
+        loss = loss + (1.0 - alpha) * ce
     return loss
 
 
-def cross_entropy(
-    student_logits_BV: torch.Tensor, labels_B: torch.Tensor, ignore_index: int = IGNORE_INDEX
+def token_kd_loss(
+    student_logits_BTV: torch.Tensor,
+    teacher: Targets,
+    *,
+    temperature: float,
+    labels_BT: torch.Tensor,
+    alpha: float = 1.0,
+    mask_BT: torch.Tensor | None = None,
+    ignore_index: int = IGNORE_INDEX,
+    divergence: str = "forward_kl",
+    beta: float = 0.5,
+    skew: float = 0.1,
+    scale_by_temperature_squared: bool = True,
+    chunk_rows: int | None = None,
 ) -> torch.Tensor:
-    """Hard-label cross-entropy at temperature 1, mean over labelled rows, float32.
+    """Token-level distillation for language models, normalised by valid positions.
+
+    A position counts in both terms when its label (the next token, already shifted) is
+    not ``ignore_index`` and ``mask_BT`` (if given) is True there. Both terms are averaged
+    over the counted positions, so the same sequence gives the same loss however much it is
+    padded, and a batch with no valid position gives 0 with finite gradients.
 
     Args:
-        student_logits_BV: Raw logits, shape [B, V].
-        labels_B: int64 class ids, shape [B]; ``ignore_index`` rows are excluded.
-        ignore_index: Label value to skip.
+        student_logits_BTV: Raw student logits, shape [B, T, V], any float dtype.
+        teacher: Teacher log-probabilities at tau, shape [B, T, V], or SparseTargets with
+            B * T rows (row-major over B, T).
+        temperature: tau > 0.
+        labels_BT: int64 next-token ids, shape [B, T]; ``ignore_index`` at padding and prompt.
+        alpha: Weight of the distillation term in [0, 1].
+        mask_BT: Optional extra bool mask, shape [B, T].
+        ignore_index, divergence, beta, skew, scale_by_temperature_squared, chunk_rows:
+            As :func:`kd_loss`.
 
     Returns:
-        Scalar float32 tensor; 0 (with a zero gradient) when no row has a label.
+        Scalar float32 tensor.
+
+    Raises:
+        ConfigError: as :func:`kd_loss`.
     """
-    valid = labels_B != ignore_index
-    if not bool(valid.any()):
-        return student_logits_BV.float().sum() * 0.0
-    return torch.nn.functional.cross_entropy(
-        student_logits_BV.float(), labels_B.long(), ignore_index=ignore_index
+    labels = torch.as_tensor(labels_BT, device=student_logits_BTV.device)
+    valid = labels != ignore_index
+    if mask_BT is not None:
+        valid = valid & torch.as_tensor(mask_BT, device=valid.device, dtype=torch.bool)
+    ce_labels = torch.where(valid, labels, torch.full_like(labels, ignore_index))
+    return kd_loss(
+        student_logits_BTV,
+        teacher,
+        temperature=temperature,
+        alpha=alpha,
+        labels_B=ce_labels,
+        scale_by_temperature_squared=scale_by_temperature_squared,
+        ignore_index=ignore_index,
+        divergence=divergence,
+        beta=beta,
+        skew=skew,
+        mask=valid,
+        chunk_rows=chunk_rows,
     )
+
+
+def multi_teacher_loss(
+    student_logits_BV: torch.Tensor,
+    teachers_K: Sequence[Targets],
+    *,
+    temperature: float,
+    mode: str = "combined_target",
+    weights: Sequence[float] | None = None,
+    rule: str = "mean_probs",
+    divergence: str = "forward_kl",
+    beta: float = 0.5,
+    skew: float = 0.1,
+    mask: torch.Tensor | None = None,
+    scale_by_temperature_squared: bool = True,
+    chunk_rows: int | None = None,
+) -> torch.Tensor:
+    """Distil from K teachers, either to their combined target or teacher by teacher.
+
+    * ``mode="combined_target"``: ``tau^2 * D(combine_k(p_k), p_s)``. The teachers are
+      first combined by ``rule`` (:func:`kdcache.targets.combine_ensemble` for dense,
+      :func:`kdcache.targets.combine_sparse_ensemble` for sparse), then one divergence.
+    * ``mode="sum_of_losses"``: ``tau^2 * sum_k w_k D(p_k, p_s)``, each teacher kept apart
+      (as EasyDistill, with weights). For forward KL and ``mean_probs`` both modes have the
+      same gradient; the value of the sum exceeds the combined one by
+      ``H(sum_k w_k p_k) - sum_k w_k H(p_k) >= 0``. For other divergences they differ.
+
+    Args:
+        student_logits_BV: Raw student logits, [B, V] or [B, T, V].
+        teachers_K: K teacher targets, each dense log-probabilities at tau or SparseTargets
+            (``combined_target`` needs all dense or all sparse).
+        temperature: tau > 0.
+        mode: One of :data:`MULTI_TEACHER_MODES`.
+        weights: K non-negative weights, normalised to sum 1; uniform when None.
+        rule: Ensemble rule for ``combined_target``.
+        divergence, beta, skew, mask, scale_by_temperature_squared, chunk_rows: As
+            :func:`kd_loss`. Add a hard-label term yourself with :func:`cross_entropy`.
+
+    Returns:
+        Scalar float32 tensor, averaged over the rows that count.
+
+    Raises:
+        ConfigError: unknown mode, no teachers, mixed dense and sparse teachers in
+            ``combined_target``, or bad weights.
+
+    Source: Hinton et al. 2015, sec. 1 (ensembles as targets); sum of per-teacher losses
+    as in multi-teacher KD (e.g. You et al., "Learning from Multiple Teacher Networks",
+    KDD 2017).
+    """
+    if mode not in MULTI_TEACHER_MODES:
+        raise ConfigError(f"unknown mode {mode!r}; expected one of {MULTI_TEACHER_MODES}")
+    if not teachers_K:
+        raise ConfigError("multi_teacher_loss needs at least one teacher")
+    w_K = _targets._weights(len(teachers_K), weights)
+    common = dict(
+        temperature=temperature,
+        divergence=divergence,
+        beta=beta,
+        skew=skew,
+        mask=mask,
+        scale_by_temperature_squared=scale_by_temperature_squared,
+        chunk_rows=chunk_rows,
+    )
+    if mode == "sum_of_losses":
+        total = torch.zeros((), device=student_logits_BV.device)
+        for teacher, w in zip(teachers_K, w_K.tolist(), strict=True):
+            if w > 0:
+                total = total + w * _distill_term(student_logits_BV, teacher, **common)  # type: ignore[arg-type]
+        return total
+    sparse = [isinstance(t, SparseTargets) for t in teachers_K]
+    combined: Targets
+    if all(sparse):
+        combined = _targets.combine_sparse_ensemble(
+            [t for t in teachers_K if isinstance(t, SparseTargets)], rule=rule, weights=weights
+        )
+    elif not any(sparse):
+        dense = torch.stack([t for t in teachers_K if isinstance(t, torch.Tensor)])
+        combined = _targets.combine_ensemble(dense, rule=rule, weights=weights)
+    else:
+        raise ConfigError(
+            "combined_target needs all teachers dense or all sparse; use "
+            "mode='sum_of_losses' to mix them"
+        )
+    return _distill_term(student_logits_BV, combined, **common)  # type: ignore[arg-type]
+
+
+# --------------------------------------------------------------------------------------
+# Feature- and relation-based distillation
+# --------------------------------------------------------------------------------------
+
+
+class FitNetsRegressor(torch.nn.Module):
+    """Learned linear projection from student features (width D) to teacher features (E).
+
+    FitNets trains a regressor on the student's guided layer so it can match the teacher's
+    hint layer of a different width; for vector (or per-token) features that is a linear
+    map. Train it with the student; it is discarded after distillation.
+
+    Args:
+        student_dim: D, the student feature width.
+        teacher_dim: E, the teacher feature width.
+        bias: Include a bias term.
+
+    Source: Romero et al., "FitNets: Hints for Thin Deep Nets", ICLR 2015, sec. 2.2.
+    """
+
+    def __init__(self, student_dim: int, teacher_dim: int, *, bias: bool = True) -> None:
+        super().__init__()
+        if int(student_dim) < 1 or int(teacher_dim) < 1:
+            raise ConfigError(f"feature widths must be >= 1, got {student_dim}, {teacher_dim}")
+        self.proj = torch.nn.Linear(int(student_dim), int(teacher_dim), bias=bias)
+
+    def forward(self, student_features_BD: torch.Tensor) -> torch.Tensor:
+        """Project features [..., D] (any float dtype) to float32 [..., E]."""
+        return self.proj(student_features_BD.to(self.proj.weight.dtype)).float()
+
+
+def fitnets_loss(
+    student_features_BD: torch.Tensor,
+    teacher_features_BE: torch.Tensor,
+    regressor: torch.nn.Module | None = None,
+    *,
+    distance: str = "mse",
+    mask_B: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """FitNets hint loss between projected student features and cached teacher features.
+
+    ``mse``: mean over counted positions of the mean over E of ``(r(s) - t)^2`` (the
+    paper's ``1/2 ||t - r(s)||^2`` up to a constant factor 2/E; kdcache averages over E so
+    the scale does not grow with the width). ``cosine``: mean of ``1 - cos(r(s), t)``.
+
+    Args:
+        student_features_BD: Student features, shape [..., D], any float dtype.
+        teacher_features_BE: Cached teacher features, shape [..., E] (no gradient flows
+            into them).
+        regressor: Maps [..., D] to [..., E], e.g. :class:`FitNetsRegressor`; None when
+            D == E and no projection is wanted.
+        distance: ``"mse"`` or ``"cosine"``.
+        mask_B: Optional bool mask over the leading dims; positions that count.
+
+    Returns:
+        Scalar float32 tensor; 0 with finite gradients when no position counts.
+
+    Raises:
+        ConfigError: unknown distance, or shapes that disagree.
+
+    Source: Romero et al., "FitNets: Hints for Thin Deep Nets", ICLR 2015, sec. 2.2, eq. 3.
+    """
+    if distance not in ("mse", "cosine"):
+        raise ConfigError(f"distance must be 'mse' or 'cosine', got {distance!r}")
+    projected = student_features_BD.float() if regressor is None else regressor(student_features_BD)
+    target = teacher_features_BE.detach().float()
+    if projected.shape != target.shape:
+        raise ConfigError(
+            f"projected student features {tuple(projected.shape)} and teacher features "
+            f"{tuple(target.shape)} differ; pass a regressor mapping D to E"
+        )
+    width = projected.shape[-1]
+    projected = projected.reshape(-1, width)
+    target = target.reshape(-1, width)
+    rows = _valid_rows(mask_B, teacher_features_BE.shape[:-1], projected.device)
+    if rows is not None:
+        projected = projected.index_select(0, rows)
+        target = target.index_select(0, rows)
+    if distance == "mse":
+        per_row = (projected - target).pow(2).mean(dim=-1)
+    else:
+        per_row = 1.0 - F.cosine_similarity(projected, target, dim=-1, eps=1e-8)
+    return per_row.sum() / max(per_row.shape[0], 1)
+
+
+def _pair_distances(x_BD: torch.Tensor) -> torch.Tensor:
+    """Euclidean distances of the B(B-1)/2 pairs i < j, float32, gradient-safe at 0."""
+    i, j = torch.triu_indices(x_BD.shape[0], x_BD.shape[0], offset=1, device=x_BD.device)
+    diff = x_BD.index_select(0, i) - x_BD.index_select(0, j)
+    return diff.pow(2).sum(dim=-1).clamp(min=1e-12).sqrt()
+
+
+def rkd_distance_loss(student_emb_BD: torch.Tensor, teacher_emb_BE: torch.Tensor) -> torch.Tensor:
+    """RKD distance loss: Huber loss between mean-normalised pairwise distances.
+
+    ``psi(x_i, x_j) = ||x_i - x_j|| / mu`` with mu the mean distance over the batch's
+    pairs; the loss is the Huber (smooth L1, delta = 1) loss between the teacher's and the
+    student's psi, averaged over the B(B-1)/2 distinct pairs (the reference code averages
+    over all B^2 entries including the zero diagonal; that is (B-1)/B times this).
+
+    Args:
+        student_emb_BD: Student embeddings, shape [B, D], B >= 2, any float dtype.
+        teacher_emb_BE: Cached teacher embeddings, shape [B, E] (widths may differ).
+
+    Returns:
+        Scalar float32 tensor.
+
+    Raises:
+        ConfigError: fewer than 2 rows or different row counts.
+
+    Source: Park, Kim, Lu, Cho, "Relational Knowledge Distillation", CVPR 2019, sec. 3.2.1.
+    """
+    _check_relation_inputs(student_emb_BD, teacher_emb_BE, 2)
+    with torch.no_grad():
+        t = _pair_distances(teacher_emb_BE.float())
+        t = t / t.mean().clamp(min=1e-12)
+    s = _pair_distances(student_emb_BD.float())
+    s = s / s.mean().clamp(min=1e-12)
+    return F.smooth_l1_loss(s, t, reduction="mean")
+
+
+def _angles(x_BD: torch.Tensor) -> torch.Tensor:
+    e_BBD = F.normalize(x_BD[None, :, :] - x_BD[:, None, :], p=2, dim=2)
+    return torch.bmm(e_BBD, e_BBD.transpose(1, 2)).reshape(-1)
+
+
+def rkd_angle_loss(student_emb_BD: torch.Tensor, teacher_emb_BE: torch.Tensor) -> torch.Tensor:
+    """RKD angle loss: Huber loss between the cosines of the angles of all triplets.
+
+    For anchor j and points i, k: ``cos angle = <e_ji, e_jk>`` with ``e_ji`` the unit vector
+    from x_j to x_i; Huber (smooth L1, delta = 1) averaged over all B^3 (anchor, i, k),
+    degenerate ones (i or k equal to the anchor) giving 0 on both sides, as in the
+    reference code. Memory is O(B^2 (D + E)).
+
+    Args:
+        student_emb_BD: Student embeddings, shape [B, D], B >= 3.
+        teacher_emb_BE: Cached teacher embeddings, shape [B, E].
+
+    Returns:
+        Scalar float32 tensor.
+
+    Raises:
+        ConfigError: fewer than 3 rows or different row counts.
+
+    Source: Park, Kim, Lu, Cho, "Relational Knowledge Distillation", CVPR 2019, sec. 3.2.2.
+    """
+    _check_relation_inputs(student_emb_BD, teacher_emb_BE, 3)
+    with torch.no_grad():
+        t = _angles(teacher_emb_BE.float())
+    s = _angles(student_emb_BD.float())
+    return F.smooth_l1_loss(s, t, reduction="mean")
+
+
+def _check_relation_inputs(s: torch.Tensor, t: torch.Tensor, min_rows: int) -> None:
+    if s.dim() != 2 or t.dim() != 2 or s.shape[0] != t.shape[0] or s.shape[0] < min_rows:
+        raise ConfigError(
+            f"relation losses need [B, D] and [B, E] with the same B >= {min_rows}, got "
+            f"{tuple(s.shape)} and {tuple(t.shape)}"
+        )
