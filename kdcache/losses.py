@@ -57,6 +57,7 @@ MULTI_TEACHER_MODES = ("combined_target", "sum_of_losses")
 #: Elements (rows * V) per float32 chunk in the sparse student pass: 16 MiB.
 _CHUNK_ELEMENTS = 1 << 22
 _NEG_INF = float("-inf")
+_LOG_EPS32 = math.log(torch.finfo(torch.float32).eps)
 
 Targets = torch.Tensor | SparseTargets
 
@@ -319,6 +320,10 @@ def _rows_divergence(
         else:
             log_p_MS = sel.log_probs().to(student_NV.device)
             log_p_tail_M = sel.tail_log_mass().to(student_NV.device)
+            if sel.tail_log_mass_B is None:
+                # A tail derived from the log-partition is only good to ~1e-6 absolute:
+                # below that it may read 0 where it is not, so floor it (float32 epsilon).
+                log_p_tail_M = log_p_tail_M.clamp(min=_LOG_EPS32)
             # When the kept ids cover the vocabulary there is no tail, whatever rounding says.
             covers = (ids_MS >= 0).sum(dim=-1) >= vocab
             log_p_tail_M = log_p_tail_M.masked_fill(covers, _NEG_INF)

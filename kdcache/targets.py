@@ -228,6 +228,11 @@ class SparseTargets:
         grid_temperatures: Temperatures tau_g at which ``log_partition_grid_BG`` holds the
             full-vocabulary log-partition of ``z / tau_g``; empty when no grid was kept.
         log_partition_grid_BG: float32 [B, G] or None.
+        tail_log_mass_B: float32 [B], ``log sum_{v not kept} softmax(z / tau)_v`` computed
+            from the full logits when the targets were made (-inf when nothing is left
+            out). Optional, but stored by every builder: deriving the tail from
+            ``log_partition_B`` (``1 - kept mass``) has only about 1e-6 *absolute* accuracy,
+            so a tail of 1e-9 would read as 0 and a reverse KL against it as infinite.
 
     Raises:
         ConfigError: a field has the wrong dtype or shape, or ``kind`` is unknown.
@@ -240,6 +245,7 @@ class SparseTargets:
     counts_BS: torch.Tensor | None = None  # noqa: N815 (shape suffix, house style)
     grid_temperatures: tuple[float, ...] = field(default=())
     log_partition_grid_BG: torch.Tensor | None = None  # noqa: N815 (shape suffix, house style)
+    tail_log_mass_B: torch.Tensor | None = None  # noqa: N815 (shape suffix, house style)
 
     def __post_init__(self) -> None:
         if self.kind not in SPARSE_KINDS:
@@ -277,6 +283,9 @@ class SparseTargets:
                 f"log_partition_grid_BG must be [B, {num_grid}] when grid_temperatures are "
                 "given, and None otherwise"
             )
+        tail = self.tail_log_mass_B
+        if tail is not None and tuple(tail.shape) != (self.ids_BS.shape[0],):
+            raise ConfigError(f"tail_log_mass_B must have shape [{self.ids_BS.shape[0]}]")
 
     @property
     def num_rows(self) -> int:
@@ -314,11 +323,14 @@ class SparseTargets:
         return torch.log(counts / counts.sum(dim=-1, keepdim=True).clamp(min=1.0))
 
     def tail_log_mass(self) -> torch.Tensor:
-        """float32 [B]: log of the teacher's exact mass outside the kept ids (-inf if none).
+        """float32 [B]: log of the teacher's mass outside the kept ids (-inf if none).
 
-        Computed as ``log(-expm1(logsumexp(kept log-probs)))`` and clamped at 0, so its
-        absolute accuracy is that of the stored values (about 1e-6 in float32).
+        ``tail_log_mass_B`` when stored (exact to float32 relative precision); otherwise
+        derived as ``log(-expm1(logsumexp(kept log-probs)))``, clamped at 0, whose absolute
+        accuracy is that of the stored values (about 1e-6 in float32).
         """
+        if self.tail_log_mass_B is not None:
+            return self.tail_log_mass_B.float()
         log_kept_B = torch.logsumexp(self.log_probs(), dim=-1).clamp(max=0.0)
         return torch.log(-torch.expm1(log_kept_B))
 
@@ -334,6 +346,7 @@ class SparseTargets:
             log_partition_grid_BG=(
                 None if self.log_partition_grid_BG is None else self.log_partition_grid_BG[index]
             ),
+            tail_log_mass_B=None if self.tail_log_mass_B is None else self.tail_log_mass_B[index],
         )
 
     def to_columns(
@@ -350,8 +363,9 @@ class SparseTargets:
 
         Returns:
             ``{"ids": int64 [B, S], "values": [B, S], "log_partition": float32 [B]}``, plus
-            ``"counts"`` (int64 [B, S]) and ``"log_partition_grid"`` (float32 [B, G]) when
-            present. bfloat16 values come back as a ``uint16`` view of their bits, since
+            ``"counts"`` (int64 [B, S]), ``"log_partition_grid"`` (float32 [B, G]) and
+            ``"tail_log_mass"`` (float32 [B]; -inf only where the ids cover the vocabulary)
+            when present. bfloat16 values come back as a ``uint16`` view of their bits, since
             numpy has no bfloat16.
 
         Raises:
@@ -371,6 +385,9 @@ class SparseTargets:
             cols["counts"] = self.counts_BS.numpy()
         if self.log_partition_grid_BG is not None:
             cols["log_partition_grid"] = self.log_partition_grid_BG.float().numpy()
+        if self.tail_log_mass_B is not None:
+            # -inf here means "no tail" (ids cover V): a sentinel, not an overflow.
+            cols["tail_log_mass"] = self.tail_log_mass_B.float().numpy()
         return cols
 
     @classmethod
@@ -386,7 +403,8 @@ class SparseTargets:
 
         Args:
             columns: Mapping with ``ids``, ``values``, ``log_partition`` and optionally
-                ``counts`` and ``log_partition_grid``, as written by :meth:`to_columns`.
+                ``counts``, ``log_partition_grid`` and ``tail_log_mass``, as written by
+            :meth:`to_columns`.
             kind: The :data:`SPARSE_KINDS` entry the store recorded.
             grid_temperatures: The grid's temperatures, as recorded by the store.
             bfloat16_values: ``values`` is a uint16 view of bfloat16 bits.
@@ -401,6 +419,7 @@ class SparseTargets:
         values = values.masked_fill(ids < 0, _NEG_INF)
         counts = columns.get("counts")
         grid = columns.get("log_partition_grid")
+        tail = columns.get("tail_log_mass")
         return cls(
             ids_BS=ids,
             values_BS=values,
@@ -409,6 +428,9 @@ class SparseTargets:
             counts_BS=None if counts is None else torch.from_numpy(np.asarray(counts, np.int64)),
             grid_temperatures=tuple(grid_temperatures),
             log_partition_grid_BG=None if grid is None else torch.from_numpy(np.asarray(grid)),
+            tail_log_mass_B=None
+            if tail is None
+            else torch.from_numpy(np.asarray(tail, np.float32)),
         )
 
 
@@ -465,6 +487,13 @@ def _append_labels(
     return ids_BS, values_BS, counts_BS
 
 
+def _tail_log_mass(scaled_BV: torch.Tensor, ids_BS: torch.Tensor) -> torch.Tensor:
+    """log of the softmax mass outside ``ids_BS``, from the full row, in log space."""
+    hit = torch.zeros_like(scaled_BV).scatter_add_(1, ids_BS.clamp(min=0), (ids_BS >= 0).float())
+    rest = scaled_BV.masked_fill(hit > 0, _NEG_INF)
+    return torch.logsumexp(rest, dim=-1) - torch.logsumexp(scaled_BV, dim=-1)
+
+
 def topk_targets(
     scaled_logits_BV: torch.Tensor,
     k: int,
@@ -509,7 +538,8 @@ def topk_targets(
     log_z = torch.logsumexp(scaled, dim=-1)
     grid, grid_BG = _grid(scaled, temperature, grid_temperatures)
     ids, values, _ = _append_labels(scaled, ids, values, labels_B, ignore_index)
-    return SparseTargets(ids, values, log_z, "topk", None, grid, grid_BG)
+    tail = _tail_log_mass(scaled, ids)
+    return SparseTargets(ids, values, log_z, "topk", None, grid, grid_BG, tail)
 
 
 def topp_targets(
@@ -561,7 +591,8 @@ def topp_targets(
     values = values.masked_fill(~keep, _NEG_INF)
     grid, grid_BG = _grid(scaled, temperature, grid_temperatures)
     ids, values, _ = _append_labels(scaled, ids, values, labels_B, ignore_index)
-    return SparseTargets(ids, values, log_z, "topp", None, grid, grid_BG)
+    tail = _tail_log_mass(scaled, ids)
+    return SparseTargets(ids, values, log_z, "topp", None, grid, grid_BG, tail)
 
 
 def _dedup_sorted(sorted_BN: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -625,7 +656,8 @@ def sampled_targets(
     log_z = torch.logsumexp(scaled, dim=-1)
     grid, grid_BG = _grid(scaled, temperature, grid_temperatures)
     ids, values, counts2 = _append_labels(scaled, ids, values, labels_B, ignore_index, counts)
-    return SparseTargets(ids, values, log_z, "sampled", counts2, grid, grid_BG)
+    tail = _tail_log_mass(scaled, ids)
+    return SparseTargets(ids, values, log_z, "sampled", counts2, grid, grid_BG, tail)
 
 
 def retemper_sparse(
@@ -645,7 +677,8 @@ def retemper_sparse(
             (relative tolerance 1e-6).
 
     Returns:
-        New SparseTargets (float32 values) at tau', keeping the same grid.
+        New SparseTargets (float32 values) at tau', keeping the same grid. Its tail mass is
+        derived from the grid's log-partition (about 1e-6 absolute accuracy).
 
     Raises:
         ConfigError: tau' not in the grid, or kind ``"sampled"``/``"mixture"`` (draws made
@@ -767,11 +800,18 @@ def combine_sparse_ensemble(
     out_vals = out_vals.gather(1, back)
     num_kept = int((out_ids >= 0).sum(dim=1).max()) if num_rows else 0
     keep = max(num_kept, 1)
+    # The combined tail is exactly sum_k w_k tail_k (see above), summed in log space.
+    tails = [
+        t.tail_log_mass() + math.log(float(w))
+        for t, w in zip(targets_K, w_K, strict=True)
+        if float(w) > 0
+    ]
     return SparseTargets(
         ids_BS=out_ids[:, :keep].contiguous(),
         values_BS=out_vals[:, :keep].contiguous(),
         log_partition_B=torch.zeros(num_rows),
         kind="mixture",
+        tail_log_mass_B=torch.logsumexp(torch.stack(tails), dim=0),
     )
 
 

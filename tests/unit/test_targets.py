@@ -5,6 +5,7 @@ Shape legend: K teachers, B rows, V vocabulary, S kept slots.
 
 from __future__ import annotations
 
+import dataclasses
 import doctest
 import math
 
@@ -107,6 +108,15 @@ def test_topk_keeps_largest_with_exact_logprobs_and_tail():
     ref_tail = 1.0 - np.exp(np.take_along_axis(lp, ref_ids, 1)).sum(axis=1)
     np.testing.assert_allclose(t.tail_log_mass().exp().double().numpy(), ref_tail, atol=2e-6)
     assert t.kind == "topk" and t.values_BS.dtype == torch.float32
+
+
+def test_stored_tail_is_exact_where_the_derived_one_rounds_to_zero():
+    z = torch.tensor([[30.0, 5.0, 4.0, 0.0, -2.0]])
+    t = targets.topk_targets(z, 2)
+    ref = np.log(np.exp(np_log_softmax(z.numpy())[0, 2:]).sum())  # about log(1e-11)
+    assert float(t.tail_log_mass()[0]) == pytest.approx(ref, rel=1e-5)
+    derived = dataclasses.replace(t, tail_log_mass_B=None).tail_log_mass()
+    assert float(derived[0]) < ref - 5  # float32 1 - kept mass loses it
 
 
 def test_topk_with_k_equal_v_has_no_tail():
@@ -296,7 +306,7 @@ def test_columns_round_trip_without_inf(dtype):
         z, 0.8, max_k=10, labels_B=torch.arange(5), temperature=1.0, grid_temperatures=[2.0]
     )
     cols = t.to_columns(dtype)
-    assert set(cols) == {"ids", "values", "log_partition", "log_partition_grid"}
+    assert set(cols) == {"ids", "values", "log_partition", "log_partition_grid", "tail_log_mass"}
     assert all(c.shape[0] == 5 for c in cols.values())
     vals = cols["values"].view(np.uint16) if dtype == "bfloat16" else cols["values"]
     if dtype != "bfloat16":

@@ -1,0 +1,577 @@
+"""kdcache.losses against float64 numpy references, equivalences and properties.
+
+Shape legend: K teachers, B batch, T tokens, V vocabulary, S kept slots, D/E feature widths.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from torch.nn import functional as F  # noqa: N812
+
+from kdcache import losses, targets
+from kdcache.errors import ConfigError
+
+PROPERTY = settings(max_examples=20, deadline=None)
+NEG_INF = float("-inf")
+
+
+def num(x) -> float:
+    """A Python float from a tensor (detached: no autograd warning) or a number."""
+    return float(x.detach()) if isinstance(x, torch.Tensor) else float(x)
+
+
+def rand(*shape: int, seed: int = 0, scale: float = 2.0) -> torch.Tensor:
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed)) * scale
+
+
+def np_log_softmax(x: np.ndarray) -> np.ndarray:
+    x = np.asarray(x, dtype=np.float64)
+    m = x.max(axis=-1, keepdims=True)
+    return x - m - np.log(np.exp(x - m).sum(axis=-1, keepdims=True))
+
+
+def np_kl(p: np.ndarray, q: np.ndarray) -> np.ndarray:
+    with np.errstate(divide="ignore", invalid="ignore"):
+        t = np.where(p > 0, p * (np.log(p) - np.log(q)), 0.0)
+    return t.sum(axis=-1)
+
+
+def np_divergence(kind: str, p: np.ndarray, q: np.ndarray, beta=0.5, skew=0.1) -> np.ndarray:
+    """Independent float64 references, straight from the papers' formulas."""
+    if kind == "forward_kl":
+        return np_kl(p, q)
+    if kind == "reverse_kl":
+        return np_kl(q, p)
+    if kind == "jsd":
+        m = beta * p + (1 - beta) * q
+        return beta * np_kl(p, m) + (1 - beta) * np_kl(q, m)
+    if kind == "skew_kl":
+        return np_kl(p, skew * p + (1 - skew) * q)
+    if kind == "skew_reverse_kl":
+        return np_kl(q, (1 - skew) * p + skew * q)
+    if kind == "total_variation":
+        return 0.5 * np.abs(p - q).sum(axis=-1)
+    raise AssertionError(kind)
+
+
+def dense_case(b=5, v=13, tau=2.0, seed=0):
+    s = rand(b, v, seed=seed)
+    z = rand(b, v, seed=seed + 100, scale=3.0)
+    return s, targets.log_probs(z / tau), z
+
+
+# ---------------------------------------------------------------- dense vs float64
+
+
+@pytest.mark.parametrize("kind", losses.DIVERGENCES)
+def test_dense_divergences_match_float64(kind):
+    tau = 2.0
+    s, lp, _ = dense_case(tau=tau)
+    lp[0, :3] = NEG_INF  # teacher with zero mass on some ids
+    lp = torch.log_softmax(lp, dim=-1)
+    got = losses.divergence(s, lp, temperature=tau, kind=kind, beta=0.3, skew=0.2)
+    p = np.exp(lp.double().numpy())
+    q = np.exp(np_log_softmax(s.double().numpy() / tau))
+    ref = np_divergence(kind, p, q, beta=0.3, skew=0.2)
+    np.testing.assert_allclose(got.double().numpy(), ref, rtol=2e-5, atol=2e-6)
+
+
+def test_named_functions_match_divergence():
+    s, lp, _ = dense_case()
+    pairs = [
+        (losses.forward_kl, "forward_kl", {}),
+        (losses.reverse_kl, "reverse_kl", {}),
+        (losses.jsd, "jsd", {"beta": 0.7}),
+        (losses.skew_kl, "skew_kl", {"skew": 0.3}),
+        (losses.skew_reverse_kl, "skew_reverse_kl", {"skew": 0.3}),
+        (losses.total_variation, "total_variation", {}),
+    ]
+    for fn, kind, kw in pairs:
+        a = fn(s, lp, temperature=2.0, **kw)
+        b = losses.divergence(s, lp, temperature=2.0, kind=kind, **kw)
+        assert a.shape == (5,) and torch.equal(a, b)
+
+
+def test_skew_zero_is_plain_kl():
+    s, lp, _ = dense_case()
+    fk = losses.forward_kl(s, lp, temperature=2.0)
+    rk = losses.reverse_kl(s, lp, temperature=2.0)
+    assert torch.allclose(losses.skew_kl(s, lp, temperature=2.0, skew=0.0), fk)
+    assert torch.allclose(losses.skew_reverse_kl(s, lp, temperature=2.0, skew=0.0), rk)
+    assert not torch.allclose(losses.skew_kl(s, lp, temperature=2.0, skew=0.3), fk)
+
+
+def test_kd_loss_matches_float64_with_alpha_tau2_and_unlabelled_rows():
+    tau, alpha = 3.0, 0.7
+    s, lp, _ = dense_case(tau=tau)
+    labels = torch.tensor([1, -100, 4, 0, -100])
+    got = losses.kd_loss(s, lp, temperature=tau, alpha=alpha, labels_B=labels)
+    p = np.exp(lp.double().numpy())
+    q = np.exp(np_log_softmax(s.double().numpy() / tau))
+    kl = np_kl(p, q).mean()  # batchmean over all rows, labelled or not
+    lq1 = np_log_softmax(s.double().numpy())
+    ce = -np.mean([lq1[b, y] for b, y in enumerate(labels.tolist()) if y != -100])
+    assert num(got) == pytest.approx(alpha * tau**2 * kl + (1 - alpha) * ce, rel=2e-6)
+    unscaled = losses.kd_loss(s, lp, temperature=tau, scale_by_temperature_squared=False)
+    assert num(unscaled) == pytest.approx(kl, rel=2e-6)
+
+
+def test_kd_loss_refusals():
+    s, lp, _ = dense_case()
+    with pytest.raises(ConfigError, match="alpha"):
+        losses.kd_loss(s, lp, temperature=1.0, alpha=1.5)
+    with pytest.raises(ConfigError, match="labels_B"):
+        losses.kd_loss(s, lp, temperature=1.0, alpha=0.5)
+    with pytest.raises(ConfigError, match="same shape"):
+        losses.kd_loss(s, lp[:, :-1], temperature=1.0)
+    with pytest.raises(ConfigError, match="temperature"):
+        losses.kd_loss(s, lp, temperature=0.0)
+    with pytest.raises(ConfigError, match="divergence"):
+        losses.kd_loss(s, lp, temperature=1.0, divergence="hellinger")
+    with pytest.raises(ConfigError, match="beta"):
+        losses.kd_loss(s, lp, temperature=1.0, divergence="jsd", beta=1.0)
+    with pytest.raises(ConfigError, match="skew"):
+        losses.kd_loss(s, lp, temperature=1.0, divergence="skew_kl", skew=1.0)
+    with pytest.raises(ConfigError, match="mask"):
+        losses.kd_loss(s, lp, temperature=1.0, mask=torch.ones(4, dtype=torch.bool))
+    with pytest.raises(ConfigError, match="bool"):
+        losses.kd_loss(s, lp, temperature=1.0, mask=torch.ones(5))
+
+
+def test_cross_entropy_matches_torch_and_chunks():
+    s = rand(7, 11, seed=3)
+    y = torch.tensor([1, 2, -100, 10, 0, -100, 5])
+    ref = F.cross_entropy(s.double(), y, ignore_index=-100)
+    for chunk in (None, 1, 3):
+        got = losses.cross_entropy(s, y, chunk_rows=chunk)
+        assert num(got) == pytest.approx(num(ref), rel=1e-6)
+    a = s.clone().requires_grad_()
+    b = s.double().clone().requires_grad_()
+    losses.cross_entropy(a, y, chunk_rows=2).backward()
+    F.cross_entropy(b, y, ignore_index=-100).backward()
+    assert a.grad is not None and b.grad is not None
+    assert torch.allclose(a.grad.double(), b.grad, atol=1e-7)
+    with pytest.raises(ConfigError, match="labels"):
+        losses.cross_entropy(s, torch.full((7,), 11))
+
+
+# ---------------------------------------------------------------- temperature squared
+
+
+def test_tau_squared_gradient_scaling():
+    """Hinton et al. sec. 2: with zero-mean logits and large tau, the gradient of
+    tau^2 * KL w.r.t. the student logits tends to (z_s - z_t) / V, independent of tau;
+    without tau^2 it shrinks like 1 / tau^2."""
+    v = 10
+    zs = rand(1, v, seed=1)
+    zt = rand(1, v, seed=2)
+    zs, zt = zs - zs.mean(), zt - zt.mean()
+    limit = (zs - zt) / v
+    grads = {}
+    for tau in (1.0, 20.0, 50.0):
+        for scaled in (True, False):
+            x = zs.clone().requires_grad_()
+            loss = losses.kd_loss(
+                x,
+                targets.log_probs(zt / tau),
+                temperature=tau,
+                scale_by_temperature_squared=scaled,
+            )
+            (g,) = torch.autograd.grad(loss, x)
+            grads[tau, scaled] = g
+    for tau in (20.0, 50.0):
+        assert torch.allclose(grads[tau, True], grads[tau, False] * tau**2, rtol=1e-5)
+    rel = lambda g: num((g - limit).norm() / limit.norm())  # noqa: E731
+    assert rel(grads[50.0, True]) < 0.02 < rel(grads[1.0, True])
+    assert rel(grads[20.0, True]) < 0.05
+    assert num(grads[50.0, False].norm()) < num(grads[1.0, False].norm()) / 100
+
+
+# ---------------------------------------------------------------- sparse equivalences
+
+
+@pytest.mark.parametrize("kind", losses.DIVERGENCES)
+def test_sparse_topk_with_k_equal_v_equals_dense(kind):
+    tau = 1.5
+    s, lp, z = dense_case(b=6, v=17, tau=tau)
+    sparse = targets.topk_targets(z / tau, 17, labels_B=torch.arange(6))
+    a = s.clone().requires_grad_()
+    b = s.clone().requires_grad_()
+    dense = losses.divergence(a, lp, temperature=tau, kind=kind)
+    spar = losses.divergence(b, sparse, temperature=tau, kind=kind, chunk_rows=4)
+    assert torch.allclose(dense, spar, atol=2e-6, rtol=1e-5)
+    dense.sum().backward()
+    spar.sum().backward()
+    assert a.grad is not None and b.grad is not None
+    assert torch.allclose(a.grad, b.grad, atol=1e-6)
+
+
+def np_bucket(kind: str, z_t: np.ndarray, z_s: np.ndarray, ids: np.ndarray) -> np.ndarray:
+    """Float64 reference of the tail-bucket form: kept ids + one bucket for the rest."""
+    p = np.exp(np_log_softmax(z_t))
+    q = np.exp(np_log_softmax(z_s))
+    pk = np.take_along_axis(p, ids, 1)
+    qk = np.take_along_axis(q, ids, 1)
+    pb = np.concatenate([pk, 1 - pk.sum(1, keepdims=True)], 1)
+    qb = np.concatenate([qk, 1 - qk.sum(1, keepdims=True)], 1)
+    return np_divergence(kind, pb, qb)
+
+
+@pytest.mark.parametrize("kind", losses.DIVERGENCES)
+def test_sparse_topk_tail_bucket_matches_float64_and_bounds_dense(kind):
+    tau = 2.0
+    s, lp, z = dense_case(b=6, v=40, tau=tau, seed=4)
+    sparse = targets.topk_targets(z / tau, 5)
+    got = losses.divergence(s, sparse, temperature=tau, kind=kind)
+    ref = np_bucket(kind, z.double().numpy() / tau, s.double().numpy() / tau, sparse.ids_BS.numpy())
+    np.testing.assert_allclose(got.double().numpy(), ref, rtol=1e-4, atol=2e-6)
+    # Data-processing inequality: merging the tail can only lose divergence.
+    dense = losses.divergence(s, lp, temperature=tau, kind=kind)
+    assert bool((got <= dense + 1e-6).all())
+    assert bool((got < dense - 1e-4).any())
+
+
+@pytest.mark.parametrize("kind", ["forward_kl", "jsd", "total_variation"])
+def test_chunked_equals_unchunked(kind):
+    tau = 2.0
+    s, _, z = dense_case(b=9, v=31, tau=tau, seed=7)
+    sparse = targets.topp_targets(z / tau, 0.8, max_k=6, labels_B=torch.arange(9))
+    mask = torch.tensor([1, 1, 0, 1, 0, 1, 1, 1, 0], dtype=torch.bool)
+    out = {}
+    for chunk in (None, 1, 4, 100):
+        x = s.clone().requires_grad_()
+        loss = losses.kd_loss(
+            x,
+            sparse,
+            temperature=tau,
+            divergence=kind,
+            alpha=0.6,
+            labels_B=torch.arange(9),
+            mask=mask,
+            chunk_rows=chunk,
+        )
+        (g,) = torch.autograd.grad(loss, x)
+        out[chunk] = (loss, g)
+    for chunk in (1, 4, 100):
+        assert torch.allclose(out[chunk][0], out[None][0], atol=1e-7)
+        assert torch.allclose(out[chunk][1], out[None][1], atol=1e-8)
+    assert bool((out[None][1][~mask].abs().sum(dim=1) > 0).all())  # CE still reaches them
+
+
+def test_sparse_student_grad_is_right_against_autograd():
+    s = rand(4, 12, seed=9)
+    ids = torch.tensor([[3, 1, -1], [0, 11, 5], [-1, -1, -1], [7, -1, 2]])
+    w_kept = rand(4, 3, seed=10)
+    w_tail = rand(4, seed=11)
+    x = s.clone().requires_grad_()
+    kept, tail = losses.sparse_student_log_probs(x, ids, temperature=1.7, chunk_rows=3)
+    obj = (torch.where(ids >= 0, kept, 0.0) * w_kept).sum() + (tail * w_tail).sum()
+    (g,) = torch.autograd.grad(obj, x)
+    y = s.double().clone().requires_grad_()
+    lq = torch.log_softmax(y / 1.7, dim=-1)
+    ref = 0.0
+    for b in range(4):
+        keep = [i for i in ids[b].tolist() if i >= 0]
+        rest = [j for j in range(12) if j not in keep]
+        ref = ref + sum(
+            num(w_kept[b, k]) * lq[b, i] for k, i in enumerate(ids[b].tolist()) if i >= 0
+        )
+        ref = ref + num(w_tail[b]) * torch.logsumexp(lq[b, rest], dim=0)
+    (g_ref,) = torch.autograd.grad(ref, y)
+    assert torch.allclose(g.double(), g_ref, atol=1e-6)
+
+
+def test_sparse_loss_in_bfloat16_keeps_dtype_and_matches_float32():
+    tau = 2.0
+    s, _, z = dense_case(b=8, v=64, tau=tau)
+    sparse = targets.topk_targets(z / tau, 8)
+    a = s.bfloat16().requires_grad_()
+    b = s.bfloat16().float().requires_grad_()
+    la = losses.kd_loss(a, sparse, temperature=tau)
+    lb = losses.kd_loss(b, sparse, temperature=tau)
+    la.backward()
+    lb.backward()
+    assert la.dtype == torch.float32 and a.grad is not None and a.grad.dtype == torch.bfloat16
+    assert num(la) == pytest.approx(num(lb), rel=1e-6)
+    assert b.grad is not None and torch.allclose(a.grad.float(), b.grad, atol=1e-2)
+
+
+def test_sampled_forward_kl_is_unbiased_and_gradient_too():
+    tau = 1.0
+    v, rows = 6, 4000
+    zt = rand(1, v, seed=21, scale=1.5)
+    zs = rand(1, v, seed=22)
+    sampled = targets.sampled_targets(
+        (zt / tau).expand(rows, v).contiguous(), 4, generator=torch.Generator().manual_seed(3)
+    )
+    x = zs.expand(rows, v).clone().requires_grad_()
+    est = losses.forward_kl(x, sampled, temperature=tau)
+    est.mean().backward()
+    y = zs.clone().requires_grad_()
+    exact = losses.forward_kl(y, targets.log_probs(zt / tau), temperature=tau)
+    exact.sum().backward()
+    assert x.grad is not None and y.grad is not None
+    se = num(est.std()) / math.sqrt(rows)
+    assert abs(num(est.mean()) - num(exact)) < 5 * se
+    g_est = x.grad.sum(dim=0)
+    assert torch.allclose(g_est, y.grad[0], atol=0.02)
+    # Top-k with the same support size is biased: its estimate misses the exact value.
+    with pytest.raises(ConfigError, match="sampled"):
+        losses.reverse_kl(x, sampled, temperature=tau)
+
+
+def test_tiny_teacher_tail_keeps_reverse_kl_finite_and_zero_at_equality():
+    s = torch.tensor([[60.0, 10.0, 8.0, 0.0, -4.0]])
+    t = targets.topk_targets(s / 2.0, 2)
+    for kind in losses.DIVERGENCES:
+        d = losses.divergence(s, t, temperature=2.0, kind=kind)
+        assert bool(torch.isfinite(d).all()) and float(d.abs().max()) < 1e-6, kind
+
+
+def test_sparse_row_mismatch_and_bad_ids_refused():
+    s = rand(4, 10)
+    t = targets.topk_targets(rand(3, 10), 2)
+    with pytest.raises(ConfigError, match="rows"):
+        losses.forward_kl(s, t, temperature=1.0)
+    t2 = targets.topk_targets(rand(4, 12), 2)
+    with pytest.raises(ConfigError, match="vocabulary"):
+        losses.forward_kl(s, t2, temperature=1.0)
+
+
+# ---------------------------------------------------------------- token-level masking
+
+
+def _padded(seq_logits_TV, seq_teacher_TV, seq_labels_T, pad_to):
+    t, v = seq_logits_TV.shape
+    pad = pad_to - t
+    s = torch.cat([seq_logits_TV, rand(pad, v, seed=99)])
+    tl = torch.cat([seq_teacher_TV, torch.full((pad, v), float("nan"))])  # never read
+    y = torch.cat([seq_labels_T, torch.full((pad,), -100)])
+    return s[None], tl[None], y[None]
+
+
+@pytest.mark.parametrize("kind", losses.DIVERGENCES)
+@pytest.mark.parametrize("sparse", [False, True])
+def test_same_sequence_padded_to_two_lengths_gives_same_loss(kind, sparse):
+    tau, v = 2.0, 23
+    z = rand(6, v, seed=5, scale=3.0)
+    s = rand(6, v, seed=6)
+    y = torch.tensor([-100, -100, 3, 7, 1, 22])  # two prompt positions
+    results = []
+    for length in (6, 11):
+        s_B, t_B, y_B = _padded(s, targets.log_probs(z / tau), y, length)
+        if sparse:
+            zz = torch.cat([z, torch.zeros(length - 6, v)]) / tau
+            teacher = targets.topk_targets(zz, 4, labels_B=y_B[0])
+        else:
+            teacher = t_B
+        x = s_B.clone().requires_grad_()
+        loss = losses.token_kd_loss(
+            x, teacher, temperature=tau, labels_BT=y_B, alpha=0.5, divergence=kind
+        )
+        (g,) = torch.autograd.grad(loss, x)
+        results.append((loss, g[0, :6]))
+        assert bool(torch.isfinite(loss)) and bool((g[0, 6:] == 0).all())
+    assert torch.allclose(results[0][0], results[1][0], atol=1e-6)
+    assert torch.allclose(results[0][1], results[1][1], atol=1e-7)
+    assert num(results[0][0]) > 0
+
+
+def test_mask_normalises_by_valid_positions():
+    tau = 2.0
+    s, lp, _ = dense_case(b=6, v=9, tau=tau)
+    mask = torch.tensor([True, False, True, True, False, False])
+    got = losses.kd_loss(s, lp, temperature=tau, mask=mask)
+    per_row = losses.forward_kl(s, lp, temperature=tau)
+    assert num(got) == pytest.approx(num(per_row[mask].mean() * tau**2), rel=1e-6)
+
+
+@pytest.mark.parametrize("kind", losses.DIVERGENCES)
+def test_no_valid_position_gives_finite_zero_loss_and_grads(kind):
+    tau, v = 2.0, 8
+    x = rand(2, 3, v).requires_grad_()
+    teacher = torch.full((2, 3, v), float("nan"))
+    y = torch.full((2, 3), -100)
+    for t in (teacher, targets.topk_targets(rand(6, v), 3)):
+        loss = losses.token_kd_loss(x, t, temperature=tau, labels_BT=y, alpha=0.5, divergence=kind)
+        (g,) = torch.autograd.grad(loss, x)
+        assert num(loss) == 0.0 and bool(torch.isfinite(g).all()) and bool((g == 0).all())
+
+
+# ---------------------------------------------------------------- multi-teacher
+
+
+def test_multi_teacher_modes_same_gradient_and_entropy_gap():
+    tau = 2.0
+    s = rand(4, 10, seed=1)
+    zs = [rand(4, 10, seed=10 + k, scale=3.0) for k in range(3)]
+    lps = [targets.log_probs(z / tau) for z in zs]
+    w = [0.5, 0.3, 0.2]
+    out = {}
+    for mode in losses.MULTI_TEACHER_MODES:
+        x = s.clone().requires_grad_()
+        loss = losses.multi_teacher_loss(x, lps, temperature=tau, mode=mode, weights=w)
+        (g,) = torch.autograd.grad(loss, x)
+        out[mode] = (num(loss), g)
+    assert torch.allclose(out["combined_target"][1], out["sum_of_losses"][1], atol=1e-6)
+    p_KBV = np.exp(np.stack([lp.double().numpy() for lp in lps]))
+    wn = np.array(w)[:, None, None]
+    mix = (wn * p_KBV).sum(0)
+    ent = lambda p: -(p * np.log(p)).sum(-1)  # noqa: E731
+    gap = (ent(mix) - (wn[:, :, 0] * ent(p_KBV)).sum(0)).mean() * tau**2
+    assert gap > 1e-3
+    diff = out["sum_of_losses"][0] - out["combined_target"][0]
+    assert diff == pytest.approx(gap, rel=1e-4)
+
+
+def test_multi_teacher_sparse_full_support_equals_dense_and_refusals():
+    tau = 1.0
+    s = rand(3, 7, seed=2)
+    zs = [rand(3, 7, seed=30 + k) for k in range(2)]
+    dense = [targets.log_probs(z) for z in zs]
+    sparse = [targets.topk_targets(z, 7) for z in zs]
+    for mode in losses.MULTI_TEACHER_MODES:
+        for kind in ("forward_kl", "jsd"):
+            a = losses.multi_teacher_loss(s, dense, temperature=tau, mode=mode, divergence=kind)
+            b = losses.multi_teacher_loss(s, sparse, temperature=tau, mode=mode, divergence=kind)
+            assert num(a) == pytest.approx(num(b), abs=2e-6)
+    with pytest.raises(ConfigError, match="dense or all sparse"):
+        losses.multi_teacher_loss(s, [dense[0], sparse[1]], temperature=tau)
+    with pytest.raises(ConfigError, match="mode"):
+        losses.multi_teacher_loss(s, dense, temperature=tau, mode="max")
+
+
+# ---------------------------------------------------------------- features and relations
+
+
+def test_fitnets_mse_and_cosine_against_float64():
+    torch.manual_seed(0)
+    reg = losses.FitNetsRegressor(5, 3)
+    fs, ft = rand(2, 4, 5, seed=1), rand(2, 4, 3, seed=2)
+    mask = torch.tensor([[True, True, False, True], [False, False, True, False]])
+    w = reg.proj.weight.detach().double().numpy()
+    bias = reg.proj.bias.detach().double().numpy()
+    proj = fs.double().numpy() @ w.T + bias
+    m = mask.numpy()
+    mse_ref = ((proj - ft.double().numpy()) ** 2).mean(-1)[m].mean()
+    got = losses.fitnets_loss(fs, ft, reg, mask_B=mask)
+    assert num(got) == pytest.approx(mse_ref, rel=1e-5)
+    a, b = proj[m], ft.double().numpy()[m]
+    cos_ref = (1 - (a * b).sum(-1) / np.linalg.norm(a, axis=-1) / np.linalg.norm(b, axis=-1)).mean()
+    got_cos = losses.fitnets_loss(fs, ft, reg, distance="cosine", mask_B=mask)
+    assert num(got_cos) == pytest.approx(cos_ref, rel=1e-5)
+    got_cos.backward()
+    assert reg.proj.weight.grad is not None and num(reg.proj.weight.grad.abs().sum()) > 0
+
+
+def test_fitnets_refusals_and_empty_mask():
+    with pytest.raises(ConfigError, match="regressor"):
+        losses.fitnets_loss(rand(3, 5), rand(3, 4))
+    with pytest.raises(ConfigError, match="distance"):
+        losses.fitnets_loss(rand(3, 4), rand(3, 4), distance="l1")
+    x = rand(3, 4).requires_grad_()
+    loss = losses.fitnets_loss(x, rand(3, 4), mask_B=torch.zeros(3, dtype=torch.bool))
+    loss.backward()
+    assert num(loss) == 0.0 and x.grad is not None and bool(torch.isfinite(x.grad).all())
+
+
+def np_huber(d: np.ndarray) -> np.ndarray:
+    a = np.abs(d)
+    return np.where(a < 1, 0.5 * d**2, a - 0.5)
+
+
+def test_rkd_distance_against_float64_and_invariances():
+    s, t = rand(6, 4, seed=1), rand(6, 7, seed=2)
+
+    def psi(x):
+        x = x.astype(np.float64)
+        d = np.array([np.linalg.norm(x[i] - x[j]) for i in range(6) for j in range(i + 1, 6)])
+        return d / d.mean()
+
+    ref = np_huber(psi(s.numpy()) - psi(t.numpy())).mean()
+    got = losses.rkd_distance_loss(s, t)
+    assert num(got) == pytest.approx(ref, rel=1e-5)
+    assert num(losses.rkd_distance_loss(s, t * 3.0)) == pytest.approx(ref, rel=1e-5)
+    assert num(losses.rkd_distance_loss(s * 2.0 + 1.0, s)) < 1e-10
+
+
+def test_rkd_angle_against_float64_and_invariances():
+    s, t = rand(5, 3, seed=3), rand(5, 6, seed=4)
+
+    def cosines(x):
+        x = x.astype(np.float64)
+        out = np.zeros((5, 5, 5))
+        for j in range(5):
+            for i in range(5):
+                for k in range(5):
+                    a, b = x[i] - x[j], x[k] - x[j]
+                    na, nb = np.linalg.norm(a), np.linalg.norm(b)
+                    if na > 0 and nb > 0:
+                        out[j, i, k] = a @ b / na / nb
+        return out
+
+    ref = np_huber(cosines(s.numpy()) - cosines(t.numpy())).mean()
+    assert num(losses.rkd_angle_loss(s, t)) == pytest.approx(ref, rel=1e-5)
+    q, _ = torch.linalg.qr(rand(3, 3, seed=5))
+    assert num(losses.rkd_angle_loss(s @ q * 4.0 - 2.0, s)) < 1e-10
+    x = torch.cat([s[:3], s[:1]]).requires_grad_()  # a duplicated point
+    (losses.rkd_angle_loss(x, t[:4]) + losses.rkd_distance_loss(x, t[:4])).backward()
+    assert x.grad is not None and bool(torch.isfinite(x.grad).all())
+    with pytest.raises(ConfigError, match="B >= 3"):
+        losses.rkd_angle_loss(s[:2], t[:2])
+
+
+# ---------------------------------------------------------------- properties
+
+
+logit_rows = st.integers(0, 100_000).map(lambda seed: (rand(3, 9, seed=seed, scale=4.0), seed))
+
+
+@PROPERTY
+@given(logit_rows, st.floats(0.5, 5.0), st.floats(0.05, 0.95))
+def test_property_bounds(case, tau, beta):
+    s, seed = case
+    lp = targets.log_probs(rand(3, 9, seed=seed + 1, scale=4.0) / tau)
+    for kind in ("forward_kl", "reverse_kl", "skew_kl", "skew_reverse_kl"):
+        assert bool((losses.divergence(s, lp, temperature=tau, kind=kind) >= -1e-6).all())
+    j = losses.jsd(s, lp, temperature=tau, beta=beta)
+    h_beta = -beta * math.log(beta) - (1 - beta) * math.log(1 - beta)
+    assert bool((j >= -1e-6).all()) and bool((j <= h_beta + 1e-6).all())
+    assert h_beta <= math.log(2) + 1e-12
+    tv = losses.total_variation(s, lp, temperature=tau)
+    assert bool((tv >= 0).all()) and bool((tv <= 1 + 1e-6).all())
+
+
+@PROPERTY
+@given(logit_rows, st.floats(0.5, 5.0), st.integers(1, 9))
+def test_property_zero_when_student_equals_teacher(case, tau, k):
+    s, _ = case
+    dense = targets.log_probs(s / tau)
+    sparse = targets.topk_targets(s / tau, k)
+    for kind in losses.DIVERGENCES:
+        for teacher in (dense, sparse):
+            d = losses.divergence(s, teacher, temperature=tau, kind=kind)
+            assert bool((d.abs() < 2e-6).all()), (kind, d)
+
+
+@PROPERTY
+@given(logit_rows, st.integers(1, 4), st.sampled_from(losses.DIVERGENCES))
+def test_property_finite_grads_with_neg_inf_padded_slots(case, num_pad, kind):
+    s, seed = case
+    tau = 2.0
+    z = rand(3, 9, seed=seed + 2)
+    z[:, -num_pad:] = NEG_INF  # padded vocabulary slots: no mass for teacher or student
+    x = s.clone()
+    x[:, -num_pad:] = NEG_INF
+    x.requires_grad_()
+    lp = torch.log_softmax(z / tau, dim=-1)
+    for teacher in (lp, targets.topp_targets(torch.nan_to_num(z, neginf=-1e4) / tau, 0.9, max_k=5)):
+        loss = losses.kd_loss(x, teacher, temperature=tau, divergence=kind)
+        (g,) = torch.autograd.grad(loss, x)
+        assert bool(torch.isfinite(loss)) and bool(torch.isfinite(g).all()), kind
