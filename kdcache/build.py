@@ -79,7 +79,11 @@ def compute_shard(
         parts = []
         for lo in range(0, len(ids), batch_size):
             logits = teacher.logits(inputs[lo : lo + batch_size])
-            targets.check_finite(logits, teacher=teacher.name, sample_ids_B=ids[lo : lo + batch_size])
+            targets.check_finite(
+                logits,
+                teacher=teacher.name,
+                sample_ids_B=torch.from_numpy(ids[lo : lo + batch_size]),
+            )
             parts.append(targets.scale_logits(logits, temperature).numpy())
         values = np.concatenate(parts) if parts else np.zeros((0, 0), np.float32)
         entry.write_shard(shard_index, ids, values)
@@ -181,27 +185,49 @@ def build_cache(
         todo = [e for e in entries if not e.is_complete]
         if not todo:
             report.hit = True
-            log.info("cache hit: all %d teacher entries exist under %s; teacher stage skipped",
-                     len(entries), root)
+            log.info(
+                "cache hit: all %d teacher entries exist under %s; teacher stage skipped",
+                len(entries),
+                root,
+            )
         else:
             if report.reused:
-                log.info("resuming: %d (teacher, shard) outputs already committed, %d to compute",
-                         report.reused, report.computed)
+                log.info(
+                    "resuming: %d (teacher, shard) outputs already committed, %d to compute",
+                    report.reused,
+                    report.computed,
+                )
             if pending:
                 run = _run_ray if executor == "ray" else _run_local
-                run(dataset, ensemble, entries, pending, report, batch_size=batch_size,
-                    address=address, num_actors=num_actors, cpus_per_actor=cpus_per_actor,
-                    max_retries=max_retries, progress=progress, leases=leases)
+                run(
+                    dataset,
+                    ensemble,
+                    entries,
+                    pending,
+                    report,
+                    batch_size=batch_size,
+                    address=address,
+                    num_actors=num_actors,
+                    cpus_per_actor=cpus_per_actor,
+                    max_retries=max_retries,
+                    progress=progress,
+                    leases=leases,
+                )
             info = {
                 "temperature": spec.temperature,
-                "versions": {"kdcache": __version__, "torch": torch.__version__,
-                             "python": platform.python_version()},
+                "versions": {
+                    "kdcache": __version__,
+                    "torch": torch.__version__,
+                    "python": platform.python_version(),
+                },
                 "build": {"executor": executor, "batch_size": batch_size},
             }
             for teacher, entry in zip(ensemble, entries, strict=True):
                 if not entry.is_complete:
-                    entry.commit(dataset.num_shards, {**info, "teacher_name": teacher.name,
-                                                      "teacher": teacher.fingerprint()})
+                    entry.commit(
+                        dataset.num_shards,
+                        {**info, "teacher_name": teacher.name, "teacher": teacher.fingerprint()},
+                    )
     finally:
         for lease in leases:
             lease.release()
@@ -216,24 +242,31 @@ def build_cache(
     return cache
 
 
-def _progress(total: int, samples_total: int, enabled: bool):  # type: ignore[no-untyped-def]
+def _progress(total: int, samples_total: int, enabled: bool):
     from tqdm.auto import tqdm
 
-    return tqdm(total=total, unit="shard", desc="teacher stage", disable=not enabled,
-                dynamic_ncols=True)
+    return tqdm(
+        total=total, unit="shard", desc="teacher stage", disable=not enabled, dynamic_ncols=True
+    )
 
 
-def _run_local(dataset, ensemble, entries, pending, report, *, batch_size, progress,
-               leases, **_: Any) -> None:  # type: ignore[no-untyped-def]
+def _run_local(
+    dataset, ensemble, entries, pending, report, *, batch_size, progress, leases, **_: Any
+) -> None:
     bar = _progress(len(pending), 0, progress)
     for shard_index, ks in sorted(pending.items()):
-        stats = compute_shard(dataset, [ensemble.teachers[k] for k in ks],
-                              [entries[k] for k in ks], shard_index, batch_size)
+        stats = compute_shard(
+            dataset,
+            [ensemble.teachers[k] for k in ks],
+            [entries[k] for k in ks],
+            shard_index,
+            batch_size,
+        )
         _account(report, "local", stats, bar, leases)
     bar.close()
 
 
-def _account(report: BuildReport, actor: str, stats: dict[str, float], bar, leases) -> None:  # type: ignore[no-untyped-def]
+def _account(report: BuildReport, actor: str, stats: dict[str, float], bar, leases) -> None:
     slot = report.per_actor.setdefault(actor, {"samples": 0.0, "seconds": 0.0, "shards": 0.0})
     slot["samples"] += stats["samples"]
     slot["seconds"] += stats["seconds"]
@@ -246,38 +279,64 @@ def _account(report: BuildReport, actor: str, stats: dict[str, float], bar, leas
         lease.renew()
 
 
-def _run_ray(dataset, ensemble, entries, pending, report, *, batch_size, address, num_actors,
-             cpus_per_actor, max_retries, progress, leases) -> None:  # type: ignore[no-untyped-def]
+def _run_ray(
+    dataset,
+    ensemble,
+    entries,
+    pending,
+    report,
+    *,
+    batch_size,
+    address,
+    num_actors,
+    cpus_per_actor,
+    max_retries,
+    progress,
+    leases,
+) -> None:
     from kdcache.errors import require
 
     ray = require("ray", "ray")
     started_here = not ray.is_initialized()
     if started_here:
-        ray.init(address=address, include_dashboard=False, log_to_driver=True,
-                 logging_level=logging.WARNING)
+        ray.init(
+            address=address,
+            include_dashboard=False,
+            log_to_driver=True,
+            logging_level=logging.WARNING,
+        )
     try:
         num_cpus = float(ray.cluster_resources().get("CPU", 1))
         n = num_actors or max(1, int(num_cpus // cpus_per_actor))
         n = min(n, len(pending))
         threads = max(1, int(cpus_per_actor))
 
-        @ray.remote(num_cpus=cpus_per_actor, max_restarts=0)
         class TeacherActor:
             """Holds the ensemble's teachers (co-located small models) and runs shards."""
 
-            def __init__(self, refs):  # type: ignore[no-untyped-def]
+            def __init__(self, refs):
                 # Wrapped in a list so the driver, which keeps the refs alive, owns them.
                 torch.set_num_threads(threads)
                 self.dataset, self.teachers, self.entries = ray.get(refs)
 
-            def run(self, shard_index, ks):  # type: ignore[no-untyped-def]
-                return compute_shard(self.dataset, [self.teachers[k] for k in ks],
-                                     [self.entries[k] for k in ks], shard_index, batch_size)
+            def run(self, shard_index, ks):
+                return compute_shard(
+                    self.dataset,
+                    [self.teachers[k] for k in ks],
+                    [self.entries[k] for k in ks],
+                    shard_index,
+                    batch_size,
+                )
 
+        actor_cls = ray.remote(num_cpus=cpus_per_actor, max_restarts=0)(TeacherActor)
         refs = [ray.put(dataset), ray.put(ensemble.teachers), ray.put(entries)]
-        actors = [TeacherActor.remote(refs) for _ in range(n)]
-        log.info("teacher stage: %d shard(s) x %d teacher(s) on %d Ray actor(s)",
-                 len(pending), len(ensemble), n)
+        actors = [actor_cls.remote(refs) for _ in range(n)]
+        log.info(
+            "teacher stage: %d shard(s) x %d teacher(s) on %d Ray actor(s)",
+            len(pending),
+            len(ensemble),
+            n,
+        )
         bar = _progress(len(pending), 0, progress)
         queue = [(shard, ks, 0) for shard, ks in sorted(pending.items())]
         in_flight: dict[Any, tuple[int, tuple[int, list[int], int]]] = {}
@@ -301,10 +360,15 @@ def _run_ray(dataset, ensemble, entries, pending, report, *, batch_size, address
                         f"died ({type(exc).__name__}); committed shards are kept, rerun the "
                         "build to resume"
                     ) from exc
-                log.warning("actor-%d died on shard %d (%s); retrying on a new actor "
-                            "(attempt %d of %d)", a, shard_index, type(exc).__name__,
-                            attempt + 2, max_retries + 1)
-                actors[a] = TeacherActor.remote(refs)
+                log.warning(
+                    "actor-%d died on shard %d (%s); retrying on a new actor (attempt %d of %d)",
+                    a,
+                    shard_index,
+                    type(exc).__name__,
+                    attempt + 2,
+                    max_retries + 1,
+                )
+                actors[a] = actor_cls.remote(refs)
                 queue.insert(0, (shard_index, ks, attempt + 1))
                 free.append(a)
                 continue

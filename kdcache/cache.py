@@ -85,7 +85,9 @@ class CacheEntry:
             spec = json.loads(self.location.read_bytes(schema.SPEC_FILE))
         except FileNotFoundError:
             raise CacheNotFoundError(f"no cache entry at {self.location.uri}") from None
-        schema.check_format_version(spec.get("format_version"), self.location.display(schema.SPEC_FILE))
+        schema.check_format_version(
+            spec.get("format_version"), self.location.display(schema.SPEC_FILE)
+        )
         return spec
 
     @property
@@ -114,7 +116,9 @@ class CacheEntry:
         where = self.location.display(schema.MANIFEST_FILE)
         schema.check_format_version(manifest.get("format_version"), where)
         if manifest.get("key") != self.key:
-            raise CacheCorruptError(f"{where} names key {manifest.get('key')!r}, expected {self.key!r}")
+            raise CacheCorruptError(
+                f"{where} names key {manifest.get('key')!r}, expected {self.key!r}"
+            )
         return manifest
 
     @property
@@ -268,7 +272,9 @@ class CacheEntry:
             records.append(found[0])
             vocab_sizes.add(found[1])
         if len(vocab_sizes) > 1:
-            raise CacheCorruptError(f"{self.location.uri}: shards disagree on V: {sorted(vocab_sizes)}")
+            raise CacheCorruptError(
+                f"{self.location.uri}: shards disagree on V: {sorted(vocab_sizes)}"
+            )
         manifest = {
             "format_version": schema.FORMAT_VERSION,
             "key": self.key,
@@ -327,16 +333,22 @@ class Lease:
                 return True
             held = self._read()
             if held is None or held.get("expires_at", 0) < time.time():
-                log.warning("taking over expired lease on %s (held by %s)", self.entry.key,
-                            held and held.get("owner"))
+                log.warning(
+                    "taking over expired lease on %s (held by %s)",
+                    self.entry.key,
+                    held and held.get("owner"),
+                )
                 self.entry.location.write_atomic(schema.LEASE_FILE, self._body())
                 time.sleep(min(poll_s, 0.2))
                 if (self._read() or {}).get("owner") == self.owner:
                     return True
                 continue
             if not announced:
-                log.warning("cache entry %s is being built by %s; waiting for it",
-                            self.entry.key, held.get("owner"))
+                log.warning(
+                    "cache entry %s is being built by %s; waiting for it",
+                    self.entry.key,
+                    held.get("owner"),
+                )
                 announced = True
             if time.monotonic() > deadline:
                 raise LeaseHeldError(
@@ -370,7 +382,9 @@ class EnsembleView:
     """
 
     def __init__(
-        self, entries: Sequence[CacheEntry], rule: str = "mean_probs",
+        self,
+        entries: Sequence[CacheEntry],
+        rule: str = "mean_probs",
         weights: Sequence[float] | None = None,
     ) -> None:
         from kdcache.targets import ENSEMBLE_RULES
@@ -387,13 +401,17 @@ class EnsembleView:
         first = self.entries[0]
         for e in self.entries[1:]:
             if e.dataset_fingerprint != first.dataset_fingerprint:
-                raise SpecMismatchError(f"{e.key} and {first.key} were built over different datasets")
+                raise SpecMismatchError(
+                    f"{e.key} and {first.key} were built over different datasets"
+                )
             if e.temperature != first.temperature:
                 raise SpecMismatchError(
                     f"{e.key} is at temperature {e.temperature}, {first.key} at {first.temperature}"
                 )
             if e.vocab_size != first.vocab_size:
-                raise SpecMismatchError(f"{e.key} has V={e.vocab_size}, {first.key} V={first.vocab_size}")
+                raise SpecMismatchError(
+                    f"{e.key} has V={e.vocab_size}, {first.key} V={first.vocab_size}"
+                )
 
     @property
     def key(self) -> str:

@@ -67,7 +67,7 @@ class RetriableError(KDCacheError, RuntimeError):
     """An infrastructure failure (actor died, node lost, transient I/O); safe to retry."""
 
 
-def require(module: str, extra: str):  # type: ignore[no-untyped-def]
+def require(module: str, extra: str):
     """Import an optional dependency or raise :class:`MissingDependencyError`.
 
     Args:

@@ -55,7 +55,9 @@ def canonical_json(obj: Any) -> str:
     Raises:
         ValueError: ``obj`` holds NaN or infinity.
     """
-    return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=True, allow_nan=False)
+    return json.dumps(
+        obj, sort_keys=True, separators=(",", ":"), ensure_ascii=True, allow_nan=False
+    )
 
 
 def content_key(material: dict[str, Any]) -> str:

@@ -25,11 +25,11 @@ class ShardBackend(Protocol):
     name: str
     suffix: str
 
-    def encode(self, sample_ids_N: np.ndarray, values_NV: np.ndarray, storage_dtype: str) -> bytes:
-        ...
+    def encode(
+        self, sample_ids_N: np.ndarray, values_NV: np.ndarray, storage_dtype: str
+    ) -> bytes: ...
 
-    def decode(self, data: bytes, where: str) -> tuple[np.ndarray, np.ndarray]:
-        ...
+    def decode(self, data: bytes, where: str) -> tuple[np.ndarray, np.ndarray]: ...
 
 
 def to_storage_dtype(values_NV: np.ndarray, storage_dtype: str, where: str) -> np.ndarray:
@@ -70,7 +70,7 @@ class ArrowIPCBackend:
                 f"expected sample_ids [N] and values [N, V], got {sample_ids_N.shape} "
                 f"and {values_NV.shape}"
             )
-        num_rows, vocab = values_NV.shape
+        vocab = values_NV.shape[1]
         flat = pa.array(values_NV.reshape(-1))
         table = pa.table(
             {

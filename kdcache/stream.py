@@ -58,9 +58,17 @@ class ShardedStream(torch.utils.data.IterableDataset):
             with DataLoader workers (prefetching is built in; use ``num_workers=0``).
     """
 
-    def __init__(self, dataset: ShardedDataset, *, batch_size: int, seed: int = 0,
-                 shuffle: bool = True, rank: int | None = None, world_size: int | None = None,
-                 drop_last: bool = True) -> None:
+    def __init__(
+        self,
+        dataset: ShardedDataset,
+        *,
+        batch_size: int,
+        seed: int = 0,
+        shuffle: bool = True,
+        rank: int | None = None,
+        world_size: int | None = None,
+        drop_last: bool = True,
+    ) -> None:
         super().__init__()
         r, w = _dist_rank_world()
         self.rank = r if rank is None else rank
@@ -70,8 +78,10 @@ class ShardedStream(torch.utils.data.IterableDataset):
         if not 0 <= self.rank < self.world_size:
             raise ConfigError(f"rank {self.rank} is not in 0..{self.world_size - 1}")
         if not drop_last and self.world_size > 1:
-            raise ConfigError("drop_last=False would give ranks different step counts; "
-                              "use drop_last=True with more than one rank")
+            raise ConfigError(
+                "drop_last=False would give ranks different step counts; "
+                "use drop_last=True with more than one rank"
+            )
         self.dataset = dataset
         self.batch_size = batch_size
         self.seed = seed
@@ -150,8 +160,10 @@ class ShardedStream(torch.utils.data.IterableDataset):
     def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
         info = torch.utils.data.get_worker_info()
         if info is not None and info.num_workers > 1:
-            raise ConfigError(f"{type(self).__name__} prefetches in a background thread; "
-                              "use DataLoader(num_workers=0, batch_size=None)")
+            raise ConfigError(
+                f"{type(self).__name__} prefetches in a background thread; "
+                "use DataLoader(num_workers=0, batch_size=None)"
+            )
         epoch = self.epoch
         plan = self._my_rows(epoch, self.consumed)
         step = self.batch_size * self.world_size
@@ -178,7 +190,7 @@ class ShardedStream(torch.utils.data.IterableDataset):
         self.consumed = 0
 
 
-def _take(buffers: list[dict[str, np.ndarray]], n: int):  # type: ignore[no-untyped-def]
+def _take(buffers: list[dict[str, np.ndarray]], n: int):
     merged = {k: np.concatenate([b[k] for b in buffers]) for k in buffers[0]}
     head = {k: v[:n] for k, v in merged.items()}
     tail = {k: v[n:] for k, v in merged.items()}
@@ -215,9 +227,16 @@ class SoftTargetDataset(ShardedStream):
             shard's; the message names the shard and a missing id. Nothing is zero-filled.
     """
 
-    def __init__(self, cache: CacheEntry | EnsembleView, dataset: ShardedDataset, *,
-                 temperature: float | None = None, retemper: bool = False, verify: bool = True,
-                 **kwargs: Any) -> None:
+    def __init__(
+        self,
+        cache: CacheEntry | EnsembleView,
+        dataset: ShardedDataset,
+        *,
+        temperature: float | None = None,
+        retemper: bool = False,
+        verify: bool = True,
+        **kwargs: Any,
+    ) -> None:
         super().__init__(dataset, **kwargs)
         self.view = as_view(cache)
         first = self.view.entries[0]
@@ -243,9 +262,13 @@ class SoftTargetDataset(ShardedStream):
             missing = np.setdiff1d(want, ids)
             extra = np.setdiff1d(ids, want)
             if len(missing) or len(extra) or len(ids) != len(want):
-                what = (f"sample_id {int(missing[0])} is missing from the cache" if len(missing)
-                        else f"the cache holds sample_id {int(extra[0])} that the input lacks"
-                        if len(extra) else "the cache repeats a sample_id")
+                what = (
+                    f"sample_id {int(missing[0])} is missing from the cache"
+                    if len(missing)
+                    else f"the cache holds sample_id {int(extra[0])} that the input lacks"
+                    if len(extra)
+                    else "the cache repeats a sample_id"
+                )
                 raise SampleIdMismatchError(
                     f"shard {shard}: cache and input disagree on sample_id ({len(missing)} "
                     f"missing, {len(extra)} extra): {what}. The cache was built from "

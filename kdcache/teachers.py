@@ -65,28 +65,43 @@ class Teacher:
         ConfigError: ``config`` is not JSON-serialisable.
     """
 
-    def __init__(self, name: str, module: torch.nn.Module, config: dict[str, Any] | None = None) -> None:
+    def __init__(
+        self, name: str, module: torch.nn.Module, config: dict[str, Any] | None = None
+    ) -> None:
         self.name = name
         self.module = module.eval()
         self.config = dict(config or {})
         try:
             json.dumps(self.config, sort_keys=True)
         except TypeError as exc:
-            raise ConfigError(f"teacher {name!r}: config must be JSON-serialisable ({exc})") from exc
+            raise ConfigError(
+                f"teacher {name!r}: config must be JSON-serialisable ({exc})"
+            ) from exc
         self._fingerprint: dict[str, Any] | None = None
 
     def __repr__(self) -> str:
         return f"Teacher({self.name!r}, {type(self.module).__name__}, {self.num_parameters} params)"
 
     @classmethod
-    def from_module(cls, module: torch.nn.Module, *, name: str | None = None,
-                    config: dict[str, Any] | None = None) -> Teacher:
+    def from_module(
+        cls,
+        module: torch.nn.Module,
+        *,
+        name: str | None = None,
+        config: dict[str, Any] | None = None,
+    ) -> Teacher:
         """Wrap an in-memory module."""
         return cls(name or type(module).__name__, module, config)
 
     @classmethod
-    def from_checkpoint(cls, factory: Callable[..., torch.nn.Module], path: str, *,
-                        name: str | None = None, config: dict[str, Any] | None = None) -> Teacher:
+    def from_checkpoint(
+        cls,
+        factory: Callable[..., torch.nn.Module],
+        path: str,
+        *,
+        name: str | None = None,
+        config: dict[str, Any] | None = None,
+    ) -> Teacher:
         """Build ``factory(**config)`` and load weights from ``path`` (safetensors or a
         torch state dict, loaded with ``weights_only=True``).
 
@@ -99,8 +114,9 @@ class Teacher:
         return cls(name or os.path.basename(path).split(".")[0], module, config)
 
     @classmethod
-    def from_torchscript(cls, path: str, *, name: str | None = None,
-                         config: dict[str, Any] | None = None) -> Teacher:
+    def from_torchscript(
+        cls, path: str, *, name: str | None = None, config: dict[str, Any] | None = None
+    ) -> Teacher:
         """Load a TorchScript archive on the CPU."""
         if not os.path.exists(path):
             raise DataFileNotFoundError(f"TorchScript file {path} does not exist")
@@ -159,8 +175,12 @@ class TeacherEnsemble:
         ConfigError: empty list, duplicate names, or bad weights/rule.
     """
 
-    def __init__(self, teachers: Sequence[Teacher], weights: Sequence[float] | None = None,
-                 rule: str = "mean_probs") -> None:
+    def __init__(
+        self,
+        teachers: Sequence[Teacher],
+        weights: Sequence[float] | None = None,
+        rule: str = "mean_probs",
+    ) -> None:
         if not teachers:
             raise ConfigError("a TeacherEnsemble needs at least one teacher")
         names = [t.name for t in teachers]
@@ -177,14 +197,16 @@ class TeacherEnsemble:
     def __len__(self) -> int:
         return len(self.teachers)
 
-    def __iter__(self):  # type: ignore[no-untyped-def]
+    def __iter__(self):
         return iter(self.teachers)
 
     @property
     def num_parameters(self) -> int:
         return sum(t.num_parameters for t in self.teachers)
 
-    def log_probs(self, inputs: torch.Tensor | np.ndarray, temperature: float = 1.0) -> torch.Tensor:
+    def log_probs(
+        self, inputs: torch.Tensor | np.ndarray, temperature: float = 1.0
+    ) -> torch.Tensor:
         """Online ensemble target: combined log-probabilities [B, V] float32 at ``temperature``.
 
         Raises:
@@ -192,5 +214,7 @@ class TeacherEnsemble:
         """
         logits = [targets.scale_logits(t.logits(inputs), temperature) for t in self.teachers]
         if len({x.shape for x in logits}) != 1:
-            raise TeacherOutputError(f"teachers disagree on output shape: {[tuple(x.shape) for x in logits]}")
+            raise TeacherOutputError(
+                f"teachers disagree on output shape: {[tuple(x.shape) for x in logits]}"
+            )
         return targets.combine_ensemble(torch.stack(logits), rule=self.rule, weights=self.weights)

@@ -12,8 +12,15 @@ from kdcache.data import ArrayDataset
 from kdcache.teachers import Teacher
 
 
-def toy_dataset(num_records: int = 64, num_features: int = 8, num_classes: int = 5, *,
-                num_shards: int = 4, seed: int = 0, id_offset: int = 1000) -> ArrayDataset:
+def toy_dataset(
+    num_records: int = 64,
+    num_features: int = 8,
+    num_classes: int = 5,
+    *,
+    num_shards: int = 4,
+    seed: int = 0,
+    id_offset: int = 1000,
+) -> ArrayDataset:
     """A random float32 dataset [N, F] with labels in [0, C) and ids ``id_offset + i``."""
     rng = np.random.default_rng(seed)
     return ArrayDataset(
@@ -25,16 +32,23 @@ def toy_dataset(num_records: int = 64, num_features: int = 8, num_classes: int =
     )
 
 
-def linear_teacher(num_features: int = 8, num_classes: int = 5, *, seed: int = 0,
-                   name: str | None = None, scale: float = 3.0) -> Teacher:
+def linear_teacher(
+    num_features: int = 8,
+    num_classes: int = 5,
+    *,
+    seed: int = 0,
+    name: str | None = None,
+    scale: float = 3.0,
+) -> Teacher:
     """A Teacher wrapping a seeded ``nn.Linear(F, C)`` (weights scaled by ``scale``)."""
     g = torch.Generator().manual_seed(seed)
     module = torch.nn.Linear(num_features, num_classes)
     with torch.no_grad():
         module.weight.copy_(torch.randn(num_classes, num_features, generator=g) * scale)
         module.bias.copy_(torch.randn(num_classes, generator=g))
-    return Teacher.from_module(module, name=name or f"linear-{seed}",
-                               config={"in": num_features, "out": num_classes})
+    return Teacher.from_module(
+        module, name=name or f"linear-{seed}", config={"in": num_features, "out": num_classes}
+    )
 
 
 class NaNAt(torch.nn.Module):
@@ -49,3 +63,23 @@ class NaNAt(torch.nn.Module):
         out = self.inner(x)
         bad = x[:, 0] == self.value
         return torch.where(bad[:, None], torch.full_like(out, float("nan")), out)
+
+
+class CrashOnce(torch.nn.Module):
+    """Fault injection: kills its process (as a lost node would) the first time it sees a
+    row whose first feature equals ``value``; a marker file makes it fire only once."""
+
+    def __init__(self, inner: torch.nn.Module, value: float, marker_path: str) -> None:
+        super().__init__()
+        self.inner = inner
+        self.value = value
+        self.marker_path = marker_path
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        import os
+
+        if bool((x[:, 0] == self.value).any()) and not os.path.exists(self.marker_path):
+            with open(self.marker_path, "w") as f:
+                f.write(str(os.getpid()))
+            os._exit(1)
+        return self.inner(x)

@@ -50,8 +50,12 @@ def init_distributed() -> tuple[int, int]:
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
     deepspeed = require("deepspeed", "deepspeed")
     if not torch.distributed.is_initialized():
-        for k, v in (("RANK", "0"), ("LOCAL_RANK", "0"), ("WORLD_SIZE", "1"),
-                     ("MASTER_ADDR", "127.0.0.1")):
+        for k, v in (
+            ("RANK", "0"),
+            ("LOCAL_RANK", "0"),
+            ("WORLD_SIZE", "1"),
+            ("MASTER_ADDR", "127.0.0.1"),
+        ):
             os.environ.setdefault(k, v)
         os.environ.setdefault("MASTER_PORT", str(_free_port()))
         backend = "nccl" if torch.cuda.is_available() else "gloo"
@@ -79,8 +83,10 @@ def cpu_ds_config(lr: float = 1e-3, micro_batch_size: int = 128) -> dict[str, An
     return {
         "train_micro_batch_size_per_gpu": micro_batch_size,
         "gradient_accumulation_steps": 1,
-        "optimizer": {"type": "AdamW", "params": {"lr": lr, "weight_decay": 0.0,
-                                                  "torch_adam": True}},
+        "optimizer": {
+            "type": "AdamW",
+            "params": {"lr": lr, "weight_decay": 0.0, "torch_adam": True},
+        },
         "steps_per_print": 10**9,
         "wall_clock_breakdown": False,
     }
@@ -148,12 +154,18 @@ def train_student(
     deepspeed = require("deepspeed", "deepspeed")
     rank, _ = init_distributed()
     config = load_ds_config(ds_config)
-    engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=model.parameters(),
-                                           config=config)
+    engine, _, _, _ = deepspeed.initialize(
+        model=model, model_parameters=model.parameters(), config=config
+    )
     result = TrainResult()
     accum = int(engine.gradient_accumulation_steps())
-    bar = tqdm(total=max_steps, desc=desc, unit="step", disable=not progress or rank != 0,
-               dynamic_ncols=True)
+    bar = tqdm(
+        total=max_steps,
+        desc=desc,
+        unit="step",
+        disable=not progress or rank != 0,
+        dynamic_ncols=True,
+    )
     start = time.perf_counter()
     engine.train()
     micro = 0
@@ -180,8 +192,10 @@ def train_student(
             if result.steps >= max_steps:
                 break
         if not got_batch:
-            raise ConfigError("the training stream yielded no batch; is the dataset smaller "
-                              "than one global batch?")
+            raise ConfigError(
+                "the training stream yielded no batch; is the dataset smaller "
+                "than one global batch?"
+            )
         if result.steps >= max_steps:
             break
     bar.close()

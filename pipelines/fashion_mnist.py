@@ -53,7 +53,7 @@ TEST_ID_OFFSET = 1_000_000
 
 TEACHERS: list[dict[str, Any]] = [
     {"name": "convnet-a", "arch": "convnet", "kwargs": {"width": 32, "hidden": 128}, "seed": 1},
-    {"name": "convnet-b", "arch": "convnet", "kwargs": {"width": 24, "hidden": 96}, "seed": 2},
+    {"name": "convnet-b", "arch": "convnet", "kwargs": {"width": 24, "hidden": 128}, "seed": 2},
     {"name": "mlp", "arch": "mlp", "kwargs": {"hidden": [512, 256]}, "seed": 3},
 ]
 STUDENT: dict[str, Any] = {"arch": "mlp", "kwargs": {"hidden": [16]}}
@@ -84,17 +84,23 @@ def load_fashion_mnist(data_dir: str) -> dict[str, np.ndarray]:
         try:
             arr = read_idx(path)
         except DataError as exc:
-            raise DataError(f"{exc}. Reinstall it with 'sudo apt-get install --reinstall "
-                            "dataset-fashion-mnist' or pass --data-dir.") from exc
+            raise DataError(
+                f"{exc}. Reinstall it with 'sudo apt-get install --reinstall "
+                "dataset-fashion-mnist' or pass --data-dir."
+            ) from exc
         want = 3 if key.endswith("images") else 1
         if arr.ndim != want or (want == 3 and arr.shape[1:] != (28, 28)):
-            raise DataError(f"{path}: expected {'[N, 28, 28] images' if want == 3 else '[N] labels'},"
-                            f" found shape {arr.shape}")
+            raise DataError(
+                f"{path}: expected {'[N, 28, 28] images' if want == 3 else '[N] labels'},"
+                f" found shape {arr.shape}"
+            )
         out[key] = arr if want == 3 else arr.astype(np.int64)
     for split in ("train", "test"):
         if len(out[f"{split}_images"]) != len(out[f"{split}_labels"]):
-            raise DataError(f"{split}: {len(out[f'{split}_images'])} images but "
-                            f"{len(out[f'{split}_labels'])} labels in {data_dir}")
+            raise DataError(
+                f"{split}: {len(out[f'{split}_images'])} images but "
+                f"{len(out[f'{split}_labels'])} labels in {data_dir}"
+            )
     return out
 
 
@@ -105,15 +111,19 @@ def _config_hash(cfg: dict[str, Any]) -> str:
 @torch.inference_mode()
 def predict_logits(model: torch.nn.Module, images: np.ndarray, batch: int = 1000) -> torch.Tensor:
     model.eval()
-    return torch.cat([model(torch.from_numpy(images[i:i + batch])).float()
-                      for i in range(0, len(images), batch)])
+    return torch.cat(
+        [
+            model(torch.from_numpy(images[i : i + batch])).float()
+            for i in range(0, len(images), batch)
+        ]
+    )
 
 
 def accuracy(logits: torch.Tensor, labels: np.ndarray) -> float:
     return float((logits.argmax(1).numpy() == labels).mean())
 
 
-def throughput(fn, images: np.ndarray, repeats: int = 3) -> float:  # type: ignore[no-untyped-def]
+def throughput(fn, images: np.ndarray, repeats: int = 3) -> float:
     """Samples per second of ``fn(images)``, best of ``repeats`` after one warm-up."""
     fn(images[:1000])
     best = float("inf")
@@ -150,53 +160,93 @@ def parse_args(argv: list[str] | None = None) -> Settings:
     p = argparse.ArgumentParser(
         prog="kdcache demo fashion-mnist",
         description="Distil an ensemble of Fashion-MNIST teachers into a tiny student "
-                    "through the kdcache cache (Ray teacher stage, DeepSpeed student stage).",
+        "through the kdcache cache (Ray teacher stage, DeepSpeed student stage).",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     p.add_argument("--data-dir", default=DEFAULT_DATA_DIR, help="directory of the IDX files")
-    p.add_argument("--work-dir", default="runs/fashion-mnist",
-                   help="teachers, students and the report go here")
-    p.add_argument("--cache-root", default=None, help="cache root (default WORK_DIR/cache); "
-                   "a local path, file:// or s3:// URI")
+    p.add_argument(
+        "--work-dir", default="runs/fashion-mnist", help="teachers, students and the report go here"
+    )
+    p.add_argument(
+        "--cache-root",
+        default=None,
+        help="cache root (default WORK_DIR/cache); a local path, file:// or s3:// URI",
+    )
     p.add_argument("--report", default=None, help="JSON report path (default WORK_DIR/report.json)")
-    p.add_argument("--address", default=None,
-                   help="Ray cluster address (default: RAY_ADDRESS, else a local Ray)")
-    p.add_argument("--executor", default="ray", choices=["ray", "local"],
-                   help="run the teacher stage on Ray actors or in this process")
+    p.add_argument(
+        "--address",
+        default=None,
+        help="Ray cluster address (default: RAY_ADDRESS, else a local Ray)",
+    )
+    p.add_argument(
+        "--executor",
+        default="ray",
+        choices=["ray", "local"],
+        help="run the teacher stage on Ray actors or in this process",
+    )
     p.add_argument("--num-actors", type=int, default=None, help="Ray actors (default: one per CPU)")
     p.add_argument("--num-shards", type=int, default=8, help="input shards of the training set")
     p.add_argument("--temperature", type=float, default=4.0, help="softmax temperature tau")
     p.add_argument("--alpha", type=float, default=0.9, help="weight of the distillation term")
-    p.add_argument("--teacher-epochs", type=int, default=3)
-    p.add_argument("--student-epochs", type=int, default=8,
-                   help="student steps = this many passes over the training set")
-    p.add_argument("--student-labels", type=int, default=1000,
-                   help="labelled training images the students may use (0 < n <= N)")
+    p.add_argument("--teacher-epochs", type=int, default=5)
+    p.add_argument(
+        "--student-epochs",
+        type=int,
+        default=8,
+        help="student steps = this many passes over the training set",
+    )
+    p.add_argument(
+        "--student-labels",
+        type=int,
+        default=1000,
+        help="labelled training images the students may use (0 < n <= N)",
+    )
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--lr", type=float, default=3e-3, help="student learning rate")
-    p.add_argument("--subset", type=int, default=None,
-                   help="use only the first N training and N/6 test images (for quick runs)")
+    p.add_argument(
+        "--subset",
+        type=int,
+        default=None,
+        help="use only the first N training and N/6 test images (for quick runs)",
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
     a = p.parse_args(argv)
     work = a.work_dir
     return Settings(
-        data_dir=a.data_dir, work_dir=work,
+        data_dir=a.data_dir,
+        work_dir=work,
         cache_root=a.cache_root or os.path.join(work, "cache"),
         report=a.report or os.path.join(work, "report.json"),
-        address=a.address, executor=a.executor, num_actors=a.num_actors,
-        num_shards=a.num_shards, temperature=a.temperature, alpha=a.alpha,
-        teacher_epochs=a.teacher_epochs, student_epochs=a.student_epochs,
-        student_labels=a.student_labels, batch_size=a.batch_size, lr=a.lr, subset=a.subset,
-        seed=a.seed, progress=not a.no_progress,
+        address=a.address,
+        executor=a.executor,
+        num_actors=a.num_actors,
+        num_shards=a.num_shards,
+        temperature=a.temperature,
+        alpha=a.alpha,
+        teacher_epochs=a.teacher_epochs,
+        student_epochs=a.student_epochs,
+        student_labels=a.student_labels,
+        batch_size=a.batch_size,
+        lr=a.lr,
+        subset=a.subset,
+        seed=a.seed,
+        progress=not a.no_progress,
     )
 
 
-def train_or_load_teacher(spec: dict[str, Any], train: ArrayDataset, s: Settings) -> tuple[kdcache.Teacher, str]:
+def train_or_load_teacher(
+    spec: dict[str, Any], train: ArrayDataset, s: Settings
+) -> tuple[kdcache.Teacher, str]:
     """Reuse ``WORK_DIR/teachers/<name>-<config hash>.safetensors`` or train and save it."""
-    cfg = {"arch": spec["arch"], "kwargs": spec["kwargs"], "seed": spec["seed"],
-           "epochs": s.teacher_epochs, "train": train.fingerprint()["shards"][0]["sha256"],
-           "num_train": len(train)}
+    cfg = {
+        "arch": spec["arch"],
+        "kwargs": spec["kwargs"],
+        "seed": spec["seed"],
+        "epochs": s.teacher_epochs,
+        "train": train.fingerprint()["shards"][0]["sha256"],
+        "num_train": len(train),
+    }
     path = os.path.join(s.work_dir, "teachers", f"{spec['name']}-{_config_hash(cfg)}.safetensors")
 
     def factory(**kw: Any) -> torch.nn.Module:
@@ -213,11 +263,19 @@ def train_or_load_teacher(spec: dict[str, Any], train: ArrayDataset, s: Settings
         def ce(logits: torch.Tensor, batch: dict[str, torch.Tensor]) -> torch.Tensor:
             return losses.cross_entropy(logits, batch["labels"])
 
-        model, _ = train_student(model, stream, ce, ds_config=cpu_ds_config(lr=1e-3,
-                                 micro_batch_size=s.batch_size), max_steps=steps,
-                                 progress=s.progress, desc=f"teacher {spec['name']}")
+        model, _ = train_student(
+            model,
+            stream,
+            ce,
+            ds_config=cpu_ds_config(lr=1e-3, micro_batch_size=s.batch_size),
+            max_steps=steps,
+            progress=s.progress,
+            desc=f"teacher {spec['name']}",
+        )
         save_safetensors(model, path, {"name": spec["name"], **cfg})
-    teacher = kdcache.Teacher.from_checkpoint(factory, path, name=spec["name"], config=spec["kwargs"])
+    teacher = kdcache.Teacher.from_checkpoint(
+        factory, path, name=spec["name"], config=spec["kwargs"]
+    )
     return teacher, path
 
 
@@ -232,36 +290,54 @@ def run(s: Settings) -> dict[str, Any]:
         x_test, y_test = x_test[: max(s.subset // 6, 100)], y_test[: max(s.subset // 6, 100)]
     n = len(x_train)
     if not 0 < s.student_labels <= n:
-        raise kdcache.errors.ConfigError(f"--student-labels must be in 1..{n}, got {s.student_labels}")
+        raise kdcache.errors.ConfigError(
+            f"--student-labels must be in 1..{n}, got {s.student_labels}"
+        )
     preprocessing = {"source": "fashion-mnist", "split": "train", "inputs": "uint8 [28, 28]"}
-    train = ArrayDataset(np.arange(n), x_train, y_train, num_shards=s.num_shards,
-                         preprocessing=preprocessing)
+    train = ArrayDataset(
+        np.arange(n), x_train, y_train, num_shards=s.num_shards, preprocessing=preprocessing
+    )
     log.info("data: %d training images in %d shards, %d test images", n, s.num_shards, len(x_test))
 
     # -- teachers ----------------------------------------------------------------------
     t = time.perf_counter()
-    teachers, paths = zip(*(train_or_load_teacher(spec, train, s) for spec in TEACHERS), strict=True)
+    teachers, paths = zip(
+        *(train_or_load_teacher(spec, train, s) for spec in TEACHERS), strict=True
+    )
     ensemble = kdcache.TeacherEnsemble(list(teachers), rule="mean_probs")
     timings["teachers_s"] = time.perf_counter() - t
 
     # -- teacher stage on Ray ------------------------------------------------------------
     t = time.perf_counter()
-    cache = kdcache.build_cache(train, ensemble, temperature=s.temperature, root=s.cache_root,
-                                executor=s.executor, address=s.address, num_actors=s.num_actors,
-                                progress=s.progress)
+    cache = kdcache.build_cache(
+        train,
+        ensemble,
+        temperature=s.temperature,
+        root=s.cache_root,
+        executor=s.executor,
+        address=s.address,
+        num_actors=s.num_actors,
+        progress=s.progress,
+    )
     report_b = cache.build_report  # type: ignore[union-attr]
     timings["teacher_stage_s"] = time.perf_counter() - t
     if not report_b.hit:  # a hit is logged by build_cache itself
-        log.info("teacher stage: %d teacher-shards computed (%d reused) in %.1fs; key %s",
-                 report_b.computed, report_b.reused, report_b.wall_s, cache.key)
+        log.info(
+            "teacher stage: %d teacher-shards computed (%d reused) in %.1fs; key %s",
+            report_b.computed,
+            report_b.reused,
+            report_b.wall_s,
+            cache.key,
+        )
 
     # -- student stage on DeepSpeed ---------------------------------------------------------
     rng = np.random.default_rng(s.seed)
     labelled = np.sort(rng.choice(n, size=s.student_labels, replace=False))
     masked = np.full(n, losses.IGNORE_INDEX, dtype=np.int64)
     masked[labelled] = y_train[labelled]
-    kd_data = ArrayDataset(np.arange(n), x_train, masked, num_shards=s.num_shards,
-                           preprocessing=preprocessing)
+    kd_data = ArrayDataset(
+        np.arange(n), x_train, masked, num_shards=s.num_shards, preprocessing=preprocessing
+    )
     hard_data = train.subset(labelled, num_shards=1)
     batch = min(s.batch_size, s.student_labels)
     kd_stream = kdcache.SoftTargetDataset(cache, kd_data, batch_size=batch, seed=s.seed)
@@ -273,58 +349,90 @@ def run(s: Settings) -> dict[str, Any]:
         return losses.cross_entropy(logits, b["labels"])
 
     def kd(logits: torch.Tensor, b: dict[str, torch.Tensor]) -> torch.Tensor:
-        return losses.kd_loss(logits, b["teacher_log_probs"], temperature=s.temperature,
-                              alpha=s.alpha, labels_B=b["labels"])
+        return losses.kd_loss(
+            logits,
+            b["teacher_log_probs"],
+            temperature=s.temperature,
+            alpha=s.alpha,
+            labels_B=b["labels"],
+        )
 
     students = {}
-    for role, stream, loss_fn in (("student_hard", hard_stream, hard_loss),
-                                  ("student_kd", kd_stream, kd)):
+    for role, stream, loss_fn in (
+        ("student_hard", hard_stream, hard_loss),
+        ("student_kd", kd_stream, kd),
+    ):
         t = time.perf_counter()
         torch.manual_seed(s.seed)  # the same initial student for both
         model = build_model(STUDENT["arch"], **STUDENT["kwargs"])
-        model, result = train_student(model, stream, loss_fn, ds_config=ds, max_steps=steps,
-                                      progress=s.progress, desc=role)
+        model, result = train_student(
+            model, stream, loss_fn, ds_config=ds, max_steps=steps, progress=s.progress, desc=role
+        )
         path = os.path.join(s.work_dir, "students", f"{role}.safetensors")
-        save_safetensors(model, path, {**STUDENT, "role": role, "steps": result.steps,
-                                       "cache_key": cache.key if role == "student_kd" else None,
-                                       "temperature": s.temperature, "alpha": s.alpha,
-                                       "student_labels": s.student_labels})
+        save_safetensors(
+            model,
+            path,
+            {
+                **STUDENT,
+                "role": role,
+                "steps": result.steps,
+                "cache_key": cache.key if role == "student_kd" else None,
+                "temperature": s.temperature,
+                "alpha": s.alpha,
+                "student_labels": s.student_labels,
+            },
+        )
         students[role] = (model, path)
         timings[f"{role}_s"] = time.perf_counter() - t
 
     # -- report ------------------------------------------------------------------------------
     models: list[dict[str, Any]] = []
     for teacher, path in zip(teachers, paths, strict=True):
-        models.append({
-            "name": teacher.name, "role": "teacher",
-            "test_accuracy": accuracy(predict_logits(teacher.module, x_test), y_test),
-            "num_parameters": teacher.num_parameters,
-            "checkpoint_bytes": os.path.getsize(path),
-            "samples_per_s": throughput(lambda x, m=teacher.module: predict_logits(m, x), x_test),
-        })
-    models.append({
-        "name": "ensemble (" + ", ".join(t.name for t in teachers) + ")", "role": "ensemble",
-        "test_accuracy": accuracy(ensemble.log_probs(x_test), y_test),
-        "num_parameters": ensemble.num_parameters,
-        "checkpoint_bytes": sum(os.path.getsize(p) for p in paths),
-        "samples_per_s": throughput(lambda x: ensemble.log_probs(x), x_test),
-    })
+        models.append(
+            {
+                "name": teacher.name,
+                "role": "teacher",
+                "test_accuracy": accuracy(predict_logits(teacher.module, x_test), y_test),
+                "num_parameters": teacher.num_parameters,
+                "checkpoint_bytes": os.path.getsize(path),
+                "samples_per_s": throughput(
+                    lambda x, m=teacher.module: predict_logits(m, x), x_test
+                ),
+            }
+        )
+    models.append(
+        {
+            "name": "ensemble (" + ", ".join(t.name for t in teachers) + ")",
+            "role": "ensemble",
+            "test_accuracy": accuracy(ensemble.log_probs(x_test), y_test),
+            "num_parameters": ensemble.num_parameters,
+            "checkpoint_bytes": sum(os.path.getsize(p) for p in paths),
+            "samples_per_s": throughput(lambda x: ensemble.log_probs(x), x_test),
+        }
+    )
     for role, (model, path) in students.items():
-        models.append({
-            "name": f"student ({'hard labels' if role == 'student_hard' else 'distilled'})",
-            "role": role,
-            "test_accuracy": accuracy(predict_logits(model, x_test), y_test),
-            "num_parameters": sum(p.numel() for p in model.parameters()),
-            "checkpoint_bytes": os.path.getsize(path),
-            "samples_per_s": throughput(lambda x, m=model: predict_logits(m, x), x_test),
-        })
+        models.append(
+            {
+                "name": f"student ({'hard labels' if role == 'student_hard' else 'distilled'})",
+                "role": role,
+                "test_accuracy": accuracy(predict_logits(model, x_test), y_test),
+                "num_parameters": sum(p.numel() for p in model.parameters()),
+                "checkpoint_bytes": os.path.getsize(path),
+                "samples_per_s": throughput(lambda x, m=model: predict_logits(m, x), x_test),
+            }
+        )
     timings["total_s"] = time.perf_counter() - t0
     report = {
         "job": "fashion-mnist",
         "models": models,
-        "cache": {"key": cache.key, "hit": report_b.hit, "num_shards": cache.num_shards,
-                  "bytes": cache.num_bytes, "root": s.cache_root,
-                  "entries": report_b.keys},
+        "cache": {
+            "key": cache.key,
+            "hit": report_b.hit,
+            "num_shards": cache.num_shards,
+            "bytes": cache.num_bytes,
+            "root": s.cache_root,
+            "entries": report_b.keys,
+        },
         "settings": {k: v for k, v in vars(s).items() if k not in ("progress",)},
         "student_steps": steps,
         "timings_s": timings,
@@ -339,23 +447,40 @@ def run(s: Settings) -> dict[str, Any]:
 def format_report(report: dict[str, Any]) -> str:
     rows = [("model", "role", "test acc", "params", "ckpt bytes", "samples/s")]
     for m in report["models"]:
-        rows.append((m["name"], m["role"], f"{m['test_accuracy']:.4f}", f"{m['num_parameters']:,}",
-                     f"{m['checkpoint_bytes']:,}", f"{m['samples_per_s']:,.0f}"))
+        rows.append(
+            (
+                m["name"],
+                m["role"],
+                f"{m['test_accuracy']:.4f}",
+                f"{m['num_parameters']:,}",
+                f"{m['checkpoint_bytes']:,}",
+                f"{m['samples_per_s']:,.0f}",
+            )
+        )
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-    lines = ["  ".join(c.ljust(w) if i < 2 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths, strict=True)))
-             for r in rows]
+    lines = [
+        "  ".join(
+            c.ljust(w) if i < 2 else c.rjust(w)
+            for i, (c, w) in enumerate(zip(r, widths, strict=True))
+        )
+        for r in rows
+    ]
     lines.insert(1, "  ".join("-" * w for w in widths))
     c = report["cache"]
-    lines += ["", f"cache: key {c['key']}  hit={c['hit']}  shards={c['num_shards']}  "
-              f"bytes={c['bytes']:,}  root={c['root']}",
-              f"student steps: {report['student_steps']}   wall time: "
-              + ", ".join(f"{k} {v:.1f}" for k, v in report["timings_s"].items())]
+    lines += [
+        "",
+        f"cache: key {c['key']}  hit={c['hit']}  shards={c['num_shards']}  "
+        f"bytes={c['bytes']:,}  root={c['root']}",
+        f"student steps: {report['student_steps']}   wall time: "
+        + ", ".join(f"{k} {v:.1f}" for k, v in report["timings_s"].items()),
+    ]
     return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s",
-                        datefmt="%H:%M:%S")
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S"
+    )
     settings = parse_args(argv)
     torch.set_num_threads(max(1, os.cpu_count() or 1))
     try:

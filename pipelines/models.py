@@ -28,10 +28,15 @@ class ConvNet(nn.Module):
         self.net = nn.Sequential(
             Normalize(),
             nn.Unflatten(1, (1, 28)),
-            nn.Conv2d(1, width, 3), nn.ReLU(), nn.MaxPool2d(2),
-            nn.Conv2d(width, 2 * width, 3), nn.ReLU(), nn.MaxPool2d(2),
+            nn.Conv2d(1, width, 3),
+            nn.ReLU(),
+            nn.MaxPool2d(2),
+            nn.Conv2d(width, 2 * width, 3),
+            nn.ReLU(),
+            nn.MaxPool2d(2),
             nn.Flatten(),
-            nn.Linear(2 * width * 5 * 5, hidden), nn.ReLU(),
+            nn.Linear(2 * width * 5 * 5, hidden),
+            nn.ReLU(),
             nn.Linear(hidden, num_classes),
         )
 
@@ -42,7 +47,9 @@ class ConvNet(nn.Module):
 class MLP(nn.Module):
     """A multilayer perceptron on flattened pixels; ``hidden`` lists the layer widths."""
 
-    def __init__(self, hidden: tuple[int, ...] | list[int] = (512, 256), num_classes: int = 10) -> None:
+    def __init__(
+        self, hidden: tuple[int, ...] | list[int] = (512, 256), num_classes: int = 10
+    ) -> None:
         super().__init__()
         layers: list[nn.Module] = [Normalize(), nn.Flatten()]
         width = 28 * 28

@@ -31,8 +31,11 @@ from kdcache.testing import linear_teacher, toy_dataset
 
 def _entry(root, temperature=2.0, storage_dtype="float32", teacher_seed=0):
     ds = toy_dataset()
-    spec = schema.entry_spec(ds.fingerprint(), linear_teacher(seed=teacher_seed).fingerprint(),
-                             TargetSpec(temperature, storage_dtype=storage_dtype))
+    spec = schema.entry_spec(
+        ds.fingerprint(),
+        linear_teacher(seed=teacher_seed).fingerprint(),
+        TargetSpec(temperature, storage_dtype=storage_dtype),
+    )
     entry = CacheEntry(root, schema.content_key(spec))
     entry.write_spec(spec)
     return entry
@@ -54,13 +57,16 @@ def test_key_is_canonical_and_sensitive_to_what_changes_bytes():
     ds = toy_dataset()
     t = linear_teacher()
     base = schema.entry_spec(ds.fingerprint(), t.fingerprint(), TargetSpec(4.0))
-    same = schema.entry_spec(toy_dataset().fingerprint(), linear_teacher().fingerprint(),
-                             TargetSpec(4))
+    same = schema.entry_spec(
+        toy_dataset().fingerprint(), linear_teacher().fingerprint(), TargetSpec(4)
+    )
     assert schema.content_key(base) == schema.content_key(same)
     changed = [
         schema.entry_spec(ds.fingerprint(), t.fingerprint(), TargetSpec(2.0)),
         schema.entry_spec(ds.fingerprint(), linear_teacher(seed=1).fingerprint(), TargetSpec(4.0)),
-        schema.entry_spec(ds.fingerprint(), t.fingerprint(), TargetSpec(4.0, storage_dtype="float16")),
+        schema.entry_spec(
+            ds.fingerprint(), t.fingerprint(), TargetSpec(4.0, storage_dtype="float16")
+        ),
         schema.entry_spec(toy_dataset(seed=3).fingerprint(), t.fingerprint(), TargetSpec(4.0)),
     ]
     keys = {schema.content_key(s) for s in changed} | {schema.content_key(base)}
@@ -70,8 +76,13 @@ def test_key_is_canonical_and_sensitive_to_what_changes_bytes():
 def test_run_specific_settings_do_not_change_the_dataset_fingerprint():
     # labels are not part of the fingerprint: relabelled data reuses the teacher cache
     a = toy_dataset()
-    b = kdcache.ArrayDataset(a.sample_ids, a.inputs, np.zeros(len(a), np.int64), num_shards=4,
-                             preprocessing=a.preprocessing)
+    b = kdcache.ArrayDataset(
+        a.sample_ids,
+        a.inputs,
+        np.zeros(len(a), np.int64),
+        num_shards=4,
+        preprocessing=a.preprocessing,
+    )
     assert a.fingerprint() == b.fingerprint()
 
 
@@ -119,7 +130,7 @@ def test_altered_or_truncated_shard_is_named(root):
     data[-100] ^= 0xFF
     with open(path, "wb") as f:
         f.write(bytes(data))
-    with pytest.raises(CacheCorruptError, match="shard-00001.arrow"):
+    with pytest.raises(CacheCorruptError, match=r"shard-00001\.arrow"):
         kdcache.open_cache(entry.location.uri).read_shard(1)
     with open(path, "wb") as f:
         f.write(bytes(data[:-10]))
@@ -212,13 +223,19 @@ def test_lease_expired_is_taken_over_and_live_one_times_out(root):
 def test_ensemble_view_saved_and_reopened(root):
     ds = toy_dataset()
     teachers = [linear_teacher(seed=s) for s in range(2)]
-    view = kdcache.build_cache(ds, kdcache.TeacherEnsemble(teachers, weights=[1, 3]),
-                               temperature=2.0, root=root, executor="local", progress=False)
+    view = kdcache.build_cache(
+        ds,
+        kdcache.TeacherEnsemble(teachers, weights=[1, 3]),
+        temperature=2.0,
+        root=root,
+        executor="local",
+        progress=False,
+    )
     path = os.path.join(root, "ensembles", f"{view.key}.json")
     reopened = kdcache.open_cache(path)
     assert isinstance(reopened, kdcache.EnsembleView)
     assert [e.key for e in reopened.entries] == [e.key for e in view.entries]
     assert reopened.weights == [1.0, 3.0]
-    ids, vals = reopened.read_shard(0)
+    _, vals = reopened.read_shard(0)
     expect = torch.stack([t.logits(ds.read_shard(0)["inputs"]) / 2.0 for t in teachers])
     np.testing.assert_allclose(vals, expect.numpy(), rtol=1e-6)

@@ -31,13 +31,15 @@ def test_global_steps_are_world_size_independent_and_even():
     ds = toy_dataset(num_records=103, num_shards=5)  # uneven shards
     single = _ids(ShardedStream(ds, batch_size=8, seed=1, world_size=1, rank=0))
     for w in (2, 4):
-        per_rank = [_ids(ShardedStream(ds, batch_size=8 // w, seed=1, world_size=w, rank=r))
-                    for r in range(w)]
+        per_rank = [
+            _ids(ShardedStream(ds, batch_size=8 // w, seed=1, world_size=w, rank=r))
+            for r in range(w)
+        ]
         assert len({len(x) for x in per_rank}) == 1  # equal step counts on every rank
         for step, global_batch in enumerate(single):
-            union = sorted(sum((per_rank[r][step] for r in range(w)), []))
+            union = sorted(i for r in range(w) for i in per_rank[r][step])
             assert union == sorted(global_batch)
-    flat = sum(single, [])
+    flat = [i for batch in single for i in batch]
     assert len(flat) == len(set(flat)) == 96  # each sample at most once per epoch
 
 
@@ -70,7 +72,9 @@ def test_bad_configuration_is_refused():
     with pytest.raises(ConfigError):
         ShardedStream(ds, batch_size=4, world_size=2, rank=0, drop_last=False)
     with pytest.raises(ConfigError, match="seed"):
-        ShardedStream(ds, batch_size=4, seed=1).load_state_dict({"seed": 2, "epoch": 0, "consumed": 0})
+        ShardedStream(ds, batch_size=4, seed=1).load_state_dict(
+            {"seed": 2, "epoch": 0, "consumed": 0}
+        )
 
 
 @pytest.fixture
@@ -78,7 +82,9 @@ def built(root):
     ds = toy_dataset(num_records=60, num_shards=3)
     teachers = [linear_teacher(seed=s) for s in range(3)]
     ens = kdcache.TeacherEnsemble(teachers, rule="mean_probs")
-    cache = kdcache.build_cache(ds, ens, temperature=2.0, root=root, executor="local", progress=False)
+    cache = kdcache.build_cache(
+        ds, ens, temperature=2.0, root=root, executor="local", progress=False
+    )
     return ds, ens, cache
 
 
@@ -100,8 +106,9 @@ def test_retemper_requires_consent_and_is_exact(built):
     ds, ens, cache = built
     with pytest.raises(SpecMismatchError, match="retemper=True"):
         kdcache.SoftTargetDataset(cache, ds, batch_size=10, temperature=1.0)
-    stream = kdcache.SoftTargetDataset(cache, ds, batch_size=60, temperature=1.0, retemper=True,
-                                       shuffle=False)
+    stream = kdcache.SoftTargetDataset(
+        cache, ds, batch_size=60, temperature=1.0, retemper=True, shuffle=False
+    )
     batch = next(iter(stream))
     logits = torch.stack([t.logits(ds.inputs) for t in ens])
     want = targets.combine_ensemble(logits, rule="mean_probs")
@@ -111,8 +118,9 @@ def test_retemper_requires_consent_and_is_exact(built):
 def test_cache_over_other_data_is_refused(built):
     _, _, cache = built
     with pytest.raises(SpecMismatchError, match="different dataset"):
-        kdcache.SoftTargetDataset(cache, toy_dataset(num_records=60, num_shards=3, seed=5),
-                                  batch_size=10)
+        kdcache.SoftTargetDataset(
+            cache, toy_dataset(num_records=60, num_shards=3, seed=5), batch_size=10
+        )
 
 
 class _SwappedIds:
