@@ -287,6 +287,27 @@ def test_sparse_student_grad_is_right_against_autograd():
     assert torch.allclose(g.double(), g_ref, atol=1e-6)
 
 
+@pytest.mark.parametrize("peak", [30.0, 95.0, 200.0])
+def test_sparse_student_underflowing_tail_is_exact(peak):
+    """Tails of e^-30, e^-95 (denormal in float32) and e^-200 (underflows): the log-space
+    fallbacks keep log q_tail and its gradient right."""
+    s = torch.zeros(2, 6)
+    s[:, 0] = peak
+    s[1, 1] = peak - 1.0
+    ids = torch.tensor([[0, -1], [0, 1]])
+    w_tail = torch.tensor([0.7, -1.3])
+    x = s.clone().requires_grad_()
+    kept, tail = losses.sparse_student_log_probs(x, ids, temperature=1.0)
+    (g,) = torch.autograd.grad((tail * w_tail).sum() + kept[:, 0].sum(), x)
+    y = s.double().clone().requires_grad_()
+    lq = torch.log_softmax(y, dim=-1)
+    tail_ref = torch.stack([torch.logsumexp(lq[0, 1:], 0), torch.logsumexp(lq[1, 2:], 0)])
+    (g_ref,) = torch.autograd.grad((tail_ref * w_tail.double()).sum() + lq[:, 0].sum(), y)
+    assert torch.allclose(tail.double(), tail_ref, rtol=1e-5)
+    assert bool(torch.isfinite(g).all())
+    assert torch.allclose(g.double(), g_ref, atol=1e-6, rtol=1e-4)
+
+
 def test_sparse_loss_in_bfloat16_keeps_dtype_and_matches_float32():
     tau = 2.0
     s, _, z = dense_case(b=8, v=64, tau=tau)

@@ -1,0 +1,180 @@
+"""Sparse distillation losses against the dense loss: forward+backward time and peak memory.
+
+Side by side in one process, on the same batch of student logits: the dense forward-KL
+loss (teacher log-probabilities [N, V]) against the sparse losses on top-k (k = 64, exact
+tail bucket) and sampled (64 draws) targets of the same teacher, for V = 32k and 128k.
+Targets are built before timing (in training they are read from the cache).
+
+Peak memory is the extra resident memory a loss needs (forward and backward, including
+the [N, V] gradient), measured on CPU from the kernel's resident high-water mark (reset
+through /proc/self/clear_refs, with glibc's mmap threshold pinned so freed buffers go
+back to the system), or from the CUDA allocator with ``--device cuda``.
+
+    python bench/bench_losses.py --quick            # under a minute on 2 cores
+    python bench/bench_losses.py --json out.json    # {"name", "figures", "ratios"}
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import gc
+import json
+import os
+import statistics
+import sys
+import time
+from collections.abc import Callable
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from kdcache import losses, targets
+
+
+def _pin_malloc() -> bool:
+    """Make glibc return large freed buffers to the OS so the RSS high-water mark is honest."""
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        libc.mallopt(-3, 128 * 1024)  # M_MMAP_THRESHOLD: fixed, so no dynamic growth
+        libc.mallopt(-1, 128 * 1024)  # M_TRIM_THRESHOLD
+        return True
+    except OSError:
+        return False
+
+
+def _rss_kib(field: str) -> int:
+    with open("/proc/self/status") as fh:
+        for line in fh:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise RuntimeError(f"{field} not in /proc/self/status")
+
+
+def peak_extra_mib(fn: Callable[[], None], device: str) -> float:
+    """Extra memory (MiB) at the peak of one call of fn, above what was resident before."""
+    gc.collect()
+    if device == "cuda":
+        torch.cuda.synchronize()
+        base = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        fn()
+        torch.cuda.synchronize()
+        return (torch.cuda.max_memory_allocated() - base) / 2**20
+    try:
+        with open("/proc/self/clear_refs", "w") as fh:
+            fh.write("5")  # reset the peak resident set size (Linux >= 4.0)
+    except OSError:
+        return float("nan")
+    base = _rss_kib("VmRSS")
+    fn()
+    return (_rss_kib("VmHWM") - base) / 1024
+
+
+def time_ms(fn: Callable[[], None], repeats: int, device: str) -> float:
+    fn()  # warm-up
+    samples = []
+    for _ in range(repeats):
+        if device == "cuda":
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        fn()
+        if device == "cuda":
+            torch.cuda.synchronize()
+        samples.append((time.perf_counter() - t0) * 1e3)
+    return statistics.median(samples)
+
+
+def make_cases(num_rows: int, vocab: int, k: int, device: str, seed: int):
+    g = torch.Generator().manual_seed(seed)
+    tau = 2.0
+    teacher_scaled = (torch.randn(num_rows, vocab, generator=g) * 3.0 / tau).to(device)
+    student = (torch.randn(num_rows, vocab, generator=g) * 2.0).to(device).requires_grad_()
+    dense = targets.log_probs(teacher_scaled)
+    topk = targets.topk_targets(teacher_scaled.cpu(), k)
+    sampled = targets.sampled_targets(teacher_scaled.cpu(), k, generator=g)
+    del teacher_scaled
+
+    def run(teacher, divergence="forward_kl"):
+        def fn() -> None:
+            student.grad = None
+            loss = losses.kd_loss(student, teacher, temperature=tau, divergence=divergence)
+            loss.backward()
+            student.grad = None
+
+        return fn
+
+    return {
+        "dense forward_kl": run(dense),
+        "top-k forward_kl": run(topk),
+        "top-k jsd": run(topk, "jsd"),
+        "sampled forward_kl": run(sampled),
+    }
+
+
+def main(argv: list[str] | None = None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help="fewer rows and repeats (< 1 min)")
+    ap.add_argument(
+        "--rows", type=int, default=None, help="N = B * T rows (default 1024, quick 256)"
+    )
+    ap.add_argument("--vocab", type=int, nargs="+", default=[32768, 131072])
+    ap.add_argument("--k", type=int, default=64)
+    ap.add_argument("--repeats", type=int, default=None)
+    ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    ap.add_argument("--json", default=None, metavar="PATH")
+    args = ap.parse_args(argv)
+    num_rows = args.rows or (256 if args.quick else 1024)
+    repeats = args.repeats or (3 if args.quick else 5)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    pinned = _pin_malloc() if args.device == "cpu" else True
+
+    figures: dict[str, float] = {}
+    ratios: dict[str, float] = {}
+    rows_out = []
+    for vocab in args.vocab:
+        cases = make_cases(num_rows, vocab, args.k, args.device, seed=vocab)
+        measured = {}
+        for name, fn in cases.items():
+            ms = time_ms(fn, repeats, args.device)
+            mib = peak_extra_mib(fn, args.device)
+            measured[name] = (ms, mib)
+            key = f"V{vocab}/{name.replace(' ', '_')}"
+            figures[f"{key}/time_ms"] = round(ms, 3)
+            figures[f"{key}/peak_extra_mib"] = round(mib, 1)
+        dense_ms, dense_mib = measured["dense forward_kl"]
+        for name, (ms, mib) in measured.items():
+            t_ratio, m_ratio = ms / dense_ms, mib / dense_mib if dense_mib > 0 else float("nan")
+            if name != "dense forward_kl":
+                key = f"V{vocab}/{name.replace(' ', '_')}"
+                ratios[f"{key}/time_vs_dense"] = round(t_ratio, 3)
+                ratios[f"{key}/peak_mem_vs_dense"] = round(m_ratio, 3)
+            rows_out.append((vocab, name, ms, mib, t_ratio, m_ratio))
+        del cases
+        gc.collect()
+
+    print(
+        f"bench_losses: N={num_rows} rows, k={args.k}, fp32 student, device={args.device}, "
+        f"threads={torch.get_num_threads()}, repeats={repeats}"
+        + ("" if pinned else " (malloc not pinned: memory figures approximate)")
+    )
+    header = (
+        f"{'V':>7}  {'loss':<20} {'fwd+bwd ms':>11} {'peak MiB':>9} "
+        f"{'time/dense':>11} {'mem/dense':>10}"
+    )
+    print(header)
+    print("-" * len(header))
+    for vocab, name, ms, mib, tr, mr in rows_out:
+        print(f"{vocab:>7}  {name:<20} {ms:>11.1f} {mib:>9.1f} {tr:>11.3f} {mr:>10.3f}")
+    result = {"name": "bench_losses", "figures": figures, "ratios": ratios}
+    if args.json:
+        with open(args.json, "w") as fh:
+            json.dump(result, fh, indent=2, sort_keys=True)
+    return result
+
+
+if __name__ == "__main__":
+    main()
