@@ -507,7 +507,7 @@ def reverse_kl(
         ConfigError: as :func:`forward_kl`, or sampled targets.
 
     Source: Gu et al., "MiniLLM: Knowledge Distillation of Large Language Models",
-    ICLR 2024, sec. 2.1.
+    ICLR 2024.
     """
     return divergence(
         student_logits_BV,
@@ -542,7 +542,7 @@ def jsd(
         ConfigError: as :func:`forward_kl`, or beta outside (0, 1).
 
     Source: Agarwal et al., "On-Policy Distillation of Language Models: Learning from
-    Self-Generated Mistakes" (GKD), ICLR 2024, sec. 3.
+    Self-Generated Mistakes" (GKD), ICLR 2024.
     """
     return divergence(
         student_logits_BV,
@@ -575,7 +575,7 @@ def skew_kl(
         ConfigError: as :func:`forward_kl`, or skew outside [0, 1).
 
     Source: Ko et al., "DistiLLM: Towards Streamlined Distillation for Large Language
-    Models", ICML 2024, sec. 3.1 (SKL).
+    Models", ICML 2024 (SKL).
     """
     return divergence(
         student_logits_BV,
@@ -599,7 +599,7 @@ def skew_reverse_kl(
 
     Args, Returns, Raises: as :func:`skew_kl`.
 
-    Source: Ko et al., DistiLLM, ICML 2024, sec. 3.1 (SRKL).
+    Source: Ko et al., DistiLLM, ICML 2024 (SRKL).
     """
     return divergence(
         student_logits_BV,
@@ -623,7 +623,7 @@ def total_variation(
     Args, Returns, Raises: as :func:`forward_kl`.
 
     Source: Wen et al., "f-Divergence Minimization for Sequence-Level Knowledge
-    Distillation", ACL 2023, sec. 2.2 (TVD).
+    Distillation", ACL 2023 (TVD).
     """
     return divergence(
         student_logits_BV,

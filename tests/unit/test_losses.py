@@ -342,7 +342,6 @@ def test_sampled_forward_kl_is_unbiased_and_gradient_too():
     assert abs(num(est.mean()) - num(exact)) < 5 * se
     g_est = x.grad.sum(dim=0)
     assert torch.allclose(g_est, y.grad[0], atol=0.02)
-    # Top-k with the same support size is biased: its estimate misses the exact value.
     with pytest.raises(ConfigError, match="sampled"):
         losses.reverse_kl(x, sampled, temperature=tau)
 
@@ -353,6 +352,20 @@ def test_tiny_teacher_tail_keeps_reverse_kl_finite_and_zero_at_equality():
     for kind in losses.DIVERGENCES:
         d = losses.divergence(s, t, temperature=2.0, kind=kind)
         assert bool(torch.isfinite(d).all()) and float(d.abs().max()) < 1e-6, kind
+
+
+def test_retempered_targets_with_derived_tail_stay_finite():
+    raw = torch.tensor([[40.0, 6.0, 5.0, 0.0, -3.0, -3.0]])
+    t = targets.topk_targets(raw / 2.0, 2, temperature=2.0, grid_temperatures=[1.0])
+    r = targets.retemper_sparse(t, 2.0, 1.0)
+    assert r.tail_log_mass_B is None  # derived from the grid's log-partition
+    student = raw.clone()
+    for kind in losses.DIVERGENCES:
+        d = losses.divergence(student, r, temperature=1.0, kind=kind)
+        assert bool(torch.isfinite(d).all()) and num(d.abs().max()) < 1e-5, kind
+    exact = losses.forward_kl(student + rand(1, 6), targets.log_probs(raw), temperature=1.0)
+    approx = losses.forward_kl(student + rand(1, 6), r, temperature=1.0)
+    assert num(approx) <= num(exact) + 1e-5
 
 
 def test_sparse_row_mismatch_and_bad_ids_refused():
