@@ -72,7 +72,7 @@ def compute_shard(
     """
     start = time.perf_counter()
     shard = dataset.read_shard(shard_index)
-    ids = np.asarray(shard["sample_id"], dtype=np.int64)
+    ids = np.array(shard["sample_id"], dtype=np.int64)  # a writable copy
     inputs = shard["inputs"]
     for teacher, entry in zip(teachers, entries, strict=True):
         temperature = float(entry.spec["targets"]["temperature"])

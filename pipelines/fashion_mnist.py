@@ -123,15 +123,21 @@ def accuracy(logits: torch.Tensor, labels: np.ndarray) -> float:
     return float((logits.argmax(1).numpy() == labels).mean())
 
 
-def throughput(fn, images: np.ndarray, repeats: int = 3) -> float:
-    """Samples per second of ``fn(images)``, best of ``repeats`` after one warm-up."""
-    fn(images[:1000])
-    best = float("inf")
+def throughputs(fns: list, images: np.ndarray, repeats: int = 3) -> list[float]:
+    """Samples per second of each ``fn(images)``, measured side by side.
+
+    The functions are timed in rounds (each once per round, after one warm-up), so noise
+    from the machine hits all of them alike; each keeps its best round.
+    """
+    for fn in fns:
+        fn(images[:1000])
+    best = [float("inf")] * len(fns)
     for _ in range(repeats):
-        t = time.perf_counter()
-        fn(images)
-        best = min(best, time.perf_counter() - t)
-    return len(images) / best
+        for i, fn in enumerate(fns):
+            t = time.perf_counter()
+            fn(images)
+            best[i] = min(best[i], time.perf_counter() - t)
+    return [len(images) / b for b in best]
 
 
 @dataclass
@@ -357,7 +363,11 @@ def run(s: Settings) -> dict[str, Any]:
             labels_B=b["labels"],
         )
 
+    def test_accuracy(module: torch.nn.Module) -> dict[str, float]:
+        return {"test_accuracy": accuracy(predict_logits(module, x_test), y_test)}
+
     students = {}
+    curves: dict[str, list[tuple[int, float]]] = {}
     for role, stream, loss_fn in (
         ("student_hard", hard_stream, hard_loss),
         ("student_kd", kd_stream, kd),
@@ -366,8 +376,17 @@ def run(s: Settings) -> dict[str, Any]:
         torch.manual_seed(s.seed)  # the same initial student for both
         model = build_model(STUDENT["arch"], **STUDENT["kwargs"])
         model, result = train_student(
-            model, stream, loss_fn, ds_config=ds, max_steps=steps, progress=s.progress, desc=role
+            model,
+            stream,
+            loss_fn,
+            ds_config=ds,
+            max_steps=steps,
+            eval_fn=test_accuracy,
+            eval_every=max(1, steps // 25),
+            progress=s.progress,
+            desc=role,
         )
+        curves[role] = [(step, m["test_accuracy"]) for step, m in result.evals]
         path = os.path.join(s.work_dir, "students", f"{role}.safetensors")
         save_safetensors(
             model,
@@ -386,41 +405,42 @@ def run(s: Settings) -> dict[str, Any]:
         timings[f"{role}_s"] = time.perf_counter() - t
 
     # -- report ------------------------------------------------------------------------------
-    models: list[dict[str, Any]] = []
-    for teacher, path in zip(teachers, paths, strict=True):
-        models.append(
-            {
-                "name": teacher.name,
-                "role": "teacher",
-                "test_accuracy": accuracy(predict_logits(teacher.module, x_test), y_test),
-                "num_parameters": teacher.num_parameters,
-                "checkpoint_bytes": os.path.getsize(path),
-                "samples_per_s": throughput(
-                    lambda x, m=teacher.module: predict_logits(m, x), x_test
-                ),
-            }
+    rows: list[tuple[str, str, Any, int, int]] = [
+        (t.name, "teacher", t.module, t.num_parameters, os.path.getsize(p))
+        for t, p in zip(teachers, paths, strict=True)
+    ]
+    rows.append(
+        (
+            "ensemble (" + ", ".join(t.name for t in teachers) + ")",
+            "ensemble",
+            None,
+            ensemble.num_parameters,
+            sum(os.path.getsize(p) for p in paths),
         )
-    models.append(
-        {
-            "name": "ensemble (" + ", ".join(t.name for t in teachers) + ")",
-            "role": "ensemble",
-            "test_accuracy": accuracy(ensemble.log_probs(x_test), y_test),
-            "num_parameters": ensemble.num_parameters,
-            "checkpoint_bytes": sum(os.path.getsize(p) for p in paths),
-            "samples_per_s": throughput(lambda x: ensemble.log_probs(x), x_test),
-        }
     )
     for role, (model, path) in students.items():
-        models.append(
-            {
-                "name": f"student ({'hard labels' if role == 'student_hard' else 'distilled'})",
-                "role": role,
-                "test_accuracy": accuracy(predict_logits(model, x_test), y_test),
-                "num_parameters": sum(p.numel() for p in model.parameters()),
-                "checkpoint_bytes": os.path.getsize(path),
-                "samples_per_s": throughput(lambda x, m=model: predict_logits(m, x), x_test),
-            }
-        )
+        name = f"student ({'hard labels' if role == 'student_hard' else 'distilled'})"
+        params = sum(p.numel() for p in model.parameters())
+        rows.append((name, role, model, params, os.path.getsize(path)))
+
+    def predictor(module: Any) -> Any:
+        if module is None:
+            return lambda x: ensemble.log_probs(x)
+        return lambda x: predict_logits(module, x)
+
+    speeds = throughputs([predictor(m) for _, _, m, _, _ in rows], x_test)
+    models: list[dict[str, Any]] = [
+        {
+            "name": name,
+            "role": role,
+            "test_accuracy": accuracy(predictor(module)(x_test), y_test),
+            "num_parameters": params,
+            "checkpoint_bytes": ckpt,
+            "samples_per_s": speed,
+        }
+        for (name, role, module, params, ckpt), speed in zip(rows, speeds, strict=True)
+    ]
+    plot = plot_curves(curves, os.path.join(s.work_dir, "student_curves.png"), s)
     timings["total_s"] = time.perf_counter() - t0
     report = {
         "job": "fashion-mnist",
@@ -435,6 +455,8 @@ def run(s: Settings) -> dict[str, Any]:
         },
         "settings": {k: v for k, v in vars(s).items() if k not in ("progress",)},
         "student_steps": steps,
+        "student_curves": {role: [list(p) for p in c] for role, c in curves.items()},
+        "plot": plot,
         "timings_s": timings,
         "versions": {"kdcache": kdcache.__version__, "torch": torch.__version__},
     }
@@ -442,6 +464,36 @@ def run(s: Settings) -> dict[str, Any]:
     with open(s.report, "w") as f:
         json.dump(report, f, indent=2)
     return report
+
+
+def plot_curves(curves: dict[str, list[tuple[int, float]]], path: str, s: Settings) -> str | None:
+    """Test accuracy against step for both students, as a PNG; returns its path."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        log.warning("matplotlib is not installed: no plot (pip install 'kdcache[plot]')")
+        return None
+    labels = {"student_hard": "hard labels only", "student_kd": "distilled from the cache"}
+    fig, ax = plt.subplots(figsize=(6.4, 4.0), dpi=120)
+    for role, points in curves.items():
+        steps, acc = zip(*points, strict=True)
+        ax.plot(steps, acc, marker="o", markersize=3, label=labels.get(role, role))
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("test accuracy")
+    ax.set_title(
+        f"Fashion-MNIST student ({num_parameters:,} params), {s.student_labels:,} labels, "
+        f"tau={s.temperature}"
+    )
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    fig.savefig(path)
+    plt.close(fig)
+    return path
 
 
 def format_report(report: dict[str, Any]) -> str:
@@ -490,6 +542,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     print()
     print(format_report(report))
+    if report.get("plot"):
+        print(f"training curves: {os.path.abspath(report['plot'])}")
     print(f"\nreport written to {os.path.abspath(settings.report)}")
     return 0
 
