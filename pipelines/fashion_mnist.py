@@ -440,7 +440,7 @@ def run(s: Settings) -> dict[str, Any]:
         }
         for (name, role, module, params, ckpt), speed in zip(rows, speeds, strict=True)
     ]
-    plot = plot_curves(curves, os.path.join(s.work_dir, "student_curves.png"), s)
+    plot = plot_curves(curves, os.path.join(s.work_dir, "student_curves.png"), s, rows[-1][3])
     timings["total_s"] = time.perf_counter() - t0
     report = {
         "job": "fashion-mnist",
@@ -466,7 +466,9 @@ def run(s: Settings) -> dict[str, Any]:
     return report
 
 
-def plot_curves(curves: dict[str, list[tuple[int, float]]], path: str, s: Settings) -> str | None:
+def plot_curves(
+    curves: dict[str, list[tuple[int, float]]], path: str, s: Settings, num_parameters: int
+) -> str | None:
     """Test accuracy against step for both students, as a PNG; returns its path."""
     try:
         import matplotlib
