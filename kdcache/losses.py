@@ -479,6 +479,11 @@ def forward_kl(
         ConfigError: temperature <= 0 or shapes differ.
 
     Source: Hinton, Vinyals, Dean 2015, sec. 2; sampled form: Anshumann et al. 2025.
+
+    Example:
+        >>> teacher = torch.log(torch.tensor([[0.5, 0.5], [1.0, 0.0]]))
+        >>> forward_kl(torch.zeros(2, 2), teacher, temperature=2.0)
+        tensor([0.0000, 0.6931])
     """
     return divergence(
         student_logits_BV,
@@ -639,7 +644,9 @@ def total_variation(
 # --------------------------------------------------------------------------------------
 
 
-def _valid_rows(mask: torch.Tensor | None, leading: torch.Size, device: torch.device):
+def _valid_rows(
+    mask: torch.Tensor | None, leading: torch.Size, device: torch.device
+) -> torch.Tensor | None:
     """int64 [M] indices of rows that count, or None for all rows."""
     if mask is None:
         return None

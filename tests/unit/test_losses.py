@@ -5,6 +5,7 @@ Shape legend: K teachers, B batch, T tokens, V vocabulary, S kept slots, D/E fea
 
 from __future__ import annotations
 
+import doctest
 import math
 
 import numpy as np
@@ -64,6 +65,11 @@ def dense_case(b=5, v=13, tau=2.0, seed=0):
     s = rand(b, v, seed=seed)
     z = rand(b, v, seed=seed + 100, scale=3.0)
     return s, targets.log_probs(z / tau), z
+
+
+def test_doctests_run():
+    result = doctest.testmod(losses, optionflags=doctest.NORMALIZE_WHITESPACE)
+    assert result.attempted >= 2 and result.failed == 0
 
 
 # ---------------------------------------------------------------- dense vs float64
