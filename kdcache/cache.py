@@ -514,6 +514,11 @@ def open_cache(uri: str, *, root: str | None = None) -> CacheEntry | EnsembleVie
         if kind == "ensemble":
             return open_cache(r.child(schema.ENSEMBLES_DIR).display(f"{uri}.json"))
         entry = CacheEntry(r, uri)
+        if not entry.location.exists(schema.SPEC_FILE):
+            raise CacheNotFoundError(
+                f"no entry, ensemble view or alias named {uri!r} under {r.uri}; "
+                f"list what is there with: kdcache ls {r.uri}"
+            )
         _ = entry.manifest
         return entry
     loc = Location(uri)

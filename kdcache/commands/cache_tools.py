@@ -1,0 +1,94 @@
+"""``kdcache inspect | verify | ls | alias``: read-only tools over cache roots."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from typing import Any
+
+
+def _open(args: argparse.Namespace) -> Any:
+    from kdcache.cache import open_cache
+
+    return open_cache(args.uri, root=args.root)
+
+
+def _print_json(obj: Any) -> None:
+    print(json.dumps(obj, indent=2, sort_keys=False))
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    for name, helptext, func in (
+        ("inspect", "describe a cache entry or ensemble view", cmd_inspect),
+        ("verify", "check every shard of a cache; exit 1 on a fault", cmd_verify),
+    ):
+        c = sub.add_parser(name, help=helptext)
+        c.add_argument("uri", help="entry dir, ensemble view .json, or a key/alias with --root")
+        c.add_argument("--root", default=None, help="cache root, to resolve a key or alias")
+        if name == "inspect":
+            c.add_argument("--samples", type=int, default=3, help="decoded samples to show")
+        c.set_defaults(func=func)
+
+    c = sub.add_parser("ls", help="list entries, ensembles and aliases under a cache root")
+    c.add_argument("root")
+    c.add_argument("--json", action="store_true")
+    c.set_defaults(func=cmd_ls)
+
+    c = sub.add_parser("alias", help="point a human-readable name at a key")
+    c.add_argument("root")
+    c.add_argument("name")
+    c.add_argument("key")
+    c.set_defaults(func=cmd_alias)
+
+
+def cmd_inspect(args: argparse.Namespace, rest: list[str]) -> int:
+    from kdcache.admin import describe
+
+    _print_json(describe(_open(args), num_samples=args.samples))
+    return 0
+
+
+def cmd_verify(args: argparse.Namespace, rest: list[str]) -> int:
+    from kdcache.admin import verify
+
+    result = verify(_open(args))
+    for p in result.problems:
+        print(f"FAULT {p}")
+    status = "ok" if result.ok else f"{len(result.problems)} fault(s)"
+    print(f"verified {result.checked_shards} shard(s), {result.checked_rows} row(s): {status}")
+    return 0 if result.ok else 1
+
+
+def cmd_ls(args: argparse.Namespace, rest: list[str]) -> int:
+    from kdcache.admin import list_root
+
+    rows = list_root(args.root)
+    if args.json:
+        _print_json(rows)
+        return 0
+    for r in rows:
+        if r["kind"] == "entry":
+            extra = (
+                f"{r.get('teacher')}  tau={r.get('temperature')}  rows={r.get('rows')}  "
+                f"bytes={r.get('bytes')}"
+                if r["status"] == "complete"
+                else ""
+            )
+            print(f"entry     {r['key']}  {r['status']:<10}  {extra}")
+        elif r["kind"] == "ensemble":
+            print(f"ensemble  {r['key']}  {r['rule']}  {len(r['entries'])} teachers")
+        else:
+            print(f"alias     {r['name']} -> {r['key']}")
+    if not rows:
+        print(f"no cache entries under {args.root}")
+    return 0
+
+
+def cmd_alias(args: argparse.Namespace, rest: list[str]) -> int:
+    from kdcache.cache import EnsembleView, open_cache, write_alias
+
+    cache = open_cache(args.key, root=args.root)
+    kind = "ensemble" if isinstance(cache, EnsembleView) else "entry"
+    write_alias(args.root, args.name, cache.key, kind)
+    print(f"{args.name} -> {cache.key} ({kind})")
+    return 0
