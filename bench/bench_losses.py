@@ -3,7 +3,9 @@
 Side by side in one process, on the same batch of student logits: the dense forward-KL
 loss (teacher log-probabilities [N, V]) against the sparse losses on top-k (k = 64, exact
 tail bucket) and sampled (64 draws) targets of the same teacher, for V = 32k and 128k.
-Targets are built before timing (in training they are read from the cache).
+Targets are built before timing (in training they are read from the cache). Times are
+the best of n rounds, the cases interleaved within each round, on one CPU thread by
+default, so that load from other processes hits every case alike.
 
 Peak memory is the extra resident memory a loss needs (forward and backward, including
 the [N, V] gradient), measured on CPU from the kernel's resident high-water mark (reset
@@ -21,7 +23,6 @@ import ctypes
 import gc
 import json
 import os
-import statistics
 import sys
 import time
 from collections.abc import Callable
@@ -33,15 +34,21 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from kdcache import losses, targets
 
 
+def _libc() -> ctypes.CDLL | None:
+    try:
+        return ctypes.CDLL("libc.so.6")
+    except OSError:
+        return None
+
+
 def _pin_malloc() -> bool:
     """Make glibc return large freed buffers to the OS so the RSS high-water mark is honest."""
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-        libc.mallopt(-3, 128 * 1024)  # M_MMAP_THRESHOLD: fixed, so no dynamic growth
-        libc.mallopt(-1, 128 * 1024)  # M_TRIM_THRESHOLD
-        return True
-    except OSError:
+    libc = _libc()
+    if libc is None:
         return False
+    libc.mallopt(-3, 128 * 1024)  # M_MMAP_THRESHOLD: fixed, so no dynamic growth
+    libc.mallopt(-1, 128 * 1024)  # M_TRIM_THRESHOLD
+    return True
 
 
 def _rss_kib(field: str) -> int:
@@ -62,6 +69,9 @@ def peak_extra_mib(fn: Callable[[], None], device: str) -> float:
         fn()
         torch.cuda.synchronize()
         return (torch.cuda.max_memory_allocated() - base) / 2**20
+    libc = _libc()
+    if libc is not None:
+        libc.malloc_trim(0)  # free heap pages left over from earlier cases leave the RSS
     try:
         with open("/proc/self/clear_refs", "w") as fh:
             fh.write("5")  # reset the peak resident set size (Linux >= 4.0)
@@ -72,18 +82,24 @@ def peak_extra_mib(fn: Callable[[], None], device: str) -> float:
     return (_rss_kib("VmHWM") - base) / 1024
 
 
-def time_ms(fn: Callable[[], None], repeats: int, device: str) -> float:
-    fn()  # warm-up
-    samples = []
+def time_ms(cases: dict[str, Callable[[], None]], repeats: int, device: str) -> dict[str, float]:
+    """Best-of-n ms per case, the cases interleaved round by round so drift hits all alike.
+
+    The minimum, not the median: on a shared machine the noise only ever adds time.
+    """
+    for fn in cases.values():
+        fn()  # warm-up
+    samples: dict[str, list[float]] = {name: [] for name in cases}
     for _ in range(repeats):
-        if device == "cuda":
-            torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        fn()
-        if device == "cuda":
-            torch.cuda.synchronize()
-        samples.append((time.perf_counter() - t0) * 1e3)
-    return statistics.median(samples)
+        for name, fn in cases.items():
+            if device == "cuda":
+                torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            fn()
+            if device == "cuda":
+                torch.cuda.synchronize()
+            samples[name].append((time.perf_counter() - t0) * 1e3)
+    return {name: min(v) for name, v in samples.items()}
 
 
 def make_cases(num_rows: int, vocab: int, k: int, device: str, seed: int):
@@ -122,14 +138,24 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--vocab", type=int, nargs="+", default=[32768, 131072])
     ap.add_argument("--k", type=int, default=64)
     ap.add_argument("--repeats", type=int, default=None)
-    ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    ap.add_argument(
+        "--threads", type=int, default=1, help="torch CPU threads (default 1: steadier ratios)"
+    )
     ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     ap.add_argument("--json", default=None, metavar="PATH")
     args = ap.parse_args(argv)
     num_rows = args.rows or (256 if args.quick else 1024)
-    repeats = args.repeats or (3 if args.quick else 5)
-    if args.threads:
+    repeats = args.repeats or (5 if args.quick else 7)
+    if args.device == "cpu":
         torch.set_num_threads(args.threads)
+    # Times first, with the allocator as training would see it; then memory, with glibc's
+    # mmap threshold pinned so that freed buffers leave the resident set.
+    times = {}
+    for vocab in args.vocab:
+        times[vocab] = time_ms(
+            make_cases(num_rows, vocab, args.k, args.device, vocab), repeats, args.device
+        )
+        gc.collect()
     pinned = _pin_malloc() if args.device == "cpu" else True
 
     figures: dict[str, float] = {}
@@ -139,8 +165,8 @@ def main(argv: list[str] | None = None) -> dict:
         cases = make_cases(num_rows, vocab, args.k, args.device, seed=vocab)
         measured = {}
         for name, fn in cases.items():
-            ms = time_ms(fn, repeats, args.device)
-            mib = peak_extra_mib(fn, args.device)
+            fn()  # warm-up under the pinned allocator
+            ms, mib = times[vocab][name], peak_extra_mib(fn, args.device)
             measured[name] = (ms, mib)
             key = f"V{vocab}/{name.replace(' ', '_')}"
             figures[f"{key}/time_ms"] = round(ms, 3)
@@ -158,7 +184,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     print(
         f"bench_losses: N={num_rows} rows, k={args.k}, fp32 student, device={args.device}, "
-        f"threads={torch.get_num_threads()}, repeats={repeats}"
+        f"threads={torch.get_num_threads()}, best of {repeats}"
         + ("" if pinned else " (malloc not pinned: memory figures approximate)")
     )
     header = (
