@@ -19,6 +19,7 @@ import torch
 
 from kdcache import __version__, schema, targets
 from kdcache.cache import CacheEntry, EnsembleView, Lease
+from kdcache.config import BuildConfig
 from kdcache.data import ShardedDataset
 from kdcache.errors import ConfigError, RetriableError
 from kdcache.schema import TargetSpec
@@ -380,3 +381,40 @@ def _run_ray(
     finally:
         if started_here:
             ray.shutdown()
+
+
+def build_from_config(config: BuildConfig, *, progress: bool = True) -> CacheEntry | EnsembleView:
+    """Run a teacher-stage job described by a :class:`kdcache.config.BuildConfig`.
+
+    Builds the dataset and teachers the config names, calls :func:`build_cache`, and
+    points ``config.alias`` (if set) at the result.
+
+    Raises:
+        ConfigError: the config names something that cannot be imported or loaded.
+        Everything :func:`build_cache` raises.
+    """
+    from kdcache.cache import write_alias
+
+    dataset = config.dataset.build()
+    teachers = [t.build() for t in config.teachers]
+    ensemble = TeacherEnsemble(teachers, weights=config.ensemble.weights, rule=config.ensemble.rule)
+    ex = config.executor
+    cache = build_cache(
+        dataset,
+        ensemble,
+        temperature=config.targets.temperature,
+        root=config.root,
+        storage_dtype=config.targets.storage_dtype,
+        backend=config.targets.backend,
+        executor=ex.kind,
+        address=ex.address,
+        num_actors=ex.num_actors,
+        cpus_per_actor=ex.cpus_per_actor,
+        batch_size=ex.batch_size,
+        max_retries=ex.max_retries,
+        progress=progress,
+    )
+    if config.alias:
+        kind = "ensemble" if isinstance(cache, EnsembleView) else "entry"
+        write_alias(config.root, config.alias, cache.key, kind)
+    return cache

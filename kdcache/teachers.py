@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import warnings
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -117,10 +118,22 @@ class Teacher:
     def from_torchscript(
         cls, path: str, *, name: str | None = None, config: dict[str, Any] | None = None
     ) -> Teacher:
-        """Load a TorchScript archive on the CPU."""
+        """Load a TorchScript archive on the CPU.
+
+        torch >= 2.13 deprecates TorchScript; teachers still ship as TorchScript archives,
+        so the deprecation warning of ``torch.jit.load`` is silenced here on purpose.
+
+        Raises:
+            DataFileNotFoundError: ``path`` does not exist.
+        """
         if not os.path.exists(path):
             raise DataFileNotFoundError(f"TorchScript file {path} does not exist")
-        return cls(name or os.path.basename(path), torch.jit.load(path, map_location="cpu"), config)
+        with warnings.catch_warnings():
+            warnings.filterwarnings(
+                "ignore", message=".*torch.jit.load.*", category=DeprecationWarning
+            )
+            module = torch.jit.load(path, map_location="cpu")
+        return cls(name or os.path.basename(path), module, config)
 
     @property
     def num_parameters(self) -> int:

@@ -104,6 +104,39 @@ def load_fashion_mnist(data_dir: str) -> dict[str, np.ndarray]:
     return out
 
 
+PREPROCESSING = {"source": "fashion-mnist", "split": "train", "inputs": "uint8 [28, 28]"}
+
+
+def _subset(
+    data: dict[str, np.ndarray], subset: int | None
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    x_train, y_train = data["train_images"], data["train_labels"]
+    x_test, y_test = data["test_images"], data["test_labels"]
+    if subset:
+        num_test = max(subset // 6, 100)
+        x_train, y_train = x_train[:subset], y_train[:subset]
+        x_test, y_test = x_test[:num_test], y_test[:num_test]
+    return x_train, y_train, x_test, y_test
+
+
+def train_dataset(
+    data_dir: str = DEFAULT_DATA_DIR, num_shards: int = 8, subset: int | None = None
+) -> ArrayDataset:
+    """The Fashion-MNIST training set as a sharded dataset (``sample_id`` = IDX index).
+
+    This is the dataset factory that ``kdcache build`` configs name
+    (``pipelines.fashion_mnist:train_dataset``); the demo builds the same records.
+    """
+    x_train, y_train, _, _ = _subset(load_fashion_mnist(data_dir), subset)
+    return ArrayDataset(
+        np.arange(len(x_train)),
+        x_train,
+        y_train,
+        num_shards=num_shards,
+        preprocessing=PREPROCESSING,
+    )
+
+
 def _config_hash(cfg: dict[str, Any]) -> str:
     return hashlib.sha256(json.dumps(cfg, sort_keys=True).encode()).hexdigest()[:10]
 
@@ -255,14 +288,12 @@ def train_or_load_teacher(
     }
     path = os.path.join(s.work_dir, "teachers", f"{spec['name']}-{_config_hash(cfg)}.safetensors")
 
-    def factory(**kw: Any) -> torch.nn.Module:
-        return build_model(spec["arch"], **kw)
-
+    config = {"arch": spec["arch"], **spec["kwargs"]}
     if os.path.exists(path):
         log.info("teacher %s: reusing %s", spec["name"], path)
     else:
         torch.manual_seed(spec["seed"])
-        model = factory(**spec["kwargs"])
+        model = build_model(**config)
         stream = ShardedStream(train, batch_size=s.batch_size, seed=spec["seed"])
         steps = s.teacher_epochs * len(stream)
 
@@ -279,9 +310,7 @@ def train_or_load_teacher(
             desc=f"teacher {spec['name']}",
         )
         save_safetensors(model, path, {"name": spec["name"], **cfg})
-    teacher = kdcache.Teacher.from_checkpoint(
-        factory, path, name=spec["name"], config=spec["kwargs"]
-    )
+    teacher = kdcache.Teacher.from_checkpoint(build_model, path, name=spec["name"], config=config)
     return teacher, path
 
 
@@ -289,19 +318,16 @@ def run(s: Settings) -> dict[str, Any]:
     t0 = time.perf_counter()
     timings: dict[str, float] = {}
     data = load_fashion_mnist(s.data_dir)
-    x_train, y_train = data["train_images"], data["train_labels"]
-    x_test, y_test = data["test_images"], data["test_labels"]
-    if s.subset:
-        x_train, y_train = x_train[: s.subset], y_train[: s.subset]
-        x_test, y_test = x_test[: max(s.subset // 6, 100)], y_test[: max(s.subset // 6, 100)]
+    x_train, y_train, x_test, y_test = _subset(data, s.subset)
     n = len(x_train)
     if not 0 < s.student_labels <= n:
         raise kdcache.errors.ConfigError(
             f"--student-labels must be in 1..{n}, got {s.student_labels}"
         )
-    preprocessing = {"source": "fashion-mnist", "split": "train", "inputs": "uint8 [28, 28]"}
+    if not 1 <= s.num_shards <= n:
+        raise kdcache.errors.ConfigError(f"--num-shards must be in 1..{n}, got {s.num_shards}")
     train = ArrayDataset(
-        np.arange(n), x_train, y_train, num_shards=s.num_shards, preprocessing=preprocessing
+        np.arange(n), x_train, y_train, num_shards=s.num_shards, preprocessing=PREPROCESSING
     )
     log.info("data: %d training images in %d shards, %d test images", n, s.num_shards, len(x_test))
 
@@ -336,13 +362,15 @@ def run(s: Settings) -> dict[str, Any]:
             cache.key,
         )
 
+    build_yaml = write_build_config(s, list(zip(teachers, paths, strict=True)))
+
     # -- student stage on DeepSpeed ---------------------------------------------------------
     rng = np.random.default_rng(s.seed)
     labelled = np.sort(rng.choice(n, size=s.student_labels, replace=False))
     masked = np.full(n, losses.IGNORE_INDEX, dtype=np.int64)
     masked[labelled] = y_train[labelled]
     kd_data = ArrayDataset(
-        np.arange(n), x_train, masked, num_shards=s.num_shards, preprocessing=preprocessing
+        np.arange(n), x_train, masked, num_shards=s.num_shards, preprocessing=PREPROCESSING
     )
     hard_data = train.subset(labelled, num_shards=1)
     batch = min(s.batch_size, s.student_labels)
@@ -454,6 +482,7 @@ def run(s: Settings) -> dict[str, Any]:
             "entries": report_b.keys,
         },
         "settings": {k: v for k, v in vars(s).items() if k not in ("progress",)},
+        "build_config": build_yaml,
         "student_steps": steps,
         "student_curves": {role: [list(p) for p in c] for role, c in curves.items()},
         "plot": plot,
@@ -464,6 +493,39 @@ def run(s: Settings) -> dict[str, Any]:
     with open(s.report, "w") as f:
         json.dump(report, f, indent=2)
     return report
+
+
+def write_build_config(s: Settings, teachers: list[tuple[kdcache.Teacher, str]]) -> str:
+    """Write WORK_DIR/build.yaml: the teacher stage of this run as a ``kdcache build``
+    config, so it can be rerun or submitted to a cluster without the demo."""
+    import yaml
+
+    config = {
+        "root": os.path.abspath(s.cache_root) if "://" not in s.cache_root else s.cache_root,
+        "alias": "fashion-mnist-ensemble",
+        "dataset": {
+            "factory": "pipelines.fashion_mnist:train_dataset",
+            "kwargs": {"data_dir": s.data_dir, "num_shards": s.num_shards, "subset": s.subset},
+        },
+        "teachers": [
+            {
+                "name": t.name,
+                "factory": "pipelines.models:build_model",
+                "kwargs": t.config,
+                "checkpoint": os.path.abspath(p),
+            }
+            for t, p in teachers
+        ],
+        "ensemble": {"rule": "mean_probs"},
+        "targets": {"temperature": s.temperature},
+        "executor": {"kind": s.executor, "address": s.address, "num_actors": s.num_actors},
+    }
+    path = os.path.join(s.work_dir, "build.yaml")
+    with open(path, "w") as f:
+        f.write("# The teacher stage of `kdcache demo fashion-mnist`, as a build config.\n")
+        f.write("# Rerun it with: kdcache build " + path + "\n")
+        yaml.safe_dump(config, f, sort_keys=False)
+    return path
 
 
 def plot_curves(

@@ -11,5 +11,6 @@ from __future__ import annotations
 #: The modules ``kdcache.cli`` loads, in help order.
 COMMAND_MODULES = (
     "kdcache.commands.demo",
+    "kdcache.commands.build",
     "kdcache.commands.cache_tools",
 )

@@ -76,6 +76,24 @@ def test_demo_end_to_end_then_cache_hit_then_miss_on_new_temperature(tmp_path):
     assert verify.returncode == 0, verify.stdout + verify.stderr
     assert "24 shard(s), 7200 row(s): ok" in verify.stdout
 
+    # the build config the demo wrote reproduces the same cache: a hit, same key
+    build = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "kdcache.cli",
+            "build",
+            report["build_config"],
+            "--no-progress",
+            "executor.kind=local",
+        ],
+        capture_output=True,
+        text=True,
+    )
+    assert build.returncode == 0, build.stdout + build.stderr
+    built = json.loads(build.stdout.strip().splitlines()[-1])
+    assert built["hit"] is True and built["key"] == cache["key"]
+
     again, proc2 = _demo(tmp_path)
     assert again["cache"]["hit"] is True and again["cache"]["key"] == cache["key"]
     assert "teacher stage skipped" in proc2.stderr
