@@ -6,7 +6,8 @@ Layout of one cache entry (one teacher, one dataset, one target spec) under a ro
 
     <root>/entries/<key>/spec.json                 the key material, canonical JSON
     <root>/entries/<key>/lease.json                present only while a job builds it
-    <root>/entries/<key>/shards/<shard>.arrow      data, one per input shard
+    <root>/entries/<key>/shards/<shard><suffix>    data, one per input shard
+                                                   (.arrow, .parquet or .zarr.zip)
     <root>/entries/<key>/shards/<shard>.json       sidecar: the shard's commit record
     <root>/entries/<key>/manifest.json             written last; readers trust only it
     <root>/ensembles/<key>.json                    an ensemble view over entry keys
@@ -27,12 +28,41 @@ FORMAT_VERSION = 1
 
 #: int64, the stable id of an input record; unique within a dataset.
 COL_SAMPLE_ID = "sample_id"
-#: FixedSizeList<storage dtype>[V]: the teacher's logits divided by the temperature.
+#: Dense: [N, V] of the storage dtype, the teacher's logits divided by the temperature.
 COL_SCALED_LOGITS = "scaled_logits"
 
-STORAGE_DTYPES = ("float32", "float16")
-TARGET_KINDS = ("dense",)
-BACKENDS = ("arrow",)
+# Sparse entries (kinds topk, topp, sampled, mixture); see docs/format.md.
+#: int64 [N + 1]: row n owns ragged entries offsets[n]:offsets[n + 1] (CSR row pointers).
+COL_OFFSETS = "offsets"
+#: Ragged int32 [E]: kept token or class ids, in [0, V).
+COL_IDS = "ids"
+#: Ragged [E] of the storage dtype: scaled logits z / tau at the kept ids.
+COL_VALUES = "values"
+#: Ragged int32 [E]: draw counts (kind "sampled" only).
+COL_COUNTS = "counts"
+#: float32 [N]: logsumexp over the full vocabulary of z / tau.
+COL_LOG_PARTITION = "log_partition"
+#: float32 [N]: log of the mass outside the kept ids at tau (-inf: nothing left out).
+COL_TAIL_LOG_MASS = "tail_log_mass"
+#: float32 [N, G]: logsumexp of z / tau_g for the grid temperatures tau_g.
+COL_LOG_PARTITION_GRID = "log_partition_grid"
+
+#: File-level metadata key (Arrow schema, Parquet key-value, Zarr group attributes).
+META_KEY = "kdcache"
+
+STORAGE_DTYPES = ("float32", "float16", "bfloat16")
+SPARSE_KINDS = ("topk", "topp", "sampled", "mixture")
+TARGET_KINDS = ("dense", *SPARSE_KINDS)
+BACKENDS = ("arrow", "parquet", "zarr")
+
+#: The sparsification parameters each sparse kind requires, and those it may add.
+_REQUIRED_PARAMS = {
+    "topk": ("k",),
+    "topp": ("top_p", "max_k"),
+    "sampled": ("num_samples",),
+    "mixture": (),
+}
+_OPTIONAL_PARAMS = ("min_k", "seed", "labels", "grid_temperatures", "members")
 
 ENTRIES_DIR = "entries"
 ENSEMBLES_DIR = "ensembles"
@@ -72,15 +102,28 @@ class TargetSpec:
 
     Attributes:
         temperature: tau > 0; stored values are ``logits / tau``.
-        kind: ``"dense"`` (all V scaled logits per row).
-        storage_dtype: ``"float32"`` or ``"float16"``; math is always float32.
-        backend: Storage backend (``"arrow"``: Arrow IPC files).
+        kind: ``"dense"`` (all V scaled logits per row), or a sparse kind: ``"topk"``,
+            ``"topp"``, ``"sampled"`` (see :class:`kdcache.targets.SparseTargets`) or
+            ``"mixture"`` (a materialised sparse ensemble).
+        storage_dtype: ``"float32"``, ``"float16"`` or ``"bfloat16"`` for the stored scaled
+            logits; log-partitions are always float32 and math is always float32.
+        backend: ``"arrow"`` (Arrow IPC, default), ``"parquet"`` or ``"zarr"`` (Zarr v3).
+        params: Sparsification parameters, part of the key (they change the bytes); must
+            be None for ``"dense"``. ``topk``: ``k``; ``topp``: ``top_p`` and ``max_k``
+            (optional ``min_k``); ``sampled``: ``num_samples`` (optional ``seed``); any
+            sparse kind: optional ``labels`` (True when each row also keeps its label),
+            ``grid_temperatures`` (log-partitions stored at these tau too) and, for a
+            mixture, ``members``. Held as a sorted tuple of pairs; :meth:`param` reads one.
+
+    Raises:
+        ConfigError: a value is out of range, a parameter is missing or unknown.
     """
 
     temperature: float
     kind: str = "dense"
     storage_dtype: str = "float32"
     backend: str = "arrow"
+    params: Any = None
 
     def __post_init__(self) -> None:
         t = self.temperature
@@ -95,9 +138,97 @@ class TargetSpec:
             )
         if self.backend not in BACKENDS:
             raise ConfigError(f"backend must be one of {BACKENDS}, got {self.backend!r}")
+        object.__setattr__(self, "params", _normalise_params(self.kind, self.params))
+
+    def param(self, name: str, default: Any = None) -> Any:
+        """One sparsification parameter (lists come back as tuples)."""
+        return dict(self.params or ()).get(name, default)
+
+    @property
+    def is_sparse(self) -> bool:
+        return self.kind != "dense"
+
+    @property
+    def grid_temperatures(self) -> tuple[float, ...]:
+        return tuple(self.param("grid_temperatures", ()))
 
     def to_json(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        """The spec's ``targets`` object. Dense specs have no ``params`` key, so dense keys
+        are the same as before sparse kinds existed."""
+        out: dict[str, Any] = {
+            "temperature": self.temperature,
+            "kind": self.kind,
+            "storage_dtype": self.storage_dtype,
+            "backend": self.backend,
+        }
+        if self.params is not None:
+            out["params"] = {k: list(v) if isinstance(v, tuple) else v for k, v in self.params}
+        return out
+
+    @classmethod
+    def from_json(cls, obj: dict[str, Any]) -> TargetSpec:
+        """Inverse of :meth:`to_json` (reads a spec's ``targets`` object)."""
+        return cls(
+            temperature=obj["temperature"],
+            kind=obj.get("kind", "dense"),
+            storage_dtype=obj.get("storage_dtype", "float32"),
+            backend=obj.get("backend", "arrow"),
+            params=obj.get("params"),
+        )
+
+
+def _positive_int(kind: str, name: str, value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ConfigError(f"{kind} parameter {name!r} must be an int >= 1, got {value!r}")
+    return value
+
+
+def _normalise_params(kind: str, params: Any) -> tuple[tuple[str, Any], ...] | None:
+    """Validate sparsification parameters; returns them as a sorted tuple of pairs."""
+    if kind == "dense":
+        if params:
+            raise ConfigError(f"dense targets take no params, got {params!r}")
+        return None
+    items = dict(params or ())
+    missing = [p for p in _REQUIRED_PARAMS[kind] if p not in items]
+    if missing:
+        raise ConfigError(
+            f"{kind} targets need params {list(_REQUIRED_PARAMS[kind])}; missing {missing}"
+        )
+    unknown = sorted(set(items) - set(_REQUIRED_PARAMS[kind]) - set(_OPTIONAL_PARAMS))
+    if unknown:
+        raise ConfigError(
+            f"unknown {kind} params {unknown}; expected {list(_REQUIRED_PARAMS[kind])} and "
+            f"optionally {list(_OPTIONAL_PARAMS)}"
+        )
+    out: dict[str, Any] = {}
+    for name, value in items.items():
+        if name in ("k", "max_k", "min_k", "num_samples"):
+            out[name] = _positive_int(kind, name, value)
+        elif name == "seed":
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise ConfigError(f"seed must be an int, got {value!r}")
+            out[name] = value
+        elif name == "labels":
+            if not isinstance(value, bool):
+                raise ConfigError(f"labels must be True or False, got {value!r}")
+            out[name] = value
+        elif name == "top_p":
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                raise ConfigError(f"top_p must be a number in (0, 1], got {value!r}")
+            if not 0.0 < float(value) <= 1.0:
+                raise ConfigError(f"top_p must be in (0, 1], got {value!r}")
+            out[name] = float(value)
+        elif name == "grid_temperatures":
+            temps = tuple(float(t) for t in value)
+            if not all(math.isfinite(t) and t > 0 for t in temps):
+                raise ConfigError(f"grid temperatures must be finite and > 0, got {value!r}")
+            out[name] = temps
+        elif name == "members":
+            out[name] = tuple(str(m) for m in value)
+    if "min_k" in out and out["min_k"] > out.get("max_k", out["min_k"]):
+        raise ConfigError(f"min_k {out['min_k']} exceeds max_k {out['max_k']}")
+    return tuple(sorted(out.items()))
 
 
 def entry_spec(
@@ -129,6 +260,10 @@ class ShardRecord:
         max_sample_id: Largest ``sample_id`` in the file.
         sha256: Hex SHA-256 of the whole data file.
         num_bytes: Size of the data file in bytes.
+
+    The sidecar JSON also holds ``vocab_size`` (V) and, for sparse entries,
+    ``num_entries`` (E, kept ids stored) and ``num_slots`` (S); readers ignore keys they
+    do not know.
     """
 
     index: int

@@ -5,6 +5,11 @@ The one primitive the commit protocol needs is :meth:`Location.write_atomic`: on
 filesystem it writes a temporary file in the same directory, fsyncs it and renames it
 over the target (POSIX rename is atomic); on object stores a single PUT is already
 atomic, so it writes the object directly and never leaves a partial object visible.
+
+Remote URIs may carry pyarrow's query options, which every child location keeps:
+``s3://bucket/prefix?endpoint_override=127.0.0.1:9000&scheme=http&region=us-east-1``
+(credentials come from the usual ``AWS_*`` environment variables, so that they are never
+printed in messages). :meth:`Location.display` shows a URI without its query.
 """
 
 from __future__ import annotations
@@ -26,7 +31,14 @@ def _split_uri(uri: str) -> tuple[str, bool]:
         return os.path.abspath(os.path.expanduser(uri)), True
     if uri.startswith("file://"):
         return os.path.abspath(uri[len("file://") :]), True
-    return uri.rstrip("/"), False
+    base, sep, query = uri.partition("?")
+    return base.rstrip("/") + sep + query, False
+
+
+def split_query(uri: str) -> tuple[str, str]:
+    """``("s3://b/p", "?opts")`` for ``"s3://b/p?opts"``; the query is "" when absent."""
+    base, sep, query = uri.partition("?")
+    return base, sep + query
 
 
 @dataclass(frozen=True)
@@ -67,14 +79,22 @@ class Location:
     def __setstate__(self, state: dict[str, str]) -> None:
         object.__setattr__(self, "uri", state["uri"])
 
+    @property
+    def base(self) -> str:
+        """The URI without pyarrow query options."""
+        return split_query(self.uri)[0] if not self.is_local else self.uri
+
     def child(self, *parts: str) -> Location:
-        return Location("/".join([self.uri.rstrip("/"), *parts]))
+        if self.is_local:
+            return Location("/".join([self.uri.rstrip("/"), *parts]))
+        base, query = split_query(self.uri)
+        return Location("/".join([base.rstrip("/"), *parts]) + query)
 
     def _p(self, name: str) -> str:
         return f"{self.path.rstrip('/')}/{name}" if name else self.path
 
     def display(self, name: str = "") -> str:
-        return f"{self.uri.rstrip('/')}/{name}" if name else self.uri
+        return f"{self.base.rstrip('/')}/{name}" if name else self.base
 
     # -- queries -------------------------------------------------------------------
     def exists(self, name: str = "") -> bool:
@@ -90,6 +110,9 @@ class Location:
         """Names (not paths) directly under ``name``; empty when it does not exist."""
         sel = pafs.FileSelector(self._p(name), allow_not_found=True, recursive=False)
         return sorted(info.base_name for info in self.fs.get_file_info(sel))
+
+    def is_dir(self, name: str = "") -> bool:
+        return self.fs.get_file_info(self._p(name)).type == pafs.FileType.Directory
 
     # -- I/O -----------------------------------------------------------------------
     def read_bytes(self, name: str) -> bytes:

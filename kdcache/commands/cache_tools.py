@@ -1,4 +1,4 @@
-"""``kdcache inspect | verify | ls | alias``: read-only tools over cache roots."""
+"""``kdcache inspect | verify | ls | alias | gc``: tools over cache roots."""
 
 from __future__ import annotations
 
@@ -33,6 +33,17 @@ def register(sub: argparse._SubParsersAction) -> None:
     c.add_argument("root")
     c.add_argument("--json", action="store_true")
     c.set_defaults(func=cmd_ls)
+
+    c = sub.add_parser(
+        "gc",
+        help="remove staging files and unreferenced shards (never under a live lease)",
+        description="Remove staging files (.tmp-*) and, in complete entries, shard files the "
+        "manifest does not list. Entries under a live lease are left alone.",
+    )
+    c.add_argument("root")
+    c.add_argument("--dry-run", action="store_true", help="list what would be removed")
+    c.add_argument("--json", action="store_true")
+    c.set_defaults(func=cmd_gc)
 
     c = sub.add_parser("alias", help="point a human-readable name at a key")
     c.add_argument("root")
@@ -91,4 +102,22 @@ def cmd_alias(args: argparse.Namespace, rest: list[str]) -> int:
     kind = "ensemble" if isinstance(cache, EnsembleView) else "entry"
     write_alias(args.root, args.name, cache.key, kind)
     print(f"{args.name} -> {cache.key} ({kind})")
+    return 0
+
+
+def cmd_gc(args: argparse.Namespace, rest: list[str]) -> int:
+    from dataclasses import asdict
+
+    from kdcache.admin import gc
+
+    result = gc(args.root, dry_run=args.dry_run)
+    if args.json:
+        _print_json(asdict(result))
+        return 0
+    verb = "would remove" if result.dry_run else "removed"
+    for path in result.removed:
+        print(f"{verb} {path}")
+    for key in result.skipped_leased:
+        print(f"skipped   {key} (live lease: a build is running)")
+    print(f"{verb} {len(result.removed)} file(s), {result.num_bytes} bytes")
     return 0

@@ -239,3 +239,212 @@ def test_ensemble_view_saved_and_reopened(root):
     _, vals = reopened.read_shard(0)
     expect = torch.stack([t.logits(ds.read_shard(0)["inputs"]) / 2.0 for t in teachers])
     np.testing.assert_allclose(vals, expect.numpy(), rtol=1e-6)
+
+
+# -- gc ---------------------------------------------------------------------------------
+
+
+def _touch(loc, name, data=b"x" * 10):
+    loc.write_atomic(name, data)
+
+
+def test_gc_removes_staging_and_unreferenced_files_only(root, capsys):
+    from kdcache.admin import gc
+    from kdcache.cli import main
+
+    done = _entry(root)
+    _fill(done)
+    done.commit(4, {})
+    shards = done.shards_location
+    _touch(shards, ".tmp-shard-00000.arrow.abc")
+    _touch(done.location, ".tmp-manifest.json.abc")
+    _touch(shards, "shard-00007.arrow")  # not listed by the manifest
+    _touch(shards, "shard-00007.json")
+    _touch(shards, "shard-00001.parquet")  # another backend's leftover
+    building = _entry(root, temperature=3.0)  # incomplete, no lease: resumable
+    building.write_shard(0, np.arange(3), np.zeros((3, 5), np.float32))
+    _touch(building.shards_location, ".tmp-shard-00001.arrow.abc")
+    leased = _entry(root, temperature=5.0)  # a live build
+    assert Lease(leased, ttl_s=600).acquire()
+    _touch(leased.shards_location, ".tmp-shard-00000.arrow.abc")
+    _touch(Location(root).child("aliases"), ".tmp-best.json.abc")
+    garbage = {
+        shards.display(".tmp-shard-00000.arrow.abc"),
+        done.location.display(".tmp-manifest.json.abc"),
+        shards.display("shard-00007.arrow"),
+        shards.display("shard-00007.json"),
+        shards.display("shard-00001.parquet"),
+        building.shards_location.display(".tmp-shard-00001.arrow.abc"),
+        Location(root).child("aliases").display(".tmp-best.json.abc"),
+    }
+
+    assert main(["gc", root, "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert f"would remove {len(garbage)} file(s)" in out and leased.key in out
+    dry = gc(root, dry_run=True)
+    assert set(dry.removed) == garbage and dry.skipped_leased == [leased.key]
+    assert all(os.path.exists(p) for p in garbage)  # dry run deleted nothing
+
+    result = gc(root)
+    assert set(result.removed) == garbage and result.num_bytes == 10 * len(garbage)
+    assert not any(os.path.exists(p) for p in garbage)
+    assert os.path.exists(leased.shards_location.display(".tmp-shard-00000.arrow.abc"))
+    assert building.committed_shard(0) is not None  # resumable work kept
+    assert kdcache.admin.verify(kdcache.open_cache(done.location.uri)).ok
+    assert gc(root).removed == []  # idempotent
+
+
+def test_gc_treats_expired_lease_as_dead(root):
+    from kdcache.admin import gc
+
+    entry = _entry(root)
+    assert Lease(entry, ttl_s=-1).acquire()  # a crashed job's lease
+    _touch(entry.shards_location, ".tmp-shard-00000.arrow.abc")
+    assert [os.path.basename(p) for p in gc(root).removed] == [".tmp-shard-00000.arrow.abc"]
+
+
+# -- readers refuse a cache that disagrees with them --------------------------------------
+
+
+def test_reader_mismatch_refused_unless_retempering(root):
+    from kdcache.cache import check_reader
+    from kdcache.errors import SpecMismatchError
+
+    entry = _entry(root)
+    _fill(entry)
+    entry.commit(4, {"teacher_name": "linear-0"})
+    uri = entry.location.uri
+    with pytest.raises(SpecMismatchError, match="retemper=True"):
+        kdcache.open_cache(uri, temperature=4.0)
+    assert kdcache.open_cache(uri, temperature=4.0, retemper=True).key == entry.key
+    assert kdcache.open_cache(uri, temperature=2.0, vocab_size=5, teachers=["linear-0"])
+    with pytest.raises(SpecMismatchError, match="V=5 classes"):
+        kdcache.open_cache(uri, vocab_size=10)
+    with pytest.raises(SpecMismatchError, match="linear-0"):
+        kdcache.open_cache(uri, teachers=["linear-0", "linear-1"])
+    with pytest.raises(SpecMismatchError):
+        kdcache.open_cache(uri, teachers=["other"])
+    assert kdcache.open_cache(uri, teachers=[entry.key])  # keys name teachers too
+
+    # sparse: top-k re-tempers only to a grid temperature; sampled never
+    ds = toy_dataset()
+    for kind, params, ok in (
+        ("topk", {"k": 2, "grid_temperatures": [4.0]}, True),
+        ("topk", {"k": 2}, False),
+        ("sampled", {"num_samples": 4}, False),
+    ):
+        spec = schema.entry_spec(
+            ds.fingerprint(),
+            linear_teacher().fingerprint(),
+            TargetSpec(2.0, kind=kind, params=params),
+        )
+        sparse = CacheEntry(root, schema.content_key(spec))
+        sparse.write_spec(spec)
+        scaled = torch.randn(3, 5)
+        rows = (
+            kdcache.targets.topk_targets(
+                scaled, 2, temperature=2.0, grid_temperatures=params.get("grid_temperatures", ())
+            )
+            if kind == "topk"
+            else kdcache.targets.sampled_targets(scaled, 4)
+        )
+        sparse.write_shard(0, np.arange(3), rows, vocab_size=5)
+        sparse.commit(1, {})
+        check_reader(sparse, temperature=2.0)
+        if ok:
+            check_reader(sparse, temperature=4.0, retemper=True)
+        else:
+            with pytest.raises(SpecMismatchError, match="cannot be re-tempered"):
+                check_reader(sparse, temperature=4.0, retemper=True)
+
+
+# -- killing a writer never leaves a complete-looking cache with data missing -------------
+
+_WRITER = r"""
+import json, os, sys
+import numpy as np
+from kdcache.cache import CacheEntry, Lease
+
+root, plan = sys.argv[1], json.loads(sys.argv[2])
+real_replace = os.replace
+
+def write(key, crash_at):
+    calls = [0]
+    def replace(src, dst):
+        calls[0] += 1
+        if calls[0] == crash_at[0] and crash_at[1] == "before":
+            os._exit(17)
+        real_replace(src, dst)
+        if calls[0] == crash_at[0] and crash_at[1] == "after":
+            os._exit(17)
+    os.replace = replace
+    entry = CacheEntry(root, key)
+    lease = Lease(entry, ttl_s=0.2)
+    assert lease.acquire()
+    for i in range(2):
+        rng = np.random.default_rng(i)
+        entry.write_shard(i, np.arange(4) + 10 * i, rng.standard_normal((4, 3)).astype("f4"))
+    entry.commit(2, {})
+    lease.release()
+    os._exit(0)
+
+codes = []
+for key, crash_at in plan:
+    pid = os.fork()
+    if pid == 0:
+        write(key, crash_at)
+    codes.append(os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]))
+print(json.dumps(codes))
+"""
+
+
+def test_killed_writer_leaves_previous_or_resumable_state(root):
+    import subprocess
+    import sys
+
+    from kdcache.admin import gc
+
+    # renames in a 2-shard build: data 0, sidecar 0, data 1, sidecar 1, manifest
+    points = [(n, when) for n in range(1, 6) for when in ("before", "after")]
+    points.append((99, "never"))
+    entries = [_entry(root, temperature=1.0 + j) for j in range(len(points))]
+    plan = [(e.key, p) for e, p in zip(entries, points, strict=True)]
+    proc = subprocess.run(
+        [sys.executable, "-c", _WRITER, root, json.dumps(plan)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 0, proc.stderr
+    codes = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert codes == [17] * (len(points) - 1) + [0]
+
+    def expected(i):
+        rng = np.random.default_rng(i)
+        return np.arange(4) + 10 * i, rng.standard_normal((4, 3)).astype("f4")
+
+    for entry, (n, when) in zip(entries, points, strict=True):
+        complete_now = n == 99 or (n == 5 and when == "after")
+        assert entry.is_complete == complete_now, (n, when)
+        if not complete_now:
+            with pytest.raises(CacheIncompleteError):
+                kdcache.open_cache(entry.location.uri)
+            # resume: take over the dead lease, compute only what is not committed
+            lease = Lease(entry, ttl_s=60)
+            assert lease.acquire(wait_s=10, poll_s=0.05)
+            redo = [i for i in range(2) if entry.committed_shard(i) is None]
+            step = n + (0.5 if when == "after" else 0.0)  # a sidecar rename commits
+            assert redo == [i for i, sidecar in ((0, 2), (1, 4)) if step < sidecar + 0.5]
+            for i in redo:
+                entry.write_shard(i, *expected(i))
+            entry.commit(2, {})
+            lease.release()
+        cache = kdcache.open_cache(entry.location.uri)
+        for i in range(2):
+            ids, vals = cache.read_shard(i)
+            np.testing.assert_array_equal(ids, expected(i)[0])
+            np.testing.assert_array_equal(vals, expected(i)[1])
+        assert cache.num_rows == 8  # reads above checked every SHA-256
+    leftovers = gc(root).removed
+    assert all(".tmp-" in p for p in leftovers)
+    assert len(leftovers) == 5  # one staging file per "before" crash
