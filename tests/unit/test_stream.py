@@ -163,3 +163,126 @@ def test_reordered_cache_rows_are_joined_by_id_not_position(built):
     online = ens.log_probs(ds.inputs[rows], temperature=2.0)
     torch.testing.assert_close(batch["teacher_log_probs"], online, rtol=1e-5, atol=1e-6)
     assert np.all(np.diff(batch["sample_id"].numpy()) < 0)
+
+
+class _CountingStream(ShardedStream):
+    """Records the shards it reads."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.reads: list[int] = []
+
+    def _load(self, shard):
+        self.reads.append(shard)
+        return super()._load(shard)
+
+
+def test_shuffle_window_mixes_neighbouring_shards_and_stays_a_permutation():
+    ds = toy_dataset(num_records=120, num_shards=6)
+    plain = ShardedStream(ds, batch_size=10, seed=4)
+    mixed = ShardedStream(ds, batch_size=10, seed=4, shuffle_window=40)
+    shard_plain, _ = plain.epoch_sequence(0)
+    shard_mixed, row_mixed = mixed.epoch_sequence(0)
+    # same multiset of (shard, row); a pure function of (seed, epoch)
+    pairs = sorted(zip(shard_mixed.tolist(), row_mixed.tolist(), strict=True))
+    assert pairs == sorted((s, r) for s in range(6) for r in range(20))
+    again = ShardedStream(ds, batch_size=10, seed=4, shuffle_window=40).epoch_sequence(0)
+    assert np.array_equal(again[0], shard_mixed) and np.array_equal(again[1], row_mixed)
+    # each window holds exactly the shards of the same window of the unmixed order...
+    for lo in range(0, 120, 40):
+        assert sorted(shard_mixed[lo : lo + 40]) == sorted(shard_plain[lo : lo + 40])
+    # ...but the shard runs are broken up: far more shard changes than the 5 of the plain order
+    assert np.count_nonzero(np.diff(shard_plain)) == 5
+    assert np.count_nonzero(np.diff(shard_mixed)) > 20
+    flat = [i for b in _ids(mixed) for i in b]
+    assert len(flat) == len(set(flat)) == 120
+
+
+@pytest.mark.parametrize("window", [0, 16])
+def test_lanes_keep_global_batches_world_size_independent_and_reads_local(window):
+    ds = toy_dataset(num_records=200, num_shards=16)  # uneven: 12 or 13 rows
+    kw = {"seed": 5, "num_lanes": 4, "shuffle_window": window}
+    single = _ids(ShardedStream(ds, batch_size=16, world_size=1, rank=0, **kw))
+    assert len(single) == 12  # 200 // 16
+    for w in (2, 4):
+        ranks = [
+            _CountingStream(ds, batch_size=16 // w, world_size=w, rank=r, **kw) for r in range(w)
+        ]
+        per_rank = [_ids(s) for s in ranks]
+        assert {len(x) for x in per_rank} == {12}
+        for step, global_batch in enumerate(single):
+            assert sorted(i for r in range(w) for i in per_rank[r][step]) == sorted(global_batch)
+        if window == 0:
+            # a rank reads only the shards of its lanes, each once: about 16 / w + edges
+            for s in ranks:
+                assert len(s.reads) == len(set(s.reads)) <= 16 // w + 2
+    flat = [i for b in single for i in b]
+    assert len(flat) == len(set(flat)) == 192
+
+
+def test_one_lane_every_rank_reads_every_shard():
+    """The baseline the lanes improve on: one lane spreads each global batch over ranks."""
+    ds = toy_dataset(num_records=160, num_shards=8)
+    ranks = [_CountingStream(ds, batch_size=5, world_size=4, rank=r, seed=0) for r in range(4)]
+    for s in ranks:
+        _ids(s)
+        assert sorted(s.reads) == list(range(8))
+
+
+def test_lanes_must_divide_the_global_batch():
+    with pytest.raises(ConfigError, match="divide the global batch"):
+        ShardedStream(toy_dataset(), batch_size=6, num_lanes=4)
+
+
+@pytest.mark.parametrize("external", [False, True])
+def test_workers_give_the_same_order_and_exact_resume(external):
+    ds = toy_dataset(num_records=96, num_shards=4)
+    full = _ids(ShardedStream(ds, batch_size=8, seed=3, num_lanes=2))
+    if external:
+        s = ShardedStream(ds, batch_size=8, seed=3, num_lanes=2)
+        loader = torch.utils.data.DataLoader(s, batch_size=None, num_workers=2)
+        assert _ids(loader) == full
+        return
+    s = ShardedStream(ds, batch_size=8, seed=3, num_lanes=2, num_workers=2)
+    it = iter(s)
+    seen = [next(it)["sample_id"].tolist() for _ in range(5)]
+    state = s.state_dict()
+    it.close()
+    assert seen == full[:5] and state["consumed"] == 40
+    resumed = ShardedStream(ds, batch_size=8, seed=3, num_lanes=2, num_workers=1)
+    resumed.load_state_dict(state)
+    assert seen + _ids(resumed) == full
+    assert resumed.state_dict()["epoch"] == 1 and resumed.state_dict()["consumed"] == 0
+
+
+def test_a_state_saved_at_the_end_of_an_epoch_resumes_with_the_next_epoch():
+    ds = toy_dataset(num_records=40, num_shards=2)
+    s = ShardedStream(ds, batch_size=8, seed=1)
+    it = iter(s)
+    for _ in range(len(s)):
+        next(it)
+    state = s.state_dict()  # the last batch was handed out; the generator is not exhausted
+    it.close()
+    assert state["epoch"] == 0 and state["consumed"] == 40
+    resumed = ShardedStream(ds, batch_size=8, seed=1)
+    resumed.load_state_dict(state)
+    reference = ShardedStream(ds, batch_size=8, seed=1)
+    _ids(reference)
+    assert _ids(resumed) == _ids(reference)  # both epoch 1
+
+
+def test_resume_with_other_order_settings_is_refused():
+    ds = toy_dataset(num_records=96, num_shards=4)
+    s = ShardedStream(ds, batch_size=8, seed=3, num_lanes=2)
+    it = iter(s)
+    next(it)
+    state = s.state_dict()
+    it.close()
+    with pytest.raises(ConfigError, match="num_lanes"):
+        ShardedStream(ds, batch_size=8, seed=3).load_state_dict(state)
+    with pytest.raises(ConfigError, match="shuffle_window"):
+        ShardedStream(ds, batch_size=8, seed=3, num_lanes=2, shuffle_window=8).load_state_dict(
+            state
+        )
+    with pytest.raises(ConfigError, match="global batch"):
+        ShardedStream(ds, batch_size=12, seed=3, num_lanes=2).load_state_dict(state)
