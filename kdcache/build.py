@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import platform
+import threading
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -111,6 +112,7 @@ def build_cache(
     address: str | None = None,
     num_actors: int | None = None,
     cpus_per_actor: float = 1.0,
+    gpus_per_actor: float = 0.0,
     batch_size: int = 1024,
     max_retries: int = 2,
     lease_ttl_s: float = 600.0,
@@ -135,6 +137,8 @@ def build_cache(
         address: Ray cluster address; None uses ``RAY_ADDRESS`` or starts a local Ray.
         num_actors: Ray actors; default one per ``cpus_per_actor`` CPUs, at most one per shard.
         cpus_per_actor: CPUs each actor requests (and torch threads it uses).
+        gpus_per_actor: GPUs each actor requests (fractional shares one GPU between
+            actors); with > 0 the teachers run on the actor's CUDA device.
         batch_size: Rows per teacher forward pass; does not change the key or the bytes.
         max_retries: Times a shard is retried after its actor died (infrastructure
             failures only; teacher errors fail at once).
@@ -169,6 +173,7 @@ def build_cache(
     leases: list[Lease] = []
     pending: dict[int, list[int]] = {}  # shard -> indices of teachers still to compute
     report = BuildReport(hit=False, keys=[e.key for e in entries])
+    keeper = _LeaseKeeper(leases, interval_s=max(1.0, lease_ttl_s / 3))
     try:
         for k, entry in enumerate(entries):
             if entry.is_complete:
@@ -198,6 +203,7 @@ def build_cache(
                     report.reused,
                     report.computed,
                 )
+            keeper.start()
             if pending:
                 run = _run_ray if executor == "ray" else _run_local
                 run(
@@ -210,9 +216,9 @@ def build_cache(
                     address=address,
                     num_actors=num_actors,
                     cpus_per_actor=cpus_per_actor,
+                    gpus_per_actor=gpus_per_actor,
                     max_retries=max_retries,
                     progress=progress,
-                    leases=leases,
                 )
             info = {
                 "temperature": spec.temperature,
@@ -230,9 +236,12 @@ def build_cache(
                         {**info, "teacher_name": teacher.name, "teacher": teacher.fingerprint()},
                     )
     finally:
+        keeper.stop()
         for lease in leases:
             lease.release()
     report.wall_s = time.perf_counter() - started
+    if not report.hit:
+        _log_summary(report, ensemble, entries)
     cache: CacheEntry | EnsembleView
     if len(entries) == 1:
         cache = entries[0]
@@ -241,6 +250,58 @@ def build_cache(
         cache.save()
     cache.build_report = report  # type: ignore[union-attr]
     return cache
+
+
+class _LeaseKeeper:
+    """Renews build leases from a background thread, so a long shard never lets the
+    lease expire while this job is alive (and a dead job's lease does expire)."""
+
+    def __init__(self, leases: list[Lease], interval_s: float) -> None:
+        self.leases = leases
+        self.interval_s = interval_s
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval_s):
+            for lease in self.leases:
+                try:
+                    lease.renew()
+                except OSError as exc:  # transient storage error: retry next round
+                    log.warning("could not renew the lease on %s: %s", lease.entry.key, exc)
+
+    def start(self) -> None:
+        if self.leases and self._thread is None:
+            self._thread = threading.Thread(target=self._run, name="kdcache-lease", daemon=True)
+            self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
+
+
+def _log_summary(report: BuildReport, ensemble: TeacherEnsemble, entries: list[CacheEntry]) -> None:
+    num_bytes = sum(e.num_bytes for e in entries if e.is_complete)
+    log.info(
+        "teacher stage done: %d teacher(s), %d (teacher, shard) computed, %d reused, "
+        "%d samples, %.1f MB in the entries, %.1fs wall, %.0f samples/s",
+        len(ensemble),
+        report.computed,
+        report.reused,
+        report.num_samples,
+        num_bytes / 1e6,
+        report.wall_s,
+        report.num_samples / max(report.wall_s, 1e-9),
+    )
+    for actor, slot in sorted(report.per_actor.items()):
+        log.info(
+            "  %s: %d shard(s), %d samples, %.0f samples/s while busy",
+            actor,
+            slot["shards"],
+            slot["samples"],
+            slot["samples"] / max(slot["seconds"], 1e-9),
+        )
 
 
 def _progress(total: int, samples_total: int, enabled: bool):
@@ -252,7 +313,7 @@ def _progress(total: int, samples_total: int, enabled: bool):
 
 
 def _run_local(
-    dataset, ensemble, entries, pending, report, *, batch_size, progress, leases, **_: Any
+    dataset, ensemble, entries, pending, report, *, batch_size, progress, **_: Any
 ) -> None:
     bar = _progress(len(pending), 0, progress)
     for shard_index, ks in sorted(pending.items()):
@@ -263,11 +324,11 @@ def _run_local(
             shard_index,
             batch_size,
         )
-        _account(report, "local", stats, bar, leases)
+        _account(report, "local", stats, bar)
     bar.close()
 
 
-def _account(report: BuildReport, actor: str, stats: dict[str, float], bar, leases) -> None:
+def _account(report: BuildReport, actor: str, stats: dict[str, float], bar) -> None:
     slot = report.per_actor.setdefault(actor, {"samples": 0.0, "seconds": 0.0, "shards": 0.0})
     slot["samples"] += stats["samples"]
     slot["seconds"] += stats["seconds"]
@@ -276,8 +337,6 @@ def _account(report: BuildReport, actor: str, stats: dict[str, float], bar, leas
     elapsed = bar.format_dict.get("elapsed") or 1e-9
     bar.set_postfix_str(f"{report.num_samples / elapsed:,.0f} samples/s")
     bar.update(1)
-    for lease in leases:
-        lease.renew()
 
 
 def _run_ray(
@@ -291,9 +350,9 @@ def _run_ray(
     address,
     num_actors,
     cpus_per_actor,
+    gpus_per_actor,
     max_retries,
     progress,
-    leases,
 ) -> None:
     from kdcache.errors import require
 
@@ -307,8 +366,11 @@ def _run_ray(
             logging_level=logging.WARNING,
         )
     try:
-        num_cpus = float(ray.cluster_resources().get("CPU", 1))
-        n = num_actors or max(1, int(num_cpus // cpus_per_actor))
+        resources = ray.cluster_resources()
+        n = max(1, int(float(resources.get("CPU", 1)) // cpus_per_actor))
+        if gpus_per_actor > 0:
+            n = min(n, max(1, int(float(resources.get("GPU", 0)) // gpus_per_actor)))
+        n = num_actors or n
         n = min(n, len(pending))
         threads = max(1, int(cpus_per_actor))
 
@@ -319,6 +381,9 @@ def _run_ray(
                 # Wrapped in a list so the driver, which keeps the refs alive, owns them.
                 torch.set_num_threads(threads)
                 self.dataset, self.teachers, self.entries = ray.get(refs)
+                if gpus_per_actor > 0 and torch.cuda.is_available():
+                    for teacher in self.teachers:
+                        teacher.to("cuda")
 
             def run(self, shard_index, ks):
                 return compute_shard(
@@ -329,7 +394,9 @@ def _run_ray(
                     batch_size,
                 )
 
-        actor_cls = ray.remote(num_cpus=cpus_per_actor, max_restarts=0)(TeacherActor)
+        actor_cls = ray.remote(num_cpus=cpus_per_actor, num_gpus=gpus_per_actor, max_restarts=0)(
+            TeacherActor
+        )
         refs = [ray.put(dataset), ray.put(ensemble.teachers), ray.put(entries)]
         actors = [actor_cls.remote(refs) for _ in range(n)]
         log.info(
@@ -373,7 +440,7 @@ def _run_ray(
                 queue.insert(0, (shard_index, ks, attempt + 1))
                 free.append(a)
                 continue
-            _account(report, f"actor-{a}", stats, bar, leases)
+            _account(report, f"actor-{a}", stats, bar)
             free.append(a)
         bar.close()
         for actor in actors:
@@ -410,6 +477,7 @@ def build_from_config(config: BuildConfig, *, progress: bool = True) -> CacheEnt
         address=ex.address,
         num_actors=ex.num_actors,
         cpus_per_actor=ex.cpus_per_actor,
+        gpus_per_actor=ex.gpus_per_actor,
         batch_size=ex.batch_size,
         max_retries=ex.max_retries,
         progress=progress,

@@ -306,6 +306,7 @@ class ExecutorConfig:
     address: str | None = None
     num_actors: int | None = None
     cpus_per_actor: float = 1.0
+    gpus_per_actor: float = 0.0
     batch_size: int = 1024
     max_retries: int = 2
 
@@ -314,6 +315,8 @@ class ExecutorConfig:
             raise ConfigError(f"executor.kind must be 'ray' or 'local', got {self.kind!r}")
         if self.batch_size < 1 or self.max_retries < 0 or self.cpus_per_actor <= 0:
             raise ConfigError("executor: batch_size >= 1, max_retries >= 0, cpus_per_actor > 0")
+        if self.gpus_per_actor < 0:
+            raise ConfigError(f"executor.gpus_per_actor must be >= 0, got {self.gpus_per_actor}")
         if self.num_actors is not None and self.num_actors < 1:
             raise ConfigError(f"executor.num_actors must be >= 1, got {self.num_actors}")
 

@@ -51,6 +51,67 @@ def load_state_dict(path: str) -> dict[str, torch.Tensor]:
     return torch.load(path, map_location="cpu", weights_only=True)
 
 
+_TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "vocab.txt",
+    "vocab.json",
+    "merges.txt",
+    "tokenizer.model",
+)
+
+
+def _tokenizer_facts(path: str) -> tuple[str | None, int | None, int | None]:
+    """(SHA-256 over the tokenizer files, vocabulary size, pad id) of a model directory;
+    Nones when the directory has no tokenizer."""
+    present = [f for f in _TOKENIZER_FILES if os.path.exists(os.path.join(path, f))]
+    if not present:
+        return None, None, None
+    h = hashlib.sha256()
+    for f in present:
+        with open(os.path.join(path, f), "rb") as fh:
+            h.update(f.encode() + b"\0" + fh.read())
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(path, local_files_only=True)
+    return h.hexdigest(), len(tok), tok.pad_token_id
+
+
+class HFLogits(torch.nn.Module):
+    """Wraps a transformers model so that ``forward(input_ids) -> logits``.
+
+    Args:
+        model: A transformers model whose output has ``.logits``.
+        pad_token_id: Padding id; the attention mask is ``input_ids != pad_token_id``
+            (all ones when None).
+        vocab_size: Keep only the first ``vocab_size`` logits (trims padded vocabularies).
+    """
+
+    def __init__(self, model: torch.nn.Module, pad_token_id: int | None, vocab_size: int | None):
+        super().__init__()
+        self.model = model
+        self.pad_token_id = pad_token_id
+        self.vocab_size = vocab_size
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        input_ids = input_ids.long()
+        mask = (
+            torch.ones_like(input_ids)
+            if self.pad_token_id is None
+            else (input_ids != self.pad_token_id).long()
+        )
+        logits = self.model(input_ids=input_ids, attention_mask=mask).logits
+        if self.vocab_size is not None:
+            if self.vocab_size > logits.shape[-1]:
+                raise ConfigError(
+                    f"vocab_size {self.vocab_size} exceeds the model's logit dimension "
+                    f"{logits.shape[-1]}; the tokenizer does not belong to this model"
+                )
+            logits = logits[..., : self.vocab_size]
+        return logits
+
+
 class Teacher:
     """A model that produces logits for the teacher stage.
 
@@ -61,17 +122,26 @@ class Teacher:
         name: Human-readable name (reports, manifests); not part of the cache key.
         module: ``torch.nn.Module`` mapping inputs [B, ...] to logits [B, V].
         config: JSON-able architecture/config description (part of the fingerprint).
+        autocast_dtype: Run the forward pass under ``torch.autocast`` with this dtype
+            (e.g. ``torch.bfloat16`` on GPUs); part of the fingerprint, since it changes
+            the outputs. None runs in the weights' dtype.
 
     Raises:
         ConfigError: ``config`` is not JSON-serialisable.
     """
 
     def __init__(
-        self, name: str, module: torch.nn.Module, config: dict[str, Any] | None = None
+        self,
+        name: str,
+        module: torch.nn.Module,
+        config: dict[str, Any] | None = None,
+        *,
+        autocast_dtype: torch.dtype | None = None,
     ) -> None:
         self.name = name
         self.module = module.eval()
         self.config = dict(config or {})
+        self.autocast_dtype = autocast_dtype
         try:
             json.dumps(self.config, sort_keys=True)
         except TypeError as exc:
@@ -135,6 +205,80 @@ class Teacher:
             module = torch.jit.load(path, map_location="cpu")
         return cls(name or os.path.basename(path), module, config)
 
+    @classmethod
+    def from_hf(
+        cls,
+        path: str,
+        *,
+        task: str = "sequence-classification",
+        name: str | None = None,
+        dtype: torch.dtype = torch.float32,
+        vocab_size: int | None = None,
+        autocast_dtype: torch.dtype | None = None,
+    ) -> Teacher:
+        """Load a Hugging Face transformers model from a local directory (never a hub).
+
+        The teacher takes token ids [B, T] (int64; the attention mask is ``ids != pad``)
+        and returns logits [B, V] for ``task="sequence-classification"`` or [B, T, V]
+        for ``task="causal-lm"`` (next-token logits at every position).
+
+        Args:
+            path: A directory written by ``save_pretrained`` (config, weights and, for
+                language models, the tokenizer).
+            task: ``"sequence-classification"`` or ``"causal-lm"``.
+            name: Teacher name (default: the directory name).
+            dtype: Weights dtype to load in.
+            vocab_size: Causal LMs only: the real vocabulary size; logits padded beyond it
+                (a common trick for fast matmuls) are trimmed. Default: the tokenizer's
+                length, if the directory has a tokenizer, else no trimming.
+            autocast_dtype: See :class:`Teacher`.
+
+        Returns:
+            A Teacher whose fingerprint covers the weights, the model config, the
+            tokenizer files and the dtype.
+
+        Raises:
+            DataFileNotFoundError: ``path`` is not a directory.
+            ConfigError: unknown task, or ``vocab_size`` larger than the logit dimension.
+            MissingDependencyError: transformers is not installed (extra ``hf``).
+        """
+        from kdcache.errors import require
+
+        if not os.path.isdir(path):
+            raise DataFileNotFoundError(f"Hugging Face model directory {path} does not exist")
+        transformers = require("transformers", "hf")
+        auto = {
+            "sequence-classification": transformers.AutoModelForSequenceClassification,
+            "causal-lm": transformers.AutoModelForCausalLM,
+        }
+        if task not in auto:
+            raise ConfigError(f"task must be one of {sorted(auto)}, got {task!r}")
+        model = auto[task].from_pretrained(path, dtype=dtype, local_files_only=True)
+        tokenizer_sha, tokenizer_len, pad_id = _tokenizer_facts(path)
+        if vocab_size is None and task == "causal-lm":
+            vocab_size = tokenizer_len  # classifiers' V is their number of labels
+        if pad_id is None:
+            pad_id = getattr(model.config, "pad_token_id", None)
+        hf_config = {
+            k: v
+            for k, v in model.config.to_dict().items()
+            if k not in ("_name_or_path", "transformers_version", "torch_dtype", "dtype")
+        }
+        config = {
+            "task": task,
+            "hf_config": hf_config,
+            "tokenizer_sha256": tokenizer_sha,
+            "vocab_size": vocab_size,
+            "pad_token_id": pad_id,
+        }
+        module = HFLogits(model, pad_token_id=pad_id, vocab_size=vocab_size)
+        return cls(
+            name or os.path.basename(os.path.normpath(path)),
+            module,
+            json.loads(json.dumps(config, default=str)),
+            autocast_dtype=autocast_dtype,
+        )
+
     @property
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.module.parameters())
@@ -149,7 +293,20 @@ class Teacher:
                 "config": self.config,
                 "dtypes": dtypes,
             }
+            if self.autocast_dtype is not None:
+                self._fingerprint["autocast_dtype"] = str(self.autocast_dtype)
         return self._fingerprint
+
+    @property
+    def device(self) -> torch.device:
+        for p in self.module.parameters():
+            return p.device
+        return torch.device("cpu")
+
+    def to(self, device: str | torch.device) -> Teacher:
+        """Move the module to ``device`` (in place); returns self."""
+        self.module.to(device)
+        return self
 
     @torch.inference_mode()
     def logits(self, inputs: torch.Tensor | np.ndarray) -> torch.Tensor:
@@ -159,20 +316,31 @@ class Teacher:
             inputs: A batch [B, ...] in whatever form the module expects.
 
         Returns:
-            float32 logits [B, V].
+            float32 logits [B, V] (or [B, T, V] for token-level models), on the CPU.
 
         Raises:
-            TeacherOutputError: the output is not a 2-D tensor with B rows.
+            TeacherOutputError: the output is not a [B, V] or [B, T, V] tensor.
         """
         # np.array copies: inputs may be read-only views (Ray's object store, memory maps).
         x = torch.from_numpy(np.array(inputs)) if isinstance(inputs, np.ndarray) else inputs
-        out = self.module(x)
-        if not isinstance(out, torch.Tensor) or out.dim() != 2 or out.shape[0] != x.shape[0]:
+        device = self.device
+        x = x.to(device)
+        if self.autocast_dtype is not None:
+            with torch.autocast(device_type=device.type, dtype=self.autocast_dtype):
+                out = self.module(x)
+        else:
+            out = self.module(x)
+        if (
+            not isinstance(out, torch.Tensor)
+            or out.dim() not in (2, 3)
+            or out.shape[0] != x.shape[0]
+        ):
             shape = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
             raise TeacherOutputError(
-                f"teacher {self.name!r} must return logits [B, V] for B={x.shape[0]}, got {shape}"
+                f"teacher {self.name!r} must return logits [B, V] (or [B, T, V] for token "
+                f"models) for B={x.shape[0]}, got {shape}"
             )
-        return out.float()
+        return out.float().cpu()
 
 
 class TeacherEnsemble:

@@ -83,3 +83,23 @@ class CrashOnce(torch.nn.Module):
                 f.write(str(os.getpid()))
             os._exit(1)
         return self.inner(x)
+
+
+class SlowLinear(torch.nn.Linear):
+    """``nn.Linear`` that sleeps ``$KDCACHE_TEST_DELAY_S`` seconds per forward pass.
+
+    The delay comes from the environment, not the config, so a slow run and a fast run of
+    the same teacher share a cache key (used to interrupt builds in tests).
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        import os
+        import time
+
+        time.sleep(float(os.environ.get("KDCACHE_TEST_DELAY_S", "0")))
+        return super().forward(x)
+
+
+def linear_module(num_features: int = 8, num_classes: int = 5) -> torch.nn.Module:
+    """A factory for build configs: a :class:`SlowLinear` (weights come from a checkpoint)."""
+    return SlowLinear(num_features, num_classes)
