@@ -357,3 +357,190 @@ class BuildConfig:
                 f"ensemble.weights has {len(self.ensemble.weights)} values for "
                 f"{len(names)} teachers"
             )
+
+
+# -- the student stage -------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class StudentConfig:
+    """The student: ``factory(**kwargs) -> nn.Module`` mapping inputs [B, ...] to logits
+    [B, V]. The same pair goes into the exported safetensors metadata, so the student
+    loads back with ``kdcache.Teacher.from_checkpoint(factory, path, config=kwargs)``."""
+
+    factory: str
+    kwargs: dict[str, Any] = dataclasses.field(default_factory=dict)
+
+    def build(self) -> Any:
+        return import_object(self.factory)(**self.kwargs)
+
+
+@dataclasses.dataclass
+class CacheRefConfig:
+    """Which soft targets: an entry directory, an ensemble view file, or (with ``root``)
+    a key or an alias (see :func:`kdcache.open_cache`)."""
+
+    uri: str
+    root: str | None = None
+
+
+@dataclasses.dataclass
+class LossConfig:
+    """The loss, from :mod:`kdcache.losses`.
+
+    Attributes:
+        kind: A divergence of :data:`kdcache.losses.DIVERGENCES` (``forward_kl`` is
+            Hinton's KD), used by :func:`kdcache.losses.kd_loss`; or ``cross_entropy``
+            for hard labels alone (no soft targets read).
+        temperature: tau; None takes the cache's. Another value re-tempers exactly.
+        alpha: Weight of the distillation term; ``1 - alpha`` weighs the cross-entropy.
+        beta: JSD weight. skew: skew-KL weight.
+        scale_by_temperature_squared: Multiply the distillation term by tau^2.
+    """
+
+    kind: str = "forward_kl"
+    temperature: float | None = None
+    alpha: float = 1.0
+    beta: float = 0.5
+    skew: float = 0.1
+    scale_by_temperature_squared: bool = True
+
+    def __post_init__(self) -> None:
+        from kdcache.losses import DIVERGENCES
+
+        if self.kind not in (*DIVERGENCES, "cross_entropy"):
+            raise ConfigError(
+                f"loss.kind must be one of {(*DIVERGENCES, 'cross_entropy')}, got {self.kind!r}"
+            )
+        if not 0.0 <= self.alpha <= 1.0:
+            raise ConfigError(f"loss.alpha must be in [0, 1], got {self.alpha}")
+        if self.temperature is not None and self.temperature <= 0:
+            raise ConfigError(f"loss.temperature must be > 0, got {self.temperature}")
+
+
+@dataclasses.dataclass
+class StreamConfig:
+    """How the student reads (see :class:`kdcache.stream.ShardedStream`).
+
+    Attributes:
+        batch_size: Rows per micro-step over *all* ranks (the global micro-batch); each
+            rank gets ``batch_size / world_size``, so the sample order does not change
+            with the world size.
+        shuffle_window: Stateless shuffle window (0: off).
+        num_lanes: Lanes of the epoch (divides batch_size; set it to the largest world
+            size you plan so ranks read disjoint shards).
+        num_workers: DataLoader worker processes per rank.
+        prefetch_shards: Shards read ahead.
+        verify: Check shard SHA-256 on read.
+    """
+
+    batch_size: int = 128
+    shuffle_window: int = 0
+    num_lanes: int = 1
+    num_workers: int = 0
+    prefetch_shards: int = 2
+    verify: bool = True
+
+    def __post_init__(self) -> None:
+        if self.batch_size < 1 or self.num_lanes < 1 or self.batch_size % self.num_lanes:
+            raise ConfigError(
+                f"stream.batch_size ({self.batch_size}) must be >= 1 and a multiple of "
+                f"stream.num_lanes ({self.num_lanes})"
+            )
+        if self.shuffle_window < 0 or self.num_workers < 0 or self.prefetch_shards < 0:
+            raise ConfigError("stream: shuffle_window, num_workers, prefetch_shards must be >= 0")
+
+
+@dataclasses.dataclass
+class RayTrainConfig:
+    """Run the student stage on a Ray cluster with Ray Train's ``TorchTrainer``.
+
+    Attributes:
+        enabled: Launch through Ray Train (``kdcache train --ray`` sets it).
+        address: Ray address (None: ``RAY_ADDRESS``, else a local Ray).
+        num_workers: Training ranks.
+        cpus_per_worker: CPUs each rank requests.
+        use_gpu: One GPU per rank.
+    """
+
+    enabled: bool = False
+    address: str | None = None
+    num_workers: int = 1
+    cpus_per_worker: float = 1.0
+    use_gpu: bool = False
+
+    def __post_init__(self) -> None:
+        if self.num_workers < 1 or self.cpus_per_worker <= 0:
+            raise ConfigError("ray: num_workers >= 1 and cpus_per_worker > 0")
+
+
+@dataclasses.dataclass
+class TrainConfig:
+    """A student-stage job: ``kdcache train CONFIG``.
+
+    Example (YAML)::
+
+        output_dir: runs/student
+        student: {factory: "pipelines.models:build_model",
+                  kwargs: {arch: mlp, hidden: [16]}}
+        cache: {uri: fashion-mnist-ensemble, root: runs/cache}
+        dataset: {factory: "pipelines.fashion_mnist:train_dataset", kwargs: {num_shards: 8}}
+        eval_dataset: {factory: "pipelines.fashion_mnist:test_dataset"}
+        deepspeed: ds_config.json          # or an inline mapping; passed through
+        loss: {kind: forward_kl, alpha: 0.9}
+        stream: {batch_size: 128}
+        epochs: 8
+        eval_every: 100
+
+    Attributes:
+        output_dir: Checkpoints, metrics, plots and the exported student go here.
+        student, cache, dataset: What to train, from which soft targets, on which inputs
+            (the dataset the cache was built from; its labels may differ).
+        eval_dataset: Held-out data with labels (accuracy and cross-entropy).
+        deepspeed: The DeepSpeed config (mapping or JSON path), passed through; kdcache
+            fills only the micro-batch and a scheduler's total step count when absent.
+            None: a CPU AdamW config at ``lr``.
+        lr: Learning rate of the default DeepSpeed config (ignored otherwise).
+        loss, stream, ray: See their classes.
+        epochs: Passes over the dataset (may be fractional). max_steps: optimizer steps
+            instead. Give one of them; default one epoch.
+        seed: Seeds the student's initial weights and the sample order.
+        eval_every: Optimizer steps between evaluations (0: only at the end).
+        checkpoint_every: Optimizer steps between checkpoints (0: only at the end).
+        compare_hard_labels: Also train the same student, from the same initial weights
+            and sample order, on the hard labels alone; both curves go in one plot.
+        quantize_int8: Also export an int8 dynamically quantized student and report its
+            accuracy, size and throughput beside the float one.
+        tensorboard: Write TensorBoard events as well as CSV (needs ``tensorboard``).
+    """
+
+    output_dir: str
+    student: StudentConfig
+    cache: CacheRefConfig
+    dataset: DatasetConfig
+    eval_dataset: DatasetConfig | None = None
+    deepspeed: dict[str, Any] | str | None = None
+    lr: float = 1e-3
+    loss: LossConfig = dataclasses.field(default_factory=LossConfig)
+    stream: StreamConfig = dataclasses.field(default_factory=StreamConfig)
+    epochs: float | None = None
+    max_steps: int | None = None
+    seed: int = 0
+    eval_every: int = 0
+    checkpoint_every: int = 0
+    compare_hard_labels: bool = False
+    quantize_int8: bool = False
+    tensorboard: bool = True
+    ray: RayTrainConfig = dataclasses.field(default_factory=RayTrainConfig)
+
+    def __post_init__(self) -> None:
+        if self.epochs is not None and self.max_steps is not None:
+            raise ConfigError("give epochs or max_steps, not both")
+        if self.epochs is not None and self.epochs <= 0:
+            raise ConfigError(f"epochs must be > 0, got {self.epochs}")
+        if self.max_steps is not None and self.max_steps < 1:
+            raise ConfigError(f"max_steps must be >= 1, got {self.max_steps}")
+        if self.eval_every < 0 or self.checkpoint_every < 0:
+            raise ConfigError("eval_every and checkpoint_every must be >= 0")
+        if self.lr <= 0:
+            raise ConfigError(f"lr must be > 0, got {self.lr}")

@@ -12,5 +12,7 @@ from __future__ import annotations
 COMMAND_MODULES = (
     "kdcache.commands.demo",
     "kdcache.commands.build",
+    "kdcache.commands.train",
     "kdcache.commands.cache_tools",
+    "kdcache.commands.submit",
 )
