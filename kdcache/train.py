@@ -311,8 +311,9 @@ def train_student(
         ``(trained module, TrainResult)``.
 
     Raises:
-        ConfigError: max_steps < 1, the stream yields no batch, or a checkpoint is asked
-            for a stream without ``state_dict``.
+        ConfigError: max_steps < 1, the stream yields no batch, the stream was made for
+            another world size, or a checkpoint is asked for a stream without
+            ``state_dict``.
         MissingDependencyError: DeepSpeed is not installed.
     """
     from tqdm.auto import tqdm
@@ -326,6 +327,12 @@ def train_student(
         )
     deepspeed = require("deepspeed", "deepspeed")
     rank, world = init_distributed()
+    stream_world = getattr(stream, "world_size", world)
+    if stream_world != world:
+        raise ConfigError(
+            f"the stream was made for {stream_world} rank(s) but {world} are running; create "
+            "it after kdcache.train.init_distributed() (or pass rank= and world_size=)"
+        )
     config = load_ds_config(ds_config)
     engine, _, _, _ = deepspeed.initialize(
         model=model, model_parameters=model.parameters(), config=config

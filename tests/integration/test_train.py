@@ -1,0 +1,270 @@
+"""The student stage: two gloo ranks from one cache, exact resume, cached = online
+distillation, and one Born-Again generation, all on toy data with tiny students."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+
+import numpy as np
+import pytest
+import torch
+import yaml
+
+import kdcache
+from kdcache import losses
+from kdcache.cli import main as cli
+from kdcache.stream import ShardedStream
+from kdcache.testing import linear_teacher, toy_dataset
+from kdcache.train import (
+    cpu_ds_config,
+    init_distributed,
+    read_metrics,
+    read_safetensors_metadata,
+    train_student,
+)
+
+pytestmark = pytest.mark.integration
+
+NUM_RECORDS, NUM_SHARDS, TEMPERATURE = 200, 5, 2.0
+DATASET = {
+    "factory": "kdcache.testing:toy_dataset",
+    "kwargs": {"num_records": NUM_RECORDS, "num_shards": NUM_SHARDS},
+}
+
+
+def _ensemble():
+    return kdcache.TeacherEnsemble([linear_teacher(seed=s) for s in range(2)], rule="mean_probs")
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory):
+    root = str(tmp_path_factory.mktemp("train") / "cache")
+    ds = toy_dataset(num_records=NUM_RECORDS, num_shards=NUM_SHARDS)
+    return kdcache.build_cache(
+        ds, _ensemble(), temperature=TEMPERATURE, root=root, executor="local", progress=False
+    )
+
+
+def _config(tmp_path, cache, name, **extra):
+    cfg = {
+        "output_dir": str(tmp_path / name),
+        "student": {"factory": "torch.nn:Linear", "kwargs": {"in_features": 8, "out_features": 5}},
+        "cache": {"uri": cache.key, "root": str(cache.root.uri)},
+        "dataset": DATASET,
+        "eval_dataset": {
+            "factory": "kdcache.testing:toy_dataset",
+            "kwargs": {"num_records": 60, "num_shards": 2, "seed": 9},
+        },
+        "loss": {"alpha": 0.7},
+        "stream": {"batch_size": 16, "num_lanes": 2},
+        "max_steps": 15,  # an epoch is 200 // 16 = 12 steps: the run crosses an epoch
+        "eval_every": 5,
+        "tensorboard": False,
+        "deepspeed": {
+            "optimizer": {"type": "AdamW", "params": {"lr": 0.05, "torch_adam": True}},
+            "scheduler": {"type": "WarmupDecayLR", "params": {"warmup_num_steps": 3}},
+            "steps_per_print": 10**9,
+        },
+        **extra,
+    }
+    path = tmp_path / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return str(path), cfg["output_dir"]
+
+
+def _train(*args):
+    assert cli(["train", *args, "--no-progress"]) == 0
+
+
+def test_stop_mid_epoch_and_resume_gives_the_same_losses_and_weights(tmp_path, cache, capsys):
+    full_cfg, full_out = _config(tmp_path, cache, "full")
+    _train(full_cfg)
+    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert summary["steps"] == 15 and summary["cache"]["key"] == cache.key
+
+    cut_cfg, cut_out = _config(tmp_path, cache, "cut", checkpoint_every=7)
+    _train(cut_cfg)
+    # simulate a crash right after the step-7 checkpoint (mid-epoch: 7 of 12 steps)
+    with open(os.path.join(cut_out, "checkpoints", "latest"), "w") as f:
+        f.write("step7")
+    _train(cut_cfg, "--resume")
+    resumed = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert resumed["start_step"] == 7 and resumed["steps"] == 15
+
+    a = read_metrics(os.path.join(full_out, "metrics.csv"))
+    b = read_metrics(os.path.join(cut_out, "metrics.csv"))
+    assert [s for s, _ in b["train/loss"]] == list(range(1, 16))  # each step once
+    assert a["train/loss"] == b["train/loss"]  # bit-identical on the CPU
+    assert a["train/lr"] == b["train/lr"]  # the scheduler state came back too
+    assert a["eval/accuracy"] == b["eval/accuracy"]
+    wa = kdcache.teachers.load_state_dict(os.path.join(full_out, "student.safetensors"))
+    wb = kdcache.teachers.load_state_dict(os.path.join(cut_out, "student.safetensors"))
+    for k in wa:
+        assert torch.equal(wa[k], wb[k])
+    meta = read_safetensors_metadata(os.path.join(full_out, "student.safetensors"))
+    assert meta["cache_key"] == cache.key
+    assert meta["cache_entries"] == [e.key for e in cache.entries]
+    assert meta["student"]["factory"] == "torch.nn:Linear"
+    assert meta["config"]["deepspeed"]["scheduler"]["params"] == {"warmup_num_steps": 3}
+
+
+def test_cached_distillation_equals_online_distillation(cache):
+    ds = toy_dataset(num_records=NUM_RECORDS, num_shards=NUM_SHARDS)
+    ensemble = _ensemble()
+    order = {"batch_size": 20, "seed": 4, "shuffle_window": 30}
+
+    def kd(logits, teacher_log_probs, labels):
+        return losses.kd_loss(
+            logits, teacher_log_probs, temperature=TEMPERATURE, alpha=0.5, labels_B=labels
+        )
+
+    def cached(logits, b):
+        return kd(logits, b["teacher_log_probs"], b["labels"])
+
+    def online(logits, b):  # the teachers run in the loop
+        return kd(logits, ensemble.log_probs(b["inputs"], temperature=TEMPERATURE), b["labels"])
+
+    runs = []
+    for stream, fn in (
+        (kdcache.SoftTargetDataset(cache, ds, **order), cached),
+        (ShardedStream(ds, **order), online),
+    ):
+        torch.manual_seed(0)
+        _, result = train_student(
+            torch.nn.Linear(8, 5),
+            stream,
+            fn,
+            ds_config=cpu_ds_config(lr=0.05, micro_batch_size=20),
+            max_steps=14,
+            progress=False,
+        )
+        runs.append(result)
+    assert len(runs[0].losses) == 14
+    torch.testing.assert_close(runs[0].losses, runs[1].losses, rtol=1e-6, atol=1e-7)
+    for k, v in runs[0].state_dict.items():
+        torch.testing.assert_close(v, runs[1].state_dict[k], rtol=1e-6, atol=1e-7)
+
+
+def test_born_again_generation_through_a_new_cache_entry(tmp_path, cache, capsys):
+    gen1_cfg, gen1_out = _config(
+        tmp_path, cache, "gen1", max_steps=12, compare_hard_labels=True, quantize_int8=True
+    )
+    _train(gen1_cfg)
+    gen1 = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert os.path.exists(gen1["plot"]) and os.path.exists(os.path.join(gen1_out, "hard"))
+    q = gen1["quantized"]
+    assert q["int8_bytes"] > 0 and q["float_bytes"] > 0 and q["int8_samples_per_s"] > 0
+    assert 0.0 <= q["int8_accuracy"] <= 1.0
+
+    path = os.path.join(gen1_out, "student.safetensors")
+    meta = read_safetensors_metadata(path)
+    teacher = kdcache.Teacher.from_checkpoint(
+        torch.nn.Linear, path, name="born-again-1", config=meta["student"]["kwargs"]
+    )
+    ds = toy_dataset(num_records=NUM_RECORDS, num_shards=NUM_SHARDS)
+    gen1_cache = kdcache.build_cache(
+        ds,
+        teacher,
+        temperature=TEMPERATURE,
+        root=str(cache.root.uri),
+        executor="local",
+        progress=False,
+    )
+    assert gen1_cache.key not in [e.key for e in cache.entries]
+    # the new entry holds the trained student's logits
+    _, scaled = gen1_cache.read_shard(0)
+    x = torch.from_numpy(ds.read_shard(0)["inputs"])
+    w = kdcache.teachers.load_state_dict(path)
+    torch.testing.assert_close(
+        torch.from_numpy(np.array(scaled)), (x @ w["weight"].T + w["bias"]) / TEMPERATURE
+    )
+
+    gen2_cfg, gen2_out = _config(tmp_path, cache, "gen2", max_steps=12)
+    _train(gen2_cfg, f"cache.uri={gen1_cache.key}", "loss.alpha=1.0")
+    gen2 = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert gen2["cache"]["key"] == gen1_cache.key
+    meta2 = read_safetensors_metadata(os.path.join(gen2_out, "student.safetensors"))
+    assert meta2["cache_entries"] == [gen1_cache.key]
+    losses2 = [v for _, v in read_metrics(os.path.join(gen2_out, "metrics.csv"))["train/loss"]]
+    assert np.mean(losses2[-4:]) < np.mean(losses2[:4])  # the second generation learns
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _rank_main(rank, world, port, root, key, out):
+    os.environ.update(
+        RANK=str(rank),
+        LOCAL_RANK=str(rank),
+        WORLD_SIZE=str(world),
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+        DS_ACCELERATOR="cpu",
+    )
+    torch.set_num_threads(1)
+    assert init_distributed() == (rank, world)  # before the stream, which reads the world
+    ds = toy_dataset(num_records=103, num_shards=5)  # shards of 20 or 21 rows
+    cache = kdcache.open_cache(key, root=root)
+    stream = kdcache.SoftTargetDataset(cache, ds, batch_size=4, seed=2, num_lanes=2)
+    seen = []
+
+    def loss_fn(logits, b):
+        seen.append(b["sample_id"].tolist())
+        return losses.kd_loss(logits, b["teacher_log_probs"], temperature=TEMPERATURE)
+
+    torch.manual_seed(0)
+    _, result = train_student(
+        torch.nn.Linear(8, 5),
+        stream,
+        loss_fn,
+        ds_config=cpu_ds_config(lr=0.05, micro_batch_size=4),
+        max_steps=2 * len(stream),
+        progress=False,
+    )
+    with open(os.path.join(out, f"rank{rank}.json"), "w") as f:
+        json.dump(
+            {
+                "seen": seen,
+                "steps": result.steps,
+                "len": len(stream),
+                "weight": result.state_dict["weight"].tolist(),
+            },
+            f,
+        )
+    torch.distributed.destroy_process_group()
+
+
+def test_two_gloo_ranks_see_each_sample_once_per_epoch_with_equal_steps(tmp_path):
+    ds = toy_dataset(num_records=103, num_shards=5)
+    cache = kdcache.build_cache(
+        ds,
+        _ensemble(),
+        temperature=TEMPERATURE,
+        root=str(tmp_path / "c"),
+        executor="local",
+        progress=False,
+    )
+    torch.multiprocessing.start_processes(
+        _rank_main,
+        args=(2, _free_port(), str(tmp_path / "c"), cache.key, str(tmp_path)),
+        nprocs=2,
+        start_method="spawn",
+    )
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
+    steps_per_epoch = 103 // 8
+    assert [r["len"] for r in ranks] == [steps_per_epoch] * 2
+    assert [r["steps"] for r in ranks] == [2 * steps_per_epoch] * 2
+    assert ranks[0]["weight"] == ranks[1]["weight"]  # data parallel: one model
+    single = ShardedStream(ds, batch_size=8, seed=2, num_lanes=2)
+    # the global batches are those of one rank with the same global batch, both epochs
+    want = [b["sample_id"].tolist() for _ in range(2) for b in single]
+    got = [a + b for a, b in zip(ranks[0]["seen"], ranks[1]["seen"], strict=True)]
+    assert [sorted(b) for b in got] == [sorted(b) for b in want]
+    for epoch in range(2):
+        union = [i for b in got[epoch * steps_per_epoch : (epoch + 1) * steps_per_epoch] for i in b]
+        assert len(union) == len(set(union)) == 96  # each sample at most once, 8 x 12
