@@ -268,3 +268,30 @@ def test_two_gloo_ranks_see_each_sample_once_per_epoch_with_equal_steps(tmp_path
     for epoch in range(2):
         union = [i for b in got[epoch * steps_per_epoch : (epoch + 1) * steps_per_epoch] for i in b]
         assert len(union) == len(set(union)) == 96  # each sample at most once, 8 x 12
+
+
+def test_ray_train_two_workers_match_one_process(tmp_path, cache, capsys):
+    """The same config on Ray Train (TorchTrainer, two gloo workers) and in one process:
+    the same global batches, so the same losses up to summation order."""
+    pytest.importorskip("ray.train", reason="needs the raytrain extra")
+    common = {"max_steps": 6, "eval_every": 0, "eval_dataset": None}
+    one_cfg, one_out = _config(tmp_path, cache, "one", **common)
+    _train(one_cfg)
+    ray_cfg, ray_out = _config(tmp_path, cache, "ray", **common)
+    env = {"RAY_ADDRESS": None, "RAY_AUTH_MODE": "disabled", "DS_ACCELERATOR": "cpu"}
+    saved = {k: os.environ.pop(k, None) for k in env}
+    os.environ.update({k: v for k, v in env.items() if v is not None})
+    try:
+        _train(ray_cfg, "--ray", "--num-workers", "2", "ray.cpus_per_worker=0.5")
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert summary["world_size"] == 2 and summary["steps"] == 6
+    a = read_metrics(os.path.join(one_out, "metrics.csv"))["train/loss"]
+    b = read_metrics(os.path.join(ray_out, "metrics.csv"))["train/loss"]
+    assert [s for s, _ in a] == [s for s, _ in b] == list(range(1, 7))
+    np.testing.assert_allclose([v for _, v in a], [v for _, v in b], rtol=1e-4)
