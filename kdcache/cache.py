@@ -244,6 +244,38 @@ def columns_to_sparse(cols: ShardColumns, where: str) -> Any:
     )
 
 
+def _check_token_rows(ids_N: np.ndarray, positions_N: Any, where: str) -> np.ndarray:
+    """Check token-level rows: each sample one contiguous run, positions increasing in it.
+
+    Returns:
+        The positions as int32 [N].
+
+    Raises:
+        SampleIdMismatchError: a sample's rows are split, or positions do not increase.
+        TeacherOutputError: positions of the wrong shape or negative.
+    """
+    pos = np.asarray(positions_N)
+    if pos.shape != ids_N.shape or pos.dtype.kind not in "iu" or bool((pos < 0).any()):
+        raise TeacherOutputError(
+            f"{where}: positions must be non-negative ints of shape {ids_N.shape}, got "
+            f"{pos.dtype} {pos.shape}"
+        )
+    if len(ids_N) > 1:
+        new_run = ids_N[1:] != ids_N[:-1]
+        starts = ids_N[np.concatenate([[True], new_run])]
+        if len(np.unique(starts)) != len(starts):
+            raise SampleIdMismatchError(
+                f"{where}: a sample's token rows are not contiguous (sample_id "
+                f"{int(starts[np.unique(starts, return_counts=True)[1].argmax()])} "
+                "appears in two runs); write each sample's tokens together"
+            )
+        if bool(((np.diff(pos) <= 0) & ~new_run).any()):
+            raise SampleIdMismatchError(
+                f"{where}: token positions must increase within each sample's rows"
+            )
+    return np.ascontiguousarray(pos, dtype=np.int32)
+
+
 class CacheEntry:
     """One teacher's outputs over one dataset at one target spec, at ``<root>/entries/<key>``.
 
@@ -345,7 +377,7 @@ class CacheEntry:
     def dataset_fingerprint(self) -> dict[str, Any]:
         return dict(self.spec["dataset"])
 
-    @property
+    @cached_property
     def target_spec(self) -> schema.TargetSpec:
         """The entry's :class:`kdcache.schema.TargetSpec` (kind, dtype, backend, params)."""
         return schema.TargetSpec.from_json(self.spec["targets"])
@@ -456,17 +488,25 @@ class CacheEntry:
         scaled_logits_NV: Any,
         *,
         vocab_size: int | None = None,
+        positions_N: np.ndarray | None = None,
     ) -> ShardRecord:
         """Write and commit one shard: data file (atomic), then its sidecar (atomic).
 
         Args:
             index: Input shard index.
-            sample_ids_N: int64 ids, shape [N], in input order; must be unique.
+            sample_ids_N: int64 ids, shape [N], in input order; must be unique, except in
+                a token-level shard (``positions_N`` given), where row n is one token of
+                sample ``sample_ids_N[n]`` and each sample's rows are one contiguous run.
             scaled_logits_NV: For a dense entry, float ``logits / tau``, shape [N, V], all
                 finite (numpy or torch). For a sparse entry, a
                 :class:`kdcache.targets.SparseTargets` of the entry's kind with N rows.
             vocab_size: V; required for sparse targets (ids must lie in [0, V)); for dense
                 targets it defaults to (and must equal) the width of the values.
+            positions_N: Token-level shards only: int [N], the token position t of each
+                row within its sample (the row holds the teacher's distribution of token
+                t + 1), strictly increasing within each sample's run. Stored as the row
+                column ``position`` (int32) with ``meta["token_level"] = true``; see
+                ``docs/format.md``, "Token-level entries".
 
         Returns:
             The shard's commit record (also written as its sidecar).
@@ -474,7 +514,8 @@ class CacheEntry:
         Raises:
             TeacherOutputError: wrong shapes, NaN/inf, ids out of range, or a value that
                 does not fit the storage dtype (refused, never stored as inf).
-            SampleIdMismatchError: duplicate ``sample_id`` values.
+            SampleIdMismatchError: duplicate ``sample_id`` values (token-level: a sample
+                whose rows are not contiguous, or positions not increasing within it).
             ConfigError: dense values for a sparse entry or the reverse, a sparse kind or
                 grid that differs from the spec, or no ``vocab_size`` for sparse targets.
         """
@@ -485,13 +526,21 @@ class CacheEntry:
         ids = np.ascontiguousarray(np.asarray(sample_ids_N), dtype=np.int64)
         if ids.ndim != 1:
             raise TeacherOutputError(f"{where}: sample_ids must have shape [N], got {ids.shape}")
-        if len(np.unique(ids)) != len(ids):
-            raise SampleIdMismatchError(f"shard {index}: duplicate sample_id values")
+        positions = None
+        if positions_N is None:
+            if len(np.unique(ids)) != len(ids):
+                raise SampleIdMismatchError(f"shard {index}: duplicate sample_id values")
+        else:
+            positions = _check_token_rows(ids, positions_N, f"shard {index}")
         extra: dict[str, Any]
         if spec.is_sparse:
             cols, extra = sparse_to_columns(ids, scaled_logits_NV, spec, vocab_size, where)
         else:
             cols, extra = dense_to_columns(ids, scaled_logits_NV, spec, vocab_size, where)
+        if positions is not None:
+            cols.rows[schema.COL_POSITION] = positions
+            cols.meta["token_level"] = True
+            extra["num_samples"] = int(len(ids) and 1 + (ids[1:] != ids[:-1]).sum())
         data = backend.encode(cols)
         file = stem + backend.suffix
         self.shards_location.write_atomic(file, data)

@@ -391,9 +391,13 @@ _ZIP_DATE = (1980, 1, 1, 0, 0, 0)
 
 
 def _chunk_rows(shape: tuple[int, ...], itemsize: int) -> tuple[int, ...]:
+    """Chunk shape: whole rows, about :data:`ZARR_CHUNK_BYTES`, split evenly so the last
+    chunk is not mostly padding (zarr stores every chunk at full size)."""
     row_bytes = itemsize * (shape[1] if len(shape) == 2 else 1)
-    rows = max(1, min(max(shape[0], 1), ZARR_CHUNK_BYTES // max(row_bytes, 1)))
-    return (rows, *[max(s, 1) for s in shape[1:]])
+    num_rows = max(shape[0], 1)
+    per_chunk = max(1, min(num_rows, ZARR_CHUNK_BYTES // max(row_bytes, 1)))
+    num_chunks = -(-num_rows // per_chunk)
+    return (-(-num_rows // num_chunks), *[max(s, 1) for s in shape[1:]])
 
 
 class ZarrBackend:

@@ -141,6 +141,10 @@ class StoreConformance:
             assert_same_rows(kind, got, rows)
         suffix = get_backend(backend).suffix
         assert [r.file for r in opened.shards] == [f"shard-0000{i}{suffix}" for i in range(3)]
+        assert admin.verify(opened).ok
+        described = admin.describe(opened, num_samples=2)
+        assert [s["sample_id"] for s in described["samples"]] == written[0][0][:2].tolist()
+        assert all(0.0 < p <= 1.0 for s in described["samples"] for p in s["top_probs"])
 
     def test_rewrite_is_byte_identical(self, store_root, backend, kind):
         entry = make_entry(store_root, backend, kind)
