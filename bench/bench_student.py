@@ -1,0 +1,179 @@
+"""The student stage: what reading cached soft targets costs, and what caching saves.
+
+Side by side in one process, one DeepSpeed rank on the CPU, the same student (an MLP
+784-128-10), the same data (synthetic 28x28 uint8 images, 10 classes, 8 shards), the same
+batch and the same number of steps (one epoch):
+
+* ``hard``: hard labels alone (cross-entropy), read by a ``ShardedStream``;
+* ``cached``: distillation from the cache (``SoftTargetDataset``: the Arrow read, the
+  sample_id join and the ensemble combination of 3 teachers, then ``kd_loss``);
+* ``online``: the same distillation with the 3 teachers (MLPs 784-512-256-10) run in the
+  loop on every batch, as without a cache.
+
+Each round trains each case once, interleaved, so load from other processes hits every
+case alike; each case keeps its best epoch time. The teacher stage that fills the cache
+runs once before timing (its time is reported, not counted).
+
+    python bench/bench_student.py --quick            # about a minute on 2 cores
+    python bench/bench_student.py --json out.json    # {"name", "figures", "ratios"}
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+import tempfile
+import time
+
+import numpy as np
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import kdcache
+from kdcache import losses
+from kdcache.stream import ShardedStream
+from kdcache.train import cpu_ds_config, train_student
+
+TEMPERATURE, ALPHA = 4.0, 0.9
+
+
+def _mlp(hidden: list[int], seed: int) -> torch.nn.Module:
+    torch.manual_seed(seed)
+    layers: list[torch.nn.Module] = [torch.nn.Flatten()]
+    width = 784
+    for h in hidden:
+        layers += [torch.nn.Linear(width, h), torch.nn.ReLU()]
+        width = h
+    layers.append(torch.nn.Linear(width, 10))
+    return _Scaled(torch.nn.Sequential(*layers))
+
+
+class _Scaled(torch.nn.Module):
+    """uint8 images in, logits out (the model normalises, as pipelines.models does)."""
+
+    def __init__(self, net: torch.nn.Module) -> None:
+        super().__init__()
+        self.net = net
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x.float() / 255.0)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help="16,384 samples instead of 65,536")
+    ap.add_argument("--samples", type=int, default=None)
+    ap.add_argument("--rounds", type=int, default=None)
+    ap.add_argument("--batch-size", type=int, default=256)
+    ap.add_argument("--threads", type=int, default=1, help="torch threads (1: least noise)")
+    ap.add_argument("--json", default=None, metavar="PATH")
+    args = ap.parse_args(argv)
+    n = args.samples or (16384 if args.quick else 65536)
+    rounds = args.rounds or 3
+    torch.set_num_threads(args.threads)
+    logging.basicConfig(level=logging.WARNING)
+    logging.getLogger("DeepSpeed").setLevel(logging.ERROR)
+
+    rng = np.random.default_rng(0)
+    labels = rng.integers(0, 10, n)
+    means = rng.integers(0, 256, (10, 784))
+    images = np.clip(means[labels] + rng.normal(0, 60, (n, 784)), 0, 255).astype(np.uint8)
+    ds = kdcache.ArrayDataset(
+        np.arange(n), images, labels, num_shards=8, preprocessing={"bench": "student"}
+    )
+    teachers = [
+        kdcache.Teacher.from_module(_mlp([512, 256], seed=s), name=f"t{s}", config={"s": s})
+        for s in range(3)
+    ]
+    ensemble = kdcache.TeacherEnsemble(teachers, rule="mean_probs")
+    with tempfile.TemporaryDirectory() as root:
+        t = time.perf_counter()
+        cache = kdcache.build_cache(
+            ds, ensemble, temperature=TEMPERATURE, root=root, executor="local", progress=False
+        )
+        teacher_stage_s = time.perf_counter() - t
+
+        def kd(logits: torch.Tensor, log_probs: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+            return losses.kd_loss(
+                logits, log_probs, temperature=TEMPERATURE, alpha=ALPHA, labels_B=y
+            )
+
+        cases = {
+            "hard": (
+                lambda: ShardedStream(ds, batch_size=args.batch_size, seed=0),
+                lambda lg, b: losses.cross_entropy(lg, b["labels"]),
+            ),
+            "cached": (
+                lambda: kdcache.SoftTargetDataset(cache, ds, batch_size=args.batch_size, seed=0),
+                lambda lg, b: kd(lg, b["teacher_log_probs"], b["labels"]),
+            ),
+            "online": (
+                lambda: ShardedStream(ds, batch_size=args.batch_size, seed=0),
+                lambda lg, b: kd(
+                    lg, ensemble.log_probs(b["inputs"], temperature=TEMPERATURE), b["labels"]
+                ),
+            ),
+        }
+        best = dict.fromkeys(cases, float("inf"))
+        steps = 0
+        for _ in range(rounds):
+            for name, (make_stream, loss_fn) in cases.items():
+                stream = make_stream()
+                steps = len(stream)
+                _, result = train_student(
+                    _mlp([128], seed=1),
+                    stream,
+                    loss_fn,
+                    ds_config=cpu_ds_config(lr=1e-3, micro_batch_size=args.batch_size),
+                    max_steps=steps,
+                    progress=False,
+                )
+                best[name] = min(best[name], result.wall_s)
+        cache_bytes = cache.num_bytes
+    figures = {
+        "samples": n,
+        "steps_per_epoch": steps,
+        "batch_size": args.batch_size,
+        "rounds": rounds,
+        "threads": args.threads,
+        "teacher_stage_s": teacher_stage_s,
+        "cache_bytes": cache_bytes,
+        **{f"{k}_epoch_s": v for k, v in best.items()},
+    }
+    ratios = {
+        "cached_over_hard": best["cached"] / best["hard"],
+        "online_over_cached": best["online"] / best["cached"],
+    }
+    rows = [
+        ("case", "epoch s", "samples/s", "vs hard"),
+        *[(k, f"{v:.3f}", f"{n / v:,.0f}", f"{v / best['hard']:.3f}x") for k, v in best.items()],
+    ]
+    widths = [max(len(r[i]) for r in rows) for i in range(4)]
+    for i, r in enumerate(rows):
+        print(
+            "  ".join(
+                c.ljust(w) if j == 0 else c.rjust(w)
+                for j, (c, w) in enumerate(zip(r, widths, strict=True))
+            )
+        )
+        if i == 0:
+            print("  ".join("-" * w for w in widths))
+    print(
+        f"\ncached over hard labels: {ratios['cached_over_hard']:.3f}x (goal < 1.05)   "
+        f"online over cached (speed-up of the cache): {ratios['online_over_cached']:.2f}x\n"
+        f"{n:,} samples, {steps} steps of {args.batch_size}, best of {rounds} rounds, "
+        f"{args.threads} thread(s); teacher stage (once) {teacher_stage_s:.2f} s"
+    )
+    result = {"name": "bench_student", "figures": figures, "ratios": ratios}
+    if args.json:
+        with open(args.json, "w") as fh:
+            json.dump(result, fh, indent=2, sort_keys=True)
+    return result
+
+
+if __name__ == "__main__":
+    main()
