@@ -96,7 +96,8 @@ def main() -> None:
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # local benchmark cluster only
     import ray
 
-    ray.init(num_cpus=2, include_dashboard=False, logging_level="ERROR")
+    # address="local": a fresh cluster even if another one runs on this machine
+    ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level="ERROR")
     torch.set_num_threads(1)  # what one actor with one CPU gets
     ds = make_inputs(num, num_shards=8)
     teachers = make_teachers()
