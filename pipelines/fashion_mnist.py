@@ -137,6 +137,49 @@ def train_dataset(
     )
 
 
+def _student_labels(
+    y_train: np.ndarray, student_labels: int, seed: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """The labelled images the students may use, and the labels with the rest masked (-100)."""
+    n = len(y_train)
+    rng = np.random.default_rng(seed)
+    labelled = np.sort(rng.choice(n, size=student_labels, replace=False))
+    masked = np.full(n, losses.IGNORE_INDEX, dtype=np.int64)
+    masked[labelled] = y_train[labelled]
+    return labelled, masked
+
+
+def student_dataset(
+    data_dir: str = DEFAULT_DATA_DIR,
+    num_shards: int = 8,
+    subset: int | None = None,
+    student_labels: int = 1000,
+    seed: int = 0,
+) -> ArrayDataset:
+    """The training set as the distilled student sees it: every image, but only
+    ``student_labels`` of them labelled (the rest -100). Same records, so the same
+    fingerprint and cache, as :func:`train_dataset`; ``kdcache train`` configs name it."""
+    x_train, y_train, _, _ = _subset(load_fashion_mnist(data_dir), subset)
+    _, masked = _student_labels(y_train, student_labels, seed)
+    return ArrayDataset(
+        np.arange(len(x_train)), x_train, masked, num_shards=num_shards, preprocessing=PREPROCESSING
+    )
+
+
+def heldout_dataset(
+    data_dir: str = DEFAULT_DATA_DIR, subset: int | None = None, num_shards: int = 1
+) -> ArrayDataset:
+    """The Fashion-MNIST test set (``sample_id`` = TEST_ID_OFFSET + index), held out."""
+    _, _, x_test, y_test = _subset(load_fashion_mnist(data_dir), subset)
+    return ArrayDataset(
+        TEST_ID_OFFSET + np.arange(len(x_test)),
+        x_test,
+        y_test,
+        num_shards=num_shards,
+        preprocessing={**PREPROCESSING, "split": "test"},
+    )
+
+
 def _config_hash(cfg: dict[str, Any]) -> str:
     return hashlib.sha256(json.dumps(cfg, sort_keys=True).encode()).hexdigest()[:10]
 
@@ -365,10 +408,7 @@ def run(s: Settings) -> dict[str, Any]:
     build_yaml = write_build_config(s, list(zip(teachers, paths, strict=True)))
 
     # -- student stage on DeepSpeed ---------------------------------------------------------
-    rng = np.random.default_rng(s.seed)
-    labelled = np.sort(rng.choice(n, size=s.student_labels, replace=False))
-    masked = np.full(n, losses.IGNORE_INDEX, dtype=np.int64)
-    masked[labelled] = y_train[labelled]
+    labelled, masked = _student_labels(y_train, s.student_labels, s.seed)
     kd_data = ArrayDataset(
         np.arange(n), x_train, masked, num_shards=s.num_shards, preprocessing=PREPROCESSING
     )
@@ -393,6 +433,8 @@ def run(s: Settings) -> dict[str, Any]:
 
     def test_accuracy(module: torch.nn.Module) -> dict[str, float]:
         return {"test_accuracy": accuracy(predict_logits(module, x_test), y_test)}
+
+    train_yaml = write_train_config(s, cache.key, batch, steps, max(1, steps // 25))
 
     students = {}
     curves: dict[str, list[tuple[int, float]]] = {}
@@ -483,6 +525,7 @@ def run(s: Settings) -> dict[str, Any]:
         },
         "settings": {k: v for k, v in vars(s).items() if k not in ("progress",)},
         "build_config": build_yaml,
+        "train_config": train_yaml,
         "student_steps": steps,
         "student_curves": {role: [list(p) for p in c] for role, c in curves.items()},
         "plot": plot,
@@ -524,6 +567,48 @@ def write_build_config(s: Settings, teachers: list[tuple[kdcache.Teacher, str]])
     with open(path, "w") as f:
         f.write("# The teacher stage of `kdcache demo fashion-mnist`, as a build config.\n")
         f.write("# Rerun it with: kdcache build " + path + "\n")
+        yaml.safe_dump(config, f, sort_keys=False)
+    return path
+
+
+def write_train_config(s: Settings, cache_key: str, batch: int, steps: int, eval_every: int) -> str:
+    """Write WORK_DIR/train.yaml: the distilled student of this run as a ``kdcache train``
+    config (same initial weights, sample order, loss, optimizer and steps), so
+    ``kdcache train WORK_DIR/train.yaml`` reproduces it without the demo."""
+    import yaml
+
+    data = {"data_dir": s.data_dir, "subset": s.subset}
+    config = {
+        "output_dir": os.path.abspath(os.path.join(s.work_dir, "train")),
+        "student": {
+            "factory": "pipelines.models:build_model",
+            "kwargs": {"arch": STUDENT["arch"], **STUDENT["kwargs"]},
+        },
+        "cache": {
+            "uri": cache_key,
+            "root": os.path.abspath(s.cache_root) if "://" not in s.cache_root else s.cache_root,
+        },
+        "dataset": {
+            "factory": "pipelines.fashion_mnist:student_dataset",
+            "kwargs": {
+                **data,
+                "num_shards": s.num_shards,
+                "student_labels": s.student_labels,
+                "seed": s.seed,
+            },
+        },
+        "eval_dataset": {"factory": "pipelines.fashion_mnist:heldout_dataset", "kwargs": data},
+        "lr": s.lr,
+        "loss": {"kind": "forward_kl", "temperature": s.temperature, "alpha": s.alpha},
+        "stream": {"batch_size": batch},
+        "max_steps": steps,
+        "seed": s.seed,
+        "eval_every": eval_every,
+    }
+    path = os.path.join(s.work_dir, "train.yaml")
+    with open(path, "w") as f:
+        f.write("# The distilled student of `kdcache demo fashion-mnist`, as a train config.\n")
+        f.write("# Rerun it with: kdcache train " + path + "\n")
         yaml.safe_dump(config, f, sort_keys=False)
     return path
 
