@@ -1,17 +1,48 @@
 #!/usr/bin/env bash
 # Start or stop a Ray head on 127.0.0.1, to try the cluster path on one machine.
 #
-#   bash cluster/local_ray.sh start     # prints the address to pass as --address / RAY_ADDRESS
+#   bash cluster/local_ray.sh start     # prints the addresses to use
 #   bash cluster/local_ray.sh stop
+#
+# The head runs the dashboard, which serves the Ray Jobs API that `kdcache submit` talks
+# to (http://127.0.0.1:8265). Jobs run `python` from the head's PATH, so the virtual
+# environment's bin/ is put first. Environment: RAY (the ray binary, default
+# .venv/bin/ray), RAY_PORT (GCS, 6379), RAY_DASHBOARD_PORT (8265), RAY_NUM_CPUS (all),
+# RAY_AUTH_MODE (disabled).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 RAY=${RAY:-.venv/bin/ray}
 PORT=${RAY_PORT:-6379}
+DASHBOARD_PORT=${RAY_DASHBOARD_PORT:-8265}
 case "${1:-}" in
   start)
-    "$RAY" start --head --node-ip-address=127.0.0.1 --port="$PORT" --include-dashboard=false \
-      --disable-usage-stats >/dev/null
-    echo "Ray head running; use: --address 127.0.0.1:$PORT  (or export RAY_ADDRESS=127.0.0.1:$PORT)"
+    RAY_BIN_DIR=$(cd "$(dirname "$RAY")" && pwd)
+    export PATH="$RAY_BIN_DIR:$PATH"
+    export RAY_USAGE_STATS_ENABLED=0
+    # A head for one machine, its dashboard on 127.0.0.1 only: Ray's token authentication
+    # is off unless RAY_AUTH_MODE=token is set (then clients need RAY_AUTH_MODE=token too).
+    export RAY_AUTH_MODE=${RAY_AUTH_MODE:-disabled}
+    extra=()
+    if [[ -n "${RAY_NUM_CPUS:-}" ]]; then extra+=(--num-cpus="$RAY_NUM_CPUS"); fi
+    "$RAY" start --head --node-ip-address=127.0.0.1 --port="$PORT" \
+      --include-dashboard=true --dashboard-host=127.0.0.1 --dashboard-port="$DASHBOARD_PORT" \
+      --disable-usage-stats "${extra[@]}" >/dev/null
+    # The job server answers a little after `ray start` returns; wait for it (60 s).
+    for _ in $(seq 60); do
+      # Any HTTP answer counts (401 too: Ray's token authentication may be on).
+      if "$RAY_BIN_DIR/python" -c "import sys, urllib.error, urllib.request as u
+try: u.urlopen(sys.argv[1], timeout=2)
+except urllib.error.HTTPError: pass" "http://127.0.0.1:$DASHBOARD_PORT/api/version" \
+        2>/dev/null; then
+        echo "Ray head running on 127.0.0.1:$PORT"
+        echo "  jobs:    kdcache submit build CONFIG --address http://127.0.0.1:$DASHBOARD_PORT"
+        echo "  drivers: --address 127.0.0.1:$PORT  (or export RAY_ADDRESS=127.0.0.1:$PORT)"
+        exit 0
+      fi
+      sleep 1
+    done
+    echo "Ray started but its job server on 127.0.0.1:$DASHBOARD_PORT did not answer" >&2
+    exit 1
     ;;
   stop)
     "$RAY" stop --force >/dev/null
