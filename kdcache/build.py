@@ -7,6 +7,7 @@ interrupted entry only the shards without a commit record are computed.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import platform
 import threading
@@ -22,7 +23,7 @@ from kdcache import __version__, schema, targets
 from kdcache.cache import CacheEntry, EnsembleView, Lease
 from kdcache.config import BuildConfig
 from kdcache.data import ShardedDataset
-from kdcache.errors import ConfigError, RetriableError
+from kdcache.errors import ConfigError, RetriableError, TeacherOutputError
 from kdcache.schema import TargetSpec
 from kdcache.teachers import Teacher, TeacherEnsemble
 
@@ -75,6 +76,15 @@ def compute_shard(
     start = time.perf_counter()
     shard = dataset.read_shard(shard_index)
     ids = np.array(shard["sample_id"], dtype=np.int64)  # a writable copy
+    if "token_offsets" in shard:
+        num_rows = 0
+        for teacher, entry in zip(teachers, entries, strict=True):
+            num_rows = _compute_token_shard(shard, teacher, entry, shard_index, batch_size)
+        return {
+            "samples": float(len(ids) * len(teachers)),
+            "seconds": time.perf_counter() - start,
+            "tokens": float(num_rows * len(teachers)),
+        }
     inputs = shard["inputs"]
     for teacher, entry in zip(teachers, entries, strict=True):
         temperature = float(entry.spec["targets"]["temperature"])
@@ -90,6 +100,252 @@ def compute_shard(
         values = np.concatenate(parts) if parts else np.zeros((0, 0), np.float32)
         entry.write_shard(shard_index, ids, values)
     return {"samples": float(len(ids) * len(teachers)), "seconds": time.perf_counter() - start}
+
+
+#: Most logits (B x T x V floats) one teacher forward pass may return on the token path:
+#: 2^26 float32 = 256 MiB; a batch of long sequences is split to stay under it.
+MAX_LOGITS_PER_PASS = 1 << 26
+
+
+def _sample_seed(seed: int, sample_id: int) -> int:
+    """A 63-bit generator seed from (spec seed, sample_id): draws do not depend on the
+    batch size, the shard layout or the actor that runs the sample."""
+    digest = hashlib.sha256(f"{int(seed)}:{int(sample_id)}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") >> 1
+
+
+def sparsify(
+    scaled_MV: torch.Tensor,
+    spec: TargetSpec,
+    *,
+    labels_M: torch.Tensor | None = None,
+    row_sample_ids_M: np.ndarray | None = None,
+) -> targets.SparseTargets | np.ndarray:
+    """The targets of ``spec`` for M rows of scaled logits (one row per token or sample).
+
+    Args:
+        scaled_MV: float32 ``z / tau``, shape [M, V].
+        spec: The entry's :class:`TargetSpec` (kind and params).
+        labels_M: int64 [M] true next tokens / labels; kept in an extra slot when the spec
+            has ``labels: true``.
+        row_sample_ids_M: int64 [M] sample of each row; ``sampled`` draws use a generator
+            seeded by (``seed`` param, sample_id), so bytes do not depend on batching.
+
+    Returns:
+        float32 numpy [M, V] for ``dense``; else :class:`kdcache.targets.SparseTargets`.
+
+    Raises:
+        ConfigError: ``mixture`` (made by combining entries, never by a teacher).
+    """
+    if spec.kind == "dense":
+        return scaled_MV.numpy()
+    labels = labels_M if spec.param("labels", False) else None
+    grid: dict[str, Any] = {
+        "temperature": spec.temperature,
+        "grid_temperatures": spec.grid_temperatures,
+    }
+    if spec.kind == "topk":
+        return targets.topk_targets(scaled_MV, int(spec.param("k")), labels_B=labels, **grid)
+    if spec.kind == "topp":
+        return targets.topp_targets(
+            scaled_MV,
+            float(spec.param("top_p")),
+            min_k=int(spec.param("min_k", 1)),
+            max_k=int(spec.param("max_k")),
+            labels_B=labels,
+            **grid,
+        )
+    if spec.kind == "sampled":
+        n = int(spec.param("num_samples"))
+        seed = int(spec.param("seed", 0))
+        if row_sample_ids_M is None:
+            gen = torch.Generator().manual_seed(seed)
+            return targets.sampled_targets(scaled_MV, n, labels_B=labels, generator=gen, **grid)
+        parts = []
+        bounds = np.flatnonzero(np.diff(row_sample_ids_M)) + 1
+        for lo, hi in zip(
+            [0, *bounds.tolist()], [*bounds.tolist(), len(row_sample_ids_M)], strict=True
+        ):
+            gen = torch.Generator().manual_seed(_sample_seed(seed, int(row_sample_ids_M[lo])))
+            parts.append(
+                targets.sampled_targets(
+                    scaled_MV[lo:hi],
+                    n,
+                    labels_B=None if labels is None else labels[lo:hi],
+                    generator=gen,
+                    **grid,
+                )
+            )
+        return concat_sparse(parts)
+    raise ConfigError(
+        f"a teacher cannot produce {spec.kind!r} targets; combine entries with "
+        "kdcache.targets.combine_sparse_ensemble instead"
+    )
+
+
+def concat_sparse(parts: Sequence[targets.SparseTargets]) -> targets.SparseTargets:
+    """Stack SparseTargets row-wise (same kind; the slot count S is the largest, others
+    padded with ``PAD_ID``).
+
+    Raises:
+        ConfigError: no parts, or parts of different kinds or grids.
+    """
+    if not parts:
+        raise ConfigError("concat_sparse needs at least one part")
+    first = parts[0]
+    if any(p.kind != first.kind or p.grid_temperatures != first.grid_temperatures for p in parts):
+        raise ConfigError("concat_sparse: parts differ in kind or grid temperatures")
+    width = max(p.num_slots for p in parts)
+
+    def widen(x: torch.Tensor, fill: float) -> torch.Tensor:
+        if x.shape[1] == width:
+            return x
+        pad = torch.full((x.shape[0], width - x.shape[1]), fill, dtype=x.dtype)
+        return torch.cat([x, pad], dim=1)
+
+    def cat(name: str) -> torch.Tensor | None:
+        got = [getattr(p, name) for p in parts]
+        return None if got[0] is None else torch.cat(got)
+
+    return targets.SparseTargets(
+        ids_BS=torch.cat([widen(p.ids_BS, targets.PAD_ID) for p in parts]),
+        values_BS=torch.cat([widen(p.values_BS, float("-inf")) for p in parts]),
+        log_partition_B=torch.cat([p.log_partition_B for p in parts]),
+        kind=first.kind,
+        counts_BS=None
+        if first.counts_BS is None
+        else torch.cat([widen(p.counts_BS, 0) for p in parts if p.counts_BS is not None]),
+        grid_temperatures=first.grid_temperatures,
+        log_partition_grid_BG=cat("log_partition_grid_BG"),
+        tail_log_mass_B=cat("tail_log_mass_B"),
+    )
+
+
+def _teacher_vocab(teacher: Teacher) -> int | None:
+    v = teacher.config.get("vocab_size")
+    return None if v is None else int(v)
+
+
+def _compute_token_shard(
+    shard: dict[str, np.ndarray],
+    teacher: Teacher,
+    entry: CacheEntry,
+    shard_index: int,
+    batch_size: int,
+) -> int:
+    """Token path of :func:`compute_shard`: per-position targets for one teacher.
+
+    For each batch of sequences (right-padded, so valid positions keep their causal
+    context), the teacher's logits [B, T, V] are cut to the target positions of each
+    sequence (:func:`kdcache.text.target_positions`: position t holds the distribution of
+    token t + 1; prompt and padding positions are dropped), scaled by 1 / tau and
+    sparsified per batch, so at most one batch of [B, T, V] logits is ever held. Rows are
+    written one per target position, with the sample's ``sample_id`` and the position.
+
+    Returns:
+        Rows (target positions) written.
+    """
+    from kdcache.text import target_positions
+
+    spec = TargetSpec.from_json(entry.spec["targets"])
+    ids = np.asarray(shard["sample_id"], dtype=np.int64)
+    toks = shard["tokens"]
+    offs = shard["token_offsets"]
+    plens = shard["prompt_lengths"]
+    pad_id = teacher.config.get("pad_token_id")
+    pad_id = 0 if pad_id is None else int(pad_id)
+    vocab = _teacher_vocab(teacher)
+    lengths = np.diff(offs)
+    row_ids: list[np.ndarray] = []
+    row_pos: list[np.ndarray] = []
+    outs: list[Any] = []
+    n = len(ids)
+    lo = 0
+    while lo < n:
+        # Sequences per pass: at most batch_size, and few enough that B * T * V logits fit.
+        hi = lo + 1
+        while hi < n and hi - lo < batch_size:
+            width = int(lengths[lo : hi + 1].max())
+            if (hi + 1 - lo) * width * (vocab or 50_000) > MAX_LOGITS_PER_PASS:
+                break
+            hi += 1
+        seqs = [toks[offs[i] : offs[i + 1]] for i in range(lo, hi)]
+        batch = torch.full((hi - lo, int(lengths[lo:hi].max())), pad_id, dtype=torch.int64)
+        for b, sq in enumerate(seqs):
+            batch[b, : len(sq)] = torch.from_numpy(sq.astype(np.int64))
+        logits_BTV = teacher.logits(batch)
+        if logits_BTV.dim() != 3 or tuple(logits_BTV.shape[:2]) != tuple(batch.shape):
+            raise TeacherOutputError(
+                f"teacher {teacher.name!r} must return logits [B, T, V] = "
+                f"[{batch.shape[0]}, {batch.shape[1]}, V] for token data, got "
+                f"{tuple(logits_BTV.shape)}"
+            )
+        if vocab is not None:
+            logits_BTV = targets.trim_vocab(logits_BTV, vocab, name=f"teacher {teacher.name!r}")
+        b_idx, t_idx = [], []
+        for b, i in enumerate(range(lo, hi)):
+            pos = target_positions(int(lengths[i]), int(plens[i]))
+            b_idx.append(np.full(len(pos), b))
+            t_idx.append(pos)
+        bb = torch.from_numpy(np.concatenate(b_idx))
+        tt = torch.from_numpy(np.concatenate(t_idx))
+        rows_M = ids[lo:hi][bb.numpy()]
+        logits_MV = logits_BTV[bb, tt]
+        del logits_BTV
+        targets.check_finite(logits_MV, teacher=teacher.name, sample_ids_B=torch.from_numpy(rows_M))
+        scaled_MV = targets.scale_logits(logits_MV, spec.temperature)
+        labels_M = batch[bb, tt + 1]
+        outs.append(sparsify(scaled_MV, spec, labels_M=labels_M, row_sample_ids_M=rows_M))
+        row_ids.append(rows_M)
+        row_pos.append(tt.numpy())
+        lo = hi
+    all_ids = np.concatenate(row_ids) if row_ids else np.zeros(0, np.int64)
+    all_pos = np.concatenate(row_pos) if row_pos else np.zeros(0, np.int64)
+    if spec.is_sparse:
+        if not outs:
+            raise ConfigError(f"shard {shard_index} is empty; a token entry needs sequences")
+        values: Any = concat_sparse(outs)
+    else:
+        values = np.concatenate(outs) if outs else np.zeros((0, vocab or 0), np.float32)
+    entry.write_shard(
+        shard_index,
+        all_ids,
+        values,
+        vocab_size=vocab
+        if vocab is not None
+        else int(values.ids_BS.max()) + 1
+        if spec.is_sparse
+        else None,
+        positions_N=all_pos,
+    )
+    return len(all_ids)
+
+
+def check_teacher_vocabularies(ensemble: TeacherEnsemble, dataset: Any) -> int | None:
+    """Refuse teachers whose vocabularies (size or tokenizer files) differ from each other
+    or from the token dataset's tokenizer (``preprocessing["tokenizer_sha256"]`` and
+    ``["vocab_size"]``, when the dataset records them).
+
+    Returns:
+        The shared vocabulary size, or None when no teacher declares one.
+
+    Raises:
+        ConfigError: sizes or tokenizer fingerprints differ (names every model).
+    """
+    sizes = {t.name: v for t in ensemble if (v := _teacher_vocab(t)) is not None}
+    prints = {
+        t.name: str(t.config["tokenizer_sha256"])
+        for t in ensemble
+        if t.config.get("tokenizer_sha256")
+    }
+    prep = getattr(dataset, "preprocessing", {}) or {}
+    if prep.get("vocab_size") is not None and sizes:
+        sizes["dataset"] = int(prep["vocab_size"])
+    if prep.get("tokenizer_files_sha256") and prints:
+        prints["dataset"] = str(prep["tokenizer_files_sha256"])
+    if not sizes:
+        return None
+    return targets.check_vocabularies(sizes, fingerprints=prints or None)
 
 
 def _as_ensemble(teachers: Teacher | TeacherEnsemble | Sequence[Teacher]) -> TeacherEnsemble:
@@ -117,6 +373,8 @@ def build_cache(
     max_retries: int = 2,
     lease_ttl_s: float = 600.0,
     progress: bool = True,
+    kind: str = "dense",
+    params: dict[str, Any] | None = None,
 ) -> CacheEntry | EnsembleView:
     """Cache every teacher's scaled logits over ``dataset`` and return the cache.
 
@@ -144,13 +402,26 @@ def build_cache(
             failures only; teacher errors fail at once).
         lease_ttl_s: Seconds before a crashed job's lease can be taken over.
         progress: Show a progress bar.
+        kind: Target kind, ``"dense"`` (default: all V scaled logits per row) or a sparse
+            kind ``"topk"``, ``"topp"``, ``"sampled"`` (:class:`kdcache.schema.TargetSpec`).
+        params: Sparsification parameters of ``kind`` (``{"k": 32}``, ``{"top_p": 0.9,
+            "max_k": 64}``, ``{"num_samples": 24, "seed": 0}``, optionally ``labels``
+            and ``grid_temperatures``); part of the key. None for dense, so dense keys
+            are unchanged.
+
+    Token datasets (a :class:`kdcache.text.TokenDataset`, whose shards carry
+    ``token_offsets``) get one row per target position: teachers return logits
+    [B, T, V], position t's row holds the distribution of token t + 1, prompt and padding
+    positions are skipped, and targets are sparsified per batch (``docs/format.md``,
+    "Token-level entries"). Their teachers must share one vocabulary and tokenizer.
 
     Returns:
         A :class:`CacheEntry` for one teacher, else an :class:`EnsembleView` (saved under
         ``<root>/ensembles/``). Its ``build_report`` attribute is a :class:`BuildReport`.
 
     Raises:
-        ConfigError: bad temperature, dtype, backend or executor.
+        ConfigError: bad temperature, dtype, backend, executor, kind or params; teachers
+            whose vocabularies or tokenizers differ (token datasets).
         TeacherOutputError: a teacher returned NaN/inf or a wrong shape (names the
             teacher and the sample); everything committed before stays committed.
         LeaseHeldError: another job is building the same entry and did not finish in time.
@@ -161,7 +432,15 @@ def build_cache(
         raise ConfigError(f"batch_size must be >= 1, got {batch_size}")
     started = time.perf_counter()
     ensemble = _as_ensemble(teachers)
-    spec = TargetSpec(temperature=temperature, storage_dtype=storage_dtype, backend=backend)
+    spec = TargetSpec(
+        temperature=temperature,
+        storage_dtype=storage_dtype,
+        backend=backend,
+        kind=kind,
+        params=params,
+    )
+    if getattr(dataset, "token_level", False):
+        check_teacher_vocabularies(ensemble, dataset)
     dataset_fp = dataset.fingerprint()
     entries = []
     for teacher in ensemble:

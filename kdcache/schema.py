@@ -46,6 +46,9 @@ COL_LOG_PARTITION = "log_partition"
 COL_TAIL_LOG_MASS = "tail_log_mass"
 #: float32 [N, G]: logsumexp of z / tau_g for the grid temperatures tau_g.
 COL_LOG_PARTITION_GRID = "log_partition_grid"
+#: int32 [N], token-level entries only: row n holds the teacher's distribution of token
+#: position[n] + 1 of its sample (rows of one sample are contiguous; see docs/format.md).
+COL_POSITION = "position"
 
 #: File-level metadata key (Arrow schema, Parquet key-value, Zarr group attributes).
 META_KEY = "kdcache"

@@ -6,7 +6,7 @@ import argparse
 import runpy
 import sys
 
-DEMOS = {"fashion-mnist": "pipelines.fashion_mnist"}
+DEMOS = {"fashion-mnist": "pipelines.fashion_mnist", "fortunes-lm": "pipelines.lm_fortunes"}
 
 
 def register(sub: argparse._SubParsersAction) -> None:
