@@ -398,12 +398,16 @@ class SoftTargetDataset(ShardedStream):
             ``retemper=True`` (dense targets re-temper exactly).
         retemper: Allow a temperature different from the cache's.
         verify: Check each shard's SHA-256 against the manifest when reading.
+        output: ``"log_probs"`` (soft targets) or ``"features"`` (entries of feature
+            teachers, see :meth:`kdcache.Teacher.feature`: the stored values times the
+            cache's temperature, i.e. the raw features).
         **kwargs: Order and sharding options of :class:`ShardedStream`.
 
     Yields:
         dicts with ``sample_id`` [B], ``inputs`` [B, ...], ``labels`` [B] (if any) and
-        ``teacher_log_probs`` float32 [B, V]: the (ensemble-combined) log soft targets at
-        ``temperature``.
+        either ``teacher_log_probs`` float32 [B, V]: the (ensemble-combined) log soft
+        targets at ``temperature``, or ``teacher_features`` float32 [B, D] (one entry) or
+        [B, K, D] (K entries).
 
     Raises:
         SpecMismatchError: the cache was built over another dataset, or at another
@@ -420,8 +424,12 @@ class SoftTargetDataset(ShardedStream):
         temperature: float | None = None,
         retemper: bool = False,
         verify: bool = True,
+        output: str = "log_probs",
         **kwargs: Any,
     ) -> None:
+        if output not in ("log_probs", "features"):
+            raise ConfigError(f"output must be 'log_probs' or 'features', got {output!r}")
+        self.output = output
         super().__init__(dataset, **kwargs)
         self.view = as_view(cache)
         first = self.view.entries[0]
@@ -461,6 +469,10 @@ class SoftTargetDataset(ShardedStream):
                 )
             order = np.argsort(ids)[np.searchsorted(ids[np.argsort(ids)], want)]
             scaled_KNV = scaled_KNV[:, order]
+        if self.output == "features":
+            feats = np.asarray(scaled_KNV, dtype=np.float32) * np.float32(self.cache_temperature)
+            feats = feats[0] if len(feats) == 1 else np.ascontiguousarray(feats.transpose(1, 0, 2))
+            return {**inputs, "teacher_features": feats}
         scaled = torch.from_numpy(scaled_KNV)
         if self.temperature != self.cache_temperature:
             scaled = targets.retemper(scaled, self.cache_temperature, self.temperature)

@@ -112,6 +112,47 @@ class HFLogits(torch.nn.Module):
         return logits
 
 
+class FeatureTap(torch.nn.Module):
+    """Runs a model and returns the output of one of its submodules, flattened to [B, D].
+
+    The hook is registered for each call and removed after it, so the module pickles
+    (it travels to Ray actors) and the wrapped model is left untouched.
+
+    Args:
+        model: The teacher's module.
+        module_path: Dotted name of the submodule (as in ``model.named_modules()``).
+
+    Raises:
+        ConfigError: ``module_path`` names no submodule.
+    """
+
+    def __init__(self, model: torch.nn.Module, module_path: str) -> None:
+        super().__init__()
+        names = dict(model.named_modules())
+        if module_path not in names or module_path == "":
+            raise ConfigError(
+                f"no submodule {module_path!r}; choose one of: " + ", ".join(n for n in names if n)
+            )
+        self.model = model
+        self.module_path = module_path
+        self._captured: torch.Tensor | None = None
+
+    def _capture(self, module: torch.nn.Module, args: Any, output: Any) -> None:
+        self._captured = output[0] if isinstance(output, tuple) else output
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        sub = self.model.get_submodule(self.module_path)
+        handle = sub.register_forward_hook(self._capture)
+        try:
+            self.model(x)
+        finally:
+            handle.remove()
+        out, self._captured = self._captured, None
+        if not isinstance(out, torch.Tensor):
+            raise TeacherOutputError(f"submodule {self.module_path!r} did not output a tensor")
+        return out.reshape(out.shape[0], -1)
+
+
 class Teacher:
     """A model that produces logits for the teacher stage.
 
@@ -277,6 +318,31 @@ class Teacher:
             module,
             json.loads(json.dumps(config, default=str)),
             autocast_dtype=autocast_dtype,
+        )
+
+    def feature(self, module_path: str, *, name: str | None = None) -> Teacher:
+        """A teacher whose output is a hidden feature of this one, for feature-based
+        (FitNets, Romero et al. 2015) and relation-based (RKD, Park et al. 2019)
+        distillation.
+
+        Cache it like any teacher at ``temperature=1.0``: the entry then stores the raw
+        features [N, D] (float32) as its own entry, keyed by the weights *and* the
+        submodule, and :class:`kdcache.SoftTargetDataset` with ``output="features"``
+        streams them back.
+
+        Args:
+            module_path: Dotted submodule name, e.g. ``"net.9"`` (see
+                ``module.named_modules()``); its output is flattened to [B, D].
+            name: Name of the new teacher (default ``"<name>:<module_path>"``).
+
+        Raises:
+            ConfigError: no such submodule.
+        """
+        return Teacher(
+            name or f"{self.name}:{module_path}",
+            FeatureTap(self.module, module_path),
+            {**self.config, "feature": module_path},
+            autocast_dtype=self.autocast_dtype,
         )
 
     @property
