@@ -325,6 +325,11 @@ def test_teacher_rayjob_ships_a_valid_build_config_to_its_entrypoint():
     args = entrypoint_parser().parse_args(argv[3:])
     assert args.stage == "build"
     assert os.path.dirname(args.config) in _mounted(job)
+    for group in job["spec"]["rayClusterSpec"]["workerGroupSpecs"]:  # an actor fits a pod
+        (container,) = group["template"]["spec"]["containers"]
+        limits = container["resources"]["limits"]
+        assert build.executor.gpus_per_actor <= int(limits["nvidia.com/gpu"])
+        assert build.executor.cpus_per_actor <= int(limits["cpu"])
 
 
 def test_student_rayjob_runs_ray_train_with_one_rank_per_gpu():

@@ -1,0 +1,305 @@
+"""``kdcache submit`` against a real Ray head started here (dashboard and job server on
+127.0.0.1): the teacher stage as a job, a resubmission that is a cache hit, the student
+stage from that cache, and a failing job whose error reaches the submitter."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+
+import pytest
+import torch
+import yaml
+
+import kdcache
+from kdcache.admin import verify
+from kdcache.testing import linear_teacher
+
+pytest.importorskip("ray.job_submission")
+pytestmark = pytest.mark.integration
+
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+NUM_RECORDS, NUM_SHARDS, TEMPERATURE = 96, 3, 2.0
+DATASET = {
+    "factory": "kdcache.testing:toy_dataset",
+    "kwargs": {"num_records": NUM_RECORDS, "num_shards": NUM_SHARDS},
+}
+LINEAR = {"in_features": 8, "out_features": 5}
+
+
+def _free_ports(n: int) -> list[int]:
+    socks = []
+    try:
+        for _ in range(n):
+            s = socket.socket()
+            s.bind(("127.0.0.1", 0))
+            socks.append(s)
+        return [s.getsockname()[1] for s in socks]
+    finally:
+        for s in socks:
+            s.close()
+
+
+def _process_table() -> dict[int, tuple[int, str, str]]:
+    """pid -> (parent pid, state, command line) of every live process."""
+    table = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        with contextlib.suppress(OSError, ValueError, IndexError):
+            with open(f"/proc/{entry}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+            with open(f"/proc/{entry}/cmdline", "rb") as f:
+                cmdline = f.read().decode(errors="replace")
+            table[int(entry)] = (int(fields[1]), fields[0], cmdline)
+    return table
+
+
+def _live() -> set[int]:
+    return {pid for pid, (_, state, _) in _process_table().items() if state != "Z"}
+
+
+def _started_by(root_pid: int, marker: str) -> set[int]:
+    """Live (non-zombie) processes below ``root_pid``, or naming ``marker`` (this head's
+    private temp dir) on their command line: what the fixture started, and nothing else."""
+    table = _process_table()
+    found = {pid for pid, (_, _, cmd) in table.items() if marker in cmd}
+    frontier = [root_pid]
+    while frontier:
+        parent = frontier.pop()
+        for pid, (ppid, _, _) in table.items():
+            if ppid == parent and pid not in found:
+                found.add(pid)
+                frontier.append(pid)
+    found.discard(os.getpid())
+    return {pid for pid in found if pid in table and table[pid][1] != "Z"}
+
+
+@pytest.fixture(scope="module")
+def head():
+    """A Ray head on 127.0.0.1 with its dashboard (the Jobs API) on a free port.
+
+    It runs as ``ray start --block`` with a private temp dir; teardown ends the processes
+    below it and any naming the temp dir, by pid, so it stops exactly what it started
+    (``ray stop`` would stop every Ray on the machine).
+    """
+    gcs, dashboard, agent_http, agent_grpc, metrics, client, runtime_env = _free_ports(7)
+    temp_dir = tempfile.mkdtemp(prefix="kdray-", dir="/tmp")  # short: Ray's socket paths
+    env = dict(os.environ)
+    env.update(
+        PATH=os.path.dirname(sys.executable) + os.pathsep + env.get("PATH", ""),
+        RAY_AUTH_MODE="disabled",
+        RAY_USAGE_STATS_ENABLED="0",
+    )
+    ray_bin = os.path.join(os.path.dirname(sys.executable), "ray")
+    cmd = [
+        ray_bin, "start", "--head", "--block", "--node-ip-address=127.0.0.1",
+        f"--port={gcs}", "--include-dashboard=true", "--dashboard-host=127.0.0.1",
+        f"--dashboard-port={dashboard}", f"--dashboard-agent-listen-port={agent_http}",
+        f"--dashboard-agent-grpc-port={agent_grpc}", f"--metrics-export-port={metrics}",
+        f"--ray-client-server-port={client}", f"--runtime-env-agent-port={runtime_env}",
+        "--num-cpus=2", f"--temp-dir={temp_dir}", "--disable-usage-stats",
+    ]  # fmt: skip
+    log_path = os.path.join(temp_dir, "ray-start.log")
+    log = open(log_path, "w")  # closed in teardown
+    proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT,
+                            start_new_session=True)  # fmt: skip
+    url = f"http://127.0.0.1:{dashboard}"
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                urllib.request.urlopen(f"{url}/api/version", timeout=2)
+                break
+            except urllib.error.HTTPError:
+                break  # answering (with an auth error): the server is up
+            except OSError:
+                if proc.poll() is not None or time.monotonic() > deadline:
+                    with open(log_path) as f:
+                        pytest.fail(f"the Ray head did not start:\n{f.read()[-3000:]}")
+                time.sleep(1)
+        yield url
+    finally:
+        # Ray's workers start their own sessions, so the process group is not enough: take
+        # the tree below `ray start` now (it is reparented once its parent dies) and end
+        # exactly those pids, plus anything naming this head's temp dir.
+        started = _started_by(proc.pid, temp_dir) | {proc.pid}
+        for sig, wait_s in ((signal.SIGTERM, 5.0), (signal.SIGKILL, 10.0)):
+            for pid in started:
+                with contextlib.suppress(ProcessLookupError, PermissionError):
+                    os.kill(pid, sig)
+            deadline = time.monotonic() + wait_s
+            while started and time.monotonic() < deadline:
+                time.sleep(0.5)
+                proc.poll()  # reap `ray start` itself
+                started = (started & _live()) | _started_by(proc.pid, temp_dir)
+        proc.wait(timeout=10)
+        log.close()
+        assert not started, f"Ray processes outlived the test: {sorted(started)}"
+        shutil.rmtree(temp_dir, ignore_errors=True)
+
+
+def _kdcache(*args: str, timeout: float = 240) -> subprocess.CompletedProcess:
+    env = dict(os.environ, RAY_AUTH_MODE="disabled")
+    env.pop("RAY_ADDRESS", None)
+    return subprocess.run(
+        [sys.executable, "-m", "kdcache.cli", *args],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+def _json_lines(text: str) -> list[dict]:
+    out = []
+    for line in text.splitlines():
+        if line.startswith("{"):
+            with contextlib.suppress(ValueError):
+                out.append(json.loads(line))
+    return out
+
+
+def _job_id(stderr: str) -> str:
+    for word in stderr.split():
+        if word.startswith("kdcache-"):
+            return word.rstrip(":")
+    raise AssertionError(f"no job id in:\n{stderr}")
+
+
+@pytest.fixture(scope="module")
+def configs(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("submit")
+    paths = {}
+    for s in range(2):
+        paths[f"t{s}"] = str(tmp / f"teacher-{s}.pt")
+        torch.save(linear_teacher(seed=s).module.state_dict(), paths[f"t{s}"])
+    root = str(tmp / "cache")
+    build = {
+        "root": root,
+        "alias": "toy-ensemble",
+        "dataset": DATASET,
+        "teachers": [
+            {
+                "name": f"linear-{s}",
+                "factory": "torch.nn:Linear",
+                "kwargs": LINEAR,
+                "checkpoint": paths[f"t{s}"],
+            }
+            for s in range(2)
+        ],
+        "targets": {"temperature": TEMPERATURE},
+        "executor": {"kind": "ray", "num_actors": 1, "batch_size": 32},
+    }
+    paths["build"] = str(tmp / "build.yaml")
+    with open(paths["build"], "w") as f:
+        yaml.safe_dump(build, f)
+    bad = json.loads(json.dumps(build))
+    bad["teachers"][0]["checkpoint"] = str(tmp / "missing-teacher.pt")
+    paths["bad"] = str(tmp / "bad.yaml")
+    with open(paths["bad"], "w") as f:
+        yaml.safe_dump(bad, f)
+    train = {
+        "output_dir": str(tmp / "student"),
+        "student": {"factory": "torch.nn:Linear", "kwargs": LINEAR},
+        "cache": {"uri": "toy-ensemble", "root": root},
+        "dataset": DATASET,
+        "loss": {"alpha": 0.9},
+        "stream": {"batch_size": 16},
+        "max_steps": 4,
+        "tensorboard": False,
+        "deepspeed": {
+            "optimizer": {"type": "AdamW", "params": {"lr": 0.01, "torch_adam": True}},
+            "steps_per_print": 10**9,
+        },
+    }
+    paths["train"] = str(tmp / "train.yaml")
+    with open(paths["train"], "w") as f:
+        yaml.safe_dump(train, f)
+    paths["root"] = root
+    paths["output_dir"] = train["output_dir"]
+    return paths
+
+
+@pytest.fixture(scope="module")
+def built(head, configs):
+    """The teacher stage, submitted once as a Ray job."""
+    result = _kdcache("submit", "build", configs["build"], "--address", head)
+    return result
+
+
+def test_teacher_stage_job_builds_the_cache(built, configs):
+    assert built.returncode == 0, built.stderr[-3000:]
+    assert "SUCCEEDED" in built.stderr
+    assert "Running entrypoint for job kdcache-build-" in built.stdout  # logs streamed
+    (summary,) = _json_lines(built.stdout)
+    assert summary["hit"] is False and summary["computed"] == 2 * NUM_SHARDS
+    cache = kdcache.open_cache("toy-ensemble", root=configs["root"])
+    assert cache.key == summary["key"]
+    result = verify(cache)
+    assert result.ok, result.problems
+    assert result.checked_rows == 2 * NUM_RECORDS
+
+
+def test_submitting_the_teacher_stage_again_is_a_cache_hit(built, head, configs):
+    assert built.returncode == 0
+    again = _kdcache("submit", "build", configs["build"], "--address", head)
+    assert again.returncode == 0, again.stderr[-3000:]
+    (summary,) = _json_lines(again.stdout)
+    (first,) = _json_lines(built.stdout)
+    assert summary["hit"] is True and summary["computed"] == 0
+    assert summary["key"] == first["key"]
+    assert "teacher stage skipped" in again.stdout
+
+
+def test_student_stage_job_trains_from_the_cache(built, head, configs):
+    assert built.returncode == 0
+    result = _kdcache("submit", "train", configs["train"], "--address", head)
+    assert result.returncode == 0, (result.stdout[-3000:], result.stderr[-3000:])
+    summaries = [s for s in _json_lines(result.stdout) if "steps" in s]
+    assert summaries, result.stdout[-3000:]
+    assert summaries[-1]["steps"] == 4
+    (first,) = _json_lines(built.stdout)
+    assert first["key"] in json.dumps(summaries[-1])  # trained from that cache
+    assert os.path.exists(os.path.join(configs["output_dir"], "student.safetensors"))
+
+
+def test_status_and_logs_follow_a_finished_job(built, head):
+    job = _job_id(built.stderr)
+    status = _kdcache("status", job, "--address", head, timeout=60)
+    assert status.returncode == 0, status.stderr
+    assert json.loads(status.stdout)["status"] == "SUCCEEDED"
+    logs = _kdcache("logs", job, "--address", head, timeout=60)
+    assert logs.returncode == 0 and "teacher stage done" in logs.stdout
+    followed = _kdcache("logs", job, "--follow", "--address", head, timeout=60)
+    assert followed.returncode == 0 and "SUCCEEDED" in followed.stderr
+
+
+def test_a_failing_job_exits_nonzero_and_shows_its_error(head, configs):
+    result = _kdcache("submit", "build", configs["bad"], "--address", head)
+    assert result.returncode == 1, result.stderr[-3000:]
+    assert "FAILED" in result.stderr and "missing-teacher.pt" in result.stderr
+    job = _job_id(result.stderr)
+    status = _kdcache("status", job, "--address", head, timeout=60)
+    assert status.returncode == 1
+    info = json.loads(status.stdout)
+    assert info["status"] == "FAILED" and info["driver_exit_code"] == 2
+
+
+def test_a_config_error_fails_before_anything_is_uploaded(head, configs):
+    result = _kdcache(
+        "submit", "build", configs["build"], "targets.temprature=3", "--address", head
+    )
+    assert result.returncode == 2
+    assert "temprature" in result.stderr and "submitted job" not in result.stderr
