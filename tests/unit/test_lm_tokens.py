@@ -169,6 +169,15 @@ def test_store_refuses_split_samples(world, root):
         cache.write_shard(0, ids, sparse, vocab_size=VOCAB, positions_N=cols.rows["position"])
 
 
+def test_verify_accepts_token_entries_and_counts_sequences(world, root):
+    from kdcache.admin import verify
+
+    cache = _build(world, root)
+    result = verify(cache)
+    assert result.ok, result.problems
+    assert result.checked_rows == world["ds"].num_targets > len(world["ds"])
+
+
 # -- padding ------------------------------------------------------------------------------
 
 
@@ -340,7 +349,7 @@ def test_ensemble_batches_combine_topk_and_keep_sampled_apart(world, root):
     logits = world["teacher"].module(b["inputs"]).detach().requires_grad_()
     loss = token_stream.token_distill_loss(logits, b, temperature=TAU, alpha=0.7)
     loss.backward()
-    assert float(loss) > 0 and torch.isfinite(logits.grad).all()
+    assert float(loss.detach()) > 0 and torch.isfinite(logits.grad).all()
 
 
 def test_sequence_level_data_masks_prompts(world, root):
