@@ -1,9 +1,14 @@
 """The ``kdcache`` command: ``kdcache --help`` lists the subcommands.
 
-    kdcache demo fashion-mnist [OPTIONS]   run the main job (kdcache demo NAME --help)
+    kdcache demo fashion-mnist|fortunes-lm [OPTIONS]   an end-to-end job on real data
+    kdcache build CONFIG [key=value ...]   the teacher stage (Ray), from a config file
+    kdcache train CONFIG [key=value ...]   the student stage (DeepSpeed), from a config
+    kdcache submit build|train CONFIG --address URL    either stage as a Ray job
+    kdcache status JOB | kdcache logs JOB  follow a submitted job
     kdcache inspect URI                    spec, teachers, shards, bytes, a few samples
     kdcache verify URI                     checksums, ids, finiteness; exit 1 on a fault
     kdcache ls ROOT                        entries, ensembles and aliases under a root
+    kdcache gc ROOT [--dry-run]            remove staging files and unreferenced shards
     kdcache alias ROOT NAME KEY            name a key
 
 URI is an entry directory (ROOT/entries/KEY), an ensemble view (ROOT/ensembles/KEY.json),
