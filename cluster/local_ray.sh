@@ -8,12 +8,24 @@
 # to (http://127.0.0.1:8265). Jobs run `python` from the head's PATH, so the virtual
 # environment's bin/ is put first. Environment: RAY (the ray binary, default
 # .venv/bin/ray), RAY_PORT (GCS, 6379), RAY_DASHBOARD_PORT (8265), RAY_NUM_CPUS (all),
-# RAY_AUTH_MODE (disabled).
+# RAY_AGENT_PORT (the dashboard agent, 52365: the job server hands jobs to it; pick
+# another on a machine where someone else's Ray holds it), RAY_AUTH_MODE (disabled),
+# RAY_TMP_DIR (/tmp/kdcache-ray-$USER-$RAY_PORT: the head's
+# private temp dir; `stop` ends only the processes that name it, not other Rays),
+# RAY_START_ARGS (more `ray start` arguments, e.g. other ports).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 RAY=${RAY:-.venv/bin/ray}
 PORT=${RAY_PORT:-6379}
 DASHBOARD_PORT=${RAY_DASHBOARD_PORT:-8265}
+AGENT_PORT=${RAY_AGENT_PORT:-52365}
+TMP_DIR=${RAY_TMP_DIR:-/tmp/kdcache-ray-${USER:-$(id -un)}-$PORT}
+head_pids() {  # processes of this head: their command lines name its temp dir
+  # ("[s]ession" so that grep's own command line does not match.)
+  local pattern
+  pattern="$(printf '%s' "$TMP_DIR" | sed 's/[][\\.*^$]/\\&/g')/[s]ession"
+  grep -l -- "$pattern" /proc/[0-9]*/cmdline 2>/dev/null | cut -d/ -f3 || true
+}
 case "${1:-}" in
   start)
     RAY_BIN_DIR=$(cd "$(dirname "$RAY")" && pwd)
@@ -24,9 +36,12 @@ case "${1:-}" in
     export RAY_AUTH_MODE=${RAY_AUTH_MODE:-disabled}
     extra=()
     if [[ -n "${RAY_NUM_CPUS:-}" ]]; then extra+=(--num-cpus="$RAY_NUM_CPUS"); fi
+    # shellcheck disable=SC2206  # split on purpose: a list of arguments
+    if [[ -n "${RAY_START_ARGS:-}" ]]; then extra+=($RAY_START_ARGS); fi
     "$RAY" start --head --node-ip-address=127.0.0.1 --port="$PORT" \
       --include-dashboard=true --dashboard-host=127.0.0.1 --dashboard-port="$DASHBOARD_PORT" \
-      --disable-usage-stats "${extra[@]}" >/dev/null
+      --dashboard-agent-listen-port="$AGENT_PORT" \
+      --temp-dir="$TMP_DIR" --disable-usage-stats "${extra[@]}" >/dev/null
     # The job server answers a little after `ray start` returns; wait for it (60 s).
     for _ in $(seq 60); do
       # Any HTTP answer counts (401 too: Ray's token authentication may be on).
@@ -45,8 +60,17 @@ except urllib.error.HTTPError: pass" "http://127.0.0.1:$DASHBOARD_PORT/api/versi
     exit 1
     ;;
   stop)
-    "$RAY" stop --force >/dev/null
-    echo "Ray stopped"
+    # Not `ray stop`, which ends every Ray on the machine. Workers exit with their raylet.
+    pids=$(head_pids)
+    if [[ -z "$pids" ]]; then echo "no Ray head with temp dir $TMP_DIR"; exit 0; fi
+    kill $pids 2>/dev/null || true
+    for _ in $(seq 20); do
+      pids=$(head_pids)
+      [[ -z "$pids" ]] && break
+      sleep 0.5
+    done
+    if [[ -n "$pids" ]]; then kill -9 $pids 2>/dev/null || true; fi
+    echo "Ray head ($TMP_DIR) stopped"
     ;;
   *)
     echo "usage: $0 start|stop" >&2

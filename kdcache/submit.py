@@ -38,22 +38,24 @@ STAGES: dict[str, tuple[str, str]] = {
     "build": ("BuildConfig", "kdcache.commands.build"),
     "train": ("TrainConfig", "kdcache.commands.train"),
 }
-#: Never uploaded with the working directory (gitignore-style patterns, as Ray takes them).
+#: Never uploaded with the working directory (gitignore-style patterns, as Ray takes them;
+#: a leading "/" anchors a pattern at the working directory, so a package's own
+#: ``cache/`` or ``build/`` subdirectory still travels).
 DEFAULT_EXCLUDES = (
     ".git",
     ".venv",
     "venv",
-    "runs",
-    "caches",
-    "cache",
+    "/runs",
+    "/caches",
+    "/cache",
+    "/build",
+    "/dist",
     "__pycache__",
     "*.egg-info",
     ".mypy_cache",
     ".pytest_cache",
     ".ruff_cache",
     ".hypothesis",
-    "build",
-    "dist",
 )
 #: Largest config shipped in the environment (Linux caps one variable at 128 KiB).
 MAX_CONFIG_BYTES = 100_000
@@ -227,7 +229,6 @@ def job_spec(
     Raises:
         ConfigError: a bad config (see :func:`stage_config`), a missing working
             directory, ``workers`` for the teacher stage, or a config too large to ship.
-        MissingDependencyError: PyYAML is missing (needed to read YAML configs).
     """
     if workers < 0 or cpus_per_worker <= 0:
         raise ConfigError(
@@ -342,7 +343,16 @@ def submit(spec: JobSpec, address: str | None, *, agent_wait_s: float = 60.0) ->
                 log.info("the cluster's job agent is not ready yet; retrying in 2 s")
                 time.sleep(2.0)
                 continue
-            raise JobServerError(f"the job server refused job {spec.submission_id}: {exc}") from exc
+            hint = ""
+            if "No available agent" in str(exc):
+                hint = (
+                    f" (still after {agent_wait_s:g} s: the head's dashboard agent did not "
+                    "start; see dashboard_agent.log in the head's session logs, often a port "
+                    "taken by another Ray on the machine: RAY_AGENT_PORT for local_ray.sh)"
+                )
+            raise JobServerError(
+                f"the job server refused job {spec.submission_id}: {exc}{hint}"
+            ) from exc
 
 
 def status(job_id: str, address: str | None) -> JobResult:

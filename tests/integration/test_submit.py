@@ -1,6 +1,7 @@
-"""``kdcache submit`` against a real Ray head started here (dashboard and job server on
-127.0.0.1): the teacher stage as a job, a resubmission that is a cache hit, the student
-stage from that cache, and a failing job whose error reaches the submitter."""
+"""``kdcache submit`` against a real Ray head that ``cluster/local_ray.sh`` starts here
+(dashboard and job server on 127.0.0.1): the teacher stage as a job, a resubmission that
+is a cache hit, the student stage from that cache, and a failing job whose error reaches
+the submitter."""
 
 from __future__ import annotations
 
@@ -13,9 +14,6 @@ import socket
 import subprocess
 import sys
 import tempfile
-import time
-import urllib.error
-import urllib.request
 
 import pytest
 import torch
@@ -29,6 +27,7 @@ pytest.importorskip("ray.job_submission")
 pytestmark = pytest.mark.integration
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+LOCAL_RAY = os.path.join(REPO, "cluster", "local_ray.sh")
 NUM_RECORDS, NUM_SHARDS, TEMPERATURE = 96, 3, 2.0
 DATASET = {
     "factory": "kdcache.testing:toy_dataset",
@@ -50,103 +49,60 @@ def _free_ports(n: int) -> list[int]:
             s.close()
 
 
-def _process_table() -> dict[int, tuple[int, str, str]]:
-    """pid -> (parent pid, state, command line) of every live process."""
-    table = {}
+def _named(marker: str) -> set[int]:
+    """Live processes whose command line names ``marker``."""
+    pids = set()
     for entry in os.listdir("/proc"):
-        if not entry.isdigit():
+        if not entry.isdigit() or int(entry) == os.getpid():
             continue
-        with contextlib.suppress(OSError, ValueError, IndexError):
+        with contextlib.suppress(OSError):
             with open(f"/proc/{entry}/stat") as f:
-                fields = f.read().rsplit(")", 1)[1].split()
+                if f.read().rsplit(")", 1)[1].split()[0] == "Z":
+                    continue
             with open(f"/proc/{entry}/cmdline", "rb") as f:
-                cmdline = f.read().decode(errors="replace")
-            table[int(entry)] = (int(fields[1]), fields[0], cmdline)
-    return table
-
-
-def _live() -> set[int]:
-    return {pid for pid, (_, state, _) in _process_table().items() if state != "Z"}
-
-
-def _started_by(root_pid: int, marker: str) -> set[int]:
-    """Live (non-zombie) processes below ``root_pid``, or naming ``marker`` (this head's
-    private temp dir) on their command line: what the fixture started, and nothing else."""
-    table = _process_table()
-    found = {pid for pid, (_, _, cmd) in table.items() if marker in cmd}
-    frontier = [root_pid]
-    while frontier:
-        parent = frontier.pop()
-        for pid, (ppid, _, _) in table.items():
-            if ppid == parent and pid not in found:
-                found.add(pid)
-                frontier.append(pid)
-    found.discard(os.getpid())
-    return {pid for pid in found if pid in table and table[pid][1] != "Z"}
+                if marker.encode() in f.read():
+                    pids.add(int(entry))
+    return pids
 
 
 @pytest.fixture(scope="module")
 def head():
-    """A Ray head on 127.0.0.1 with its dashboard (the Jobs API) on a free port.
-
-    It runs as ``ray start --block`` with a private temp dir; teardown ends the processes
-    below it and any naming the temp dir, by pid, so it stops exactly what it started
-    (``ray stop`` would stop every Ray on the machine).
-    """
-    gcs, dashboard, agent_http, agent_grpc, metrics, client, runtime_env = _free_ports(7)
+    """A Ray head on 127.0.0.1, started and stopped by ``cluster/local_ray.sh`` (which is
+    what users run), on free ports and a private temp dir so that concurrent heads on the
+    machine are left alone. Stopped after the tests, even on failure."""
+    gcs, dashboard, agent, agent_grpc, metrics, client, runtime_env = _free_ports(7)
     temp_dir = tempfile.mkdtemp(prefix="kdray-", dir="/tmp")  # short: Ray's socket paths
-    env = dict(os.environ)
-    env.update(
-        PATH=os.path.dirname(sys.executable) + os.pathsep + env.get("PATH", ""),
+    env = dict(
+        os.environ,
+        RAY=os.path.join(os.path.dirname(sys.executable), "ray"),
+        RAY_PORT=str(gcs),
+        RAY_DASHBOARD_PORT=str(dashboard),
+        RAY_AGENT_PORT=str(agent),
+        RAY_NUM_CPUS="2",
+        RAY_TMP_DIR=temp_dir,
         RAY_AUTH_MODE="disabled",
-        RAY_USAGE_STATS_ENABLED="0",
+        RAY_START_ARGS=f"--dashboard-agent-grpc-port={agent_grpc} "
+        f"--metrics-export-port={metrics} --ray-client-server-port={client} "
+        f"--runtime-env-agent-port={runtime_env}",
     )
-    ray_bin = os.path.join(os.path.dirname(sys.executable), "ray")
-    cmd = [
-        ray_bin, "start", "--head", "--block", "--node-ip-address=127.0.0.1",
-        f"--port={gcs}", "--include-dashboard=true", "--dashboard-host=127.0.0.1",
-        f"--dashboard-port={dashboard}", f"--dashboard-agent-listen-port={agent_http}",
-        f"--dashboard-agent-grpc-port={agent_grpc}", f"--metrics-export-port={metrics}",
-        f"--ray-client-server-port={client}", f"--runtime-env-agent-port={runtime_env}",
-        "--num-cpus=2", f"--temp-dir={temp_dir}", "--disable-usage-stats",
-    ]  # fmt: skip
-    log_path = os.path.join(temp_dir, "ray-start.log")
-    log = open(log_path, "w")  # closed in teardown
-    proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT,
-                            start_new_session=True)  # fmt: skip
-    url = f"http://127.0.0.1:{dashboard}"
     try:
-        deadline = time.monotonic() + 120
-        while True:
-            try:
-                urllib.request.urlopen(f"{url}/api/version", timeout=2)
-                break
-            except urllib.error.HTTPError:
-                break  # answering (with an auth error): the server is up
-            except OSError:
-                if proc.poll() is not None or time.monotonic() > deadline:
-                    with open(log_path) as f:
-                        pytest.fail(f"the Ray head did not start:\n{f.read()[-3000:]}")
-                time.sleep(1)
-        yield url
+        started = subprocess.run(
+            ["bash", LOCAL_RAY, "start"], env=env, capture_output=True, text=True, timeout=240
+        )
+        assert started.returncode == 0, started.stdout + started.stderr
+        assert f"http://127.0.0.1:{dashboard}" in started.stdout  # tells users the address
+        yield f"http://127.0.0.1:{dashboard}"
     finally:
-        # Ray's workers start their own sessions, so the process group is not enough: take
-        # the tree below `ray start` now (it is reparented once its parent dies) and end
-        # exactly those pids, plus anything naming this head's temp dir.
-        started = _started_by(proc.pid, temp_dir) | {proc.pid}
-        for sig, wait_s in ((signal.SIGTERM, 5.0), (signal.SIGKILL, 10.0)):
-            for pid in started:
-                with contextlib.suppress(ProcessLookupError, PermissionError):
-                    os.kill(pid, sig)
-            deadline = time.monotonic() + wait_s
-            while started and time.monotonic() < deadline:
-                time.sleep(0.5)
-                proc.poll()  # reap `ray start` itself
-                started = (started & _live()) | _started_by(proc.pid, temp_dir)
-        proc.wait(timeout=10)
-        log.close()
-        assert not started, f"Ray processes outlived the test: {sorted(started)}"
+        stopped = subprocess.run(
+            ["bash", LOCAL_RAY, "stop"], env=env, capture_output=True, text=True, timeout=120
+        )
+        left = _named(temp_dir)
+        for pid in left:  # only if the script failed: end exactly this head's processes
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
         shutil.rmtree(temp_dir, ignore_errors=True)
+        assert stopped.returncode == 0, stopped.stdout + stopped.stderr
+        assert not left, f"local_ray.sh stop left Ray processes running: {sorted(left)}"
 
 
 def _kdcache(*args: str, timeout: float = 240) -> subprocess.CompletedProcess:

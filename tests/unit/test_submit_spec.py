@@ -45,7 +45,7 @@ def test_build_job_ships_the_resolved_config_and_packages_the_working_dir(tmp_pa
     )
     env = spec.runtime_env
     assert env["working_dir"] == str(tmp_path)
-    assert {".venv", "runs", "caches", "data/"} <= set(env["excludes"])
+    assert {".venv", "/runs", "/caches", "data/"} <= set(env["excludes"])
     assert set(DEFAULT_EXCLUDES) <= set(env["excludes"])
     assert env["pip"] == ["zarr>=3"] and env["env_vars"]["AWS_REGION"] == "us-west-2"
     shipped = json.loads(env["env_vars"][CONFIG_ENV])
@@ -53,6 +53,21 @@ def test_build_job_ships_the_resolved_config_and_packages_the_working_dir(tmp_pa
     assert shipped["executor"]["address"] is None  # the job joins its own cluster
     assert spec.entrypoint == "python -m kdcache.submit build"
     assert spec.submission_id.startswith("kdcache-build-")
+
+
+def test_default_excludes_leave_out_venv_runs_and_caches_at_the_top_only(tmp_path):
+    pytest.importorskip("ray")
+    from pathlib import Path
+
+    # Ray's own matcher (a private helper; follow it if Ray moves it), so the patterns are
+    # checked as Ray applies them, not as we think gitignore works.
+    from ray._private.runtime_env.packaging import _get_excludes
+
+    excluded = _get_excludes(tmp_path, list(DEFAULT_EXCLUDES))
+    for path in (".venv/bin/python", "runs/x/build.yaml", "caches/k", "a/__pycache__/m.pyc"):
+        assert excluded(tmp_path / path), path
+    for path in ("kdcache/cache.py", "pipelines/cache/__init__.py", "mypkg/build/x.py"):
+        assert not excluded(tmp_path / Path(path)), path
 
 
 def test_base_runtime_env_is_merged_not_replaced(tmp_path):
