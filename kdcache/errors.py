@@ -67,6 +67,14 @@ class RetriableError(KDCacheError, RuntimeError):
     """An infrastructure failure (actor died, node lost, transient I/O); safe to retry."""
 
 
+class JobServerError(RetriableError, ConnectionError):
+    """The Ray job server cannot be reached or refused a request."""
+
+
+class JobNotFoundError(KDCacheError, LookupError):
+    """No job with the given submission id exists on the cluster."""
+
+
 def require(module: str, extra: str):
     """Import an optional dependency or raise :class:`MissingDependencyError`.
 

@@ -27,7 +27,14 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from kdcache.errors import ConfigError, KDCacheError, RetriableError, require
+from kdcache.errors import (  # noqa: F401  (re-exported: kdcache.submit.JobServerError)
+    ConfigError,
+    JobNotFoundError,
+    JobServerError,
+    KDCacheError,
+    RetriableError,
+    require,
+)
 
 log = logging.getLogger(__name__)
 
@@ -60,14 +67,6 @@ DEFAULT_EXCLUDES = (
 #: Largest config shipped in the environment (Linux caps one variable at 128 KiB).
 MAX_CONFIG_BYTES = 100_000
 TERMINAL = ("SUCCEEDED", "FAILED", "STOPPED")
-
-
-class JobServerError(RetriableError, ConnectionError):
-    """The Ray job server cannot be reached or refused a request."""
-
-
-class JobNotFoundError(KDCacheError, LookupError):
-    """No job with the given submission id exists on the cluster."""
 
 
 @dataclass

@@ -879,7 +879,9 @@ def train_on_ray(cfg: Any, *, resume: bool = False) -> dict[str, Any]:
 
     started = False
     if not ray.is_initialized():
-        ray.init(address=cfg.ray.address, log_to_driver=False)
+        # log_to_driver: the workers' logs reach this driver, and through it
+        # `kdcache submit` / `kdcache logs` when the stage runs as a Ray job.
+        ray.init(address=cfg.ray.address, log_to_driver=True)
         started = True
     out = os.path.abspath(cfg.output_dir)
     config = to_dict(cfg)
