@@ -261,6 +261,7 @@ def _compute_token_shard(
     outs: list[Any] = []
     n = len(ids)
     lo = 0
+    width = vocab or 0
     while lo < n:
         # Sequences per pass: at most batch_size, and few enough that B * T * V logits fit.
         hi = lo + 1
@@ -282,6 +283,7 @@ def _compute_token_shard(
             )
         if vocab is not None:
             logits_BTV = targets.trim_vocab(logits_BTV, vocab, name=f"teacher {teacher.name!r}")
+        width = int(logits_BTV.shape[-1])
         b_idx, t_idx = [], []
         for b, i in enumerate(range(lo, hi)):
             pos = target_positions(int(lengths[i]), int(plens[i]))
@@ -307,17 +309,7 @@ def _compute_token_shard(
         values: Any = concat_sparse(outs)
     else:
         values = np.concatenate(outs) if outs else np.zeros((0, vocab or 0), np.float32)
-    entry.write_shard(
-        shard_index,
-        all_ids,
-        values,
-        vocab_size=vocab
-        if vocab is not None
-        else int(values.ids_BS.max()) + 1
-        if spec.is_sparse
-        else None,
-        positions_N=all_pos,
-    )
+    entry.write_shard(shard_index, all_ids, values, vocab_size=vocab or width, positions_N=all_pos)
     return len(all_ids)
 
 

@@ -395,3 +395,33 @@ def test_fortunes_ids_are_stable_and_split_is_deterministic():
     val = text.split_by_id(ids, 0.05)
     assert 0.03 < val.mean() < 0.07
     assert np.array_equal(val, text.split_by_id(ids, 0.05))
+
+
+class _Bigram(torch.nn.Module):
+    """A tiny causal 'LM' over V=10 (logits at t depend on token t only)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.emb = torch.nn.Embedding(10, 10)
+
+    def forward(self, ids):
+        return 3.0 * self.emb(ids.long())
+
+
+def test_dense_token_targets_for_a_small_vocabulary(root):
+    rng = np.random.default_rng(0)
+    seqs = [rng.integers(1, 10, size=n) for n in (5, 9, 3, 7)]
+    ds = text.TokenDataset.from_sequences([10, 11, 12, 13], seqs, num_shards=2, pad_token_id=0)
+    teacher = Teacher.from_module(_Bigram(), name="bigram")
+    cache = build.build_cache(
+        ds, teacher, temperature=TAU, root=root, executor="local", progress=False, batch_size=3
+    )
+    assert cache.vocab_size == 10 and cache.num_rows == ds.num_targets == 20
+    batch = next(iter(token_stream.TokenSoftTargetDataset(cache, ds, batch_size=4)))
+    assert batch["targets"].shape == (*batch["inputs"].shape, 10)
+    with torch.no_grad():
+        logits = teacher.module(batch["inputs"])
+    copy = token_stream.token_distill_loss(logits, batch, temperature=TAU)
+    shifted = token_stream.token_distill_loss(torch.roll(logits, 1, 1), batch, temperature=TAU)
+    assert abs(float(copy)) < 1e-6 and float(shifted) > 0.1
