@@ -129,7 +129,7 @@ def parse_args(argv: list[str] | None = None) -> Settings:
     p.add_argument("--prompt-tokens", type=int, default=8, help="prompt length for --seq-kd")
     p.add_argument("--new-tokens", type=int, default=32, help="tokens generated per prompt")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--quick", action="store_true", help="tiny settings for tests (~1 min)")
+    p.add_argument("--quick", action="store_true", help="tiny settings for tests (~2 min)")
     p.add_argument(
         "--threads",
         type=int,
