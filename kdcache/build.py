@@ -86,19 +86,41 @@ def compute_shard(
             "tokens": float(num_rows * len(teachers)),
         }
     inputs = shard["inputs"]
+    labels = shard.get("labels")
     for teacher, entry in zip(teachers, entries, strict=True):
-        temperature = float(entry.spec["targets"]["temperature"])
-        parts = []
+        spec = TargetSpec.from_json(entry.spec["targets"])
+        parts: list[Any] = []
+        width = 0
         for lo in range(0, len(ids), batch_size):
+            batch_ids = ids[lo : lo + batch_size]
             logits = teacher.logits(inputs[lo : lo + batch_size])
+            if logits.dim() != 2:
+                raise TeacherOutputError(
+                    f"teacher {teacher.name!r} returned {tuple(logits.shape)} for a dataset "
+                    "of whole samples; expected logits [B, V] (token models need a "
+                    "TokenDataset, see kdcache.text)"
+                )
             targets.check_finite(
-                logits,
-                teacher=teacher.name,
-                sample_ids_B=torch.from_numpy(ids[lo : lo + batch_size]),
+                logits, teacher=teacher.name, sample_ids_B=torch.from_numpy(batch_ids)
             )
-            parts.append(targets.scale_logits(logits, temperature).numpy())
-        values = np.concatenate(parts) if parts else np.zeros((0, 0), np.float32)
-        entry.write_shard(shard_index, ids, values)
+            scaled = targets.scale_logits(logits, spec.temperature)
+            width = int(scaled.shape[1])
+            if not spec.is_sparse:
+                parts.append(scaled.numpy())
+                continue
+            # Sparse kinds for classifiers with many classes: sparsified per batch, so no
+            # shard-sized [N, V] array is held; the label is kept when the spec asks.
+            batch_labels = None
+            if spec.param("labels") and labels is not None:
+                batch_labels = torch.from_numpy(np.asarray(labels[lo : lo + batch_size]))
+            parts.append(sparsify(scaled, spec, labels_M=batch_labels, row_sample_ids_M=batch_ids))
+        if spec.is_sparse:
+            if not parts:
+                raise ConfigError(f"shard {shard_index} is empty; a sparse entry needs rows")
+            entry.write_shard(shard_index, ids, concat_sparse(parts), vocab_size=width)
+        else:
+            values = np.concatenate(parts) if parts else np.zeros((0, 0), np.float32)
+            entry.write_shard(shard_index, ids, values)
     return {"samples": float(len(ids) * len(teachers)), "seconds": time.perf_counter() - start}
 
 
@@ -744,6 +766,8 @@ def build_from_config(config: BuildConfig, *, progress: bool = True) -> CacheEnt
         root=config.root,
         storage_dtype=config.targets.storage_dtype,
         backend=config.targets.backend,
+        kind=config.targets.kind,
+        params=config.targets.params,
         executor=ex.kind,
         address=ex.address,
         num_actors=ex.num_actors,

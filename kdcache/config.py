@@ -286,16 +286,26 @@ class EnsembleConfig:
 
 @dataclasses.dataclass
 class TargetsConfig:
-    """What is stored per sample (see :class:`kdcache.schema.TargetSpec`)."""
+    """What is stored per sample (see :class:`kdcache.schema.TargetSpec`): ``kind`` is
+    ``dense``, ``topk``, ``topp`` or ``sampled``; ``params`` its sparsification settings,
+    e.g. ``{k: 64, labels: true}`` or ``{num_samples: 32, seed: 0}``."""
 
     temperature: float = 4.0
     storage_dtype: str = "float32"
     backend: str = "arrow"
+    kind: str = "dense"
+    params: dict[str, Any] | None = None
 
     def __post_init__(self) -> None:
         from kdcache.schema import TargetSpec
 
-        TargetSpec(self.temperature, storage_dtype=self.storage_dtype, backend=self.backend)
+        TargetSpec(
+            self.temperature,
+            kind=self.kind,
+            storage_dtype=self.storage_dtype,
+            backend=self.backend,
+            params=self.params,
+        )
 
 
 @dataclasses.dataclass

@@ -96,3 +96,27 @@ def test_bad_arguments(root):
         kdcache.build_cache(ds, linear_teacher(), temperature=1.0, root=root, executor="dask")
     with pytest.raises(ConfigError, match="unique"):
         kdcache.TeacherEnsemble([linear_teacher(), linear_teacher()])
+
+
+def test_sparse_entries_for_classifiers_equal_dense_at_k_equal_v(root):
+    from kdcache import losses, targets
+
+    ds = toy_dataset(num_classes=5)
+    t = linear_teacher()
+    top2 = _build(ds, t, root, kind="topk", params={"k": 2, "labels": True})
+    full = _build(ds, t, root, kind="topk", params={"k": 5})
+    dense = _build(ds, t, root)
+    assert len({top2.key, full.key, dense.key}) == 3
+    ids, kept = top2.read_sparse_shard(1)
+    shard = ds.read_shard(1)
+    np.testing.assert_array_equal(ids, shard["sample_id"])
+    # the label is always kept (an extra slot when it is not in the top 2)
+    for row, label in zip(kept.ids_BS.tolist(), shard["labels"].tolist(), strict=True):
+        assert label in row
+    _, all5 = full.read_sparse_shard(1)
+    student = torch.randn(len(ids), 5)
+    want = losses.forward_kl(
+        student, targets.log_probs(torch.tensor(dense.read_shard(1)[1])), temperature=2.0
+    )
+    got = losses.forward_kl(student, all5, temperature=2.0)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
