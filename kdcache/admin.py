@@ -108,10 +108,26 @@ class VerifyResult:
     checked_shards: int = 0
     checked_rows: int = 0
     problems: list[str] = field(default_factory=list)
+    #: (entry, shard index) of each shard whose file is missing, altered or unreadable.
+    damaged: list[tuple[CacheEntry, int]] = field(default_factory=list)
 
     @property
     def ok(self) -> bool:
         return not self.problems
+
+
+def repair(result: VerifyResult) -> list[str]:
+    """Uncommit every damaged shard :func:`verify` found (its sidecar and its entry's
+    manifest are removed), so rerunning the same build recomputes exactly those shards.
+
+    Returns:
+        One line per shard uncommitted.
+    """
+    done = []
+    for entry, index in result.damaged:
+        entry.invalidate_shard(index)
+        done.append(f"{entry.key}/{schema.shard_stem(index)}")
+    return done
 
 
 def verify(cache: CacheEntry | EnsembleView) -> VerifyResult:
@@ -146,6 +162,7 @@ def verify(cache: CacheEntry | EnsembleView) -> VerifyResult:
                     )
             except KDCacheError as exc:
                 result.problems.append(f"{where}: {exc}")
+                result.damaged.append((entry, rec.index))
                 continue
             result.checked_shards += 1
             result.checked_rows += len(ids)

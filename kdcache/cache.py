@@ -54,6 +54,12 @@ from kdcache.stores import (
 log = logging.getLogger(__name__)
 
 
+def _selector(path: str) -> Any:
+    import pyarrow.fs as pafs
+
+    return pafs.FileSelector(path, allow_not_found=True, recursive=False)
+
+
 def _dumps(obj: Any) -> bytes:
     return (json.dumps(obj, indent=2, sort_keys=True, allow_nan=False) + "\n").encode()
 
@@ -403,14 +409,18 @@ class CacheEntry:
         try:
             data = self.shards_location.read_bytes(rec.file)
         except FileNotFoundError:
-            raise CacheCorruptError(f"{where} is listed in the manifest but missing") from None
+            raise CacheCorruptError(
+                f"{where} is listed in the manifest but missing; run "
+                f"'kdcache verify {self.location.uri} --repair', then rerun the build "
+                "(it recomputes only the damaged shards)"
+            ) from None
         if verify:
             if len(data) != rec.num_bytes or sha256_hex(data) != rec.sha256:
                 raise CacheCorruptError(
                     f"{where} is truncated or altered: {len(data)} bytes with SHA-256 "
                     f"{sha256_hex(data)[:12]}..., manifest says {rec.num_bytes} bytes, "
-                    f"{rec.sha256[:12]}...; rebuild the entry (delete the shard and its "
-                    "sidecar, then rerun the build)"
+                    f"{rec.sha256[:12]}...; run 'kdcache verify {self.location.uri} "
+                    "--repair', then rerun the build (it recomputes only the damaged shards)"
                 )
         cols = get_backend(self.target_spec.backend).decode(data, where)
         if cols.num_rows != rec.num_rows:
@@ -556,6 +566,21 @@ class CacheEntry:
         record = {**rec.to_json(), **extra}
         self.shards_location.write_atomic(stem + ".json", _dumps(record))
         return rec
+
+    def invalidate_shard(self, index: int) -> None:
+        """Uncommit shard ``index``: remove its sidecar, then the entry's manifest, so the
+        entry reads as incomplete and a rerun of its build recomputes that shard only."""
+        self.location.delete(schema.MANIFEST_FILE)
+        self.shards_location.delete(schema.shard_stem(index) + ".json")
+        self.__dict__.pop("manifest", None)
+
+    def damaged_shards(self) -> list[int]:
+        """Listed shards whose data file is missing or has another size than the
+        manifest records: a cheap check (no data read) that a build runs on a hit."""
+        present = {}
+        for info in self.shards_location.fs.get_file_info(_selector(self.shards_location.path)):
+            present[info.base_name] = info.size
+        return [rec.index for rec in self.shards if present.get(rec.file) != rec.num_bytes]
 
     def committed_shard(self, index: int) -> tuple[ShardRecord, int] | None:
         """The sidecar of shard ``index`` and its vocabulary size if the shard is committed

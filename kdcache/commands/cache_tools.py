@@ -27,6 +27,12 @@ def register(sub: argparse._SubParsersAction) -> None:
         c.add_argument("--root", default=None, help="cache root, to resolve a key or alias")
         if name == "inspect":
             c.add_argument("--samples", type=int, default=3, help="decoded samples to show")
+        else:
+            c.add_argument(
+                "--repair",
+                action="store_true",
+                help="uncommit the damaged shards, so rerunning the build recomputes them",
+            )
         c.set_defaults(func=func)
 
     c = sub.add_parser("ls", help="list entries, ensembles and aliases under a cache root")
@@ -60,13 +66,19 @@ def cmd_inspect(args: argparse.Namespace, rest: list[str]) -> int:
 
 
 def cmd_verify(args: argparse.Namespace, rest: list[str]) -> int:
-    from kdcache.admin import verify
+    from kdcache.admin import repair, verify
 
     result = verify(_open(args))
     for p in result.problems:
         print(f"FAULT {p}")
     status = "ok" if result.ok else f"{len(result.problems)} fault(s)"
     print(f"verified {result.checked_shards} shard(s), {result.checked_rows} row(s): {status}")
+    if args.repair and result.damaged:
+        for line in repair(result):
+            print(f"uncommitted {line}")
+        print("rerun the same build to recompute them (kdcache build CONFIG, or the pipeline)")
+    elif result.damaged:
+        print("to recompute the damaged shards: add --repair, then rerun the build")
     return 0 if result.ok else 1
 
 

@@ -120,3 +120,34 @@ def test_sparse_entries_for_classifiers_equal_dense_at_k_equal_v(root):
     )
     got = losses.forward_kl(student, all5, temperature=2.0)
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_missing_shard_of_a_complete_entry_is_recomputed_not_a_false_hit(root):
+    ds = toy_dataset()
+    t = linear_teacher()
+    entry = _build(ds, t, root)
+    before = entry.manifest["shards"]
+    os.unlink(os.path.join(entry.shards_location.uri, "shard-00001.arrow"))
+    again = _build(ds, t, root)
+    assert again.build_report.hit is False
+    assert (again.build_report.computed, again.build_report.reused) == (1, 3)
+    assert again.manifest["shards"] == before
+
+
+def test_verify_repair_then_rebuild_recomputes_only_the_altered_shard(root, capsys):
+    from kdcache.cli import main
+
+    ds = toy_dataset()
+    t = linear_teacher()
+    entry = _build(ds, t, root)
+    path = os.path.join(entry.shards_location.uri, "shard-00002.arrow")
+    with open(path, "r+b") as f:  # same size, altered bytes: only the checksum sees it
+        f.seek(300)
+        f.write(b"\xff\xfe\xfd")
+    assert main(["verify", entry.location.uri]) == 1
+    assert "--repair" in capsys.readouterr().out
+    assert main(["verify", entry.location.uri, "--repair"]) == 1
+    assert "uncommitted" in capsys.readouterr().out
+    again = _build(ds, t, root)
+    assert (again.build_report.computed, again.build_report.reused) == (1, 3)
+    assert main(["verify", entry.location.uri]) == 0
