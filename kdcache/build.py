@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import os
 import platform
+import sys
 import threading
 import time
 from collections.abc import Sequence
@@ -501,9 +503,13 @@ def build_cache(
                 root,
             )
         else:
-            if report.reused:
+            done = len(entries) - len(todo)
+            if report.reused or done:
                 log.info(
-                    "resuming: %d (teacher, shard) outputs already committed, %d to compute",
+                    "resuming: %d of %d teacher entries already complete; of the others, "
+                    "%d (teacher, shard) outputs are committed and %d remain to compute",
+                    done,
+                    len(entries),
                     report.reused,
                     report.computed,
                 )
@@ -612,7 +618,13 @@ def _progress(total: int, samples_total: int, enabled: bool):
     from tqdm.auto import tqdm
 
     return tqdm(
-        total=total, unit="shard", desc="teacher stage", disable=not enabled, dynamic_ncols=True
+        total=total,
+        unit="shard",
+        desc="teacher stage",
+        disable=not enabled,
+        dynamic_ncols=True,
+        # into a log file (a Ray job, CI), a line every 30 s rather than every update
+        mininterval=0.1 if sys.stderr.isatty() else 30.0,
     )
 
 
@@ -663,12 +675,20 @@ def _run_ray(
     ray = require("ray", "ray")
     started_here = not ray.is_initialized()
     if started_here:
-        ray.init(
-            address=address,
-            include_dashboard=False,
-            log_to_driver=True,
-            logging_level=logging.WARNING,
-        )
+        try:
+            ray.init(
+                address=address,
+                include_dashboard=False,
+                log_to_driver=True,
+                logging_level=logging.WARNING,
+            )
+        except (ConnectionError, ValueError) as exc:
+            where = address or os.environ.get("RAY_ADDRESS") or "a local Ray"
+            raise RetriableError(
+                f"could not start or join Ray at {where}: {exc}. Check --address / "
+                "RAY_ADDRESS (host:port of a running head, or 'local' for a new local Ray); "
+                "nothing was computed, and entries committed before are kept"
+            ) from exc
     try:
         resources = ray.cluster_resources()
         n = max(1, int(float(resources.get("CPU", 1)) // cpus_per_actor))

@@ -1018,7 +1018,8 @@ def _open(uri: str, root: str | None) -> CacheEntry | EnsembleView:
     if not parent.endswith(schema.ENTRIES_DIR):
         raise CacheNotFoundError(
             f"{loc.display()} is not a cache entry (<root>/{schema.ENTRIES_DIR}/<key>) or an "
-            "ensemble view (<root>/ensembles/<key>.json); for a key or alias pass root=..."
+            "ensemble view (<root>/ensembles/<key>.json); for a key or alias give the root "
+            "(root=... in Python, --root ROOT on the command line)"
         )
     entry = CacheEntry(parent.rsplit("/", 1)[0] + query, key)
     _ = entry.manifest

@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import logging
+import os
 import sys
 
 from kdcache.commands import COMMAND_MODULES
@@ -53,6 +54,17 @@ def main(argv: list[str] | None = None) -> int:
     except KDCacheError as exc:
         print(f"kdcache: error: {exc}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print(
+            "kdcache: interrupted; everything committed so far is kept: rerun the same "
+            "command to resume",
+            file=sys.stderr,
+        )
+        return 130
+    except BrokenPipeError:  # e.g. `kdcache inspect ... | head`
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return 0
 
 
 if __name__ == "__main__":

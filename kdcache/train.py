@@ -12,6 +12,7 @@ import json
 import logging
 import os
 import socket
+import sys
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -379,6 +380,8 @@ def train_student(
         unit="step",
         disable=not progress or rank != 0,
         dynamic_ncols=True,
+        # into a log file (a Ray job, CI), a line every 30 s rather than every update
+        mininterval=0.1 if sys.stderr.isatty() else 30.0,
     )
     start = time.perf_counter()
     engine.train()

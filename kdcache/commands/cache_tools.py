@@ -84,7 +84,11 @@ def cmd_verify(args: argparse.Namespace, rest: list[str]) -> int:
 
 def cmd_ls(args: argparse.Namespace, rest: list[str]) -> int:
     from kdcache.admin import list_root
+    from kdcache.errors import CacheNotFoundError
+    from kdcache.storage import Location
 
+    if not Location(args.root).exists():
+        raise CacheNotFoundError(f"cache root {args.root} does not exist")
     rows = list_root(args.root)
     if args.json:
         _print_json(rows)
