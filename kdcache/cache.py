@@ -21,6 +21,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import socket
 import time
 import uuid
@@ -944,9 +945,28 @@ def as_view(cache: CacheEntry | EnsembleView) -> EnsembleView:
     return cache if isinstance(cache, EnsembleView) else EnsembleView([cache])
 
 
+_ALIAS_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
+_KEY_LIKE = re.compile(f"[0-9a-f]{{{schema.KEY_HEX_CHARS}}}")
+
+
 def write_alias(root: str | Location, name: str, key: str, kind: str) -> None:
-    """Point the human-readable ``name`` at an entry or ensemble ``key``."""
+    """Point the human-readable ``name`` at an entry or ensemble ``key`` (re-pointing an
+    existing alias is allowed and logged).
+
+    Raises:
+        ConfigError: ``name`` is not a plain name (letters, digits, ``.``, ``_``, ``-``;
+            no path separators), or looks like a key (keys always win over aliases).
+    """
+    if not _ALIAS_NAME.fullmatch(name) or _KEY_LIKE.fullmatch(name):
+        raise ConfigError(
+            f"alias {name!r} must be a plain name (letters, digits, '.', '_', '-'; at most "
+            f"128 characters) that does not look like a {schema.KEY_HEX_CHARS}-hex-digit key"
+        )
     loc = (root if isinstance(root, Location) else Location(root)).child(schema.ALIASES_DIR)
+    if loc.exists(f"{name}.json"):
+        old = json.loads(loc.read_bytes(f"{name}.json")).get("key")
+        if old != key:
+            log.warning("alias %s now points to %s (was %s)", name, key, old)
     loc.write_atomic(f"{name}.json", _dumps({"key": key, "kind": kind}))
 
 
@@ -994,7 +1014,12 @@ def _open(uri: str, root: str | None) -> CacheEntry | EnsembleView:
     if root is not None:
         r = Location(root)
         alias = r.child(schema.ALIASES_DIR)
-        if alias.exists(f"{uri}.json"):
+        # A key is never shadowed by an alias; names with path separators are not aliases.
+        if (
+            _ALIAS_NAME.fullmatch(uri)
+            and not _KEY_LIKE.fullmatch(uri)
+            and alias.exists(f"{uri}.json")
+        ):
             target = json.loads(alias.read_bytes(f"{uri}.json"))
             uri, kind = target["key"], target["kind"]
         else:

@@ -448,3 +448,15 @@ def test_killed_writer_leaves_previous_or_resumable_state(root):
     leftovers = gc(root).removed
     assert all(".tmp-" in p for p in leftovers)
     assert len(leftovers) == 5  # one staging file per "before" crash
+
+
+def test_alias_names_cannot_shadow_keys_or_escape_the_root(root):
+    from kdcache.errors import ConfigError
+
+    entry = _entry(root)
+    _fill(entry)
+    entry.commit(4, {})
+    for bad in ("0" * 32, "../evil", "a/b", ""):
+        with pytest.raises(ConfigError, match="plain name"):
+            write_alias(root, bad, entry.key, "entry")
+    assert not os.path.exists(os.path.join(root, "evil.json"))
