@@ -112,6 +112,17 @@ class HFLogits(torch.nn.Module):
         return logits
 
 
+class _CallableModule(torch.nn.Module):
+    """A weightless module around a plain function (see :meth:`Teacher.from_callable`)."""
+
+    def __init__(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> None:
+        super().__init__()
+        self.fn = fn
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fn(x)
+
+
 class FeatureTap(torch.nn.Module):
     """Runs a model and returns the output of one of its submodules, flattened to [B, D].
 
@@ -224,6 +235,32 @@ class Teacher:
         module = factory(**(config or {}))
         module.load_state_dict(load_state_dict(path), strict=True)
         return cls(name or os.path.basename(path).split(".")[0], module, config)
+
+    @classmethod
+    def from_callable(
+        cls,
+        fn: Callable[[torch.Tensor], torch.Tensor],
+        *,
+        name: str,
+        config: dict[str, Any],
+    ) -> Teacher:
+        """Wrap a plain function ``fn(inputs [B, ...]) -> logits [B, V]`` (no weights).
+
+        A function has no weights to hash, so its fingerprint is its qualified name plus
+        ``config``: put in ``config`` everything that determines its outputs (a version,
+        the parameters it closes over), or its cache entries will be reused after it
+        changes. It must be picklable (a module-level function) to run on Ray actors.
+
+        Raises:
+            ConfigError: ``config`` is empty (nothing would tell two versions apart).
+        """
+        if not config:
+            raise ConfigError(
+                f"teacher {name!r}: a plain callable needs a non-empty config describing "
+                "what determines its outputs (e.g. {'version': 1})"
+            )
+        qualname = f"{getattr(fn, '__module__', '?')}.{getattr(fn, '__qualname__', repr(fn))}"
+        return cls(name, _CallableModule(fn), {"callable": qualname, **config})
 
     @classmethod
     def from_torchscript(

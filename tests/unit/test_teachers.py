@@ -121,3 +121,21 @@ def test_ensemble_online_log_probs_are_normalised():
     x = toy_dataset().inputs[:7]
     lp = ens.log_probs(x, temperature=3.0)
     torch.testing.assert_close(lp.exp().sum(-1), torch.ones(7))
+
+
+def _double_sum(x):
+    return torch.stack([x.sum(1), 2 * x.sum(1)], dim=1)
+
+
+def test_from_callable_caches_like_any_teacher(tmp_path):
+    t = kdcache.Teacher.from_callable(_double_sum, name="fn", config={"version": 1})
+    t2 = kdcache.Teacher.from_callable(_double_sum, name="fn", config={"version": 2})
+    assert t.fingerprint() != t2.fingerprint()
+    assert t.fingerprint()["config"]["callable"].endswith("_double_sum")
+    entry = kdcache.build_cache(
+        toy_dataset(), t, temperature=1.0, root=str(tmp_path), executor="local", progress=False
+    )
+    _, vals = entry.read_shard(0)
+    np.testing.assert_allclose(vals[:, 1], 2 * vals[:, 0], rtol=1e-5)
+    with pytest.raises(kdcache.errors.ConfigError, match="non-empty config"):
+        kdcache.Teacher.from_callable(_double_sum, name="fn", config={})
