@@ -201,6 +201,19 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
     return out
 
 
+def command_line_overrides(positional: list[str], rest: list[str]) -> list[str]:
+    """The ``key=value`` overrides of a command: its positional ones plus those argparse
+    left over (it stops a ``nargs="*"`` positional at the first option).
+
+    Raises:
+        ConfigError: a leftover argument that is not ``key=value`` (a mistyped option).
+    """
+    stray = [r for r in rest if "=" not in r or r.startswith("-")]
+    if stray:
+        raise ConfigError(f"unrecognized arguments: {' '.join(stray)}")
+    return [*positional, *rest]
+
+
 def load(cls: type[T], path: str, overrides: list[str] | None = None) -> T:
     """Read ``path``, apply overrides and build ``cls`` (see :func:`from_dict`)."""
     return from_dict(cls, apply_overrides(read_file(path), overrides or []))

@@ -29,12 +29,8 @@ def register(sub: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace, rest: list[str]) -> int:
     from kdcache import config as cfg
     from kdcache.build import build_from_config
-    from kdcache.errors import ConfigError
 
-    stray = [r for r in rest if "=" not in r or r.startswith("-")]
-    if stray:
-        raise ConfigError(f"unrecognized arguments: {' '.join(stray)}")
-    overrides = [*args.overrides, *rest]
+    overrides = cfg.command_line_overrides(args.overrides, rest)
     if args.address:
         overrides.append(f"executor.address={args.address}")
     config = cfg.load(cfg.BuildConfig, args.config, overrides)

@@ -45,13 +45,9 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace, rest: list[str]) -> int:
     from kdcache import config as cfg
-    from kdcache.errors import ConfigError
     from kdcache.train import train_from_config, train_on_ray
 
-    stray = [r for r in rest if "=" not in r or r.startswith("-")]
-    if stray:
-        raise ConfigError(f"unrecognized arguments: {' '.join(stray)}")
-    overrides = [*args.overrides, *rest]
+    overrides = cfg.command_line_overrides(args.overrides, rest)
     if args.ray:
         overrides.append("ray.enabled=true")
     if args.address:
