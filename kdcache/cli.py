@@ -1,4 +1,4 @@
-"""The ``kdcache`` command: ``kdcache --help`` lists the subcommands.
+"""kdcache: offline knowledge distillation through a cache of teacher soft targets.
 
     kdcache demo fashion-mnist|fortunes-lm [OPTIONS]   an end-to-end job on real data
     kdcache build CONFIG [key=value ...]   the teacher stage (Ray), from a config file
@@ -12,7 +12,7 @@
     kdcache alias ROOT NAME KEY            name a key
 
 URI is an entry directory (ROOT/entries/KEY), an ensemble view (ROOT/ensembles/KEY.json),
-or a key or alias with --root ROOT. Subcommands live in ``kdcache/commands/``.
+or a key or alias with --root ROOT. Each command has --help.
 """
 
 from __future__ import annotations

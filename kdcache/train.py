@@ -558,6 +558,9 @@ def save_safetensors(module: torch.nn.Module, path: str, metadata: dict[str, Any
     tmp = f"{path}.tmp-{os.getpid()}"
     state = {k: v.detach().cpu().contiguous() for k, v in module.state_dict().items()}
     save_file(state, tmp, metadata={"kdcache": json.dumps(metadata, sort_keys=True)})
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o666 & ~umask)  # safetensors creates 0600; checkpoints are for sharing
     os.replace(tmp, path)
     return os.path.getsize(path)
 
