@@ -446,6 +446,12 @@ def build_cache(
         raise ConfigError(f"executor must be one of {EXECUTORS}, got {executor!r}")
     if batch_size < 1:
         raise ConfigError(f"batch_size must be >= 1, got {batch_size}")
+    if num_actors is not None and num_actors < 1:
+        raise ConfigError(f"num_actors must be >= 1, got {num_actors}")
+    if executor == "ray":
+        from kdcache.errors import require
+
+        require("ray", "ray")  # before anything is written
     started = time.perf_counter()
     ensemble = _as_ensemble(teachers)
     spec = TargetSpec(
