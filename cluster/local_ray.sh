@@ -21,10 +21,11 @@ DASHBOARD_PORT=${RAY_DASHBOARD_PORT:-8265}
 AGENT_PORT=${RAY_AGENT_PORT:-52365}
 TMP_DIR=${RAY_TMP_DIR:-/tmp/kdcache-ray-${USER:-$(id -un)}-$PORT}
 head_pids() {  # processes of this head: their command lines name its temp dir
-  # ("[s]ession" so that grep's own command line does not match.)
-  local pattern
-  pattern="$(printf '%s' "$TMP_DIR" | sed 's/[][\\.*^$]/\\&/g')/[s]ession"
-  grep -l -- "$pattern" /proc/[0-9]*/cmdline 2>/dev/null | cut -d/ -f3 || true
+  # (exactly that directory, not a longer name: followed by "/", a NUL or the end; its
+  # last character in brackets, so that grep's own command line does not match)
+  local dir="${TMP_DIR%/}"
+  grep -laP -- "\\Q${dir%?}\\E[${dir: -1}](?:/|\\x00|$)" /proc/[0-9]*/cmdline 2>/dev/null \
+    | cut -d/ -f3 || true
 }
 case "${1:-}" in
   start)
@@ -69,7 +70,15 @@ except urllib.error.HTTPError: pass" "http://127.0.0.1:$DASHBOARD_PORT/api/versi
       [[ -z "$pids" ]] && break
       sleep 0.5
     done
-    if [[ -n "$pids" ]]; then kill -9 $pids 2>/dev/null || true; fi
+    # Stragglers (and workers spawned while the head shut down): kill -9 until none is
+    # left, bounded, so that when this returns no process of this head runs.
+    for _ in $(seq 20); do
+      [[ -z "$pids" ]] && break
+      kill -9 $pids 2>/dev/null || true
+      sleep 0.25
+      pids=$(head_pids)
+    done
+    if [[ -n "$pids" ]]; then echo "could not stop Ray processes: $pids" >&2; exit 1; fi
     echo "Ray head ($TMP_DIR) stopped"
     ;;
   *)
