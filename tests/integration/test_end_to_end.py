@@ -9,6 +9,7 @@ import subprocess
 import sys
 
 import pytest
+from demo_runner import run_demo
 
 from pipelines.fashion_mnist import DEFAULT_DATA_DIR
 
@@ -30,23 +31,7 @@ ARGS = [
 
 
 def _demo(work, *extra):
-    env = {**os.environ, "DS_ACCELERATOR": "cpu", "RAY_AUTH_MODE": "disabled"}
-    env.pop("RAY_ADDRESS", None)
-    cmd = [
-        sys.executable,
-        "-m",
-        "kdcache.cli",
-        "demo",
-        "fashion-mnist",
-        "--work-dir",
-        str(work),
-        *ARGS,
-        *extra,
-    ]
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    with open(os.path.join(work, "report.json")) as f:
-        return json.load(f), proc
+    return run_demo("fashion-mnist", work, *ARGS, *extra)
 
 
 def test_demo_end_to_end_then_cache_hit_then_miss_on_new_temperature(tmp_path):

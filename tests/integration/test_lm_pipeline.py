@@ -3,12 +3,10 @@ through the real Ray, Arrow and DeepSpeed code, run as a user runs it (`kdcache 
 
 from __future__ import annotations
 
-import json
 import os
-import subprocess
-import sys
 
 import pytest
+from demo_runner import run_demo
 
 from kdcache.text import FORTUNES_DIR
 
@@ -40,15 +38,7 @@ ARGS = [
 
 
 def _demo(work, *extra):
-    env = {**os.environ, "DS_ACCELERATOR": "cpu", "RAY_AUTH_MODE": "disabled"}
-    env.pop("RAY_ADDRESS", None)
-    cmd = [sys.executable, "-m", "kdcache.cli", "demo", "fortunes-lm", "--work-dir", str(work)]
-    proc = subprocess.run(
-        [*cmd, *ARGS, *extra], capture_output=True, text=True, env=env, timeout=600
-    )
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    with open(os.path.join(work, "report.json")) as f:
-        return json.load(f), proc
+    return run_demo("fortunes-lm", work, *ARGS, *extra)
 
 
 def test_lm_demo_end_to_end_then_cache_hit(tmp_path):
