@@ -39,9 +39,10 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import kdcache
-from kdcache import text
-from kdcache.build import build_cache
-from kdcache.token_stream import TokenSoftTargetDataset, read_token_shard
+from kdcache.build.stage import build_cache
+from kdcache.data.tokens import TokenDataset
+from kdcache.stream.tokens import TokenSoftTargetDataset, read_token_shard
+from kdcache.train.evaluate import evaluate_perplexity
 
 
 def _teacher(args: argparse.Namespace) -> tuple[kdcache.Teacher, dict[str, Any], str]:
@@ -68,7 +69,7 @@ def _teacher(args: argparse.Namespace) -> tuple[kdcache.Teacher, dict[str, Any],
 
 
 def teacher_log_probs(
-    teacher: kdcache.Teacher, dataset: text.TokenDataset, temperature: float
+    teacher: kdcache.Teacher, dataset: TokenDataset, temperature: float
 ) -> list[torch.Tensor]:
     """float64 [L - 1, V] full teacher log-probabilities at tau per sequence, in order."""
     out = []
@@ -80,7 +81,7 @@ def teacher_log_probs(
 
 
 def reconstruct_kl(
-    entry: Any, dataset: text.TokenDataset, full: list[torch.Tensor]
+    entry: Any, dataset: TokenDataset, full: list[torch.Tensor]
 ) -> tuple[float, float]:
     """(mean KL(p || p_hat) in nats per token, mean kept ids per token), p_hat rebuilt
     from the entry: kept ids at their stored probability (top-k: exact; sampled: the
@@ -224,12 +225,10 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def _student_ppl(
-    args: argparse.Namespace, entry: Any, dataset: text.TokenDataset, data: Any
-) -> float:
-    from kdcache.teachers import HFLogits
-    from kdcache.token_stream import token_distill_loss
-    from kdcache.train import train_student
+def _student_ppl(args: argparse.Namespace, entry: Any, dataset: TokenDataset, data: Any) -> float:
+    from kdcache.losses.kd import token_distill_loss
+    from kdcache.teachers.loaders import HFLogits
+    from kdcache.train.loop import train_student
     from pipelines import lm_fortunes as lm
 
     torch.manual_seed(0)
@@ -243,7 +242,7 @@ def _student_ppl(
         max_steps=args.student_steps,
         progress=False,
     )
-    return text.evaluate_perplexity(module, data["val"], vocab_size=data["vocab"])["perplexity"]
+    return evaluate_perplexity(module, data["val"], vocab_size=data["vocab"])["perplexity"]
 
 
 if __name__ == "__main__":

@@ -34,10 +34,10 @@ import numpy as np
 import torch
 
 from kdcache import schema
-from kdcache.cache import CacheEntry
 from kdcache.schema import TargetSpec
-from kdcache.stores import BACKENDS
-from kdcache.targets import SparseTargets
+from kdcache.stores.backends import BACKENDS
+from kdcache.stores.entry import CacheEntry
+from kdcache.targets.sparse import SparseTargets
 
 
 def _best(fn: Callable[[], object], repeats: int) -> float:

@@ -37,8 +37,9 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import kdcache
 from kdcache import losses
-from kdcache.stream import ShardedStream
-from kdcache.train import cpu_ds_config, train_student
+from kdcache.stream.dataset import ShardedStream
+from kdcache.train.distributed import cpu_ds_config
+from kdcache.train.loop import train_student
 
 TEMPERATURE, ALPHA = 4.0, 0.9
 

@@ -10,12 +10,14 @@ from __future__ import annotations
 __version__ = "0.1.0"
 
 from kdcache import losses, targets
-from kdcache.build import BuildReport, build_cache
-from kdcache.cache import CacheEntry, EnsembleView, open_cache
-from kdcache.data import ArrayDataset, ShardedDataset
+from kdcache.build.stage import BuildReport, build_cache
+from kdcache.data.base import ArrayDataset, ShardedDataset
 from kdcache.errors import KDCacheError
-from kdcache.stream import SoftTargetDataset
-from kdcache.teachers import Teacher, TeacherEnsemble
+from kdcache.stores.catalog import open_cache
+from kdcache.stores.entry import CacheEntry
+from kdcache.stores.view import EnsembleView
+from kdcache.stream.dataset import SoftTargetDataset
+from kdcache.teachers.teacher import Teacher, TeacherEnsemble
 
 __all__ = [
     "ArrayDataset",

@@ -33,10 +33,13 @@ import torch
 
 import kdcache
 from kdcache import losses
-from kdcache.data import ArrayDataset, read_idx
+from kdcache.data.base import ArrayDataset
 from kdcache.errors import DataError, KDCacheError
-from kdcache.stream import ShardedStream
-from kdcache.train import cpu_ds_config, save_safetensors, train_student
+from kdcache.stream.dataset import ShardedStream
+from kdcache.train.distributed import cpu_ds_config
+from kdcache.train.export import save_safetensors
+from kdcache.train.loop import train_student
+from pipelines.corpora import read_idx
 from pipelines.models import build_model
 
 log = logging.getLogger("kdcache.demo")

@@ -36,16 +36,18 @@ import numpy as np
 import torch
 
 import kdcache
-from kdcache import text
-from kdcache.build import build_cache
+from kdcache.build.stage import build_cache
+from kdcache.data.tokens import TokenDataset, encode_texts, tokenizer_files_sha256
 from kdcache.errors import KDCacheError, require
-from kdcache.teachers import HFLogits
-from kdcache.token_stream import (
-    TokenSoftTargetDataset,
-    check_student_vocabulary,
-    token_distill_loss,
-)
-from kdcache.train import train_student
+from kdcache.losses.kd import token_distill_loss
+from kdcache.stores.view import as_view
+from kdcache.stream.tokens import TokenSoftTargetDataset, check_student_vocabulary
+from kdcache.teachers.generate import generate_continuations
+from kdcache.teachers.loaders import HFLogits
+from kdcache.train.evaluate import evaluate_perplexity
+from kdcache.train.loop import train_student
+from pipelines.bpe import save_tokenizer, train_bpe_tokenizer
+from pipelines.corpora import FORTUNES_DIR, read_fortunes, split_by_id
 
 log = logging.getLogger("kdcache.demo")
 
@@ -99,7 +101,7 @@ def parse_args(argv: list[str] | None = None) -> Settings:
         "fortunes corpus through per-token top-k and sampled caches.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    p.add_argument("--fortunes-dir", default=text.FORTUNES_DIR, help="fortunes text files")
+    p.add_argument("--fortunes-dir", default=FORTUNES_DIR, help="fortunes text files")
     p.add_argument("--work-dir", default="runs/lm-fortunes", help="teachers, cache, report")
     p.add_argument("--cache-root", default=None, help="cache root (default WORK_DIR/cache)")
     p.add_argument("--report", default=None, help="JSON report (default WORK_DIR/report.json)")
@@ -233,11 +235,11 @@ def gpt2(arch: dict[str, Any], vocab_size: int, n_positions: int) -> torch.nn.Mo
 
 def prepare_data(s: Settings) -> dict[str, Any]:
     """Records, split, tokenizer (trained on the training split) and token datasets."""
-    records = text.read_fortunes(s.fortunes_dir)
+    records = read_fortunes(s.fortunes_dir)
     if s.subset:
         records = records[: s.subset]
     ids = np.array([r[0] for r in records], np.int64)
-    is_val = text.split_by_id(ids, 0.05)
+    is_val = split_by_id(ids, 0.05)
     train_recs = [r for r, v in zip(records, is_val, strict=True) if not v]
     val_recs = [r for r, v in zip(records, is_val, strict=True) if v]
     tok_dir = os.path.join(s.work_dir, "tokenizer", f"bpe{s.vocab_size}-{_hash(ids.tolist())}")
@@ -245,19 +247,19 @@ def prepare_data(s: Settings) -> dict[str, Any]:
     if os.path.exists(os.path.join(tok_dir, "tokenizer.json")):
         tok = tokenizers.Tokenizer.from_file(os.path.join(tok_dir, "tokenizer.json"))
     else:
-        tok = text.train_bpe_tokenizer([t for _, t in train_recs], s.vocab_size)
-        text.save_tokenizer(tok, tok_dir, pad_token=PAD, eos_token=EOS)
+        tok = train_bpe_tokenizer([t for _, t in train_recs], s.vocab_size)
+        save_tokenizer(tok, tok_dir, pad_token=PAD, eos_token=EOS)
     vocab = tok.get_vocab_size()
     prep = {
         "source": "debian fortunes",
-        "tokenizer_files_sha256": text.tokenizer_files_sha256(tok_dir),
+        "tokenizer_files_sha256": tokenizer_files_sha256(tok_dir),
         "vocab_size": vocab,
     }
     common = dict(max_tokens=s.max_tokens, eos_token_id=EOS_ID, pad_token_id=PAD_ID)
-    train = text.encode_texts(
+    train = encode_texts(
         tok, train_recs, num_shards=s.num_shards, preprocessing={**prep, "split": "train"}, **common
     )
-    val = text.encode_texts(
+    val = encode_texts(
         tok, val_recs, num_shards=1, preprocessing={**prep, "split": "validation"}, **common
     )
     return {"tokenizer": tok, "tok_dir": tok_dir, "vocab": vocab, "train": train, "val": val}
@@ -291,7 +293,7 @@ def train_or_load_teacher(spec: dict[str, Any], data: dict[str, Any], s: Setting
         desc=f"teacher {spec['name']}",
     )
     model.save_pretrained(path)
-    text.save_tokenizer(data["tokenizer"], path, pad_token=PAD, eos_token=EOS)
+    save_tokenizer(data["tokenizer"], path, pad_token=PAD, eos_token=EOS)
     return path
 
 
@@ -313,7 +315,7 @@ def _build(s: Settings, dataset: Any, ensemble: Any, kind: str, params: dict[str
 
 
 def _cache_facts(name: str, cache: Any, num_tokens: int) -> dict[str, Any]:
-    entries = kdcache.cache.as_view(cache).entries
+    entries = as_view(cache).entries
     per_teacher = cache.num_bytes / max(len(entries), 1)
     return {
         "name": name,
@@ -379,14 +381,14 @@ def run(s: Settings) -> dict[str, Any]:
         if ray is not None and ray.is_initialized():
             ray.shutdown()
 
-    student_sha = text.tokenizer_files_sha256(data["tok_dir"])
+    student_sha = tokenizer_files_sha256(data["tok_dir"])
     models: list[dict[str, Any]] = []
     for t in teachers:
-        ppl = text.evaluate_perplexity(t.logits, val, vocab_size=vocab)
+        ppl = evaluate_perplexity(t.logits, val, vocab_size=vocab)
         models.append(
             {"name": t.name, "role": "teacher", "num_parameters": t.num_parameters, **ppl}
         )
-    ens = text.evaluate_perplexity(_ensemble_logits(teachers), val, vocab_size=vocab)
+    ens = evaluate_perplexity(_ensemble_logits(teachers), val, vocab_size=vocab)
     models.append(
         {"name": "ensemble", "role": "ensemble", "num_parameters": ensemble.num_parameters, **ens}
     )
@@ -420,7 +422,7 @@ def run(s: Settings) -> dict[str, Any]:
             progress=s.progress,
             desc=name,
         )
-        ppl = text.evaluate_perplexity(module, val, vocab_size=vocab)
+        ppl = evaluate_perplexity(module, val, vocab_size=vocab)
         models.append(
             {
                 "name": name,
@@ -476,15 +478,15 @@ def _ensemble_logits(teachers: list[kdcache.Teacher]) -> Any:
 
 
 def sequence_kd_data(
-    s: Settings, train: text.TokenDataset, teachers: list[kdcache.Teacher], vocab: int
-) -> text.TokenDataset:
+    s: Settings, train: TokenDataset, teachers: list[kdcache.Teacher], vocab: int
+) -> TokenDataset:
     """Prompts (the first tokens of training records) continued by the teachers (greedy).
 
     Source: Kim and Rush, "Sequence-Level Knowledge Distillation", EMNLP 2016.
     """
     rng = np.random.default_rng(s.seed)
     pick = np.sort(rng.choice(len(train), size=min(s.num_prompts, len(train)), replace=False))
-    prompts = text.TokenDataset.from_sequences(
+    prompts = TokenDataset.from_sequences(
         train.sample_ids[pick],
         [train.sequence(int(i))[: s.prompt_tokens] for i in pick],
         num_shards=min(s.num_shards, len(pick)),
@@ -495,7 +497,7 @@ def sequence_kd_data(
         },
         pad_token_id=PAD_ID,
     )
-    return text.generate_continuations(
+    return generate_continuations(
         [t.logits for t in teachers],
         prompts,
         max_new_tokens=s.new_tokens,

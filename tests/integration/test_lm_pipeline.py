@@ -8,7 +8,7 @@ import os
 import pytest
 from demo_runner import run_demo
 
-from kdcache.text import FORTUNES_DIR
+from pipelines.corpora import FORTUNES_DIR
 
 pytestmark = pytest.mark.integration
 

@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 
 import kdcache
-from kdcache.admin import verify
 from kdcache.errors import TeacherOutputError
+from kdcache.stores.admin import verify
 from kdcache.testing import CrashOnce, NaNAt, linear_teacher, toy_dataset
 
 ray = pytest.importorskip("ray")

@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 
 import kdcache
-from kdcache.admin import gc, verify
+from kdcache.stores.admin import gc, verify
 
 pytestmark = pytest.mark.integration
 

@@ -20,7 +20,7 @@ import torch
 import yaml
 
 import kdcache
-from kdcache.admin import verify
+from kdcache.stores.admin import verify
 from kdcache.testing import linear_teacher
 
 pytest.importorskip("ray.job_submission")

@@ -15,15 +15,12 @@ import yaml
 import kdcache
 from kdcache import losses
 from kdcache.cli import main as cli
-from kdcache.stream import ShardedStream
+from kdcache.stream.dataset import ShardedStream
 from kdcache.testing import linear_teacher, toy_dataset
-from kdcache.train import (
-    cpu_ds_config,
-    init_distributed,
-    read_metrics,
-    read_safetensors_metadata,
-    train_student,
-)
+from kdcache.train.distributed import cpu_ds_config, init_distributed
+from kdcache.train.export import read_safetensors_metadata
+from kdcache.train.loop import train_student
+from kdcache.train.metrics import read_metrics
 
 pytestmark = pytest.mark.integration
 

@@ -14,7 +14,6 @@ import torch
 
 import kdcache
 from kdcache import schema
-from kdcache.cache import CacheEntry, Lease, write_alias
 from kdcache.errors import (
     CacheCorruptError,
     CacheIncompleteError,
@@ -25,7 +24,11 @@ from kdcache.errors import (
     TeacherOutputError,
 )
 from kdcache.schema import TargetSpec
-from kdcache.storage import Location
+from kdcache.stores.admin import verify
+from kdcache.stores.catalog import write_alias
+from kdcache.stores.entry import CacheEntry
+from kdcache.stores.fs import Location
+from kdcache.stores.lease import Lease
 from kdcache.testing import linear_teacher, toy_dataset
 
 
@@ -249,8 +252,8 @@ def _touch(loc, name, data=b"x" * 10):
 
 
 def test_gc_removes_staging_and_unreferenced_files_only(root, capsys):
-    from kdcache.admin import gc
     from kdcache.cli import main
+    from kdcache.stores.admin import gc
 
     done = _entry(root)
     _fill(done)
@@ -290,12 +293,12 @@ def test_gc_removes_staging_and_unreferenced_files_only(root, capsys):
     assert not any(os.path.exists(p) for p in garbage)
     assert os.path.exists(leased.shards_location.display(".tmp-shard-00000.arrow.abc"))
     assert building.committed_shard(0) is not None  # resumable work kept
-    assert kdcache.admin.verify(kdcache.open_cache(done.location.uri)).ok
+    assert verify(kdcache.open_cache(done.location.uri)).ok
     assert gc(root).removed == []  # idempotent
 
 
 def test_gc_treats_expired_lease_as_dead(root):
-    from kdcache.admin import gc
+    from kdcache.stores.admin import gc
 
     entry = _entry(root)
     assert Lease(entry, ttl_s=-1).acquire()  # a crashed job's lease
@@ -307,8 +310,8 @@ def test_gc_treats_expired_lease_as_dead(root):
 
 
 def test_reader_mismatch_refused_unless_retempering(root):
-    from kdcache.cache import check_reader
     from kdcache.errors import SpecMismatchError
+    from kdcache.stores.view import check_reader
 
     entry = _entry(root)
     _fill(entry)
@@ -363,7 +366,8 @@ def test_reader_mismatch_refused_unless_retempering(root):
 _WRITER = r"""
 import json, os, sys
 import numpy as np
-from kdcache.cache import CacheEntry, Lease
+from kdcache.stores.entry import CacheEntry
+from kdcache.stores.lease import Lease
 
 root, plan = sys.argv[1], json.loads(sys.argv[2])
 real_replace = os.replace
@@ -402,7 +406,7 @@ def test_killed_writer_leaves_previous_or_resumable_state(root):
     import subprocess
     import sys
 
-    from kdcache.admin import gc
+    from kdcache.stores.admin import gc
 
     # renames in a 2-shard build: data 0, sidecar 0, data 1, sidecar 1, manifest
     points = [(n, when) for n in range(1, 6) for when in ("before", "after")]

@@ -26,8 +26,8 @@ import jsonschema
 import pytest
 import yaml
 
-from kdcache import config as cfg
-from kdcache.submit import entrypoint_parser
+from kdcache.cli.job import entrypoint_parser
+from kdcache.jobs import config as cfg
 
 CLUSTER = os.path.join(os.path.dirname(__file__), "..", "..", "cluster")
 LAUNCHER = os.path.join(CLUSTER, "ray-cluster.yaml")
@@ -289,7 +289,7 @@ def _int_ray_start_param(d):  # the CRD types rayStartParams as a map of strings
 
 
 def _typo_in_spec(d):
-    d["spec"]["entrypont"] = "python -m kdcache.submit build"
+    d["spec"]["entrypont"] = "python -m kdcache.cli.job build"
 
 
 @pytest.mark.parametrize(
@@ -321,7 +321,7 @@ def test_teacher_rayjob_ships_a_valid_build_config_to_its_entrypoint():
     assert build.root.startswith("s3://")
     job = _docs(path)[1]
     argv = shlex.split(job["spec"]["entrypoint"])
-    assert argv[:3] == ["python", "-m", "kdcache.submit"]
+    assert argv[:3] == ["python", "-m", "kdcache.cli.job"]
     args = entrypoint_parser().parse_args(argv[3:])
     assert args.stage == "build"
     assert os.path.dirname(args.config) in _mounted(job)
@@ -336,7 +336,7 @@ def test_student_rayjob_runs_ray_train_with_one_rank_per_gpu():
     path = os.path.join(CLUSTER, "kuberay", "rayjob-student.yaml")
     job = _docs(path)[1]
     argv = shlex.split(job["spec"]["entrypoint"])
-    assert argv[:3] == ["python", "-m", "kdcache.submit"]
+    assert argv[:3] == ["python", "-m", "kdcache.cli.job"]
     args = entrypoint_parser().parse_args(argv[3:])
     assert args.stage == "train"
     assert os.path.dirname(args.config) in _mounted(job)

@@ -6,8 +6,8 @@ import json
 
 import pytest
 
-from kdcache import config as cfg
 from kdcache.errors import ConfigError
+from kdcache.jobs import config as cfg
 
 BASE = {
     "root": "/tmp/x",

@@ -9,8 +9,9 @@ import struct
 import numpy as np
 import pytest
 
-from kdcache.data import ArrayDataset, read_idx
+from kdcache.data.base import ArrayDataset
 from kdcache.errors import ConfigError, DataError, DataFileNotFoundError
+from pipelines.corpora import read_idx
 from pipelines.fashion_mnist import FILES, load_fashion_mnist
 
 

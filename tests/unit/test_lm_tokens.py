@@ -9,9 +9,22 @@ import numpy as np
 import pytest
 import torch
 
-from kdcache import Teacher, build, losses, text, token_stream
-from kdcache.cache import CacheEntry
+from kdcache import Teacher, losses
+from kdcache.build.stage import build_cache
+from kdcache.data.tokens import TokenDataset, encode_texts, target_positions, tokenizer_files_sha256
 from kdcache.errors import ConfigError, SampleIdMismatchError
+from kdcache.losses.kd import token_distill_loss
+from kdcache.stores.entry import CacheEntry
+from kdcache.stream.tokens import (
+    TokenSoftTargetDataset,
+    _scatter_sparse,
+    check_student_vocabulary,
+    read_token_shard,
+)
+from kdcache.targets.sparse import concat_sparse, sparsify
+from kdcache.teachers.generate import generate_continuations
+from pipelines.bpe import save_tokenizer, train_bpe_tokenizer
+from pipelines.corpora import read_fortunes, split_by_id
 
 transformers = pytest.importorskip("transformers")
 
@@ -28,7 +41,7 @@ TAU = 2.0
 
 
 def _tokenizer(texts=TEXTS, vocab=VOCAB):
-    return text.train_bpe_tokenizer(texts, vocab)
+    return train_bpe_tokenizer(texts, vocab)
 
 
 def _save_model(path, tok, *, seed, n_embd=16, padded=320):
@@ -46,7 +59,7 @@ def _save_model(path, tok, *, seed, n_embd=16, padded=320):
     )
     torch.manual_seed(seed)
     transformers.GPT2LMHeadModel(cfg).save_pretrained(str(path))
-    text.save_tokenizer(tok, str(path), pad_token="<|pad|>", eos_token="<|endoftext|>")
+    save_tokenizer(tok, str(path), pad_token="<|pad|>", eos_token="<|endoftext|>")
     return str(path)
 
 
@@ -59,15 +72,15 @@ def world(tmp_path_factory):
     path_b = _save_model(tmp / "teacher_b", tok, seed=1, n_embd=8)
     teacher_b = Teacher.from_hf(path_b, task="causal-lm", name="t1")
     recs = list(enumerate(TEXTS))
-    prep = {"tokenizer_files_sha256": text.tokenizer_files_sha256(path), "vocab_size": VOCAB}
-    ds = text.encode_texts(
+    prep = {"tokenizer_files_sha256": tokenizer_files_sha256(path), "vocab_size": VOCAB}
+    ds = encode_texts(
         tok, recs, max_tokens=24, eos_token_id=1, num_shards=3, pad_token_id=0, preprocessing=prep
     )
     return {"tok": tok, "teacher": teacher, "teacher_b": teacher_b, "ds": ds, "tmp": tmp}
 
 
 def _build(world, root, kind="topk", params=None, teachers=None, batch_size=5, dataset=None):
-    return build.build_cache(
+    return build_cache(
         dataset or world["ds"],
         teachers or world["teacher"],
         temperature=TAU,
@@ -98,7 +111,7 @@ def _per_position_kd(logits, batch):
 @pytest.mark.parametrize("kind,params", [("topk", {"k": 8}), ("sampled", {"num_samples": 16})])
 def test_copy_of_teacher_has_zero_loss_at_every_valid_position(world, root, kind, params):
     cache = _build(world, root, kind, params)
-    stream = token_stream.TokenSoftTargetDataset(cache, world["ds"], batch_size=6, seed=0)
+    stream = TokenSoftTargetDataset(cache, world["ds"], batch_size=6, seed=0)
     student = world["teacher"].module  # an exact copy of the teacher
     seen = 0
     for batch in stream:
@@ -106,7 +119,7 @@ def test_copy_of_teacher_has_zero_loss_at_every_valid_position(world, root, kind
             logits = student(batch["inputs"])
         per_pos = _per_position_kd(logits, batch)
         assert float(per_pos.abs().max()) < 1e-5
-        loss = token_stream.token_distill_loss(logits, batch, temperature=TAU, vocab_size=VOCAB)
+        loss = token_distill_loss(logits, batch, temperature=TAU, vocab_size=VOCAB)
         assert abs(float(loss)) < 1e-5
         seen += int(batch["mask"].sum())
     assert len(world["ds"]) % 6 == 0 and seen == world["ds"].num_targets
@@ -114,12 +127,12 @@ def test_copy_of_teacher_has_zero_loss_at_every_valid_position(world, root, kind
 
 def test_one_position_shift_gives_clearly_nonzero_loss(world, root):
     cache = _build(world, root)
-    batch = next(iter(token_stream.TokenSoftTargetDataset(cache, world["ds"], batch_size=6)))
+    batch = next(iter(TokenSoftTargetDataset(cache, world["ds"], batch_size=6)))
     with torch.no_grad():
         logits = world["teacher"].module(batch["inputs"])
     shifted = torch.roll(logits, shifts=1, dims=1)  # prediction of t used at t + 1
-    aligned = token_stream.token_distill_loss(logits, batch, temperature=TAU, vocab_size=VOCAB)
-    off = token_stream.token_distill_loss(shifted, batch, temperature=TAU, vocab_size=VOCAB)
+    aligned = token_distill_loss(logits, batch, temperature=TAU, vocab_size=VOCAB)
+    off = token_distill_loss(shifted, batch, temperature=TAU, vocab_size=VOCAB)
     assert float(aligned) < 1e-5
     assert float(off) > 0.1
 
@@ -128,7 +141,7 @@ def test_targets_hold_the_distribution_of_the_next_token(world, root):
     """Row (sample, t) equals the teacher's full distribution at t, computed alone."""
     cache = _build(world, root, "topk", {"k": VOCAB})
     ds = world["ds"]
-    shard = token_stream.read_token_shard(cache, 0, ds)
+    shard = read_token_shard(cache, 0, ds)
     seq = ds.read_shard(0)
     first = seq["tokens"][: seq["token_offsets"][1]]
     rows = slice(int(shard.row_offsets[0]), int(shard.row_offsets[1]))
@@ -149,14 +162,14 @@ def test_shifted_positions_in_the_cache_are_refused(world, root):
     bad = CacheEntry(cache.root, cache.key)
     bad.write_shard(0, ids, sparse, vocab_size=VOCAB, positions_N=pos)
     with pytest.raises(SampleIdMismatchError, match="position"):
-        token_stream.read_token_shard(bad, 0, ds, verify=False)
+        read_token_shard(bad, 0, ds, verify=False)
 
 
 def test_cache_over_other_sequences_is_refused(world, root):
     cache = _build(world, root)
     other = world["ds"].subset(np.arange(len(world["ds"]))[::-1].copy(), num_shards=3)
     with pytest.raises(SampleIdMismatchError):
-        token_stream.read_token_shard(cache, 0, other)
+        read_token_shard(cache, 0, other)
 
 
 def test_store_refuses_split_samples(world, root):
@@ -170,7 +183,7 @@ def test_store_refuses_split_samples(world, root):
 
 
 def test_verify_accepts_token_entries_and_counts_sequences(world, root):
-    from kdcache.admin import verify
+    from kdcache.stores.admin import verify
 
     cache = _build(world, root)
     result = verify(cache)
@@ -186,12 +199,12 @@ def test_same_sequence_padded_to_two_lengths_gives_the_same_loss(world, root):
     ds = world["ds"]
     one = ds.subset(np.array([0]), num_shards=1)
     cache_one = _build(world, root, dataset=one)
-    batch = next(iter(token_stream.TokenSoftTargetDataset(cache_one, one, batch_size=1)))
+    batch = next(iter(TokenSoftTargetDataset(cache_one, one, batch_size=1)))
     torch.manual_seed(3)
     student = torch.nn.Sequential(torch.nn.Embedding(320, 12), torch.nn.Linear(12, 320))
     student.requires_grad_(False)
     short = student(batch["inputs"])
-    loss_short = token_stream.token_distill_loss(short, batch, temperature=TAU, alpha=0.5)
+    loss_short = token_distill_loss(short, batch, temperature=TAU, alpha=0.5)
     # The same sequence padded with 7 more positions.
     extra = 7
     b, t = batch["inputs"].shape
@@ -201,11 +214,9 @@ def test_same_sequence_padded_to_two_lengths_gives_the_same_loss(world, root):
     padded["labels"] = torch.cat([batch["labels"], torch.full((b, extra), -100)], 1)
     rows = batch["mask"].reshape(-1).nonzero().flatten()
     flat = (padded["mask"].reshape(-1)).nonzero().flatten()
-    padded["targets"] = token_stream._scatter_sparse(
-        batch["targets"].rows(rows), flat, b * (t + extra)
-    )
+    padded["targets"] = _scatter_sparse(batch["targets"].rows(rows), flat, b * (t + extra))
     long = student(padded["inputs"])
-    loss_long = token_stream.token_distill_loss(long, padded, temperature=TAU, alpha=0.5)
+    loss_long = token_distill_loss(long, padded, temperature=TAU, alpha=0.5)
     assert float(loss_short) > 0.1
     assert float(loss_long) == pytest.approx(float(loss_short), rel=1e-6)
     del cache
@@ -217,8 +228,8 @@ def test_teacher_stage_targets_do_not_depend_on_padding(world, tmp_path):
     b = _build(world, str(tmp_path / "b"), "topk", {"k": 8}, batch_size=8)
     assert a.key == b.key  # batch size is not in the key
     for i in range(world["ds"].num_shards):
-        ta = token_stream.read_token_shard(a, i, world["ds"]).targets
-        tb = token_stream.read_token_shard(b, i, world["ds"]).targets
+        ta = read_token_shard(a, i, world["ds"]).targets
+        tb = read_token_shard(b, i, world["ds"]).targets
         assert torch.allclose(ta.log_probs(), tb.log_probs(), atol=1e-4)
 
 
@@ -227,8 +238,8 @@ def test_sampled_draws_do_not_depend_on_batching(world, tmp_path):
     a = _build(world, str(tmp_path / "a"), "sampled", params, batch_size=1)
     b = _build(world, str(tmp_path / "b"), "sampled", params, batch_size=8)
     for i in range(world["ds"].num_shards):
-        ta = token_stream.read_token_shard(a, i, world["ds"]).targets
-        tb = token_stream.read_token_shard(b, i, world["ds"]).targets
+        ta = read_token_shard(a, i, world["ds"]).targets
+        tb = read_token_shard(b, i, world["ds"]).targets
         assert torch.equal(ta.ids_BS, tb.ids_BS) and torch.equal(ta.counts_BS, tb.counts_BS)
 
 
@@ -240,7 +251,7 @@ def test_padded_logits_are_trimmed_to_the_tokenizer(world, root):
     cache = _build(world, root, "topk", {"k": 8})
     assert cache.vocab_size == VOCAB
     for i in range(world["ds"].num_shards):
-        ids = token_stream.read_token_shard(cache, i, world["ds"]).targets.ids_BS
+        ids = read_token_shard(cache, i, world["ds"]).targets.ids_BS
         assert int(ids.max()) < VOCAB
 
 
@@ -259,11 +270,11 @@ def test_teachers_with_different_tokenizers_are_refused(world, root):
 def test_student_with_another_tokenizer_is_refused(world, root):
     cache = _build(world, root)
     sha = world["ds"].preprocessing["tokenizer_files_sha256"]
-    token_stream.check_student_vocabulary(cache, vocab_size=VOCAB, tokenizer_sha256=sha)
+    check_student_vocabulary(cache, vocab_size=VOCAB, tokenizer_sha256=sha)
     with pytest.raises(ConfigError, match="different tokens"):
-        token_stream.check_student_vocabulary(cache, vocab_size=VOCAB, tokenizer_sha256="0" * 64)
+        check_student_vocabulary(cache, vocab_size=VOCAB, tokenizer_sha256="0" * 64)
     with pytest.raises(ConfigError, match="vocabularies differ"):
-        token_stream.check_student_vocabulary(cache, vocab_size=VOCAB + 1)
+        check_student_vocabulary(cache, vocab_size=VOCAB + 1)
 
 
 # -- round trip ---------------------------------------------------------------------------
@@ -282,15 +293,15 @@ def test_sparse_targets_round_trip_identically(world, root, kind, params):
     ds = world["ds"]
     spec = cache.target_spec
     for i in range(ds.num_shards):
-        got = token_stream.read_token_shard(cache, i, ds)
+        got = read_token_shard(cache, i, ds)
         sh = ds.read_shard(i)
         expect = []
         for j, sid in enumerate(sh["sample_id"]):
             seq = sh["tokens"][sh["token_offsets"][j] : sh["token_offsets"][j + 1]]
             z = world["teacher"].logits(torch.from_numpy(seq.astype(np.int64))[None])[0, :-1]
             scaled = z / TAU
-            expect.append(build.sparsify(scaled, spec, row_sample_ids_M=np.full(len(scaled), sid)))
-        want = build.concat_sparse(expect)
+            expect.append(sparsify(scaled, spec, row_sample_ids_M=np.full(len(scaled), sid)))
+        want = concat_sparse(expect)
         assert torch.equal(got.targets.ids_BS, want.ids_BS)
         # float16 storage would round; the default float32 keeps values bit for bit
         assert torch.allclose(got.targets.values_BS, want.values_BS, atol=1e-5, equal_nan=False)
@@ -302,7 +313,7 @@ def test_sparse_targets_round_trip_identically(world, root, kind, params):
 def test_exact_tail_mass_from_stored_log_partition_matches_full_distribution(world, root):
     cache = _build(world, root, "topk", {"k": 4})
     ds = world["ds"]
-    shard = token_stream.read_token_shard(cache, 1, ds)
+    shard = read_token_shard(cache, 1, ds)
     sh = ds.read_shard(1)
     seq = sh["tokens"][: sh["token_offsets"][1]]
     lp = _full_log_probs(world["teacher"], seq)[:-1]  # float64 [L - 1, V]
@@ -323,15 +334,15 @@ def test_exact_tail_mass_from_stored_log_partition_matches_full_distribution(wor
 def test_stream_order_resume_and_ranks(world, root):
     cache = _build(world, root)
     ds = world["ds"]
-    full = token_stream.TokenSoftTargetDataset(cache, ds, batch_size=4, seed=3)
+    full = TokenSoftTargetDataset(cache, ds, batch_size=4, seed=3)
     ids = [b["sample_id"].tolist() for b in full]
     flat = [i for batch in ids for i in batch]
     assert len(flat) == len(set(flat)) == len(ds) - len(ds) % 4
-    resumed = token_stream.TokenSoftTargetDataset(cache, ds, batch_size=4, seed=3)
+    resumed = TokenSoftTargetDataset(cache, ds, batch_size=4, seed=3)
     resumed.load_state_dict({"epoch": 0, "step": 2, "seed": 3})
     assert [b["sample_id"].tolist() for b in resumed] == ids[2:]
-    r0 = token_stream.TokenSoftTargetDataset(cache, ds, batch_size=2, seed=3, rank=0, world_size=2)
-    r1 = token_stream.TokenSoftTargetDataset(cache, ds, batch_size=2, seed=3, rank=1, world_size=2)
+    r0 = TokenSoftTargetDataset(cache, ds, batch_size=2, seed=3, rank=0, world_size=2)
+    r1 = TokenSoftTargetDataset(cache, ds, batch_size=2, seed=3, rank=1, world_size=2)
     merged = [
         a["sample_id"].tolist() + b["sample_id"].tolist() for a, b in zip(r0, r1, strict=True)
     ]
@@ -341,23 +352,23 @@ def test_stream_order_resume_and_ranks(world, root):
 def test_ensemble_batches_combine_topk_and_keep_sampled_apart(world, root):
     teachers = [world["teacher"], world["teacher_b"]]
     topk = _build(world, root, teachers=teachers)
-    b = next(iter(token_stream.TokenSoftTargetDataset(topk, world["ds"], batch_size=4)))
+    b = next(iter(TokenSoftTargetDataset(topk, world["ds"], batch_size=4)))
     assert b["targets"].kind == "mixture"
     sampled = _build(world, root, "sampled", {"num_samples": 8}, teachers=teachers)
-    b = next(iter(token_stream.TokenSoftTargetDataset(sampled, world["ds"], batch_size=4)))
+    b = next(iter(TokenSoftTargetDataset(sampled, world["ds"], batch_size=4)))
     assert isinstance(b["targets"], list) and len(b["targets"]) == 2
     logits = world["teacher"].module(b["inputs"]).detach().requires_grad_()
-    loss = token_stream.token_distill_loss(logits, b, temperature=TAU, alpha=0.7)
+    loss = token_distill_loss(logits, b, temperature=TAU, alpha=0.7)
     loss.backward()
     assert float(loss.detach()) > 0 and torch.isfinite(logits.grad).all()
 
 
 def test_sequence_level_data_masks_prompts(world, root):
     ds = world["ds"]
-    prompts = text.TokenDataset.from_sequences(
+    prompts = TokenDataset.from_sequences(
         ds.sample_ids[:4], [ds.sequence(i)[:3] for i in range(4)], num_shards=2, pad_token_id=0
     )
-    gen = text.generate_continuations(
+    gen = generate_continuations(
         [world["teacher"].logits], prompts, max_new_tokens=5, vocab_size=VOCAB, greedy=True
     )
     assert gen.prompt_lengths.tolist() == [3] * 4
@@ -367,7 +378,7 @@ def test_sequence_level_data_masks_prompts(world, root):
     assert int(gen.sequence(0)[3]) == int(z[0, -1].argmax())
     cache = _build(world, root, dataset=gen)
     assert cache.num_rows == gen.num_targets == int((gen.lengths - 3).sum())
-    batch = next(iter(token_stream.TokenSoftTargetDataset(cache, gen, batch_size=2)))
+    batch = next(iter(TokenSoftTargetDataset(cache, gen, batch_size=2)))
     assert not bool(batch["mask"][:, :2].any())  # positions 0, 1 predict prompt tokens
     assert bool(batch["mask"][:, 2].all())  # position 2 predicts the first new token
     with torch.no_grad():
@@ -377,24 +388,24 @@ def test_sequence_level_data_masks_prompts(world, root):
 
 def test_token_dataset_rejects_bad_input():
     with pytest.raises(ConfigError, match="at least 2"):
-        text.TokenDataset.from_sequences([1, 2], [[5, 6], [7]], num_shards=1)
+        TokenDataset.from_sequences([1, 2], [[5, 6], [7]], num_shards=1)
     with pytest.raises(ConfigError, match="unique"):
-        text.TokenDataset.from_sequences([1, 1], [[5, 6], [7, 8]], num_shards=1)
+        TokenDataset.from_sequences([1, 1], [[5, 6], [7, 8]], num_shards=1)
     with pytest.raises(ConfigError, match="prompt"):
-        text.TokenDataset.from_sequences([1], [[5, 6]], prompt_lengths=[2], num_shards=1)
-    assert text.target_positions(5, 0).tolist() == [0, 1, 2, 3]
-    assert text.target_positions(5, 3).tolist() == [2, 3]
+        TokenDataset.from_sequences([1], [[5, 6]], prompt_lengths=[2], num_shards=1)
+    assert target_positions(5, 0).tolist() == [0, 1, 2, 3]
+    assert target_positions(5, 3).tolist() == [2, 3]
 
 
 def test_fortunes_ids_are_stable_and_split_is_deterministic():
-    recs = text.read_fortunes()
+    recs = read_fortunes()
     assert len(recs) > 1000 and len({i for i, _ in recs}) == len(recs)
-    again = text.read_fortunes()
+    again = read_fortunes()
     assert recs[:50] == again[:50]
     ids = np.array([i for i, _ in recs])
-    val = text.split_by_id(ids, 0.05)
+    val = split_by_id(ids, 0.05)
     assert 0.03 < val.mean() < 0.07
-    assert np.array_equal(val, text.split_by_id(ids, 0.05))
+    assert np.array_equal(val, split_by_id(ids, 0.05))
 
 
 class _Bigram(torch.nn.Module):
@@ -412,16 +423,16 @@ class _Bigram(torch.nn.Module):
 def test_dense_token_targets_for_a_small_vocabulary(root):
     rng = np.random.default_rng(0)
     seqs = [rng.integers(1, 10, size=n) for n in (5, 9, 3, 7)]
-    ds = text.TokenDataset.from_sequences([10, 11, 12, 13], seqs, num_shards=2, pad_token_id=0)
+    ds = TokenDataset.from_sequences([10, 11, 12, 13], seqs, num_shards=2, pad_token_id=0)
     teacher = Teacher.from_module(_Bigram(), name="bigram")
-    cache = build.build_cache(
+    cache = build_cache(
         ds, teacher, temperature=TAU, root=root, executor="local", progress=False, batch_size=3
     )
     assert cache.vocab_size == 10 and cache.num_rows == ds.num_targets == 20
-    batch = next(iter(token_stream.TokenSoftTargetDataset(cache, ds, batch_size=4)))
+    batch = next(iter(TokenSoftTargetDataset(cache, ds, batch_size=4)))
     assert batch["targets"].shape == (*batch["inputs"].shape, 10)
     with torch.no_grad():
         logits = teacher.module(batch["inputs"])
-    copy = token_stream.token_distill_loss(logits, batch, temperature=TAU)
-    shifted = token_stream.token_distill_loss(torch.roll(logits, 1, 1), batch, temperature=TAU)
+    copy = token_distill_loss(logits, batch, temperature=TAU)
+    shifted = token_distill_loss(torch.roll(logits, 1, 1), batch, temperature=TAU)
     assert abs(float(copy)) < 1e-6 and float(shifted) > 0.1

@@ -68,8 +68,13 @@ def dense_case(b=5, v=13, tau=2.0, seed=0):
 
 
 def test_doctests_run():
-    result = doctest.testmod(losses, optionflags=doctest.NORMALIZE_WHITESPACE)
-    assert result.attempted >= 2 and result.failed == 0
+    from kdcache.losses import divergences, features, kd
+
+    results = [
+        doctest.testmod(m, optionflags=doctest.NORMALIZE_WHITESPACE)
+        for m in (divergences, kd, features)
+    ]
+    assert sum(r.attempted for r in results) >= 2 and sum(r.failed for r in results) == 0
 
 
 # ---------------------------------------------------------------- dense vs float64

@@ -22,7 +22,9 @@ def _run(code: str) -> subprocess.CompletedProcess:
 
 
 def test_import_without_optional_dependencies():
-    proc = _run("import kdcache, kdcache.cli, kdcache.admin, kdcache.train; print(kdcache.__all__)")
+    proc = _run(
+        "import kdcache, kdcache.cli, kdcache.stores.admin, kdcache.train; print(kdcache.__all__)"
+    )
     assert proc.returncode == 0, proc.stderr
     assert "build_cache" in proc.stdout
 

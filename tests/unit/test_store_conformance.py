@@ -15,8 +15,7 @@ import pytest
 import torch
 
 import kdcache
-from kdcache import admin, schema, targets
-from kdcache.cache import CacheEntry
+from kdcache import schema, targets
 from kdcache.errors import (
     CacheCorruptError,
     CacheIncompleteError,
@@ -24,8 +23,10 @@ from kdcache.errors import (
     TeacherOutputError,
 )
 from kdcache.schema import TargetSpec
-from kdcache.storage import Location
-from kdcache.stores import BACKENDS, ShardColumns, get_backend
+from kdcache.stores.admin import describe, verify
+from kdcache.stores.backends import BACKENDS, ShardColumns, get_backend
+from kdcache.stores.entry import CacheEntry
+from kdcache.stores.fs import Location
 
 KINDS = ("dense", "topk", "topp", "sampled")
 VOCAB = 40
@@ -141,8 +142,8 @@ class StoreConformance:
             assert_same_rows(kind, got, rows)
         suffix = get_backend(backend).suffix
         assert [r.file for r in opened.shards] == [f"shard-0000{i}{suffix}" for i in range(3)]
-        assert admin.verify(opened).ok
-        described = admin.describe(opened, num_samples=2)
+        assert verify(opened).ok
+        described = describe(opened, num_samples=2)
         assert [s["sample_id"] for s in described["samples"]] == written[0][0][:2].tolist()
         assert all(0.0 < p <= 1.0 for s in described["samples"] for p in s["top_probs"])
 
@@ -175,7 +176,7 @@ class StoreConformance:
                 opened.read_sparse_shard(0, verify=False)
             else:
                 opened.read_shard(0, verify=False)
-        result = admin.verify(kdcache.open_cache(entry.location.uri))
+        result = verify(kdcache.open_cache(entry.location.uri))
         assert not result.ok and name in result.problems[0]
 
     def test_pickle_round_trip(self, store_root, backend, kind):
@@ -305,7 +306,7 @@ def test_narrow_storage_dtypes_round_trip_and_refuse_overflow(
 
 
 def test_bfloat16_bits_match_torch_rounding():
-    from kdcache.stores import bfloat16_bits_to_float32, to_storage_dtype
+    from kdcache.stores.codec import bfloat16_bits_to_float32, to_storage_dtype
 
     x = np.random.default_rng(0).standard_normal(10_000).astype(np.float32) * 1e3
     x[:4] = [0.0, -0.0, 3.3e38, -1.0e-40]

@@ -9,7 +9,7 @@ import torch
 import kdcache
 from kdcache import targets
 from kdcache.errors import ConfigError, SampleIdMismatchError, SpecMismatchError
-from kdcache.stream import ShardedStream
+from kdcache.stream.dataset import ShardedStream
 from kdcache.testing import linear_teacher, toy_dataset
 
 

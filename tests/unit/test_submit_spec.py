@@ -1,4 +1,4 @@
-"""kdcache.submit without a cluster: what a job would carry, and its entrypoint."""
+"""kdcache.jobs.submit without a cluster: what a job would carry, and its entrypoint."""
 
 from __future__ import annotations
 
@@ -9,8 +9,9 @@ import pytest
 import yaml
 
 import kdcache
+from kdcache.cli.job import job_main
 from kdcache.errors import ConfigError
-from kdcache.submit import CONFIG_ENV, DEFAULT_EXCLUDES, job_main, job_spec, resolve_address
+from kdcache.jobs.submit import CONFIG_ENV, DEFAULT_EXCLUDES, job_spec, resolve_address
 
 BUILD = {
     "root": "ROOT",
@@ -51,7 +52,7 @@ def test_build_job_ships_the_resolved_config_and_packages_the_working_dir(tmp_pa
     shipped = json.loads(env["env_vars"][CONFIG_ENV])
     assert shipped["targets"]["temperature"] == 2.5  # the override travels
     assert shipped["executor"]["address"] is None  # the job joins its own cluster
-    assert spec.entrypoint == "python -m kdcache.submit build"
+    assert spec.entrypoint == "python -m kdcache.cli.job build"
     assert spec.submission_id.startswith("kdcache-build-")
 
 

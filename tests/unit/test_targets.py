@@ -15,9 +15,11 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from kdcache import targets
+from kdcache import schema, targets
 from kdcache.errors import ConfigError, TeacherOutputError
-from kdcache.targets import PAD_ID, SparseTargets
+from kdcache.schema import TargetSpec
+from kdcache.stores.codec import columns_to_sparse, sparse_to_columns, to_storage_dtype
+from kdcache.targets.sparse import PAD_ID, SparseTargets
 
 PROPERTY = settings(max_examples=25, deadline=None)
 
@@ -34,8 +36,12 @@ def logits(b: int, v: int, seed: int = 0, scale: float = 3.0) -> torch.Tensor:
 
 
 def test_doctests_run():
-    result = doctest.testmod(targets, optionflags=doctest.NORMALIZE_WHITESPACE)
-    assert result.attempted >= 2 and result.failed == 0
+    from kdcache.targets import dense, sparse
+
+    results = [
+        doctest.testmod(m, optionflags=doctest.NORMALIZE_WHITESPACE) for m in (dense, sparse)
+    ]
+    assert sum(r.attempted for r in results) >= 2 and sum(r.failed for r in results) == 0
 
 
 # ---------------------------------------------------------------- temperature, dense
@@ -299,33 +305,56 @@ def test_sparse_targets_validates_fields():
         SparseTargets(ids, vals, lz, "topk", grid_temperatures=(1.0,))
 
 
-@pytest.mark.parametrize("dtype", targets.STORAGE_DTYPES)
+def _round_trip(t, dtype="float32", grid=()):
+    """Through the production codec (kdcache.stores.codec), as a shard is written and read."""
+    spec = TargetSpec(1.0, kind=t.kind, storage_dtype=dtype, params=_params(t.kind, grid=grid))
+    ids = np.arange(t.num_rows, dtype=np.int64)
+    cols, _ = sparse_to_columns(ids, t, spec, 30, "test")
+    return cols, columns_to_sparse(cols, "test")
+
+
+def _params(kind, grid=()):
+    base = {"topk": {"k": 10}, "topp": {"top_p": 0.8, "max_k": 10}, "sampled": {"num_samples": 5}}
+    out = dict(base[kind])
+    if grid:
+        out["grid_temperatures"] = list(grid)
+    return out
+
+
+@pytest.mark.parametrize("dtype", schema.STORAGE_DTYPES)
 def test_columns_round_trip_without_inf(dtype):
     z = logits(5, 30)
     t = targets.topp_targets(
         z, 0.8, max_k=10, labels_B=torch.arange(5), temperature=1.0, grid_temperatures=[2.0]
     )
-    cols = t.to_columns(dtype)
-    assert set(cols) == {"ids", "values", "log_partition", "log_partition_grid", "tail_log_mass"}
-    assert all(c.shape[0] == 5 for c in cols.values())
-    vals = cols["values"].view(np.uint16) if dtype == "bfloat16" else cols["values"]
+    cols, back = _round_trip(t, dtype, grid=[2.0])
+    vals = cols.entries[schema.COL_VALUES]
     if dtype != "bfloat16":
         assert np.isfinite(vals).all()
-    back = SparseTargets.from_columns(
-        cols, kind="topp", grid_temperatures=[2.0], bfloat16_values=dtype == "bfloat16"
-    )
-    assert torch.equal(back.ids_BS, t.ids_BS)
-    assert back.values_BS.dtype == targets._TORCH_DTYPES[dtype]
+    # the codec drops pads, so compare kept entries by id, not by slot
+    assert torch.equal(_by_id(back, back.ids_BS), _by_id(t, t.ids_BS))
+    want = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+    assert back.values_BS.dtype == want[dtype]
     tol = {"float32": 1e-6, "float16": 1e-2, "bfloat16": 8e-2}[dtype]
-    valid = t.valid_BS
-    assert torch.equal(back.valid_BS, valid)
-    assert (back.log_probs()[valid] - t.log_probs()[valid]).abs().max() <= tol
+    a, b = _by_id(back, back.log_probs()), _by_id(t, t.log_probs())
+    assert torch.equal(torch.isfinite(a), torch.isfinite(b))
+    assert (a - b)[torch.isfinite(b)].abs().max() <= tol
     assert bool(torch.isneginf(back.values_BS[~back.valid_BS]).all())
+
+
+def _by_id(t, x_BS, vocab=30):
+    """[B, V]: x at each kept id, -inf (or -1) elsewhere."""
+    fill = -1 if x_BS.dtype == torch.int64 else float("-inf")
+    out = torch.full((t.num_rows, vocab), fill, dtype=x_BS.dtype)
+    rows = torch.arange(t.num_rows)[:, None].expand_as(t.ids_BS)
+    valid = t.valid_BS
+    out[rows[valid], t.ids_BS[valid]] = x_BS[valid]
+    return out
 
 
 def test_columns_keep_counts():
     t = targets.sampled_targets(logits(2, 9), 5, generator=torch.Generator().manual_seed(0))
-    back = SparseTargets.from_columns(t.to_columns(), kind="sampled")
+    _, back = _round_trip(t)
     assert back.counts_BS is not None and t.counts_BS is not None
     assert torch.equal(back.counts_BS, t.counts_BS)
 
@@ -381,40 +410,37 @@ def test_sparse_ensemble_refusals():
 # ---------------------------------------------------------------- storage dtypes
 
 
-def test_float16_overflow_is_refused_or_widened():
-    x = torch.tensor([[1.0, 7e4]])
-    assert not targets.storage_dtype_fits(x, "float16")
-    with pytest.raises(ConfigError, match="float16"):
-        targets.to_storage_dtype(x, "float16")
-    widened = targets.to_storage_dtype(x, "float16", on_overflow="widen")
-    assert widened.dtype == torch.float32 and torch.equal(widened, x)
-    ok = targets.to_storage_dtype(torch.tensor([[65504.0, -3.0]]), "float16")
-    assert ok.dtype == torch.float16 and bool(torch.isfinite(ok).all())
+def test_float16_overflow_is_refused():
+    with pytest.raises(TeacherOutputError, match="float16"):
+        to_storage_dtype(np.array([[1.0, 7e4]], np.float32), "float16", "test")
+    ok = to_storage_dtype(np.array([[65504.0, -3.0]], np.float32), "float16", "test")
+    assert ok.dtype == np.float16 and bool(np.isfinite(ok).all())
 
 
 def test_bfloat16_near_float32_max_is_refused():
-    x = torch.tensor([[3.4e38]])
-    assert targets.storage_dtype_fits(x, "float32")
-    assert not targets.storage_dtype_fits(x, "bfloat16")
-    with pytest.raises(ConfigError):
-        targets.to_storage_dtype(x, "bfloat16")
-    assert targets.to_storage_dtype(torch.tensor([[1e30]]), "bfloat16").dtype == torch.bfloat16
+    x = np.array([[3.4e38]], np.float32)
+    assert to_storage_dtype(x, "float32", "test").dtype == np.float32
+    with pytest.raises(TeacherOutputError, match="bfloat16"):
+        to_storage_dtype(x, "bfloat16", "test")
+    bits = to_storage_dtype(np.array([[1e30]], np.float32), "bfloat16", "test")
+    assert bits.dtype == np.uint16
+    assert torch.from_numpy(bits.view(np.int16)).view(torch.bfloat16).float().item() == (
+        pytest.approx(1e30, rel=1e-2)
+    )
 
 
 def test_storage_dtype_refusals():
     with pytest.raises(ConfigError, match="storage dtype"):
-        targets.to_storage_dtype(torch.zeros(1, 2), "int8")
-    with pytest.raises(ConfigError, match="on_overflow"):
-        targets.to_storage_dtype(torch.zeros(1, 2), "float16", on_overflow="clip")
+        to_storage_dtype(np.zeros((1, 2), np.float32), "int8", "test")
     with pytest.raises(TeacherOutputError):
-        targets.to_storage_dtype(torch.tensor([[float("nan")]]), "float32")
+        to_storage_dtype(np.array([[float("nan")]], np.float32), "float32", "test")
 
 
 def test_sparse_columns_refuse_overflowing_values():
     t = targets.topk_targets(torch.tensor([[1e5, 0.0, -1.0]]), 2)
-    with pytest.raises(ConfigError):
-        t.to_columns("float16")
-    assert t.to_columns("float16", on_overflow="widen")["values"].dtype == np.float32
+    spec = TargetSpec(1.0, kind="topk", storage_dtype="float16", params={"k": 2})
+    with pytest.raises(TeacherOutputError, match="float16"):
+        sparse_to_columns(np.zeros(1, np.int64), t, spec, 3, "test")
 
 
 # ---------------------------------------------------------------- vocabularies

@@ -1,0 +1,259 @@
+"""The teacher stage: plan the work, run it (in-process or on Ray actors), commit.
+
+``build_cache`` makes one cache entry per teacher over a sharded dataset. It is
+idempotent and resumable: entries with a manifest are reused (a *hit*), and of an
+interrupted entry only the shards without a commit record are computed.
+"""
+
+from __future__ import annotations
+
+import logging
+import platform
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+
+from kdcache import __version__, schema
+from kdcache.build.report import BuildReport
+from kdcache.build.task import check_teacher_vocabularies
+from kdcache.data.base import ShardedDataset
+from kdcache.errors import ConfigError
+from kdcache.executors import EXECUTORS
+from kdcache.executors.local import _run_local
+from kdcache.executors.ray import _run_ray
+from kdcache.schema import TargetSpec
+from kdcache.stores.entry import CacheEntry
+from kdcache.stores.lease import Lease, _LeaseKeeper
+from kdcache.stores.view import EnsembleView
+from kdcache.teachers.teacher import Teacher, TeacherEnsemble
+
+log = logging.getLogger(__name__)
+
+
+def _as_ensemble(teachers: Teacher | TeacherEnsemble | Sequence[Teacher]) -> TeacherEnsemble:
+    if isinstance(teachers, TeacherEnsemble):
+        return teachers
+    if isinstance(teachers, Teacher):
+        return TeacherEnsemble([teachers])
+    return TeacherEnsemble(list(teachers))
+
+
+def build_cache(
+    dataset: ShardedDataset,
+    teachers: Teacher | TeacherEnsemble | Sequence[Teacher],
+    *,
+    temperature: float,
+    root: str,
+    storage_dtype: str = "float32",
+    backend: str = "arrow",
+    executor: str = "ray",
+    address: str | None = None,
+    num_actors: int | None = None,
+    cpus_per_actor: float = 1.0,
+    gpus_per_actor: float = 0.0,
+    batch_size: int = 1024,
+    max_retries: int = 2,
+    lease_ttl_s: float = 600.0,
+    progress: bool = True,
+    kind: str = "dense",
+    params: dict[str, Any] | None = None,
+) -> CacheEntry | EnsembleView:
+    """Cache every teacher's scaled logits over ``dataset`` and return the cache.
+
+    Each teacher gets its own entry keyed by (dataset fingerprint, teacher fingerprint,
+    target spec); entries already complete are reused, so adding a teacher to an ensemble
+    computes only that teacher, and a rerun after an interruption computes only the
+    shards not yet committed.
+
+    Args:
+        dataset: A :class:`kdcache.data.ShardedDataset` (picklable).
+        teachers: A teacher, a list of teachers, or a :class:`TeacherEnsemble`.
+        temperature: tau > 0; entries store ``logits / tau`` and tau is in the key.
+        root: Cache root: local path, ``file://`` or another pyarrow filesystem URI.
+        storage_dtype: ``"float32"`` or ``"float16"`` (values out of range are refused).
+        backend: Storage backend (``"arrow"``).
+        executor: ``"ray"`` (actors; local Ray when no cluster is given) or ``"local"``
+            (this process; for debugging and tests without Ray).
+        address: Ray cluster address; None uses ``RAY_ADDRESS`` or starts a local Ray.
+        num_actors: Ray actors; default one per ``cpus_per_actor`` CPUs, at most one per shard.
+        cpus_per_actor: CPUs each actor requests (and torch threads it uses).
+        gpus_per_actor: GPUs each actor requests (fractional shares one GPU between
+            actors); with > 0 the teachers run on the actor's CUDA device.
+        batch_size: Rows per teacher forward pass; does not change the key or the bytes.
+        max_retries: Times a shard is retried after its actor died (infrastructure
+            failures only; teacher errors fail at once).
+        lease_ttl_s: Seconds before a crashed job's lease can be taken over.
+        progress: Show a progress bar.
+        kind: Target kind, ``"dense"`` (default: all V scaled logits per row) or a sparse
+            kind ``"topk"``, ``"topp"``, ``"sampled"`` (:class:`kdcache.schema.TargetSpec`).
+        params: Sparsification parameters of ``kind`` (``{"k": 32}``, ``{"top_p": 0.9,
+            "max_k": 64}``, ``{"num_samples": 24, "seed": 0}``, optionally ``labels``
+            and ``grid_temperatures``); part of the key. None for dense, so dense keys
+            are unchanged.
+
+    Token datasets (a :class:`kdcache.text.TokenDataset`, whose shards carry
+    ``token_offsets``) get one row per target position: teachers return logits
+    [B, T, V], position t's row holds the distribution of token t + 1, prompt and padding
+    positions are skipped, and targets are sparsified per batch (``docs/format.md``,
+    "Token-level entries"). Their teachers must share one vocabulary and tokenizer.
+
+    Returns:
+        A :class:`CacheEntry` for one teacher, else an :class:`EnsembleView` (saved under
+        ``<root>/ensembles/``). Its ``build_report`` attribute is a :class:`BuildReport`.
+
+    Raises:
+        ConfigError: bad temperature, dtype, backend, executor, kind or params; teachers
+            whose vocabularies or tokenizers differ (token datasets).
+        TeacherOutputError: a teacher returned NaN/inf or a wrong shape (names the
+            teacher and the sample); everything committed before stays committed.
+        LeaseHeldError: another job is building the same entry and did not finish in time.
+    """
+    if executor not in EXECUTORS:
+        raise ConfigError(f"executor must be one of {EXECUTORS}, got {executor!r}")
+    if batch_size < 1:
+        raise ConfigError(f"batch_size must be >= 1, got {batch_size}")
+    if num_actors is not None and num_actors < 1:
+        raise ConfigError(f"num_actors must be >= 1, got {num_actors}")
+    if executor == "ray":
+        from kdcache.errors import require
+
+        require("ray", "ray")  # before anything is written
+    started = time.perf_counter()
+    ensemble = _as_ensemble(teachers)
+    spec = TargetSpec(
+        temperature=temperature,
+        storage_dtype=storage_dtype,
+        backend=backend,
+        kind=kind,
+        params=params,
+    )
+    if getattr(dataset, "token_level", False):
+        check_teacher_vocabularies(ensemble, dataset)
+    dataset_fp = dataset.fingerprint()
+    entries = []
+    for teacher in ensemble:
+        material = schema.entry_spec(dataset_fp, teacher.fingerprint(), spec)
+        entry = CacheEntry(root, schema.content_key(material))
+        entry.write_spec(material)
+        entries.append(entry)
+
+    leases: list[Lease] = []
+    pending: dict[int, list[int]] = {}  # shard -> indices of teachers still to compute
+    report = BuildReport(hit=False, keys=[e.key for e in entries])
+    keeper = _LeaseKeeper(leases, interval_s=max(1.0, lease_ttl_s / 3))
+    try:
+        for k, entry in enumerate(entries):
+            if entry.is_complete:
+                damaged = entry.damaged_shards()
+                if not damaged:
+                    continue
+                log.warning(
+                    "cache entry %s lists %d shard file(s) that are missing or of the wrong "
+                    "size (%s); recomputing them",
+                    entry.key,
+                    len(damaged),
+                    ", ".join(schema.shard_stem(i) for i in damaged),
+                )
+                for i in damaged:
+                    entry.invalidate_shard(i)
+            lease = Lease(entry, ttl_s=lease_ttl_s)
+            if not lease.acquire():
+                continue  # another job completed it while we waited
+            leases.append(lease)
+            for i in range(dataset.num_shards):
+                if entry.committed_shard(i) is None:
+                    pending.setdefault(i, []).append(k)
+                else:
+                    report.reused += 1
+        report.computed = sum(len(v) for v in pending.values())
+        todo = [e for e in entries if not e.is_complete]
+        if not todo:
+            report.hit = True
+            log.info(
+                "cache hit: all %d teacher entries exist under %s; teacher stage skipped",
+                len(entries),
+                root,
+            )
+        else:
+            done = len(entries) - len(todo)
+            if report.reused or done:
+                log.info(
+                    "resuming: %d of %d teacher entries already complete; of the others, "
+                    "%d (teacher, shard) outputs are committed and %d remain to compute",
+                    done,
+                    len(entries),
+                    report.reused,
+                    report.computed,
+                )
+            keeper.start()
+            if pending:
+                run = _run_ray if executor == "ray" else _run_local
+                run(
+                    dataset,
+                    ensemble,
+                    entries,
+                    pending,
+                    report,
+                    batch_size=batch_size,
+                    address=address,
+                    num_actors=num_actors,
+                    cpus_per_actor=cpus_per_actor,
+                    gpus_per_actor=gpus_per_actor,
+                    max_retries=max_retries,
+                    progress=progress,
+                )
+            info = {
+                "temperature": spec.temperature,
+                "versions": {
+                    "kdcache": __version__,
+                    "torch": torch.__version__,
+                    "python": platform.python_version(),
+                },
+                "build": {"executor": executor, "batch_size": batch_size},
+            }
+            for teacher, entry in zip(ensemble, entries, strict=True):
+                if not entry.is_complete:
+                    entry.commit(
+                        dataset.num_shards,
+                        {**info, "teacher_name": teacher.name, "teacher": teacher.fingerprint()},
+                    )
+    finally:
+        keeper.stop()
+        for lease in leases:
+            lease.release()
+    report.wall_s = time.perf_counter() - started
+    if not report.hit:
+        _log_summary(report, ensemble, entries)
+    cache: CacheEntry | EnsembleView
+    if len(entries) == 1:
+        cache = entries[0]
+    else:
+        cache = EnsembleView(entries, ensemble.rule, ensemble.weights)
+        cache.save()
+    cache.build_report = report  # type: ignore[union-attr]
+    return cache
+
+
+def _log_summary(report: BuildReport, ensemble: TeacherEnsemble, entries: list[CacheEntry]) -> None:
+    num_bytes = sum(e.num_bytes for e in entries if e.is_complete)
+    log.info(
+        "teacher stage done: %d teacher(s), %d (teacher, shard) computed, %d reused, "
+        "%d samples, %.1f MB in the entries, %.1fs wall, %.0f samples/s",
+        len(ensemble),
+        report.computed,
+        report.reused,
+        report.num_samples,
+        num_bytes / 1e6,
+        report.wall_s,
+        report.num_samples / max(report.wall_s, 1e-9),
+    )
+    for actor, slot in sorted(report.per_actor.items()):
+        log.info(
+            "  %s: %d shard(s), %d samples, %.0f samples/s while busy",
+            actor,
+            slot["shards"],
+            slot["samples"],
+            slot["samples"] / max(slot["seconds"], 1e-9),
+        )

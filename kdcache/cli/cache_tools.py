@@ -1,0 +1,140 @@
+"""``kdcache inspect | verify | ls | alias | gc``: tools over cache roots."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from typing import Any
+
+
+def _open(args: argparse.Namespace) -> Any:
+    from kdcache.stores.catalog import open_cache
+
+    return open_cache(args.uri, root=args.root)
+
+
+def _print_json(obj: Any) -> None:
+    print(json.dumps(obj, indent=2, sort_keys=False))
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    for name, helptext, func in (
+        ("inspect", "describe a cache entry or ensemble view", cmd_inspect),
+        ("verify", "check every shard of a cache; exit 1 on a fault", cmd_verify),
+    ):
+        c = sub.add_parser(name, help=helptext)
+        c.add_argument("uri", help="entry dir, ensemble view .json, or a key/alias with --root")
+        c.add_argument("--root", default=None, help="cache root, to resolve a key or alias")
+        if name == "inspect":
+            c.add_argument("--samples", type=int, default=3, help="decoded samples to show")
+        else:
+            c.add_argument(
+                "--repair",
+                action="store_true",
+                help="uncommit the damaged shards, so rerunning the build recomputes them",
+            )
+        c.set_defaults(func=func)
+
+    c = sub.add_parser("ls", help="list entries, ensembles and aliases under a cache root")
+    c.add_argument("root")
+    c.add_argument("--json", action="store_true")
+    c.set_defaults(func=cmd_ls)
+
+    c = sub.add_parser(
+        "gc",
+        help="remove staging files and unreferenced shards (never under a live lease)",
+        description="Remove staging files (.tmp-*) and, in complete entries, shard files the "
+        "manifest does not list. Entries under a live lease are left alone.",
+    )
+    c.add_argument("root")
+    c.add_argument("--dry-run", action="store_true", help="list what would be removed")
+    c.add_argument("--json", action="store_true")
+    c.set_defaults(func=cmd_gc)
+
+    c = sub.add_parser("alias", help="point a human-readable name at a key")
+    c.add_argument("root")
+    c.add_argument("name")
+    c.add_argument("key")
+    c.set_defaults(func=cmd_alias)
+
+
+def cmd_inspect(args: argparse.Namespace, rest: list[str]) -> int:
+    from kdcache.stores.admin import describe
+
+    _print_json(describe(_open(args), num_samples=args.samples))
+    return 0
+
+
+def cmd_verify(args: argparse.Namespace, rest: list[str]) -> int:
+    from kdcache.stores.admin import repair, verify
+
+    result = verify(_open(args))
+    for p in result.problems:
+        print(f"FAULT {p}")
+    status = "ok" if result.ok else f"{len(result.problems)} fault(s)"
+    print(f"verified {result.checked_shards} shard(s), {result.checked_rows} row(s): {status}")
+    if args.repair and result.damaged:
+        for line in repair(result):
+            print(f"uncommitted {line}")
+        print("rerun the same build to recompute them (kdcache build CONFIG, or the pipeline)")
+    elif result.damaged:
+        print("to recompute the damaged shards: add --repair, then rerun the build")
+    return 0 if result.ok else 1
+
+
+def cmd_ls(args: argparse.Namespace, rest: list[str]) -> int:
+    from kdcache.errors import CacheNotFoundError
+    from kdcache.stores.catalog import list_root
+    from kdcache.stores.fs import Location
+
+    if not Location(args.root).exists():
+        raise CacheNotFoundError(f"cache root {args.root} does not exist")
+    rows = list_root(args.root)
+    if args.json:
+        _print_json(rows)
+        return 0
+    for r in rows:
+        if r["kind"] == "entry":
+            extra = (
+                f"{r.get('teacher')}  tau={r.get('temperature')}  rows={r.get('rows')}  "
+                f"bytes={r.get('bytes')}"
+                if r["status"] == "complete"
+                else ""
+            )
+            print(f"entry     {r['key']}  {r['status']:<10}  {extra}")
+        elif r["kind"] == "ensemble":
+            print(f"ensemble  {r['key']}  {r['rule']}  {len(r['entries'])} teachers")
+        else:
+            print(f"alias     {r['name']} -> {r['key']}")
+    if not rows:
+        print(f"no cache entries under {args.root}")
+    return 0
+
+
+def cmd_alias(args: argparse.Namespace, rest: list[str]) -> int:
+    from kdcache.stores.catalog import open_cache, write_alias
+    from kdcache.stores.view import EnsembleView
+
+    cache = open_cache(args.key, root=args.root)
+    kind = "ensemble" if isinstance(cache, EnsembleView) else "entry"
+    write_alias(args.root, args.name, cache.key, kind)
+    print(f"{args.name} -> {cache.key} ({kind})")
+    return 0
+
+
+def cmd_gc(args: argparse.Namespace, rest: list[str]) -> int:
+    from dataclasses import asdict
+
+    from kdcache.stores.admin import gc
+
+    result = gc(args.root, dry_run=args.dry_run)
+    if args.json:
+        _print_json(asdict(result))
+        return 0
+    verb = "would remove" if result.dry_run else "removed"
+    for path in result.removed:
+        print(f"{verb} {path}")
+    for key in result.skipped_leased:
+        print(f"skipped   {key} (live lease: a build is running)")
+    print(f"{verb} {len(result.removed)} file(s), {result.num_bytes} bytes")
+    return 0

@@ -1,0 +1,463 @@
+"""Run a stage on a Ray cluster as a Ray job (the Ray Jobs API), and follow it.
+
+``kdcache submit build|train CONFIG`` packages the working directory (minus virtual
+environments, run outputs and caches) as the job's ``runtime_env`` ``working_dir``,
+resolves the config file locally (overrides applied, types checked) and ships it with
+the job in an environment variable, then runs ``python -m kdcache.cli.job STAGE`` on the
+cluster. That entrypoint writes the shipped config to a file and runs the ordinary
+``kdcache build`` / ``kdcache train`` command, so a job does exactly what the same
+command does on a workstation. With ``workers`` the student stage runs on Ray Train
+(``TorchTrainer``, through ``kdcache train``'s own ``ray`` settings), one rank per worker.
+
+Ray is optional: this module imports it only when a function needs it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import time
+import uuid
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from kdcache.errors import (  # noqa: F401  (re-exported: kdcache.jobs.submit.JobServerError)
+    ConfigError,
+    JobNotFoundError,
+    JobServerError,
+    KDCacheError,
+    RetriableError,
+    require,
+)
+
+log = logging.getLogger(__name__)
+
+
+#: Environment variable that carries the resolved config (JSON) to the job.
+
+
+CONFIG_ENV = "KDCACHE_JOB_CONFIG"
+
+
+#: Stage -> (config class in kdcache.config, command module that runs it).
+
+
+STAGES: dict[str, tuple[str, str]] = {
+    "build": ("BuildConfig", "kdcache.cli.build"),
+    "train": ("TrainConfig", "kdcache.cli.train"),
+}
+
+
+#: Never uploaded with the working directory (gitignore-style patterns, as Ray takes them;
+#: a leading "/" anchors a pattern at the working directory, so a package's own
+#: ``cache/`` or ``build/`` subdirectory still travels).
+
+
+DEFAULT_EXCLUDES = (
+    ".git",
+    ".venv",
+    "venv",
+    "/runs",
+    "/caches",
+    "/cache",
+    "/build",
+    "/dist",
+    "__pycache__",
+    "*.egg-info",
+    ".mypy_cache",
+    ".pytest_cache",
+    ".ruff_cache",
+    ".hypothesis",
+)
+
+
+#: Largest config shipped in the environment (Linux caps one variable at 128 KiB).
+
+
+MAX_CONFIG_BYTES = 100_000
+
+
+TERMINAL = ("SUCCEEDED", "FAILED", "STOPPED")
+
+
+@dataclass
+class JobSpec:
+    """Everything sent to the job server for one stage.
+
+    Attributes:
+        stage: ``"build"`` or ``"train"``.
+        config: The resolved config (file plus overrides), plain JSON-able data.
+        entrypoint: Shell command the job runs on the cluster.
+        runtime_env: Ray runtime environment (``working_dir``, ``excludes``, ``pip``,
+            ``env_vars``; the config travels in ``env_vars[CONFIG_ENV]``).
+        submission_id: The job's id (``kdcache-<stage>-<hex>`` unless given).
+        entrypoint_num_cpus: CPUs reserved for the entrypoint process.
+        entrypoint_num_gpus: GPUs reserved for the entrypoint process.
+        metadata: Labels shown by ``ray job list``.
+    """
+
+    stage: str
+    config: dict[str, Any]
+    entrypoint: str
+    runtime_env: dict[str, Any]
+    submission_id: str
+    entrypoint_num_cpus: float | None = None
+    entrypoint_num_gpus: float | None = None
+    metadata: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass
+class JobResult:
+    """A job's state as the job server reports it.
+
+    Attributes:
+        job_id: The submission id.
+        status: ``PENDING``, ``RUNNING``, ``STOPPED``, ``SUCCEEDED`` or ``FAILED``.
+        message: The server's description (for a failure: the exit code and the last logs).
+        error_type: The server's error class for a failure, else None.
+        driver_exit_code: Exit code of the entrypoint, when it has finished.
+    """
+
+    job_id: str
+    status: str
+    message: str | None = None
+    error_type: str | None = None
+    driver_exit_code: int | None = None
+
+    @property
+    def ok(self) -> bool:
+        return self.status == "SUCCEEDED"
+
+    @property
+    def done(self) -> bool:
+        return self.status in TERMINAL
+
+
+def resolve_address(address: str | None) -> str:
+    """The job server address: ``address``, else ``RAY_API_SERVER_ADDRESS`` or
+    ``RAY_ADDRESS`` when it is an http(s) URL.
+
+    Raises:
+        ConfigError: none is given, or the address is a GCS address (``host:6379``)
+            rather than the dashboard's job server.
+    """
+    if not address:
+        env = os.environ.get("RAY_API_SERVER_ADDRESS") or os.environ.get("RAY_ADDRESS", "")
+        address = env if env.startswith(("http://", "https://")) else None
+    if not address:
+        raise ConfigError(
+            "expected the Ray job server address, found none; pass --address "
+            "http://HEAD:8265 (the dashboard port) or set RAY_API_SERVER_ADDRESS"
+        )
+    if not address.startswith(("http://", "https://", "ray://")):
+        host, _, port = address.rpartition(":")
+        if port == "6379":
+            raise ConfigError(
+                f"{address} looks like the GCS address; the Jobs API is served by the "
+                f"dashboard: use http://{host or '127.0.0.1'}:8265"
+            )
+        address = f"http://{address}"
+    return address
+
+
+def stage_config(stage: str, path: str, overrides: Sequence[str] = ()) -> dict[str, Any]:
+    """Read ``path``, apply ``key=value`` overrides and type-check it for ``stage``.
+
+    Checking happens here, before anything is uploaded, so a typo fails in a second
+    rather than after the cluster has set up the job.
+
+    Returns:
+        The resolved config as plain data (what the job receives).
+
+    Raises:
+        ConfigError: unknown stage, a stage this kdcache version lacks, an unreadable
+            file, an unknown key or a wrongly typed value.
+    """
+    from kdcache.jobs import config as cfg
+
+    if stage not in STAGES:
+        raise ConfigError(f"expected a stage in {sorted(STAGES)}, got {stage!r}")
+    class_name, _ = STAGES[stage]
+    config_cls = getattr(cfg, class_name)
+    data = cfg.apply_overrides(cfg.read_file(path), list(overrides))
+    cfg.from_dict(config_cls, data)  # raises on unknown keys and wrong types
+    return data
+
+
+def job_spec(
+    stage: str,
+    config_path: str,
+    overrides: Sequence[str] = (),
+    *,
+    working_dir: str = ".",
+    excludes: Sequence[str] = (),
+    pip: Sequence[str] = (),
+    env_vars: dict[str, str] | None = None,
+    runtime_env: dict[str, Any] | None = None,
+    workers: int = 0,
+    use_gpu: bool = False,
+    cpus_per_worker: float = 1.0,
+    entrypoint_num_cpus: float | None = None,
+    entrypoint_num_gpus: float | None = None,
+    submission_id: str | None = None,
+    python: str = "python",
+) -> JobSpec:
+    """Describe the Ray job that runs ``stage`` with the config at ``config_path``.
+
+    Args:
+        stage: ``"build"`` (teacher stage) or ``"train"`` (student stage).
+        config_path: A YAML/TOML/JSON config for that stage.
+        overrides: Dotted ``key=value`` overrides, applied and checked here.
+        working_dir: Directory uploaded as the job's working directory (it is on the
+            job's ``PYTHONPATH``, so ``pipelines.*`` factories import on the cluster).
+        excludes: Extra gitignore-style patterns left out of the upload (added to
+            :data:`DEFAULT_EXCLUDES`).
+        pip: Packages the cluster installs for the job (runtime_env ``pip``).
+        env_vars: Environment variables for the job (credentials for ``s3://`` roots
+            are better given by the cluster's own identity than here).
+        runtime_env: A base runtime environment (``ray job submit --runtime-env``
+            style); the arguments above are merged into it.
+        workers: Student stage only: Ray Train ranks (sets ``ray.enabled``,
+            ``ray.num_workers``); 0 keeps the config's ``ray`` settings (no Ray Train
+            unless the config enables it: ``kdcache train`` in the entrypoint process).
+        use_gpu: Student stage, with ``workers``: one GPU per rank (``ray.use_gpu``).
+        cpus_per_worker: Student stage, with ``workers``: CPUs per rank.
+        entrypoint_num_cpus: CPUs reserved for the entrypoint process.
+        entrypoint_num_gpus: GPUs reserved for the entrypoint process.
+        submission_id: Job id; default ``kdcache-<stage>-<12 hex>``.
+        python: The interpreter on the cluster's ``PATH`` that has kdcache's dependencies.
+
+    Returns:
+        A :class:`JobSpec`; nothing is sent yet.
+
+    Raises:
+        ConfigError: a bad config (see :func:`stage_config`), a missing working
+            directory, ``workers`` for the teacher stage, or a config too large to ship.
+    """
+    if workers < 0 or cpus_per_worker <= 0:
+        raise ConfigError(
+            f"expected workers >= 0 and cpus_per_worker > 0, got {workers} and {cpus_per_worker}"
+        )
+    overrides = list(overrides)
+    if stage == "build" and (workers or use_gpu):
+        raise ConfigError(
+            "workers/use_gpu apply to the student stage (Ray Train); the teacher stage "
+            "scales with executor.num_actors"
+        )
+    if stage == "train" and workers:
+        overrides += [
+            "ray.enabled=true",
+            f"ray.num_workers={workers}",
+            f"ray.use_gpu={'true' if use_gpu else 'false'}",
+            f"ray.cpus_per_worker={cpus_per_worker}",
+        ]
+    data = stage_config(stage, config_path, overrides)
+    # Inside a job, Ray is the cluster the job runs on (the job supervisor sets
+    # RAY_ADDRESS); an address from the submitting machine means nothing there.
+    section = {"build": "executor", "train": "ray"}[stage]
+    if (data.get(section) or {}).get("address"):
+        log.info(
+            "%s.address %r dropped: the job joins its own cluster",
+            section,
+            data[section]["address"],
+        )
+        data[section]["address"] = None
+    if not os.path.isdir(working_dir):
+        raise ConfigError(f"working directory {working_dir!r} does not exist")
+    shipped = json.dumps(data, sort_keys=True)
+    if len(shipped) > MAX_CONFIG_BYTES:
+        raise ConfigError(
+            f"the resolved config is {len(shipped)} bytes; at most {MAX_CONFIG_BYTES} "
+            "travel with the job: move large values (lists of files) into a file in the "
+            "working directory or on shared storage"
+        )
+    env = dict((runtime_env or {}).get("env_vars") or {})
+    env.update(env_vars or {})
+    env[CONFIG_ENV] = shipped
+    rt: dict[str, Any] = dict(runtime_env or {})
+    rt["working_dir"] = os.path.abspath(working_dir)
+    rt["excludes"] = sorted({*rt.get("excludes", []), *DEFAULT_EXCLUDES, *excludes})
+    if pip:
+        rt["pip"] = [*rt.get("pip", []), *pip]
+    rt["env_vars"] = env
+    entrypoint = f"{python} -m kdcache.cli.job {stage}"
+    job_id = submission_id or f"kdcache-{stage}-{uuid.uuid4().hex[:12]}"
+    return JobSpec(
+        stage=stage,
+        config=data,
+        entrypoint=entrypoint,
+        runtime_env=rt,
+        submission_id=job_id,
+        entrypoint_num_cpus=entrypoint_num_cpus,
+        entrypoint_num_gpus=entrypoint_num_gpus,
+        metadata={"kdcache_stage": stage, "kdcache_config": os.path.basename(config_path)},
+    )
+
+
+def _client(address: str | None) -> Any:
+    require("ray", "ray")
+    from ray.exceptions import RayError
+    from ray.job_submission import JobSubmissionClient
+
+    url = resolve_address(address)
+    try:
+        return JobSubmissionClient(url)
+    except RayError as exc:  # AuthenticationError, among others
+        raise JobServerError(f"the Ray job server at {url} refused the connection: {exc}") from exc
+    except (ConnectionError, RuntimeError) as exc:
+        raise JobServerError(
+            f"cannot reach the Ray job server at {url}: {exc}; is the head running with "
+            "its dashboard (bash cluster/local_ray.sh start), and is this the dashboard "
+            "port (8265 by default)?"
+        ) from exc
+
+
+def submit(spec: JobSpec, address: str | None, *, agent_wait_s: float = 60.0) -> str:
+    """Send ``spec`` to the job server at ``address``; returns the job id at once.
+
+    Args:
+        spec: What to run (see :func:`job_spec`).
+        address: Job server address (see :func:`resolve_address`).
+        agent_wait_s: How long to keep retrying while a freshly started head has no
+            job agent yet.
+
+    Raises:
+        JobServerError: the server cannot be reached or rejects the job (for example an
+            id already in use, or a working directory over Ray's upload limit).
+        MissingDependencyError: Ray (with the ``default`` extra) is not installed.
+    """
+    client = _client(address)
+    deadline = time.monotonic() + agent_wait_s
+    while True:
+        try:
+            return str(
+                client.submit_job(
+                    entrypoint=spec.entrypoint,
+                    runtime_env=spec.runtime_env,
+                    submission_id=spec.submission_id,
+                    metadata=spec.metadata,
+                    entrypoint_num_cpus=spec.entrypoint_num_cpus,
+                    entrypoint_num_gpus=spec.entrypoint_num_gpus,
+                )
+            )
+        except (ConnectionError, RuntimeError, ValueError) as exc:
+            # A head that has just started has no job agent registered for a few
+            # seconds; the server says so and asks to try again.
+            if "No available agent" in str(exc) and time.monotonic() < deadline:
+                log.info("the cluster's job agent is not ready yet; retrying in 2 s")
+                time.sleep(2.0)
+                continue
+            hint = ""
+            if "No available agent" in str(exc):
+                hint = (
+                    f" (still after {agent_wait_s:g} s: the head's dashboard agent did not "
+                    "start; see dashboard_agent.log in the head's session logs, often a port "
+                    "taken by another Ray on the machine: RAY_AGENT_PORT for local_ray.sh)"
+                )
+            raise JobServerError(
+                f"the job server refused job {spec.submission_id}: {exc}{hint}"
+            ) from exc
+
+
+def status(job_id: str, address: str | None) -> JobResult:
+    """The current state of job ``job_id``.
+
+    Raises:
+        JobNotFoundError: no such job on that cluster.
+        JobServerError: the server cannot be reached.
+    """
+    client = _client(address)
+    try:
+        info = client.get_job_info(job_id)
+    except RuntimeError as exc:
+        if "does not exist" in str(exc) or "404" in str(exc):
+            raise JobNotFoundError(
+                f"no job {job_id!r} on {resolve_address(address)}; list jobs with "
+                "'ray job list --address URL'"
+            ) from exc
+        raise JobServerError(f"cannot read job {job_id!r}: {exc}") from exc
+    error_type = getattr(info, "error_type", None)
+    return JobResult(
+        job_id=job_id,
+        status=str(info.status),
+        message=info.message,
+        error_type=None if error_type is None else str(error_type),
+        driver_exit_code=getattr(info, "driver_exit_code", None),
+    )
+
+
+def logs(job_id: str, address: str | None) -> str:
+    """Everything job ``job_id`` has written to stdout and stderr so far.
+
+    Raises:
+        JobNotFoundError: no such job.
+        JobServerError: the server cannot be reached.
+    """
+    status(job_id, address)  # a clear error for an unknown id
+    try:
+        return str(_client(address).get_job_logs(job_id))
+    except RuntimeError as exc:
+        raise JobServerError(f"cannot read the logs of job {job_id!r}: {exc}") from exc
+
+
+def follow(
+    job_id: str,
+    address: str | None,
+    sink: Callable[[str], None],
+    *,
+    poll_s: float = 1.0,
+    timeout_s: float | None = None,
+) -> JobResult:
+    """Stream job ``job_id``'s logs into ``sink`` until it ends; return its final state.
+
+    Args:
+        job_id: The submission id.
+        address: Job server address (see :func:`resolve_address`).
+        sink: Called with each chunk of log text, in order.
+        poll_s: Seconds between status polls once the log stream has closed.
+        timeout_s: Give up waiting after this many seconds (the job keeps running).
+
+    Returns:
+        The job's :class:`JobResult`; ``done`` is False only after a timeout.
+
+    Raises:
+        JobNotFoundError: no such job.
+        JobServerError: the server cannot be reached.
+    """
+    result = status(job_id, address)
+    client = _client(address)
+    deadline = None if timeout_s is None else time.monotonic() + timeout_s
+
+    async def tail() -> None:
+        async for chunk in client.tail_job_logs(job_id):
+            sink(chunk)
+
+    if not result.done:
+        try:
+            remaining = None if deadline is None else max(0.0, deadline - time.monotonic())
+            asyncio.run(asyncio.wait_for(tail(), remaining))
+        except asyncio.TimeoutError:
+            return status(job_id, address)
+        except (ConnectionError, OSError, RuntimeError) as exc:
+            log.warning("log stream of %s closed early (%s); polling its status", job_id, exc)
+    else:
+        sink(logs(job_id, address))
+    while True:  # the stream closes when the driver exits; the status follows shortly
+        result = status(job_id, address)
+        if result.done or (deadline is not None and time.monotonic() > deadline):
+            return result
+        time.sleep(poll_s)
+
+
+def stop(job_id: str, address: str | None) -> bool:
+    """Ask the cluster to stop job ``job_id``; True when it was still running.
+
+    Raises:
+        JobNotFoundError: no such job.
+        JobServerError: the server cannot be reached.
+    """
+    status(job_id, address)
+    return bool(_client(address).stop_job(job_id))

@@ -1,0 +1,424 @@
+"""TODO docstring."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+
+from kdcache import losses
+from kdcache import targets as _targets
+from kdcache.errors import ConfigError
+from kdcache.losses.divergences import (
+    Targets,
+    _flat_student,
+    _rows_divergence,
+    sparse_student_log_probs,
+)
+from kdcache.targets.dense import _weights
+from kdcache.targets.sparse import SparseTargets
+
+IGNORE_INDEX = -100
+
+
+#: Multi-teacher modes of :func:`multi_teacher_loss`.
+
+
+MULTI_TEACHER_MODES = ("combined_target", "sum_of_losses")
+
+
+# --------------------------------------------------------------------------------------
+# Reduced losses
+# --------------------------------------------------------------------------------------
+
+
+def _valid_rows(
+    mask: torch.Tensor | None, leading: torch.Size, device: torch.device
+) -> torch.Tensor | None:
+    """int64 [M] indices of rows that count, or None for all rows."""
+    if mask is None:
+        return None
+    mask_t = torch.as_tensor(mask, device=device)
+    if mask_t.dtype != torch.bool:
+        raise ConfigError(f"mask must be a bool tensor, got {mask_t.dtype}")
+    if tuple(mask_t.shape) != tuple(leading):
+        raise ConfigError(
+            f"mask shape {tuple(mask_t.shape)} must equal the logits' leading dims {tuple(leading)}"
+        )
+    return mask_t.reshape(-1).nonzero().flatten()
+
+
+def cross_entropy(
+    student_logits_BV: torch.Tensor,
+    labels_B: torch.Tensor,
+    ignore_index: int = IGNORE_INDEX,
+    *,
+    chunk_rows: int | None = None,
+) -> torch.Tensor:
+    """Hard-label cross-entropy at temperature 1, mean over labelled rows, float32.
+
+    Computed in row chunks (:func:`sparse_student_log_probs` at the label), so a large
+    vocabulary never gets an [N, V] float32 copy.
+
+    Args:
+        student_logits_BV: Raw logits, shape [B, V] or [B, T, V], any float dtype.
+        labels_B: int64 class ids or next tokens, shape [B] or [B, T];
+            ``ignore_index`` positions (padding, prompt, unlabelled rows) are excluded.
+        ignore_index: Label value to skip.
+        chunk_rows: Rows per chunk.
+
+    Returns:
+        Scalar float32 tensor; 0 (with a zero, finite gradient) when no row has a label.
+
+    Raises:
+        ConfigError: labels of the wrong shape or outside [0, V).
+    """
+    student_NV = _flat_student(student_logits_BV)
+    labels = torch.as_tensor(labels_B, device=student_NV.device)
+    if tuple(labels.shape) != tuple(student_logits_BV.shape[:-1]):
+        raise ConfigError(
+            f"labels shape {tuple(labels.shape)} must equal the logits' leading dims "
+            f"{tuple(student_logits_BV.shape[:-1])}"
+        )
+    labels_N = labels.reshape(-1).long()
+    rows_M = (labels_N != ignore_index).nonzero().flatten()
+    picked = labels_N[rows_M]
+    if picked.numel() and (int(picked.min()) < 0 or int(picked.max()) >= student_NV.shape[1]):
+        raise ConfigError(
+            f"labels must be in [0, {student_NV.shape[1]}) or equal ignore_index={ignore_index}"
+        )
+    if chunk_rows is None and student_NV.numel() <= _DIRECT_CE_MAX_ELEMENTS:
+        # Small enough for one float32 copy: torch's fused kernel is several times faster
+        # than the chunked path for classifier-sized batches (same value and gradient).
+        if not rows_M.numel():
+            return student_NV.float().sum() * 0.0
+        total = torch.nn.functional.cross_entropy(
+            student_NV.float(), labels_N, ignore_index=ignore_index, reduction="sum"
+        )
+        return total / int(rows_M.numel())
+    log_q_M1, _ = sparse_student_log_probs(
+        student_NV, picked[:, None], temperature=1.0, rows_M=rows_M, chunk_rows=chunk_rows
+    )
+    return -log_q_M1.sum() / max(int(rows_M.numel()), 1)
+
+
+#: Above this many logits, cross_entropy takes the chunked path (no [N, V] float32 copy).
+
+
+_DIRECT_CE_MAX_ELEMENTS = 1 << 22
+
+
+def _distill_term(
+    student_logits: torch.Tensor,
+    teacher: Targets,
+    *,
+    temperature: float,
+    divergence: str,
+    beta: float,
+    skew: float,
+    mask: torch.Tensor | None,
+    scale_by_temperature_squared: bool,
+    chunk_rows: int | None,
+) -> torch.Tensor:
+    rows_M = _valid_rows(mask, student_logits.shape[:-1], student_logits.device)
+    per_row = _rows_divergence(
+        student_logits,
+        teacher,
+        temperature=temperature,
+        kind=divergence,
+        beta=beta,
+        skew=skew,
+        rows_M=rows_M,
+        chunk_rows=chunk_rows,
+    )
+    count = per_row.shape[0]
+    scale = float(temperature) ** 2 if scale_by_temperature_squared else 1.0
+    return per_row.sum() * (scale / max(count, 1))
+
+
+def _check_alpha(alpha: float, labels: torch.Tensor | None) -> None:
+    if not 0.0 <= alpha <= 1.0:
+        raise ConfigError(f"alpha must be in [0, 1], got {alpha}")
+    if alpha < 1.0 and labels is None:
+        raise ConfigError("alpha < 1 mixes in cross-entropy, so labels_B is required")
+
+
+def kd_loss(
+    student_logits_BV: torch.Tensor,
+    teacher_log_probs_BV: Targets,
+    *,
+    temperature: float,
+    alpha: float = 1.0,
+    labels_B: torch.Tensor | None = None,
+    scale_by_temperature_squared: bool = True,
+    ignore_index: int = IGNORE_INDEX,
+    divergence: str = "forward_kl",
+    beta: float = 0.5,
+    skew: float = 0.1,
+    mask: torch.Tensor | None = None,
+    chunk_rows: int | None = None,
+) -> torch.Tensor:
+    """Hinton-style loss: ``alpha * tau^2 * D(p_t, p_s) + (1 - alpha) * CE(y, s)``.
+
+    D is forward KL by default (any of :data:`DIVERGENCES`). The distillation term counts
+    the rows where ``mask`` is True (all rows when None), *not* the label mask: an
+    unlabelled sample still has a teacher. For token-level language-model losses, where
+    padding and prompt positions carry ``ignore_index``, use :func:`token_kd_loss`.
+
+    Args:
+        student_logits_BV: Raw student logits, shape [B, V] or [B, T, V], any float dtype
+            (upcast to fp32).
+        teacher_log_probs_BV: Teacher (or ensemble) log-probabilities at temperature tau,
+            same shape, or SparseTargets with one row per student row.
+        temperature: tau > 0, dimensionless.
+        alpha: Weight of the distillation term in [0, 1].
+        labels_B: Hard labels, int64 shape [B] (or [B, T]), ``ignore_index`` where a row has
+            no label. Required when alpha < 1.
+        scale_by_temperature_squared: Multiply the distillation term by tau^2 (default True).
+        ignore_index: Label value that excludes a row from the cross-entropy.
+        divergence: Which D (see :func:`divergence`).
+        beta: JSD weight. skew: skew-KL weight.
+        mask: Optional bool [B] (or [B, T]): rows that count in the distillation term.
+        chunk_rows: Row chunk for sparse targets and the cross-entropy.
+
+    Returns:
+        Scalar float32 tensor. D is summed over V and averaged over the counted rows
+        ("batchmean"); CE (at temperature 1) is averaged over labelled rows. A term with no
+        rows is 0 with finite (zero) gradients.
+
+    Raises:
+        ConfigError: alpha outside [0, 1], temperature <= 0, shapes differ, or labels
+            missing while alpha < 1.
+
+    Source: Hinton, Vinyals, Dean, "Distilling the Knowledge in a Neural Network", 2015, sec. 2.
+    """
+    _check_alpha(alpha, labels_B)
+    loss = torch.zeros((), device=student_logits_BV.device)
+    if alpha > 0:
+        kd = _distill_term(
+            student_logits_BV,
+            teacher_log_probs_BV,
+            temperature=temperature,
+            divergence=divergence,
+            beta=beta,
+            skew=skew,
+            mask=mask,
+            scale_by_temperature_squared=scale_by_temperature_squared,
+            chunk_rows=chunk_rows,
+        )
+        loss = loss + alpha * kd
+    if alpha < 1.0:
+        assert labels_B is not None
+        ce = cross_entropy(student_logits_BV, labels_B, ignore_index, chunk_rows=chunk_rows)
+        loss = loss + (1.0 - alpha) * ce
+    return loss
+
+
+def token_kd_loss(
+    student_logits_BTV: torch.Tensor,
+    teacher: Targets,
+    *,
+    temperature: float,
+    labels_BT: torch.Tensor,
+    alpha: float = 1.0,
+    mask_BT: torch.Tensor | None = None,
+    ignore_index: int = IGNORE_INDEX,
+    divergence: str = "forward_kl",
+    beta: float = 0.5,
+    skew: float = 0.1,
+    scale_by_temperature_squared: bool = True,
+    chunk_rows: int | None = None,
+) -> torch.Tensor:
+    """Token-level distillation for language models, normalised by valid positions.
+
+    A position counts in both terms when its label (the next token, already shifted) is
+    not ``ignore_index`` and ``mask_BT`` (if given) is True there. Both terms are averaged
+    over the counted positions, so the same sequence gives the same loss however much it is
+    padded, and a batch with no valid position gives 0 with finite gradients.
+
+    Args:
+        student_logits_BTV: Raw student logits, shape [B, T, V], any float dtype.
+        teacher: Teacher log-probabilities at tau, shape [B, T, V], or SparseTargets with
+            B * T rows (row-major over B, T).
+        temperature: tau > 0.
+        labels_BT: int64 next-token ids, shape [B, T]; ``ignore_index`` at padding and prompt.
+        alpha: Weight of the distillation term in [0, 1].
+        mask_BT: Optional extra bool mask, shape [B, T].
+        ignore_index, divergence, beta, skew, scale_by_temperature_squared, chunk_rows:
+            As :func:`kd_loss`.
+
+    Returns:
+        Scalar float32 tensor.
+
+    Raises:
+        ConfigError: as :func:`kd_loss`.
+    """
+    labels = torch.as_tensor(labels_BT, device=student_logits_BTV.device)
+    valid = labels != ignore_index
+    if mask_BT is not None:
+        valid = valid & torch.as_tensor(mask_BT, device=valid.device, dtype=torch.bool)
+    ce_labels = torch.where(valid, labels, torch.full_like(labels, ignore_index))
+    return kd_loss(
+        student_logits_BTV,
+        teacher,
+        temperature=temperature,
+        alpha=alpha,
+        labels_B=ce_labels,
+        scale_by_temperature_squared=scale_by_temperature_squared,
+        ignore_index=ignore_index,
+        divergence=divergence,
+        beta=beta,
+        skew=skew,
+        mask=valid,
+        chunk_rows=chunk_rows,
+    )
+
+
+def multi_teacher_loss(
+    student_logits_BV: torch.Tensor,
+    teachers_K: Sequence[Targets],
+    *,
+    temperature: float,
+    mode: str = "combined_target",
+    weights: Sequence[float] | None = None,
+    rule: str = "mean_probs",
+    divergence: str = "forward_kl",
+    beta: float = 0.5,
+    skew: float = 0.1,
+    mask: torch.Tensor | None = None,
+    scale_by_temperature_squared: bool = True,
+    chunk_rows: int | None = None,
+) -> torch.Tensor:
+    """Distil from K teachers, either to their combined target or teacher by teacher.
+
+    * ``mode="combined_target"``: ``tau^2 * D(combine_k(p_k), p_s)``. The teachers are
+      first combined by ``rule`` (:func:`kdcache.targets.combine_ensemble` for dense,
+      :func:`kdcache.targets.combine_sparse_ensemble` for sparse), then one divergence.
+    * ``mode="sum_of_losses"``: ``tau^2 * sum_k w_k D(p_k, p_s)``, each teacher kept apart
+      (as EasyDistill, with weights). For forward KL and ``mean_probs`` both modes have the
+      same gradient; the value of the sum exceeds the combined one by
+      ``H(sum_k w_k p_k) - sum_k w_k H(p_k) >= 0``. For other divergences they differ.
+
+    Args:
+        student_logits_BV: Raw student logits, [B, V] or [B, T, V].
+        teachers_K: K teacher targets, each dense log-probabilities at tau or SparseTargets
+            (``combined_target`` needs all dense or all sparse).
+        temperature: tau > 0.
+        mode: One of :data:`MULTI_TEACHER_MODES`.
+        weights: K non-negative weights, normalised to sum 1; uniform when None.
+        rule: Ensemble rule for ``combined_target``.
+        divergence, beta, skew, mask, scale_by_temperature_squared, chunk_rows: As
+            :func:`kd_loss`. Add a hard-label term yourself with :func:`cross_entropy`.
+
+    Returns:
+        Scalar float32 tensor, averaged over the rows that count.
+
+    Raises:
+        ConfigError: unknown mode, no teachers, mixed dense and sparse teachers in
+            ``combined_target``, or bad weights.
+
+    Source: Hinton et al. 2015, sec. 1 (ensembles as targets); sum of per-teacher losses
+    as in multi-teacher KD (e.g. You et al., "Learning from Multiple Teacher Networks",
+    KDD 2017).
+    """
+    if mode not in MULTI_TEACHER_MODES:
+        raise ConfigError(f"unknown mode {mode!r}; expected one of {MULTI_TEACHER_MODES}")
+    if not teachers_K:
+        raise ConfigError("multi_teacher_loss needs at least one teacher")
+    w_K = _weights(len(teachers_K), weights)
+    common = dict(
+        temperature=temperature,
+        divergence=divergence,
+        beta=beta,
+        skew=skew,
+        mask=mask,
+        scale_by_temperature_squared=scale_by_temperature_squared,
+        chunk_rows=chunk_rows,
+    )
+    if mode == "sum_of_losses":
+        total = torch.zeros((), device=student_logits_BV.device)
+        for teacher, w in zip(teachers_K, w_K.tolist(), strict=True):
+            if w > 0:
+                total = total + w * _distill_term(student_logits_BV, teacher, **common)  # type: ignore[arg-type]
+        return total
+    sparse = [isinstance(t, SparseTargets) for t in teachers_K]
+    combined: Targets
+    if all(sparse):
+        combined = _targets.combine_sparse_ensemble(
+            [t for t in teachers_K if isinstance(t, SparseTargets)], rule=rule, weights=weights
+        )
+    elif not any(sparse):
+        dense = torch.stack([t for t in teachers_K if isinstance(t, torch.Tensor)])
+        combined = _targets.combine_ensemble(dense, rule=rule, weights=weights)
+    else:
+        raise ConfigError(
+            "combined_target needs all teachers dense or all sparse; use "
+            "mode='sum_of_losses' to mix them"
+        )
+    return _distill_term(student_logits_BV, combined, **common)  # type: ignore[arg-type]
+
+
+def token_distill_loss(
+    student_logits_BTV: torch.Tensor,
+    batch: dict[str, Any],
+    *,
+    temperature: float,
+    alpha: float = 1.0,
+    weights: Sequence[float] | None = None,
+    divergence: str = "forward_kl",
+    vocab_size: int | None = None,
+) -> torch.Tensor:
+    """The student's loss on a :class:`TokenSoftTargetDataset` batch.
+
+    ``alpha * tau^2 * D(p_t, p_s) + (1 - alpha) * CE`` averaged over the batch's target
+    positions (:func:`kdcache.losses.token_kd_loss`); prompt and padding positions are
+    masked. With a list of K teachers (sampled entries), the distillation term is
+    ``sum_k w_k D_k`` (:func:`kdcache.losses.multi_teacher_loss`, ``sum_of_losses``: for
+    forward KL an unbiased estimate of the mixture's gradient). Without ``targets`` in
+    the batch, or with ``alpha = 0``, it is the hard-label cross-entropy.
+
+    Args:
+        student_logits_BTV: Raw student logits [B, T, V'] (V' >= V; columns beyond
+            ``vocab_size`` are dropped).
+        batch: A batch of :class:`TokenSoftTargetDataset`.
+        temperature: tau > 0 of the cache.
+        alpha: Weight of the distillation term in [0, 1].
+        weights: K teacher weights for a list of targets (uniform when None).
+        divergence: See :data:`kdcache.losses.DIVERGENCES`.
+        vocab_size: Real V (None: the logits' width).
+
+    Returns:
+        Scalar float32 tensor.
+
+    Raises:
+        ConfigError: as :func:`kdcache.losses.token_kd_loss`.
+    """
+    logits = student_logits_BTV if vocab_size is None else student_logits_BTV[..., :vocab_size]
+    labels = batch["labels"].to(logits.device)
+    mask = batch["mask"].to(logits.device)
+    tgt = batch.get("targets")
+    if tgt is None or alpha == 0.0:
+        return losses.cross_entropy(logits, labels)
+    if not isinstance(tgt, list):
+        return losses.token_kd_loss(
+            logits,
+            tgt,
+            temperature=temperature,
+            labels_BT=labels,
+            alpha=alpha,
+            mask_BT=mask,
+            divergence=divergence,
+        )
+    kd = losses.multi_teacher_loss(
+        logits,
+        tgt,
+        temperature=temperature,
+        mode="sum_of_losses",
+        weights=weights,
+        divergence=divergence,
+        mask=mask & (labels != losses.IGNORE_INDEX),
+    )
+    if alpha >= 1.0:
+        return alpha * kd
+    return alpha * kd + (1.0 - alpha) * losses.cross_entropy(logits, labels)

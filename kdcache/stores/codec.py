@@ -1,0 +1,324 @@
+"""TODO docstring."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import torch
+
+from kdcache import schema
+from kdcache.errors import (
+    CacheCorruptError,
+    ConfigError,
+    SampleIdMismatchError,
+    TeacherOutputError,
+)
+from kdcache.schema import TargetSpec
+from kdcache.stores.backends import ShardColumns
+
+# --------------------------------------------------------------------------------------
+# Storage dtypes
+# --------------------------------------------------------------------------------------
+
+
+_FLOAT16_MAX = float(np.finfo(np.float16).max)
+
+
+#: Largest finite bfloat16 (bits 0x7F7F); float32 values from 0x7F7F8000 up round to inf.
+
+
+_BFLOAT16_MAX = float(np.array([0x7F7F0000], np.uint32).view(np.float32)[0])
+
+
+def to_storage_dtype(values: np.ndarray, storage_dtype: str, where: str) -> np.ndarray:
+    """Cast float values to the storage dtype, refusing values the dtype cannot hold.
+
+    Args:
+        values: float array of any shape, finite.
+        storage_dtype: ``"float32"``, ``"float16"`` or ``"bfloat16"``.
+        where: Names the shard in messages.
+
+    Returns:
+        A contiguous array: float32, float16, or uint16 holding bfloat16 bit patterns
+        (round to nearest even, as ``torch.Tensor.to(torch.bfloat16)``).
+
+    Raises:
+        TeacherOutputError: a value is NaN or infinite, or outside the storage dtype's
+            finite range (it would become inf: 65504 for float16, about 3.39e38 for
+            bfloat16); the message says to store float32 or raise the temperature.
+        ConfigError: unknown storage dtype.
+    """
+    arr = np.asarray(values)
+    if arr.size and not bool(np.isfinite(arr).all()):
+        raise TeacherOutputError(
+            f"{where}: values hold NaN or inf; nothing was written for this shard"
+        )
+    if storage_dtype == "float32":
+        return np.ascontiguousarray(arr, dtype=np.float32)
+    stored: np.ndarray
+    if storage_dtype == "float16":
+        limit = _FLOAT16_MAX
+        with np.errstate(over="ignore"):  # overflow is detected just below
+            stored = np.ascontiguousarray(arr, dtype=np.float16)
+        overflow = bool(np.isinf(stored).any())
+    elif storage_dtype == "bfloat16":
+        limit = _BFLOAT16_MAX
+        stored = float32_to_bfloat16_bits(arr)
+        overflow = bool(((stored.view(np.uint16) & 0x7FFF) == 0x7F80).any())
+    else:
+        raise ConfigError(
+            f"unknown storage dtype {storage_dtype!r}; expected float32, float16 or bfloat16"
+        )
+    if overflow:
+        peak = float(np.abs(arr).max())
+        raise TeacherOutputError(
+            f"{where}: a value of magnitude {peak:.4g} exceeds {storage_dtype}'s range "
+            f"(largest finite {limit:.4g}) and would be stored as inf; use "
+            "storage_dtype='float32' or a higher temperature"
+        )
+    return stored
+
+
+def float32_to_bfloat16_bits(values: np.ndarray) -> np.ndarray:
+    """float32 -> uint16 bfloat16 bit patterns, rounding to nearest even (finite input)."""
+    bits = np.ascontiguousarray(values, dtype=np.float32).view(np.uint32)
+    rounded = bits + (np.uint32(0x7FFF) + ((bits >> np.uint32(16)) & np.uint32(1)))
+    return np.ascontiguousarray((rounded >> np.uint32(16)).astype(np.uint16))
+
+
+def bfloat16_bits_to_float32(bits: np.ndarray) -> np.ndarray:
+    """uint16 bfloat16 bit patterns -> float32 (exact: bfloat16 is a float32 prefix)."""
+    return (np.ascontiguousarray(bits, dtype=np.uint16).astype(np.uint32) << np.uint32(16)).view(
+        np.float32
+    )
+
+
+# -- targets <-> columns ---------------------------------------------------------------------
+
+
+def dense_to_columns(
+    sample_ids_N: np.ndarray,
+    scaled_logits_NV: Any,
+    spec: TargetSpec,
+    vocab_size: int | None,
+    where: str,
+) -> tuple[ShardColumns, dict[str, Any]]:
+    """Dense rows as :class:`ShardColumns`: ``scaled_logits`` [N, V] in the storage dtype.
+
+    Returns:
+        ``(columns, sidecar extras)``; extras hold ``vocab_size``.
+
+    Raises:
+        ConfigError: sparse targets given to a dense entry.
+        TeacherOutputError: shapes disagree, a value is not finite or does not fit the
+            storage dtype.
+    """
+    if not hasattr(scaled_logits_NV, "shape") or hasattr(scaled_logits_NV, "ids_BS"):
+        raise ConfigError(f"{where}: a dense entry takes an [N, V] array of scaled logits")
+    if hasattr(scaled_logits_NV, "detach"):  # a torch tensor
+        scaled_logits_NV = scaled_logits_NV.detach().float().cpu().numpy()
+    values = np.asarray(scaled_logits_NV)
+    if values.ndim != 2 or values.shape[0] != len(sample_ids_N):
+        raise TeacherOutputError(
+            f"{where}: expected sample_ids [N] and values [N, V], got {sample_ids_N.shape} "
+            f"and {values.shape}"
+        )
+    vocab = int(values.shape[1])
+    if vocab_size is not None and int(vocab_size) != vocab:
+        raise TeacherOutputError(f"{where}: values have V={vocab}, vocab_size={vocab_size}")
+    stored = to_storage_dtype(values, spec.storage_dtype, where)
+    meta = {"kind": "dense", "storage_dtype": spec.storage_dtype, "vocab_size": vocab}
+    cols = ShardColumns(sample_ids_N, rows={schema.COL_SCALED_LOGITS: stored}, meta=meta)
+    return cols, {"vocab_size": vocab}
+
+
+def sparse_to_columns(
+    sample_ids_N: np.ndarray,
+    sparse: Any,
+    spec: TargetSpec,
+    vocab_size: int | None,
+    where: str,
+) -> tuple[ShardColumns, dict[str, Any]]:
+    """Sparse rows (a :class:`kdcache.targets.SparseTargets`) as ragged columns.
+
+    Pads are dropped: row n's kept entries (in slot order) become entries
+    ``offsets[n]:offsets[n + 1]`` of ``ids`` (int32), ``values`` (storage dtype) and, for
+    sampled targets, ``counts`` (int32). Per-row ``log_partition``, ``tail_log_mass`` and
+    ``log_partition_grid`` stay float32.
+
+    Returns:
+        ``(columns, sidecar extras)``; extras hold ``vocab_size``, ``num_entries`` (E) and
+        ``num_slots`` (S).
+
+    Raises:
+        ConfigError: not a SparseTargets, another kind or grid than the spec's, or no V.
+        TeacherOutputError: row count differs, an id is outside [0, V), a log-partition
+            is not finite, or a value does not fit the storage dtype.
+    """
+    from kdcache.targets.sparse import PAD_ID, SparseTargets
+
+    if not isinstance(sparse, SparseTargets):
+        raise ConfigError(
+            f"{where}: a {spec.kind!r} entry takes kdcache.targets.SparseTargets, got "
+            f"{type(sparse).__name__}"
+        )
+    if sparse.kind != spec.kind:
+        raise ConfigError(f"{where}: targets are {sparse.kind!r}, the entry holds {spec.kind!r}")
+    grid = spec.grid_temperatures
+    if len(grid) != len(sparse.grid_temperatures) or not all(
+        abs(a - b) <= 1e-6 * max(abs(a), abs(b))
+        for a, b in zip(grid, sparse.grid_temperatures, strict=False)
+    ):
+        raise ConfigError(
+            f"{where}: targets carry grid temperatures {sparse.grid_temperatures}, the "
+            f"entry's spec says {grid}"
+        )
+    if vocab_size is None or int(vocab_size) < 1:
+        raise ConfigError(f"{where}: sparse targets need vocab_size=V (got {vocab_size!r})")
+    vocab = int(vocab_size)
+    if vocab >= 2**31:
+        raise ConfigError(f"{where}: V={vocab} does not fit the int32 id column")
+    num_rows = len(sample_ids_N)
+    if sparse.num_rows != num_rows:
+        raise TeacherOutputError(
+            f"{where}: {num_rows} sample_ids but {sparse.num_rows} rows of sparse targets"
+        )
+    ids_NS = sparse.ids_BS.numpy()
+    valid = ids_NS != PAD_ID
+    if bool(((ids_NS[valid] < 0) | (ids_NS[valid] >= vocab)).any()):
+        bad = int(ids_NS[valid][(ids_NS[valid] < 0) | (ids_NS[valid] >= vocab)][0])
+        raise TeacherOutputError(f"{where}: id {bad} is outside [0, V={vocab})")
+    lengths = valid.sum(axis=1)
+    offsets = np.zeros(num_rows + 1, np.int64)
+    np.cumsum(lengths, out=offsets[1:])
+    values = sparse.values_BS.float().numpy()[valid]
+    entries = {
+        schema.COL_IDS: ids_NS[valid].astype(np.int32),
+        schema.COL_VALUES: to_storage_dtype(values, spec.storage_dtype, where),
+    }
+    if sparse.counts_BS is not None:
+        entries[schema.COL_COUNTS] = sparse.counts_BS.numpy()[valid].astype(np.int32)
+    log_z = sparse.log_partition_B.float().numpy()
+    if not bool(np.isfinite(log_z).all()):
+        raise TeacherOutputError(f"{where}: a log-partition is NaN or infinite")
+    rows = {schema.COL_LOG_PARTITION: np.ascontiguousarray(log_z, dtype=np.float32)}
+    if sparse.tail_log_mass_B is not None:
+        tail = sparse.tail_log_mass_B.float().numpy()
+        if bool(np.isnan(tail).any() or (tail > 1e-6).any()):
+            raise TeacherOutputError(f"{where}: a tail log-mass is NaN or above 0")
+        rows[schema.COL_TAIL_LOG_MASS] = np.ascontiguousarray(tail, dtype=np.float32)
+    if sparse.log_partition_grid_BG is not None:
+        g = sparse.log_partition_grid_BG.float().numpy()
+        if not bool(np.isfinite(g).all()):
+            raise TeacherOutputError(f"{where}: a grid log-partition is NaN or infinite")
+        rows[schema.COL_LOG_PARTITION_GRID] = np.ascontiguousarray(g, dtype=np.float32)
+    meta = {
+        "kind": spec.kind,
+        "storage_dtype": spec.storage_dtype,
+        "vocab_size": vocab,
+        "num_slots": sparse.num_slots,
+        "grid_temperatures": list(sparse.grid_temperatures),
+    }
+    cols = ShardColumns(sample_ids_N, rows=rows, entries=entries, offsets_N1=offsets, meta=meta)
+    extra = {"vocab_size": vocab, "num_entries": int(offsets[-1]), "num_slots": sparse.num_slots}
+    return cols, extra
+
+
+def columns_to_sparse(cols: ShardColumns, where: str) -> Any:
+    """Rebuild :class:`kdcache.targets.SparseTargets` from ragged columns (re-padding).
+
+    Returns:
+        SparseTargets with S = ``meta["num_slots"]``: row n's entries in slots
+        ``0 .. len_n - 1``, then pads (id -1, value -inf, count 0). Values keep the
+        storage dtype (bfloat16 as a torch bfloat16 tensor).
+
+    Raises:
+        CacheCorruptError: a row holds more entries than S, or a column is missing.
+    """
+    from kdcache.targets.sparse import PAD_ID, SparseTargets
+
+    meta = cols.meta
+    num_rows = cols.num_rows
+    try:
+        num_slots = int(meta["num_slots"])
+        offsets = cols.offsets_N1 if cols.offsets_N1 is not None else np.zeros(1, np.int64)
+        flat_ids = cols.entries[schema.COL_IDS]
+        flat_values = cols.entries[schema.COL_VALUES]
+        log_z = cols.rows[schema.COL_LOG_PARTITION]
+    except KeyError as exc:
+        raise CacheCorruptError(f"{where}: sparse shard lacks {exc}") from None
+    lengths = np.diff(offsets) if num_rows else np.zeros(0, np.int64)
+    if len(lengths) and int(lengths.max()) > num_slots:
+        raise CacheCorruptError(f"{where}: a row holds {int(lengths.max())} > S={num_slots}")
+
+    def pad(flat: np.ndarray, fill: int, dtype: Any) -> np.ndarray:
+        if len(lengths) and bool((lengths == num_slots).all()):
+            return np.array(flat, dtype=dtype).reshape(num_rows, num_slots)
+        out = np.full((num_rows, num_slots), fill, dtype=dtype)
+        out[np.arange(num_slots)[None, :] < lengths[:, None]] = flat
+        return out
+
+    columns = {
+        "ids": pad(flat_ids, PAD_ID, np.int64),
+        "values": pad(flat_values, 0, flat_values.dtype),
+        "log_partition": np.array(log_z, dtype=np.float32),
+    }
+    if schema.COL_COUNTS in cols.entries:
+        columns["counts"] = pad(cols.entries[schema.COL_COUNTS], 0, np.int64)
+    for src, dst in (
+        (schema.COL_TAIL_LOG_MASS, "tail_log_mass"),
+        (schema.COL_LOG_PARTITION_GRID, "log_partition_grid"),
+    ):
+        if src in cols.rows:
+            columns[dst] = np.array(cols.rows[src], dtype=np.float32)
+    ids = torch.from_numpy(columns["ids"])
+    values = torch.from_numpy(np.array(columns["values"]))
+    if meta.get("storage_dtype") == "bfloat16":
+        values = values.view(torch.bfloat16)  # uint16 bit patterns, reinterpreted
+    values = values.masked_fill(ids < 0, float("-inf"))
+    counts = columns.get("counts")
+    grid = columns.get("log_partition_grid")
+    tail = columns.get("tail_log_mass")
+    return SparseTargets(
+        ids_BS=ids,
+        values_BS=values,
+        log_partition_B=torch.from_numpy(columns["log_partition"]),
+        kind=str(meta["kind"]),
+        counts_BS=None if counts is None else torch.from_numpy(counts),
+        grid_temperatures=tuple(meta.get("grid_temperatures", ())),
+        log_partition_grid_BG=None if grid is None else torch.from_numpy(grid),
+        tail_log_mass_B=None if tail is None else torch.from_numpy(tail),
+    )
+
+
+def _check_token_rows(ids_N: np.ndarray, positions_N: Any, where: str) -> np.ndarray:
+    """Check token-level rows: each sample one contiguous run, positions increasing in it.
+
+    Returns:
+        The positions as int32 [N].
+
+    Raises:
+        SampleIdMismatchError: a sample's rows are split, or positions do not increase.
+        TeacherOutputError: positions of the wrong shape or negative.
+    """
+    pos = np.asarray(positions_N)
+    if pos.shape != ids_N.shape or pos.dtype.kind not in "iu" or bool((pos < 0).any()):
+        raise TeacherOutputError(
+            f"{where}: positions must be non-negative ints of shape {ids_N.shape}, got "
+            f"{pos.dtype} {pos.shape}"
+        )
+    if len(ids_N) > 1:
+        new_run = ids_N[1:] != ids_N[:-1]
+        starts = ids_N[np.concatenate([[True], new_run])]
+        if len(np.unique(starts)) != len(starts):
+            raise SampleIdMismatchError(
+                f"{where}: a sample's token rows are not contiguous (sample_id "
+                f"{int(starts[np.unique(starts, return_counts=True)[1].argmax()])} "
+                "appears in two runs); write each sample's tokens together"
+            )
+        if bool(((np.diff(pos) <= 0) & ~new_run).any()):
+            raise SampleIdMismatchError(
+                f"{where}: token positions must increase within each sample's rows"
+            )
+    return np.ascontiguousarray(pos, dtype=np.int32)

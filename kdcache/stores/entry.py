@@ -1,0 +1,415 @@
+"""Cache entries and ensemble views: the commit protocol on the write side, and the
+checks on the read side.
+
+Commit protocol (``docs/format.md``):
+
+1. ``spec.json`` (the key material) is written first, so an unfinished entry says what
+   it is.
+2. Each shard's data file is written under a temporary name, flushed, fsynced and renamed
+   to its deterministic name ``shard-NNNNN.<suffix>``; then its sidecar
+   ``shard-NNNNN.json`` (rows, id range, SHA-256, bytes) is written the same way. The
+   sidecar is the shard's commit record. A retried task rewrites identical bytes.
+3. When every shard has a sidecar, the driver re-reads the sidecars, checks them, and
+   writes ``manifest.json`` atomically. Readers open only what the manifest lists.
+
+A lease file (``lease.json``, owner and expiry) keeps two jobs from building the same
+entry at once; the second waits for the manifest or takes over an expired lease.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from functools import cached_property
+from typing import Any
+
+import numpy as np
+
+from kdcache import schema
+from kdcache.errors import (
+    CacheCorruptError,
+    CacheIncompleteError,
+    CacheNotFoundError,
+    ConfigError,
+    SampleIdMismatchError,
+    TeacherOutputError,
+)
+from kdcache.schema import ShardRecord
+from kdcache.stores.backends import ShardColumns, get_backend
+from kdcache.stores.codec import (
+    _check_token_rows,
+    bfloat16_bits_to_float32,
+    columns_to_sparse,
+    dense_to_columns,
+    sparse_to_columns,
+)
+from kdcache.stores.fs import Location, sha256_hex
+
+log = logging.getLogger(__name__)
+
+
+def _selector(path: str) -> Any:
+    import pyarrow.fs as pafs
+
+    return pafs.FileSelector(path, allow_not_found=True, recursive=False)
+
+
+def _dumps(obj: Any) -> bytes:
+    return (json.dumps(obj, indent=2, sort_keys=True, allow_nan=False) + "\n").encode()
+
+
+class CacheEntry:
+    """One teacher's outputs over one dataset at one target spec, at ``<root>/entries/<key>``.
+
+    Picklable (holds only URIs), so it travels to Ray actors that write its shards.
+
+    Args:
+        root: The cache root (local path or URI).
+        key: The entry's content-addressed key.
+    """
+
+    def __init__(self, root: str | Location, key: str) -> None:
+        self.root = root if isinstance(root, Location) else Location(root)
+        self.key = key
+        self.location = self.root.child(schema.ENTRIES_DIR, key)
+        self.shards_location = self.location.child(schema.SHARDS_DIR)
+
+    def __repr__(self) -> str:
+        return f"CacheEntry({self.location.uri!r})"
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {"root": self.root, "key": self.key}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__init__(state["root"], state["key"])  # type: ignore[misc]
+
+    # -- spec and manifest -----------------------------------------------------------
+    @cached_property
+    def spec(self) -> dict[str, Any]:
+        """The key material (``spec.json``)."""
+        try:
+            spec = json.loads(self.location.read_bytes(schema.SPEC_FILE))
+        except FileNotFoundError:
+            raise CacheNotFoundError(f"no cache entry at {self.location.uri}") from None
+        schema.check_format_version(
+            spec.get("format_version"), self.location.display(schema.SPEC_FILE)
+        )
+        return spec
+
+    @property
+    def is_complete(self) -> bool:
+        return self.location.exists(schema.MANIFEST_FILE)
+
+    @cached_property
+    def manifest(self) -> dict[str, Any]:
+        """The manifest; raises when the entry is missing or unfinished.
+
+        Raises:
+            CacheNotFoundError: nothing exists at this key.
+            CacheIncompleteError: the entry has no manifest (being built or interrupted).
+            FormatVersionError: written by a newer kdcache.
+        """
+        try:
+            manifest = json.loads(self.location.read_bytes(schema.MANIFEST_FILE))
+        except FileNotFoundError:
+            if not self.location.exists(schema.SPEC_FILE):
+                raise CacheNotFoundError(f"no cache entry at {self.location.uri}") from None
+            raise CacheIncompleteError(
+                f"cache entry {self.location.uri} has no manifest: its build was interrupted "
+                "or is still running. Rerun the same build (kdcache build, or the pipeline "
+                "that made it) to compute only the missing shards."
+            ) from None
+        where = self.location.display(schema.MANIFEST_FILE)
+        schema.check_format_version(manifest.get("format_version"), where)
+        if manifest.get("key") != self.key:
+            raise CacheCorruptError(
+                f"{where} names key {manifest.get('key')!r}, expected {self.key!r}"
+            )
+        return manifest
+
+    @property
+    def shards(self) -> list[ShardRecord]:
+        return [ShardRecord.from_json(s) for s in self.manifest["shards"]]
+
+    @property
+    def num_shards(self) -> int:
+        return len(self.manifest["shards"])
+
+    @property
+    def temperature(self) -> float:
+        return float(self.spec["targets"]["temperature"])
+
+    @property
+    def teacher_name(self) -> str:
+        return str(self.manifest.get("teacher_name", self.key))
+
+    @property
+    def vocab_size(self) -> int:
+        return int(self.manifest["vocab_size"])
+
+    @property
+    def num_rows(self) -> int:
+        return int(self.manifest["num_rows"])
+
+    @property
+    def num_bytes(self) -> int:
+        return int(self.manifest["num_bytes"])
+
+    @property
+    def dataset_fingerprint(self) -> dict[str, Any]:
+        return dict(self.spec["dataset"])
+
+    @cached_property
+    def target_spec(self) -> schema.TargetSpec:
+        """The entry's :class:`kdcache.schema.TargetSpec` (kind, dtype, backend, params)."""
+        return schema.TargetSpec.from_json(self.spec["targets"])
+
+    @property
+    def is_sparse(self) -> bool:
+        return self.target_spec.is_sparse
+
+    # -- reading -------------------------------------------------------------------------
+    def read_columns(self, index: int, *, verify: bool = True) -> ShardColumns:
+        """Read committed shard ``index`` as the backend's :class:`ShardColumns`.
+
+        Opens only the file the manifest lists for the shard, checks its size and SHA-256
+        (with ``verify``), decodes it, and checks its row count against the manifest.
+
+        Raises:
+            CacheIncompleteError / CacheNotFoundError: see :attr:`manifest`.
+            CacheCorruptError: the file is missing, its size or SHA-256 differs from the
+                manifest, or it does not decode to the rows the manifest records.
+        """
+        rec = self.manifest_record(index)
+        where = self.shards_location.display(rec.file)
+        try:
+            data = self.shards_location.read_bytes(rec.file)
+        except FileNotFoundError:
+            raise CacheCorruptError(
+                f"{where} is listed in the manifest but missing; run "
+                f"'kdcache verify {self.location.uri} --repair', then rerun the build "
+                "(it recomputes only the damaged shards)"
+            ) from None
+        if verify:
+            if len(data) != rec.num_bytes or sha256_hex(data) != rec.sha256:
+                raise CacheCorruptError(
+                    f"{where} is truncated or altered: {len(data)} bytes with SHA-256 "
+                    f"{sha256_hex(data)[:12]}..., manifest says {rec.num_bytes} bytes, "
+                    f"{rec.sha256[:12]}...; run 'kdcache verify {self.location.uri} "
+                    "--repair', then rerun the build (it recomputes only the damaged shards)"
+                )
+        cols = get_backend(self.target_spec.backend).decode(data, where)
+        if cols.num_rows != rec.num_rows:
+            raise CacheCorruptError(
+                f"{where} holds {cols.num_rows} rows, manifest says {rec.num_rows}"
+            )
+        kind = cols.meta.get("kind", "dense")
+        if kind != self.target_spec.kind:
+            raise CacheCorruptError(
+                f"{where} holds {kind!r} targets, the entry's spec says {self.target_spec.kind!r}"
+            )
+        return cols
+
+    def read_shard(self, index: int, *, verify: bool = True) -> tuple[np.ndarray, np.ndarray]:
+        """Read committed dense shard ``index``.
+
+        Returns:
+            ``(sample_ids [N] int64, scaled_logits [N, V])``: scaled logits ``z / tau`` in
+            the storage dtype (float32 or float16; bfloat16 comes back as float32, exactly,
+            since numpy has no bfloat16). Arrays may be read-only views of the file.
+
+        Raises:
+            ConfigError: the entry holds sparse targets (use :meth:`read_sparse_shard`).
+            CacheIncompleteError / CacheNotFoundError: see :attr:`manifest`.
+            CacheCorruptError: the file's size or SHA-256 differs from the manifest.
+        """
+        if self.is_sparse:
+            raise ConfigError(
+                f"entry {self.key} holds sparse {self.target_spec.kind!r} targets; read them "
+                "with read_sparse_shard"
+            )
+        cols = self.read_columns(index, verify=verify)
+        values = cols.rows[schema.COL_SCALED_LOGITS]
+        if cols.meta.get("storage_dtype") == "bfloat16":
+            values = bfloat16_bits_to_float32(values)
+        return cols.sample_ids_N, values
+
+    def read_sparse_shard(self, index: int, *, verify: bool = True) -> tuple[np.ndarray, Any]:
+        """Read committed sparse shard ``index``.
+
+        Returns:
+            ``(sample_ids [N] int64, targets)``: a :class:`kdcache.targets.SparseTargets`
+            with S = the slot count recorded at write time; each row's kept entries come
+            first, in the order they were written, then pads (id -1, value -inf).
+
+        Raises:
+            ConfigError: the entry holds dense targets (use :meth:`read_shard`).
+            CacheCorruptError: see :meth:`read_columns`.
+        """
+        if not self.is_sparse:
+            raise ConfigError(f"entry {self.key} holds dense targets; read them with read_shard")
+        cols = self.read_columns(index, verify=verify)
+        return cols.sample_ids_N, columns_to_sparse(
+            cols, self.shards_location.display(self.manifest_record(index).file)
+        )
+
+    def manifest_record(self, index: int) -> ShardRecord:
+        shards = self.manifest["shards"]
+        if not 0 <= index < len(shards):
+            raise IndexError(f"shard {index} out of range: entry has {len(shards)} shards")
+        return ShardRecord.from_json(shards[index])
+
+    # -- writing (the commit protocol) -----------------------------------------------------
+    def write_spec(self, spec: dict[str, Any]) -> None:
+        if schema.content_key(spec) != self.key:
+            raise ConfigError("spec does not hash to this entry's key")
+        self.location.makedirs()
+        if not self.location.exists(schema.SPEC_FILE):
+            self.location.write_atomic(schema.SPEC_FILE, _dumps(spec))
+
+    def write_shard(
+        self,
+        index: int,
+        sample_ids_N: np.ndarray,
+        scaled_logits_NV: Any,
+        *,
+        vocab_size: int | None = None,
+        positions_N: np.ndarray | None = None,
+    ) -> ShardRecord:
+        """Write and commit one shard: data file (atomic), then its sidecar (atomic).
+
+        Args:
+            index: Input shard index.
+            sample_ids_N: int64 ids, shape [N], in input order; must be unique, except in
+                a token-level shard (``positions_N`` given), where row n is one token of
+                sample ``sample_ids_N[n]`` and each sample's rows are one contiguous run.
+            scaled_logits_NV: For a dense entry, float ``logits / tau``, shape [N, V], all
+                finite (numpy or torch). For a sparse entry, a
+                :class:`kdcache.targets.SparseTargets` of the entry's kind with N rows.
+            vocab_size: V; required for sparse targets (ids must lie in [0, V)); for dense
+                targets it defaults to (and must equal) the width of the values.
+            positions_N: Token-level shards only: int [N], the token position t of each
+                row within its sample (the row holds the teacher's distribution of token
+                t + 1), strictly increasing within each sample's run. Stored as the row
+                column ``position`` (int32) with ``meta["token_level"] = true``; see
+                ``docs/format.md``, "Token-level entries".
+
+        Returns:
+            The shard's commit record (also written as its sidecar).
+
+        Raises:
+            TeacherOutputError: wrong shapes, NaN/inf, ids out of range, or a value that
+                does not fit the storage dtype (refused, never stored as inf).
+            SampleIdMismatchError: duplicate ``sample_id`` values (token-level: a sample
+                whose rows are not contiguous, or positions not increasing within it).
+            ConfigError: dense values for a sparse entry or the reverse, a sparse kind or
+                grid that differs from the spec, or no ``vocab_size`` for sparse targets.
+        """
+        spec = self.target_spec
+        backend = get_backend(spec.backend)
+        stem = schema.shard_stem(index)
+        where = f"{self.key}/{stem}"
+        ids = np.ascontiguousarray(np.asarray(sample_ids_N), dtype=np.int64)
+        if ids.ndim != 1:
+            raise TeacherOutputError(f"{where}: sample_ids must have shape [N], got {ids.shape}")
+        positions = None
+        if positions_N is None:
+            if len(np.unique(ids)) != len(ids):
+                raise SampleIdMismatchError(f"shard {index}: duplicate sample_id values")
+        else:
+            positions = _check_token_rows(ids, positions_N, f"shard {index}")
+        extra: dict[str, Any]
+        if spec.is_sparse:
+            cols, extra = sparse_to_columns(ids, scaled_logits_NV, spec, vocab_size, where)
+        else:
+            cols, extra = dense_to_columns(ids, scaled_logits_NV, spec, vocab_size, where)
+        if positions is not None:
+            cols.rows[schema.COL_POSITION] = positions
+            cols.meta["token_level"] = True
+            extra["num_samples"] = int(len(ids) and 1 + (ids[1:] != ids[:-1]).sum())
+        data = backend.encode(cols)
+        file = stem + backend.suffix
+        self.shards_location.write_atomic(file, data)
+        rec = ShardRecord(
+            index=index,
+            file=file,
+            num_rows=len(ids),
+            min_sample_id=int(ids.min()) if len(ids) else 0,
+            max_sample_id=int(ids.max()) if len(ids) else -1,
+            sha256=sha256_hex(data),
+            num_bytes=len(data),
+        )
+        record = {**rec.to_json(), **extra}
+        self.shards_location.write_atomic(stem + ".json", _dumps(record))
+        return rec
+
+    def invalidate_shard(self, index: int) -> None:
+        """Uncommit shard ``index``: remove its sidecar, then the entry's manifest, so the
+        entry reads as incomplete and a rerun of its build recomputes that shard only."""
+        self.location.delete(schema.MANIFEST_FILE)
+        self.shards_location.delete(schema.shard_stem(index) + ".json")
+        self.__dict__.pop("manifest", None)
+
+    def damaged_shards(self) -> list[int]:
+        """Listed shards whose data file is missing or has another size than the
+        manifest records: a cheap check (no data read) that a build runs on a hit."""
+        present = {}
+        for info in self.shards_location.fs.get_file_info(_selector(self.shards_location.path)):
+            present[info.base_name] = info.size
+        return [rec.index for rec in self.shards if present.get(rec.file) != rec.num_bytes]
+
+    def committed_shard(self, index: int) -> tuple[ShardRecord, int] | None:
+        """The sidecar of shard ``index`` and its vocabulary size if the shard is committed
+        and its data file has the recorded size; else None (to be (re)computed)."""
+        stem = schema.shard_stem(index)
+        try:
+            obj = json.loads(self.shards_location.read_bytes(stem + ".json"))
+            rec = ShardRecord.from_json(obj)
+            if self.shards_location.size(rec.file) != rec.num_bytes:
+                return None
+        except (FileNotFoundError, KeyError, ValueError):
+            return None
+        return rec, int(obj["vocab_size"])
+
+    def commit(self, num_shards: int, info: dict[str, Any]) -> dict[str, Any]:
+        """Write the manifest after checking every shard's sidecar; the last step of a build.
+
+        Args:
+            num_shards: Number of input shards; each must be committed.
+            info: Extra manifest fields (teacher name, versions, build settings).
+
+        Returns:
+            The manifest written.
+
+        Raises:
+            CacheIncompleteError: a shard has no valid sidecar.
+            SampleIdMismatchError: sample_id ranges of two shards overlap.
+        """
+        records: list[ShardRecord] = []
+        vocab_sizes = set()
+        for i in range(num_shards):
+            found = self.committed_shard(i)
+            if found is None:
+                raise CacheIncompleteError(f"{self.location.uri}: shard {i} is not committed")
+            records.append(found[0])
+            vocab_sizes.add(found[1])
+        if len(vocab_sizes) > 1:
+            raise CacheCorruptError(
+                f"{self.location.uri}: shards disagree on V: {sorted(vocab_sizes)}"
+            )
+        manifest = {
+            "format_version": schema.FORMAT_VERSION,
+            "key": self.key,
+            "spec": self.spec,
+            "num_shards": num_shards,
+            "num_rows": sum(r.num_rows for r in records),
+            "num_bytes": sum(r.num_bytes for r in records),
+            "vocab_size": vocab_sizes.pop() if vocab_sizes else 0,
+            "shards": [r.to_json() for r in records],
+            "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            **info,
+        }
+        self.location.write_atomic(schema.MANIFEST_FILE, _dumps(manifest))
+        self.__dict__.pop("manifest", None)
+        return manifest

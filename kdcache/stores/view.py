@@ -1,0 +1,233 @@
+"""TODO docstring."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+from kdcache import schema
+from kdcache.errors import (
+    ConfigError,
+    SampleIdMismatchError,
+    SpecMismatchError,
+)
+from kdcache.stores.entry import CacheEntry, _dumps
+from kdcache.stores.fs import Location
+
+
+class EnsembleView:
+    """A read-time view over K entries that share a dataset and a temperature.
+
+    The combination rule is applied by the reader (:class:`kdcache.SoftTargetDataset`) via
+    :func:`kdcache.targets.combine_ensemble`; nothing is materialised.
+
+    Args:
+        entries: The member entries (complete), in teacher order.
+        rule: ``"mean_probs"`` or ``"mean_logprobs"``.
+        weights: K non-negative weights, or None for uniform.
+
+    Raises:
+        SpecMismatchError: members disagree on dataset, temperature or vocabulary.
+    """
+
+    def __init__(
+        self,
+        entries: Sequence[CacheEntry],
+        rule: str = "mean_probs",
+        weights: Sequence[float] | None = None,
+    ) -> None:
+        from kdcache.targets.dense import ENSEMBLE_RULES
+
+        if not entries:
+            raise ConfigError("an ensemble view needs at least one entry")
+        if rule not in ENSEMBLE_RULES:
+            raise ConfigError(f"unknown ensemble rule {rule!r}; expected one of {ENSEMBLE_RULES}")
+        if weights is not None and len(weights) != len(entries):
+            raise ConfigError(f"{len(weights)} weights for {len(entries)} entries")
+        self.entries = list(entries)
+        self.rule = rule
+        self.weights = None if weights is None else [float(w) for w in weights]
+        first = self.entries[0]
+        for e in self.entries[1:]:
+            if e.dataset_fingerprint != first.dataset_fingerprint:
+                raise SpecMismatchError(
+                    f"{e.key} and {first.key} were built over different datasets"
+                )
+            if e.temperature != first.temperature:
+                raise SpecMismatchError(
+                    f"{e.key} is at temperature {e.temperature}, {first.key} at {first.temperature}"
+                )
+            if e.vocab_size != first.vocab_size:
+                raise SpecMismatchError(
+                    f"{e.key} has V={e.vocab_size}, {first.key} V={first.vocab_size}"
+                )
+            if e.is_sparse != first.is_sparse:
+                raise SpecMismatchError(
+                    f"{e.key} holds {e.target_spec.kind!r} targets, {first.key} "
+                    f"{first.target_spec.kind!r}; an ensemble view is all dense or all sparse"
+                )
+
+    @property
+    def key(self) -> str:
+        return schema.content_key(self.view_json())
+
+    def view_json(self) -> dict[str, Any]:
+        return {
+            "format_version": schema.FORMAT_VERSION,
+            "kind": "ensemble",
+            "entries": [e.key for e in self.entries],
+            "rule": self.rule,
+            "weights": self.weights,
+        }
+
+    @property
+    def root(self) -> Location:
+        return self.entries[0].root
+
+    @property
+    def temperature(self) -> float:
+        return self.entries[0].temperature
+
+    @property
+    def num_shards(self) -> int:
+        return self.entries[0].num_shards
+
+    @property
+    def vocab_size(self) -> int:
+        return self.entries[0].vocab_size
+
+    @property
+    def is_sparse(self) -> bool:
+        return self.entries[0].is_sparse
+
+    @property
+    def num_bytes(self) -> int:
+        return sum(e.num_bytes for e in self.entries)
+
+    @property
+    def teacher_names(self) -> list[str]:
+        return [e.teacher_name for e in self.entries]
+
+    def save(self) -> str:
+        """Write ``<root>/ensembles/<key>.json``; returns its URI."""
+        loc = self.root.child(schema.ENSEMBLES_DIR)
+        name = f"{self.key}.json"
+        loc.write_atomic(name, _dumps(self.view_json()))
+        return loc.display(name)
+
+    def read_shard(self, index: int, *, verify: bool = True) -> tuple[np.ndarray, np.ndarray]:
+        """Read shard ``index`` of every member.
+
+        Returns:
+            ``(sample_ids [N] int64, scaled_logits [K, N, V] float32)``.
+
+        Raises:
+            SampleIdMismatchError: members disagree on the ids of this shard.
+        """
+        ids0, vals0 = self.entries[0].read_shard(index, verify=verify)
+        out = np.empty((len(self.entries), *vals0.shape), dtype=np.float32)
+        out[0] = vals0
+        for k, e in enumerate(self.entries[1:], start=1):
+            ids, vals = e.read_shard(index, verify=verify)
+            if not np.array_equal(ids, ids0):
+                raise SampleIdMismatchError(
+                    f"shard {index}: entries {self.entries[0].key} and {e.key} hold different "
+                    "sample_id sequences"
+                )
+            out[k] = vals
+        return ids0, out
+
+    def read_sparse_shard(self, index: int, *, verify: bool = True) -> tuple[np.ndarray, list[Any]]:
+        """Read shard ``index`` of every sparse member.
+
+        Returns:
+            ``(sample_ids [N] int64, [SparseTargets per teacher])``; combine them with
+            :func:`kdcache.targets.combine_sparse_ensemble` or keep them apart for
+            :func:`kdcache.losses.multi_teacher_loss`.
+
+        Raises:
+            ConfigError: the members are dense.
+            SampleIdMismatchError: members disagree on the ids of this shard.
+        """
+        ids0, first = self.entries[0].read_sparse_shard(index, verify=verify)
+        out = [first]
+        for e in self.entries[1:]:
+            ids, t = e.read_sparse_shard(index, verify=verify)
+            if not np.array_equal(ids, ids0):
+                raise SampleIdMismatchError(
+                    f"shard {index}: entries {self.entries[0].key} and {e.key} hold different "
+                    "sample_id sequences"
+                )
+            out.append(t)
+        return ids0, out
+
+
+def check_reader(
+    cache: CacheEntry | EnsembleView,
+    *,
+    temperature: float | None = None,
+    vocab_size: int | None = None,
+    teachers: Sequence[str] | None = None,
+    retemper: bool = False,
+) -> None:
+    """Refuse a reader whose expectations disagree with what the cache holds.
+
+    Args:
+        cache: An open entry or ensemble view.
+        temperature: The tau the reader will use; None accepts the cache's.
+        vocab_size: The student's V; None skips the check.
+        teachers: The teachers the reader expects, as teacher names or entry keys, in any
+            order; None skips the check.
+        retemper: Allow another temperature: dense targets re-temper exactly; sparse
+            top-k / top-p targets only to a temperature in their log-partition grid;
+            sampled and mixture targets never.
+
+    Raises:
+        SpecMismatchError: the temperature differs (without ``retemper``, or beyond what
+            the targets can re-temper to), V differs, or the teacher set differs; the
+            message says what the cache holds and what to do.
+    """
+    view = as_view(cache)
+    if temperature is not None and float(temperature) != view.temperature:
+        if not retemper:
+            raise SpecMismatchError(
+                f"cache holds soft targets at temperature {view.temperature}, {temperature} "
+                "was asked; pass retemper=True to re-temper, or build at that temperature"
+            )
+        for e in view.entries:
+            spec = e.target_spec
+            if not spec.is_sparse:
+                continue
+            grid = spec.grid_temperatures
+            ok = spec.kind in ("topk", "topp") and any(
+                abs(g - float(temperature)) <= 1e-6 * g for g in grid
+            )
+            if not ok:
+                raise SpecMismatchError(
+                    f"entry {e.key} holds {spec.kind!r} targets at temperature "
+                    f"{view.temperature} with log-partition grid {list(grid)}; they cannot "
+                    f"be re-tempered exactly to {temperature}. Rebuild with "
+                    "grid_temperatures including it"
+                )
+    if vocab_size is not None and int(vocab_size) != view.vocab_size:
+        raise SpecMismatchError(
+            f"cache holds V={view.vocab_size} classes, the reader expects V={vocab_size}; "
+            "student and teachers must share one vocabulary"
+        )
+    if teachers is not None:
+        have = {e.teacher_name for e in view.entries} | {e.key for e in view.entries}
+        names = [e.teacher_name for e in view.entries]
+        want = set(teachers)
+        matched = {e.key for e in view.entries if e.teacher_name in want or e.key in want}
+        if not want <= have or len(matched) != len(view.entries):
+            raise SpecMismatchError(
+                f"cache holds teachers {names}, the reader expects {sorted(want)}; open the "
+                "ensemble view of those teachers (kdcache ls ROOT) or build the missing ones"
+            )
+
+
+def as_view(cache: CacheEntry | EnsembleView) -> EnsembleView:
+    """Treat a single entry as an ensemble of one."""
+    return cache if isinstance(cache, EnsembleView) else EnsembleView([cache])

@@ -1,0 +1,684 @@
+"""TODO docstring."""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+
+from kdcache import targets
+from kdcache.errors import ConfigError
+from kdcache.schema import SPARSE_KINDS, TargetSpec
+from kdcache.targets.dense import (
+    _NEG_INF,
+    ENSEMBLE_RULES,
+    _check_temperature,
+    _weights,
+    check_finite,
+)
+
+#: Id of an unused slot in ``SparseTargets.ids_BS`` (its value is -inf, its count 0).
+
+
+PAD_ID = -1
+
+
+# --------------------------------------------------------------------------------------
+# Sparse targets
+# --------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class SparseTargets:
+    """Sparse soft targets for B rows: kept ids, their scaled logits, and the exact normaliser.
+
+    Every field is a per-row array with the same leading dimension B, so a store writes
+    one column per field (``ids``, ``values``, ``log_partition``, optionally ``counts``
+    and ``log_partition_grid``) and reads rows back with :meth:`from_columns`. Unused
+    slots (rows with fewer than S kept entries) have id :data:`PAD_ID`, value -inf in
+    memory (0 in storage, see :meth:`to_columns`) and count 0. Ids are unique per row.
+
+    The teacher's log-probability of a kept id ``i`` at the cache temperature tau is
+    ``values[b, s] - log_partition[b]`` exactly, and the tail mass outside the kept ids
+    is ``1 - sum_s exp(values[b, s] - log_partition[b])`` (:meth:`tail_log_mass`).
+
+    Attributes:
+        ids_BS: int64 token or class ids, shape [B, S], in ``[0, V)`` or :data:`PAD_ID`.
+        values_BS: Scaled logits ``z / tau`` at ``ids_BS``, shape [B, S], float32, float16
+            or bfloat16 (upcast for math). For ``kind="mixture"`` these are the combined
+            log-probabilities and ``log_partition_B`` is 0.
+        log_partition_B: float32 ``logsumexp_v(z_v / tau)`` over the full vocabulary, [B].
+        kind: One of :data:`SPARSE_KINDS`: ``"topk"``, ``"topp"``, ``"sampled"`` or
+            ``"mixture"``.
+        counts_BS: int64 draw counts, shape [B, S], only for ``kind="sampled"``; the
+            unbiased estimate of the teacher distribution is ``counts / counts.sum(-1)``.
+        grid_temperatures: Temperatures tau_g at which ``log_partition_grid_BG`` holds the
+            full-vocabulary log-partition of ``z / tau_g``; empty when no grid was kept.
+        log_partition_grid_BG: float32 [B, G] or None.
+        tail_log_mass_B: float32 [B], ``log sum_{v not kept} softmax(z / tau)_v`` computed
+            from the full logits when the targets were made (-inf when nothing is left
+            out). Optional, but stored by every builder: deriving the tail from
+            ``log_partition_B`` (``1 - kept mass``) has only about 1e-6 *absolute* accuracy,
+            so a tail of 1e-9 would read as 0 and a reverse KL against it as infinite.
+
+    Raises:
+        ConfigError: a field has the wrong dtype or shape, or ``kind`` is unknown.
+    """
+
+    ids_BS: torch.Tensor  # noqa: N815 (shape suffix, house style)
+    values_BS: torch.Tensor  # noqa: N815 (shape suffix, house style)
+    log_partition_B: torch.Tensor  # noqa: N815 (shape suffix, house style)
+    kind: str
+    counts_BS: torch.Tensor | None = None  # noqa: N815 (shape suffix, house style)
+    grid_temperatures: tuple[float, ...] = field(default=())
+    log_partition_grid_BG: torch.Tensor | None = None  # noqa: N815 (shape suffix, house style)
+    tail_log_mass_B: torch.Tensor | None = None  # noqa: N815 (shape suffix, house style)
+
+    def __post_init__(self) -> None:
+        if self.kind not in SPARSE_KINDS:
+            raise ConfigError(f"unknown sparse kind {self.kind!r}; expected one of {SPARSE_KINDS}")
+        if self.ids_BS.dim() != 2 or self.ids_BS.dtype != torch.int64:
+            raise ConfigError(
+                f"ids_BS must be int64 of shape [B, S], got {self.ids_BS.dtype} "
+                f"{tuple(self.ids_BS.shape)}"
+            )
+        if self.values_BS.shape != self.ids_BS.shape or not self.values_BS.is_floating_point():
+            raise ConfigError(
+                f"values_BS must be a float tensor shaped like ids_BS {tuple(self.ids_BS.shape)},"
+                f" got {self.values_BS.dtype} {tuple(self.values_BS.shape)}"
+            )
+        if tuple(self.log_partition_B.shape) != (self.ids_BS.shape[0],):
+            raise ConfigError(
+                f"log_partition_B must have shape [{self.ids_BS.shape[0]}], "
+                f"got {tuple(self.log_partition_B.shape)}"
+            )
+        if (self.kind == "sampled") != (self.counts_BS is not None):
+            raise ConfigError("counts_BS is required for kind='sampled' and only for it")
+        if self.counts_BS is not None and (
+            self.counts_BS.shape != self.ids_BS.shape or self.counts_BS.dtype != torch.int64
+        ):
+            raise ConfigError("counts_BS must be int64 shaped like ids_BS")
+        object.__setattr__(
+            self, "grid_temperatures", tuple(float(t) for t in self.grid_temperatures)
+        )
+        num_grid = len(self.grid_temperatures)
+        grid = self.log_partition_grid_BG
+        if (num_grid > 0) != (grid is not None) or (
+            grid is not None and tuple(grid.shape) != (self.ids_BS.shape[0], num_grid)
+        ):
+            raise ConfigError(
+                f"log_partition_grid_BG must be [B, {num_grid}] when grid_temperatures are "
+                "given, and None otherwise"
+            )
+        tail = self.tail_log_mass_B
+        if tail is not None and tuple(tail.shape) != (self.ids_BS.shape[0],):
+            raise ConfigError(f"tail_log_mass_B must have shape [{self.ids_BS.shape[0]}]")
+
+    @property
+    def num_rows(self) -> int:
+        """B, the number of rows."""
+        return int(self.ids_BS.shape[0])
+
+    @property
+    def num_slots(self) -> int:
+        """S, the number of slots per row (kept entries plus padding)."""
+        return int(self.ids_BS.shape[1])
+
+    @property
+    def valid_BS(self) -> torch.Tensor:
+        """bool [B, S]: True where a slot holds a kept id (not :data:`PAD_ID`)."""
+        return self.ids_BS >= 0
+
+    def log_probs(self) -> torch.Tensor:
+        """float32 [B, S]: exact teacher log-probabilities at the kept ids, -inf in pads.
+
+        For ``kind="sampled"`` these are the exact probabilities of the drawn ids, not the
+        count-based estimate (see :meth:`estimate_log_probs`).
+        """
+        lp = self.values_BS.float() - self.log_partition_B.float()[:, None]
+        return lp.masked_fill(~self.valid_BS, _NEG_INF)
+
+    def estimate_log_probs(self) -> torch.Tensor:
+        """float32 [B, S]: log of the unbiased estimate ``counts / num_draws`` (sampled only).
+
+        Raises:
+            ConfigError: the targets are not ``kind="sampled"``.
+        """
+        if self.counts_BS is None:
+            raise ConfigError(f"estimate_log_probs needs kind='sampled', got {self.kind!r}")
+        counts = self.counts_BS.float()
+        return torch.log(counts / counts.sum(dim=-1, keepdim=True).clamp(min=1.0))
+
+    def tail_log_mass(self) -> torch.Tensor:
+        """float32 [B]: log of the teacher's mass outside the kept ids (-inf if none).
+
+        ``tail_log_mass_B`` when stored (exact to float32 relative precision); otherwise
+        derived as ``log(-expm1(logsumexp(kept log-probs)))``, clamped at 0, whose absolute
+        accuracy is that of the stored values (about 1e-6 in float32).
+        """
+        if self.tail_log_mass_B is not None:
+            return self.tail_log_mass_B.float()
+        log_kept_B = torch.logsumexp(self.log_probs(), dim=-1).clamp(max=0.0)
+        return torch.log(-torch.expm1(log_kept_B))
+
+    def rows(self, index: torch.Tensor | slice) -> SparseTargets:
+        """The targets of a subset of rows (an index tensor, boolean mask or slice)."""
+        return SparseTargets(
+            ids_BS=self.ids_BS[index],
+            values_BS=self.values_BS[index],
+            log_partition_B=self.log_partition_B[index],
+            kind=self.kind,
+            counts_BS=None if self.counts_BS is None else self.counts_BS[index],
+            grid_temperatures=self.grid_temperatures,
+            log_partition_grid_BG=(
+                None if self.log_partition_grid_BG is None else self.log_partition_grid_BG[index]
+            ),
+            tail_log_mass_B=None if self.tail_log_mass_B is None else self.tail_log_mass_B[index],
+        )
+
+
+def _check_2d(scaled_logits_BV: torch.Tensor) -> torch.Tensor:
+    if scaled_logits_BV.dim() != 2:
+        raise ConfigError(
+            f"expected scaled logits of shape [B, V] (flatten tokens into B), got "
+            f"{tuple(scaled_logits_BV.shape)}"
+        )
+    scaled = scaled_logits_BV.float()
+    check_finite(scaled)
+    return scaled
+
+
+def _grid(
+    scaled_BV: torch.Tensor, temperature: float | None, grid_temperatures: Sequence[float]
+) -> tuple[tuple[float, ...], torch.Tensor | None]:
+    if not grid_temperatures:
+        return (), None
+    if temperature is None:
+        raise ConfigError("a log-partition grid needs the temperature the logits were scaled at")
+    tau = _check_temperature(temperature)
+    grid = tuple(_check_temperature(g) for g in grid_temperatures)
+    cols = [torch.logsumexp(scaled_BV * (tau / g), dim=-1) for g in grid]
+    return grid, torch.stack(cols, dim=-1)
+
+
+def _append_labels(
+    scaled_BV: torch.Tensor,
+    ids_BS: torch.Tensor,
+    values_BS: torch.Tensor,
+    labels_B: torch.Tensor | None,
+    ignore_index: int,
+    counts_BS: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """Add one slot holding each row's label when the kept set lacks it (else a pad)."""
+    if labels_B is None:
+        return ids_BS, values_BS, counts_BS
+    num_rows, vocab = scaled_BV.shape
+    labels = torch.as_tensor(labels_B, dtype=torch.int64).reshape(-1)
+    if labels.shape[0] != num_rows:
+        raise ConfigError(f"got {labels.shape[0]} labels for {num_rows} rows")
+    has = labels != ignore_index
+    if bool(((labels[has] < 0) | (labels[has] >= vocab)).any()):
+        raise ConfigError(f"labels must be in [0, {vocab}) or equal ignore_index={ignore_index}")
+    missing = has & ~(ids_BS == labels[:, None]).any(dim=-1)
+    safe = labels.clamp(0, vocab - 1)
+    extra_ids = torch.where(missing, labels, torch.full_like(labels, PAD_ID))
+    extra_vals = torch.where(missing, scaled_BV.gather(1, safe[:, None])[:, 0], _NEG_INF)
+    ids_BS = torch.cat([ids_BS, extra_ids[:, None]], dim=1)
+    values_BS = torch.cat([values_BS, extra_vals[:, None]], dim=1)
+    if counts_BS is not None:
+        counts_BS = torch.cat([counts_BS, torch.zeros_like(counts_BS[:, :1])], dim=1)
+    return ids_BS, values_BS, counts_BS
+
+
+def _tail_log_mass(scaled_BV: torch.Tensor, ids_BS: torch.Tensor) -> torch.Tensor:
+    """log of the softmax mass outside ``ids_BS``, from the full row, in log space."""
+    hit = torch.zeros_like(scaled_BV).scatter_add_(1, ids_BS.clamp(min=0), (ids_BS >= 0).float())
+    rest = scaled_BV.masked_fill(hit > 0, _NEG_INF)
+    return torch.logsumexp(rest, dim=-1) - torch.logsumexp(scaled_BV, dim=-1)
+
+
+def topk_targets(
+    scaled_logits_BV: torch.Tensor,
+    k: int,
+    *,
+    labels_B: torch.Tensor | None = None,
+    ignore_index: int = -100,
+    temperature: float | None = None,
+    grid_temperatures: Sequence[float] = (),
+) -> SparseTargets:
+    """Keep the k largest scaled logits per row, with the exact full-vocabulary normaliser.
+
+    Args:
+        scaled_logits_BV: Scaled teacher logits ``z / tau``, shape [B, V], any float dtype.
+        k: Entries to keep, 1 <= k <= V.
+        labels_B: Optional int64 [B] true labels (next tokens); a label outside the top k
+            is added in one extra slot (S = k + 1), so its probability is always kept.
+            Rows whose label equals ``ignore_index`` get a pad there.
+        ignore_index: Label value meaning "no label".
+        temperature: tau the logits were scaled at; needed only with a grid.
+        grid_temperatures: Temperatures tau_g at which to also store
+            ``logsumexp(z / tau_g)`` over the full vocabulary, so a temperature sweep needs
+            no second teacher pass (see :func:`retemper_sparse`).
+
+    Returns:
+        SparseTargets with ``kind="topk"``, S = k (or k + 1 with labels), ids sorted by
+        decreasing value.
+
+    Raises:
+        ConfigError: k out of range, labels out of range, or a grid without temperature.
+        TeacherOutputError: a scaled logit is NaN or infinite.
+
+    Example:
+        >>> t = topk_targets(torch.tensor([[1.0, 3.0, 2.0]]), 2)
+        >>> t.ids_BS.tolist(), round(float(t.tail_log_mass().exp()), 4)
+        ([[1, 2]], 0.09)
+    """
+    scaled = _check_2d(scaled_logits_BV)
+    vocab = scaled.shape[1]
+    if not 1 <= int(k) <= vocab:
+        raise ConfigError(f"k must be in [1, V={vocab}], got {k}")
+    values, ids = scaled.topk(int(k), dim=-1, sorted=True)
+    log_z = torch.logsumexp(scaled, dim=-1)
+    grid, grid_BG = _grid(scaled, temperature, grid_temperatures)
+    ids, values, _ = _append_labels(scaled, ids, values, labels_B, ignore_index)
+    tail = _tail_log_mass(scaled, ids)
+    return SparseTargets(ids, values, log_z, "topk", None, grid, grid_BG, tail)
+
+
+def topp_targets(
+    scaled_logits_BV: torch.Tensor,
+    top_p: float,
+    *,
+    min_k: int = 1,
+    max_k: int = 64,
+    labels_B: torch.Tensor | None = None,
+    ignore_index: int = -100,
+    temperature: float | None = None,
+    grid_temperatures: Sequence[float] = (),
+) -> SparseTargets:
+    """Keep each row's nucleus: the fewest most-probable ids whose mass reaches top_p.
+
+    An id is kept when the probability mass of the ids ranked above it is < top_p (so the
+    id that crosses top_p is included: the true nucleus of Holtzman et al. 2020, sec. 3.1),
+    then at least ``min_k`` and at most ``max_k`` ids are kept. Probabilities are those of
+    the given scaled logits, i.e. at the cache temperature.
+
+    Args:
+        scaled_logits_BV: Scaled teacher logits ``z / tau``, shape [B, V].
+        top_p: Target mass in (0, 1].
+        min_k: Fewest ids kept per row, >= 1.
+        max_k: Most ids kept per row (the fixed slot count), min_k <= max_k <= V.
+        labels_B, ignore_index, temperature, grid_temperatures: As in :func:`topk_targets`.
+
+    Returns:
+        SparseTargets with ``kind="topp"`` and S = max_k (+ 1 with labels); rows with a
+        smaller nucleus are padded with :data:`PAD_ID`.
+
+    Raises:
+        ConfigError: top_p, min_k or max_k out of range; labels out of range.
+        TeacherOutputError: a scaled logit is NaN or infinite.
+    """
+    scaled = _check_2d(scaled_logits_BV)
+    vocab = scaled.shape[1]
+    if not 0.0 < float(top_p) <= 1.0:
+        raise ConfigError(f"top_p must be in (0, 1], got {top_p}")
+    if not 1 <= int(min_k) <= int(max_k) <= vocab:
+        raise ConfigError(f"need 1 <= min_k <= max_k <= V={vocab}, got {min_k}, {max_k}")
+    values, ids = scaled.topk(int(max_k), dim=-1, sorted=True)
+    log_z = torch.logsumexp(scaled, dim=-1)
+    probs = (values - log_z[:, None]).exp()
+    mass_before = torch.cumsum(probs, dim=-1) - probs
+    rank = torch.arange(int(max_k))[None, :]
+    keep = (mass_before < float(top_p)) | (rank < int(min_k))
+    ids = torch.where(keep, ids, torch.full_like(ids, PAD_ID))
+    values = values.masked_fill(~keep, _NEG_INF)
+    grid, grid_BG = _grid(scaled, temperature, grid_temperatures)
+    ids, values, _ = _append_labels(scaled, ids, values, labels_B, ignore_index)
+    tail = _tail_log_mass(scaled, ids)
+    return SparseTargets(ids, values, log_z, "topp", None, grid, grid_BG, tail)
+
+
+def _dedup_sorted(sorted_BN: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Group equal neighbours of row-sorted ids; returns (group index [B, N], is_new)."""
+    is_new = torch.ones_like(sorted_BN, dtype=torch.bool)
+    is_new[:, 1:] = sorted_BN[:, 1:] != sorted_BN[:, :-1]
+    return torch.cumsum(is_new.long(), dim=1) - 1, is_new
+
+
+def sampled_targets(
+    scaled_logits_BV: torch.Tensor,
+    num_samples: int,
+    *,
+    labels_B: torch.Tensor | None = None,
+    ignore_index: int = -100,
+    generator: torch.Generator | None = None,
+    temperature: float | None = None,
+    grid_temperatures: Sequence[float] = (),
+) -> SparseTargets:
+    """Draw ``num_samples`` ids per row from the teacher distribution and keep their counts.
+
+    With proposal equal to the teacher's distribution p at the cache temperature, the
+    estimate ``p_hat_i = counts_i / num_samples`` is unbiased (``E[p_hat] = p``), so the
+    gradient of the forward-KL / cross-entropy loss against ``p_hat`` is an unbiased
+    estimate of the full-distribution gradient, where top-k is biased. The exact scaled
+    logits of the drawn ids and the full log-partition are stored too.
+
+    Args:
+        scaled_logits_BV: Scaled teacher logits ``z / tau``, shape [B, V].
+        num_samples: Draws per row (with replacement), >= 1.
+        labels_B: Optional int64 [B] labels; a label never drawn is added in an extra slot
+            with count 0 (its exact probability is kept; the estimate is unchanged).
+        ignore_index: Label value meaning "no label".
+        generator: torch.Generator for reproducible draws.
+        temperature, grid_temperatures: As in :func:`topk_targets`.
+
+    Returns:
+        SparseTargets with ``kind="sampled"``, S = num_samples (+ 1 with labels); the
+        distinct ids drawn in a row come first, sorted by id, then pads.
+
+    Raises:
+        ConfigError: num_samples < 1; labels out of range.
+        TeacherOutputError: a scaled logit is NaN or infinite.
+
+    Source: Anshumann et al., "Sparse Logit Sampling: Accelerating Knowledge Distillation
+    in LLMs", ACL 2025 (random-sampling KD with proposal = teacher).
+    """
+    scaled = _check_2d(scaled_logits_BV)
+    if int(num_samples) < 1:
+        raise ConfigError(f"num_samples must be >= 1, got {num_samples}")
+    num_rows = scaled.shape[0]
+    probs = torch.softmax(scaled, dim=-1)
+    draws = torch.multinomial(probs, int(num_samples), replacement=True, generator=generator)
+    sorted_draws = draws.sort(dim=-1).values
+    group, _ = _dedup_sorted(sorted_draws)
+    ids = torch.full((num_rows, int(num_samples)), PAD_ID, dtype=torch.int64)
+    ids.scatter_(1, group, sorted_draws)  # equal ids write equal values: deterministic
+    counts = torch.zeros_like(ids).scatter_add_(1, group, torch.ones_like(group))
+    valid = ids >= 0
+    values = scaled.gather(1, ids.clamp(min=0)).masked_fill(~valid, _NEG_INF)
+    log_z = torch.logsumexp(scaled, dim=-1)
+    grid, grid_BG = _grid(scaled, temperature, grid_temperatures)
+    ids, values, counts2 = _append_labels(scaled, ids, values, labels_B, ignore_index, counts)
+    tail = _tail_log_mass(scaled, ids)
+    return SparseTargets(ids, values, log_z, "sampled", counts2, grid, grid_BG, tail)
+
+
+def retemper_sparse(
+    targets: SparseTargets, from_temperature: float, to_temperature: float
+) -> SparseTargets:
+    """Re-temper top-k / top-p targets exactly using their stored log-partition grid.
+
+    The kept values become ``values * tau / tau'`` and the log-partition is the grid's
+    entry at tau', so kept log-probabilities and the tail mass stay exact. The kept *set*
+    is the one chosen at tau (a top-k set at tau is still the top-k set at tau', since
+    scaling by a positive constant keeps the order; a nucleus at tau is just a kept set).
+
+    Args:
+        targets: Sparse targets stored at ``from_temperature``, kind ``"topk"`` or ``"topp"``.
+        from_temperature: tau the values were stored at.
+        to_temperature: tau' wanted; must be ``from_temperature`` or in the grid
+            (relative tolerance 1e-6).
+
+    Returns:
+        New SparseTargets (float32 values) at tau', keeping the same grid. Its tail mass is
+        derived from the grid's log-partition (about 1e-6 absolute accuracy).
+
+    Raises:
+        ConfigError: tau' not in the grid, or kind ``"sampled"``/``"mixture"`` (draws made
+            at tau are not an unbiased sample at tau'; a mixture has no single normaliser).
+    """
+    f = _check_temperature(from_temperature)
+    t = _check_temperature(to_temperature)
+    if math.isclose(f, t, rel_tol=1e-6):
+        return targets
+    if targets.kind not in ("topk", "topp"):
+        raise ConfigError(
+            f"cannot re-temper {targets.kind!r} targets; rebuild them at temperature {t}"
+        )
+    match = [
+        g for g, tg in enumerate(targets.grid_temperatures) if math.isclose(tg, t, rel_tol=1e-6)
+    ]
+    if not match or targets.log_partition_grid_BG is None:
+        raise ConfigError(
+            f"temperature {t} is not in the stored log-partition grid "
+            f"{targets.grid_temperatures}; rebuild with grid_temperatures including it"
+        )
+    values = targets.values_BS.float() * (f / t)
+    return SparseTargets(
+        ids_BS=targets.ids_BS,
+        values_BS=values.masked_fill(~targets.valid_BS, _NEG_INF),
+        log_partition_B=targets.log_partition_grid_BG[:, match[0]].float(),
+        kind=targets.kind,
+        grid_temperatures=targets.grid_temperatures,
+        log_partition_grid_BG=targets.log_partition_grid_BG,
+    )
+
+
+def combine_sparse_ensemble(
+    targets_K: Sequence[SparseTargets],
+    *,
+    rule: str = "mean_probs",
+    weights: Sequence[float] | None = None,
+) -> SparseTargets:
+    """Combine K sparse teachers (same rows, same temperature) into one mixture target.
+
+    How differing supports combine (``rule="mean_probs"``): the result keeps the *union*
+    of the teachers' ids. At a kept id ``i`` its probability is
+    ``sum over teachers k that kept i of w_k p_k(i)``; a teacher that did not keep ``i``
+    has ``p_k(i)`` inside its own tail, so that share stays in the combined tail, whose
+    mass is exactly ``sum_k w_k tail_k``. Each kept probability is therefore exact where
+    every teacher kept the id and a lower bound otherwise, and the total mass is exactly 1.
+    With identical supports (for instance k = V) the mixture is exact.
+
+    ``"mean_logprobs"`` is refused: a geometric mean needs every teacher's probability at
+    every id, and its renormaliser runs over the full vocabulary. Sampled targets are
+    refused too: mix their *losses* instead (:func:`kdcache.losses.multi_teacher_loss`
+    with ``mode="sum_of_losses"``; forward KL is linear in the target, so that stays an
+    unbiased estimate).
+
+    Args:
+        targets_K: K SparseTargets of kind ``"topk"``, ``"topp"`` or ``"mixture"``, each with
+            B rows, all at the same temperature.
+        rule: Only ``"mean_probs"``.
+        weights: K non-negative weights, normalised to sum 1; uniform when None.
+
+    Returns:
+        SparseTargets with ``kind="mixture"``: ``values_BS`` are the combined
+        log-probabilities, ``log_partition_B`` is 0, S = the largest union size.
+
+    Raises:
+        ConfigError: no teachers, different row counts, a sampled teacher, a
+            ``"mean_logprobs"`` rule, or bad weights.
+    """
+    if not targets_K:
+        raise ConfigError("combine_sparse_ensemble needs at least one teacher")
+    if rule == "mean_logprobs":
+        raise ConfigError(
+            "rule 'mean_logprobs' needs every teacher's full distribution; for sparse "
+            "teachers use 'mean_probs', or keep teachers apart with "
+            "kdcache.losses.multi_teacher_loss(mode='sum_of_losses')"
+        )
+    if rule not in ENSEMBLE_RULES:
+        raise ConfigError(f"unknown ensemble rule {rule!r}; expected one of {ENSEMBLE_RULES}")
+    if any(t.kind == "sampled" for t in targets_K):
+        raise ConfigError(
+            "sampled targets do not combine into one sparse target; use "
+            "kdcache.losses.multi_teacher_loss(mode='sum_of_losses') to mix their losses"
+        )
+    num_rows = targets_K[0].num_rows
+    if any(t.num_rows != num_rows for t in targets_K):
+        raise ConfigError(f"teachers disagree on rows: {[t.num_rows for t in targets_K]}")
+    w_K = _weights(len(targets_K), weights)
+    ids = torch.cat([t.ids_BS for t in targets_K], dim=1)
+    logp = torch.cat(
+        [
+            t.log_probs() + math.log(float(w))
+            if float(w) > 0
+            else torch.full_like(t.log_probs(), _NEG_INF)
+            for t, w in zip(targets_K, w_K, strict=True)
+        ],
+        dim=1,
+    )
+    # A teacher with weight 0 contributes nothing: treat its slots as pads.
+    ids = torch.where(logp > _NEG_INF, ids, torch.full_like(ids, PAD_ID))
+    order = ids.argsort(dim=1, stable=True)
+    ids_sorted = ids.gather(1, order)
+    logp_sorted = logp.gather(1, order)
+    group, _ = _dedup_sorted(ids_sorted)
+    width = int(group.max()) + 1 if group.numel() else 1
+    out_ids = torch.full((num_rows, width), PAD_ID, dtype=torch.int64)
+    out_ids.scatter_(1, group, ids_sorted)
+    # Stable log-sum-exp of the duplicates of each id: max first, then sum of exps.
+    gmax = torch.full((num_rows, width), _NEG_INF).scatter_reduce(
+        1, group, logp_sorted, reduce="amax", include_self=True
+    )
+    safe_max = torch.where(torch.isfinite(gmax), gmax, torch.zeros_like(gmax))
+    sums = torch.zeros((num_rows, width)).scatter_add_(
+        1, group, (logp_sorted - safe_max.gather(1, group)).exp()
+    )
+    out_vals = (torch.log(sums) + safe_max).masked_fill(out_ids < 0, _NEG_INF)
+    # Pads sort first; move them to the end so rows read "kept ids, then pads".
+    back = (out_ids < 0).to(torch.int8).argsort(dim=1, stable=True)
+    out_ids = out_ids.gather(1, back)
+    out_vals = out_vals.gather(1, back)
+    num_kept = int((out_ids >= 0).sum(dim=1).max()) if num_rows else 0
+    keep = max(num_kept, 1)
+    # The combined tail is exactly sum_k w_k tail_k (see above), summed in log space.
+    tails = [
+        t.tail_log_mass() + math.log(float(w))
+        for t, w in zip(targets_K, w_K, strict=True)
+        if float(w) > 0
+    ]
+    return SparseTargets(
+        ids_BS=out_ids[:, :keep].contiguous(),
+        values_BS=out_vals[:, :keep].contiguous(),
+        log_partition_B=torch.zeros(num_rows),
+        kind="mixture",
+        tail_log_mass_B=torch.logsumexp(torch.stack(tails), dim=0),
+    )
+
+
+#: Most logits (B x T x V floats) one teacher forward pass may return on the token path:
+#: 2^26 float32 = 256 MiB; a batch of long sequences is split to stay under it.
+
+
+MAX_LOGITS_PER_PASS = 1 << 26
+
+
+def _sample_seed(seed: int, sample_id: int) -> int:
+    """A 63-bit generator seed from (spec seed, sample_id): draws do not depend on the
+    batch size, the shard layout or the actor that runs the sample."""
+    digest = hashlib.sha256(f"{int(seed)}:{int(sample_id)}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") >> 1
+
+
+def sparsify(
+    scaled_MV: torch.Tensor,
+    spec: TargetSpec,
+    *,
+    labels_M: torch.Tensor | None = None,
+    row_sample_ids_M: np.ndarray | None = None,
+) -> targets.SparseTargets | np.ndarray:
+    """The targets of ``spec`` for M rows of scaled logits (one row per token or sample).
+
+    Args:
+        scaled_MV: float32 ``z / tau``, shape [M, V].
+        spec: The entry's :class:`TargetSpec` (kind and params).
+        labels_M: int64 [M] true next tokens / labels; kept in an extra slot when the spec
+            has ``labels: true``.
+        row_sample_ids_M: int64 [M] sample of each row; ``sampled`` draws use a generator
+            seeded by (``seed`` param, sample_id), so bytes do not depend on batching.
+
+    Returns:
+        float32 numpy [M, V] for ``dense``; else :class:`kdcache.targets.SparseTargets`.
+
+    Raises:
+        ConfigError: ``mixture`` (made by combining entries, never by a teacher).
+    """
+    if spec.kind == "dense":
+        return scaled_MV.numpy()
+    labels = labels_M if spec.param("labels", False) else None
+    grid: dict[str, Any] = {
+        "temperature": spec.temperature,
+        "grid_temperatures": spec.grid_temperatures,
+    }
+    if spec.kind == "topk":
+        return targets.topk_targets(scaled_MV, int(spec.param("k")), labels_B=labels, **grid)
+    if spec.kind == "topp":
+        return targets.topp_targets(
+            scaled_MV,
+            float(spec.param("top_p")),
+            min_k=int(spec.param("min_k", 1)),
+            max_k=int(spec.param("max_k")),
+            labels_B=labels,
+            **grid,
+        )
+    if spec.kind == "sampled":
+        n = int(spec.param("num_samples"))
+        seed = int(spec.param("seed", 0))
+        if row_sample_ids_M is None:
+            gen = torch.Generator().manual_seed(seed)
+            return targets.sampled_targets(scaled_MV, n, labels_B=labels, generator=gen, **grid)
+        parts = []
+        bounds = np.flatnonzero(np.diff(row_sample_ids_M)) + 1
+        for lo, hi in zip(
+            [0, *bounds.tolist()], [*bounds.tolist(), len(row_sample_ids_M)], strict=True
+        ):
+            gen = torch.Generator().manual_seed(_sample_seed(seed, int(row_sample_ids_M[lo])))
+            parts.append(
+                targets.sampled_targets(
+                    scaled_MV[lo:hi],
+                    n,
+                    labels_B=None if labels is None else labels[lo:hi],
+                    generator=gen,
+                    **grid,
+                )
+            )
+        return concat_sparse(parts)
+    raise ConfigError(
+        f"a teacher cannot produce {spec.kind!r} targets; combine entries with "
+        "kdcache.targets.combine_sparse_ensemble instead"
+    )
+
+
+def concat_sparse(parts: Sequence[targets.SparseTargets]) -> targets.SparseTargets:
+    """Stack SparseTargets row-wise (same kind; the slot count S is the largest, others
+    padded with ``PAD_ID``).
+
+    Raises:
+        ConfigError: no parts, or parts of different kinds or grids.
+    """
+    if not parts:
+        raise ConfigError("concat_sparse needs at least one part")
+    first = parts[0]
+    if any(p.kind != first.kind or p.grid_temperatures != first.grid_temperatures for p in parts):
+        raise ConfigError("concat_sparse: parts differ in kind or grid temperatures")
+    width = max(p.num_slots for p in parts)
+
+    def widen(x: torch.Tensor, fill: float) -> torch.Tensor:
+        if x.shape[1] == width:
+            return x
+        pad = torch.full((x.shape[0], width - x.shape[1]), fill, dtype=x.dtype)
+        return torch.cat([x, pad], dim=1)
+
+    def cat(name: str) -> torch.Tensor | None:
+        got = [getattr(p, name) for p in parts]
+        return None if got[0] is None else torch.cat(got)
+
+    return targets.SparseTargets(
+        ids_BS=torch.cat([widen(p.ids_BS, targets.PAD_ID) for p in parts]),
+        values_BS=torch.cat([widen(p.values_BS, float("-inf")) for p in parts]),
+        log_partition_B=torch.cat([p.log_partition_B for p in parts]),
+        kind=first.kind,
+        counts_BS=None
+        if first.counts_BS is None
+        else torch.cat([widen(p.counts_BS, 0) for p in parts if p.counts_BS is not None]),
+        grid_temperatures=first.grid_temperatures,
+        log_partition_grid_BG=cat("log_partition_grid_BG"),
+        tail_log_mass_B=cat("tail_log_mass_B"),
+    )

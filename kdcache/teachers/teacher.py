@@ -1,0 +1,371 @@
+"""Teachers and ensembles of teachers.
+
+A :class:`Teacher` wraps a model that maps a batch of inputs to logits [B, V], with a
+fingerprint (weights hash, architecture, config, dtype) that goes into cache keys.
+A :class:`TeacherEnsemble` is an ordered list of teachers with a combination rule; the
+teacher stage caches each member separately and the ensemble is a view at read time.
+
+Shape legend: K teachers, B batch, V classes or vocabulary.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import warnings
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import numpy as np
+import torch
+
+from kdcache import targets
+from kdcache.errors import ConfigError, DataFileNotFoundError, TeacherOutputError
+from kdcache.teachers.loaders import (
+    FeatureTap,
+    HFLogits,
+    _CallableModule,
+    _tokenizer_facts,
+    load_state_dict,
+    weights_sha256,
+)
+
+
+class Teacher:
+    """A model that produces logits for the teacher stage.
+
+    Use the constructors: :meth:`from_module`, :meth:`from_checkpoint`,
+    :meth:`from_torchscript`.
+
+    Args:
+        name: Human-readable name (reports, manifests); not part of the cache key.
+        module: ``torch.nn.Module`` mapping inputs [B, ...] to logits [B, V].
+        config: JSON-able architecture/config description (part of the fingerprint).
+        autocast_dtype: Run the forward pass under ``torch.autocast`` with this dtype
+            (e.g. ``torch.bfloat16`` on GPUs); part of the fingerprint, since it changes
+            the outputs. None runs in the weights' dtype.
+
+    Raises:
+        ConfigError: ``config`` is not JSON-serialisable.
+    """
+
+    def __init__(
+        self,
+        name: str,
+        module: torch.nn.Module,
+        config: dict[str, Any] | None = None,
+        *,
+        autocast_dtype: torch.dtype | None = None,
+    ) -> None:
+        self.name = name
+        self.module = module.eval()
+        self.config = dict(config or {})
+        self.autocast_dtype = autocast_dtype
+        try:
+            json.dumps(self.config, sort_keys=True)
+        except TypeError as exc:
+            raise ConfigError(
+                f"teacher {name!r}: config must be JSON-serialisable ({exc})"
+            ) from exc
+        self._fingerprint: dict[str, Any] | None = None
+
+    def __repr__(self) -> str:
+        return f"Teacher({self.name!r}, {type(self.module).__name__}, {self.num_parameters} params)"
+
+    @classmethod
+    def from_module(
+        cls,
+        module: torch.nn.Module,
+        *,
+        name: str | None = None,
+        config: dict[str, Any] | None = None,
+    ) -> Teacher:
+        """Wrap an in-memory module."""
+        return cls(name or type(module).__name__, module, config)
+
+    @classmethod
+    def from_checkpoint(
+        cls,
+        factory: Callable[..., torch.nn.Module],
+        path: str,
+        *,
+        name: str | None = None,
+        config: dict[str, Any] | None = None,
+    ) -> Teacher:
+        """Build ``factory(**config)`` and load weights from ``path`` (safetensors or a
+        torch state dict, loaded with ``weights_only=True``).
+
+        Raises:
+            DataFileNotFoundError: ``path`` does not exist.
+            RuntimeError: the weights do not fit the architecture (strict load).
+        """
+        module = factory(**(config or {}))
+        module.load_state_dict(load_state_dict(path), strict=True)
+        return cls(name or os.path.basename(path).split(".")[0], module, config)
+
+    @classmethod
+    def from_callable(
+        cls,
+        fn: Callable[[torch.Tensor], torch.Tensor],
+        *,
+        name: str,
+        config: dict[str, Any],
+    ) -> Teacher:
+        """Wrap a plain function ``fn(inputs [B, ...]) -> logits [B, V]`` (no weights).
+
+        A function has no weights to hash, so its fingerprint is its qualified name plus
+        ``config``: put in ``config`` everything that determines its outputs (a version,
+        the parameters it closes over), or its cache entries will be reused after it
+        changes. It must be picklable (a module-level function) to run on Ray actors.
+
+        Raises:
+            ConfigError: ``config`` is empty (nothing would tell two versions apart).
+        """
+        if not config:
+            raise ConfigError(
+                f"teacher {name!r}: a plain callable needs a non-empty config describing "
+                "what determines its outputs (e.g. {'version': 1})"
+            )
+        qualname = f"{getattr(fn, '__module__', '?')}.{getattr(fn, '__qualname__', repr(fn))}"
+        return cls(name, _CallableModule(fn), {"callable": qualname, **config})
+
+    @classmethod
+    def from_torchscript(
+        cls, path: str, *, name: str | None = None, config: dict[str, Any] | None = None
+    ) -> Teacher:
+        """Load a TorchScript archive on the CPU.
+
+        torch >= 2.13 deprecates TorchScript; teachers still ship as TorchScript archives,
+        so the deprecation warning of ``torch.jit.load`` is silenced here on purpose.
+
+        Raises:
+            DataFileNotFoundError: ``path`` does not exist.
+        """
+        if not os.path.exists(path):
+            raise DataFileNotFoundError(f"TorchScript file {path} does not exist")
+        with warnings.catch_warnings():
+            warnings.filterwarnings(
+                "ignore", message=".*torch.jit.load.*", category=DeprecationWarning
+            )
+            module = torch.jit.load(path, map_location="cpu")
+        return cls(name or os.path.basename(path), module, config)
+
+    @classmethod
+    def from_hf(
+        cls,
+        path: str,
+        *,
+        task: str = "sequence-classification",
+        name: str | None = None,
+        dtype: torch.dtype = torch.float32,
+        vocab_size: int | None = None,
+        autocast_dtype: torch.dtype | None = None,
+    ) -> Teacher:
+        """Load a Hugging Face transformers model from a local directory (never a hub).
+
+        The teacher takes token ids [B, T] (int64; the attention mask is ``ids != pad``)
+        and returns logits [B, V] for ``task="sequence-classification"`` or [B, T, V]
+        for ``task="causal-lm"`` (next-token logits at every position).
+
+        Args:
+            path: A directory written by ``save_pretrained`` (config, weights and, for
+                language models, the tokenizer).
+            task: ``"sequence-classification"`` or ``"causal-lm"``.
+            name: Teacher name (default: the directory name).
+            dtype: Weights dtype to load in.
+            vocab_size: Causal LMs only: the real vocabulary size; logits padded beyond it
+                (a common trick for fast matmuls) are trimmed. Default: the tokenizer's
+                length, if the directory has a tokenizer, else no trimming.
+            autocast_dtype: See :class:`Teacher`.
+
+        Returns:
+            A Teacher whose fingerprint covers the weights, the model config, the
+            tokenizer files and the dtype.
+
+        Raises:
+            DataFileNotFoundError: ``path`` is not a directory.
+            ConfigError: unknown task, or ``vocab_size`` larger than the logit dimension.
+            MissingDependencyError: transformers is not installed (extra ``hf``).
+        """
+        from kdcache.errors import require
+
+        if not os.path.isdir(path):
+            raise DataFileNotFoundError(f"Hugging Face model directory {path} does not exist")
+        transformers = require("transformers", "hf")
+        auto = {
+            "sequence-classification": transformers.AutoModelForSequenceClassification,
+            "causal-lm": transformers.AutoModelForCausalLM,
+        }
+        if task not in auto:
+            raise ConfigError(f"task must be one of {sorted(auto)}, got {task!r}")
+        model = auto[task].from_pretrained(path, dtype=dtype, local_files_only=True)
+        tokenizer_sha, tokenizer_len, pad_id = _tokenizer_facts(path)
+        if vocab_size is None and task == "causal-lm":
+            vocab_size = tokenizer_len  # classifiers' V is their number of labels
+        if pad_id is None:
+            pad_id = getattr(model.config, "pad_token_id", None)
+        hf_config = {
+            k: v
+            for k, v in model.config.to_dict().items()
+            if k not in ("_name_or_path", "transformers_version", "torch_dtype", "dtype")
+        }
+        config = {
+            "task": task,
+            "hf_config": hf_config,
+            "tokenizer_sha256": tokenizer_sha,
+            "vocab_size": vocab_size,
+            "pad_token_id": pad_id,
+        }
+        module = HFLogits(model, pad_token_id=pad_id, vocab_size=vocab_size)
+        return cls(
+            name or os.path.basename(os.path.normpath(path)),
+            module,
+            json.loads(json.dumps(config, default=str)),
+            autocast_dtype=autocast_dtype,
+        )
+
+    def feature(self, module_path: str, *, name: str | None = None) -> Teacher:
+        """A teacher whose output is a hidden feature of this one, for feature-based
+        (FitNets, Romero et al. 2015) and relation-based (RKD, Park et al. 2019)
+        distillation.
+
+        Cache it like any teacher at ``temperature=1.0``: the entry then stores the raw
+        features [N, D] (float32) as its own entry, keyed by the weights *and* the
+        submodule, and :class:`kdcache.SoftTargetDataset` with ``output="features"``
+        streams them back.
+
+        Args:
+            module_path: Dotted submodule name, e.g. ``"net.9"`` (see
+                ``module.named_modules()``); its output is flattened to [B, D].
+            name: Name of the new teacher (default ``"<name>:<module_path>"``).
+
+        Raises:
+            ConfigError: no such submodule.
+        """
+        return Teacher(
+            name or f"{self.name}:{module_path}",
+            FeatureTap(self.module, module_path),
+            {**self.config, "feature": module_path},
+            autocast_dtype=self.autocast_dtype,
+        )
+
+    @property
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in self.module.parameters())
+
+    def fingerprint(self) -> dict[str, Any]:
+        """Weights hash, architecture (class), config and parameter dtypes."""
+        if self._fingerprint is None:
+            dtypes = sorted({str(p.dtype) for p in self.module.state_dict().values()})
+            self._fingerprint = {
+                "weights_sha256": weights_sha256(self.module),
+                "architecture": f"{type(self.module).__module__}.{type(self.module).__qualname__}",
+                "config": self.config,
+                "dtypes": dtypes,
+            }
+            if self.autocast_dtype is not None:
+                self._fingerprint["autocast_dtype"] = str(self.autocast_dtype)
+        return self._fingerprint
+
+    @property
+    def device(self) -> torch.device:
+        for p in self.module.parameters():
+            return p.device
+        return torch.device("cpu")
+
+    def to(self, device: str | torch.device) -> Teacher:
+        """Move the module to ``device`` (in place); returns self."""
+        self.module.to(device)
+        return self
+
+    @torch.inference_mode()
+    def logits(self, inputs: torch.Tensor | np.ndarray) -> torch.Tensor:
+        """Run the teacher in eval mode under ``torch.inference_mode``.
+
+        Args:
+            inputs: A batch [B, ...] in whatever form the module expects.
+
+        Returns:
+            float32 logits [B, V] (or [B, T, V] for token-level models), on the CPU.
+
+        Raises:
+            TeacherOutputError: the output is not a [B, V] or [B, T, V] tensor.
+        """
+        # np.array copies: inputs may be read-only views (Ray's object store, memory maps).
+        x = torch.from_numpy(np.array(inputs)) if isinstance(inputs, np.ndarray) else inputs
+        device = self.device
+        x = x.to(device)
+        if self.autocast_dtype is not None:
+            with torch.autocast(device_type=device.type, dtype=self.autocast_dtype):
+                out = self.module(x)
+        else:
+            out = self.module(x)
+        if (
+            not isinstance(out, torch.Tensor)
+            or out.dim() not in (2, 3)
+            or out.shape[0] != x.shape[0]
+        ):
+            shape = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
+            raise TeacherOutputError(
+                f"teacher {self.name!r} must return logits [B, V] (or [B, T, V] for token "
+                f"models) for B={x.shape[0]}, got {shape}"
+            )
+        return out.float().cpu()
+
+
+class TeacherEnsemble:
+    """An ordered list of teachers combined by a rule at read time.
+
+    Args:
+        teachers: One or more :class:`Teacher` objects with the same V.
+        weights: K non-negative weights (normalised), or None for uniform.
+        rule: ``"mean_probs"`` (mean of probabilities) or ``"mean_logprobs"`` (product of
+            experts, renormalised); see :func:`kdcache.targets.combine_ensemble`.
+
+    Raises:
+        ConfigError: empty list, duplicate names, or bad weights/rule.
+    """
+
+    def __init__(
+        self,
+        teachers: Sequence[Teacher],
+        weights: Sequence[float] | None = None,
+        rule: str = "mean_probs",
+    ) -> None:
+        if not teachers:
+            raise ConfigError("a TeacherEnsemble needs at least one teacher")
+        names = [t.name for t in teachers]
+        if len(set(names)) != len(names):
+            raise ConfigError(f"teacher names must be unique, got {names}")
+        if rule not in targets.ENSEMBLE_RULES:
+            raise ConfigError(f"unknown rule {rule!r}; expected one of {targets.ENSEMBLE_RULES}")
+        if weights is not None and len(weights) != len(teachers):
+            raise ConfigError(f"{len(weights)} weights for {len(teachers)} teachers")
+        self.teachers = list(teachers)
+        self.weights = None if weights is None else [float(w) for w in weights]
+        self.rule = rule
+
+    def __len__(self) -> int:
+        return len(self.teachers)
+
+    def __iter__(self):
+        return iter(self.teachers)
+
+    @property
+    def num_parameters(self) -> int:
+        return sum(t.num_parameters for t in self.teachers)
+
+    def log_probs(
+        self, inputs: torch.Tensor | np.ndarray, temperature: float = 1.0
+    ) -> torch.Tensor:
+        """Online ensemble target: combined log-probabilities [B, V] float32 at ``temperature``.
+
+        Raises:
+            TeacherOutputError: the teachers disagree on V.
+        """
+        logits = [targets.scale_logits(t.logits(inputs), temperature) for t in self.teachers]
+        if len({x.shape for x in logits}) != 1:
+            raise TeacherOutputError(
+                f"teachers disagree on output shape: {[tuple(x.shape) for x in logits]}"
+            )
+        return targets.combine_ensemble(torch.stack(logits), rule=self.rule, weights=self.weights)

@@ -1,0 +1,149 @@
+"""TODO docstring."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import socket
+from typing import Any
+
+import torch
+
+from kdcache.errors import ConfigError, require
+
+log = logging.getLogger(__name__)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def init_distributed() -> tuple[int, int]:
+    """Initialise torch.distributed for DeepSpeed, also for a plain single-process run.
+
+    Launchers (``deepspeed``, ``torchrun``, Ray Train) set RANK/WORLD_SIZE/MASTER_*; when
+    they are absent this is a single rank on 127.0.0.1. Without CUDA the CPU accelerator
+    and the gloo backend are used.
+
+    Returns:
+        ``(rank, world_size)``.
+
+    Raises:
+        MissingDependencyError: DeepSpeed is not installed (extra ``deepspeed``).
+    """
+    if not torch.cuda.is_available():
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    deepspeed = require("deepspeed", "deepspeed")
+    if not torch.distributed.is_initialized():
+        for k, v in (
+            ("RANK", "0"),
+            ("LOCAL_RANK", "0"),
+            ("WORLD_SIZE", "1"),
+            ("MASTER_ADDR", "127.0.0.1"),
+        ):
+            os.environ.setdefault(k, v)
+        os.environ.setdefault("MASTER_PORT", str(_free_port()))
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        deepspeed.init_distributed(dist_backend=backend, verbose=False)
+    return torch.distributed.get_rank(), torch.distributed.get_world_size()
+
+
+def load_ds_config(ds_config: dict[str, Any] | str) -> dict[str, Any]:
+    """A DeepSpeed config from a dict or a JSON file path (returned as a new dict).
+
+    Raises:
+        ConfigError: the file does not exist or is not JSON.
+    """
+    if isinstance(ds_config, dict):
+        return json.loads(json.dumps(ds_config))
+    try:
+        with open(ds_config) as f:
+            return dict(json.load(f))
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"cannot read DeepSpeed config {ds_config}: {exc}") from exc
+
+
+def cpu_ds_config(lr: float = 1e-3, micro_batch_size: int = 128) -> dict[str, Any]:
+    """A minimal DeepSpeed config that runs on the CPU (gloo, torch Adam, fp32)."""
+    return {
+        "train_micro_batch_size_per_gpu": micro_batch_size,
+        "gradient_accumulation_steps": 1,
+        "optimizer": {
+            "type": "AdamW",
+            "params": {"lr": lr, "weight_decay": 0.0, "torch_adam": True},
+        },
+        "steps_per_print": 10**9,
+        "wall_clock_breakdown": False,
+    }
+
+
+def prepare_ds_config(
+    ds_config: dict[str, Any] | str, *, micro_batch_size: int, total_steps: int
+) -> dict[str, Any]:
+    """The user's DeepSpeed config with only the values kdcache owns filled in.
+
+    Everything the user wrote passes through untouched. Filled when absent or ``"auto"``:
+    ``train_micro_batch_size_per_gpu`` (the stream's per-rank batch) and, for the
+    schedulers that need it (``WarmupDecayLR``, ``WarmupCosineLR``), the scheduler's
+    ``total_num_steps`` (optimizer steps of the whole run, from the manifest's row
+    count, the epochs and the batch).
+
+    Args:
+        ds_config: Dict or JSON path.
+        micro_batch_size: Rows per rank per micro-step.
+        total_steps: Optimizer steps of the run.
+
+    Returns:
+        A new dict.
+
+    Raises:
+        ConfigError: the file cannot be read, or the config sets a micro-batch that
+            differs from the stream's.
+    """
+    config = load_ds_config(ds_config)
+    micro = config.get("train_micro_batch_size_per_gpu", "auto")
+    if micro == "auto":
+        config["train_micro_batch_size_per_gpu"] = micro_batch_size
+    elif int(micro) != micro_batch_size:
+        raise ConfigError(
+            f"the DeepSpeed config sets train_micro_batch_size_per_gpu={micro}, but the stream "
+            f"gives each rank {micro_batch_size} rows per micro-step; remove the key (kdcache "
+            "fills it) or make the batch sizes agree"
+        )
+    scheduler = config.get("scheduler")
+    if isinstance(scheduler, dict) and scheduler.get("type") in TOTAL_STEP_SCHEDULERS:
+        params = scheduler.setdefault("params", {})
+        if params.get("total_num_steps", "auto") == "auto":
+            params["total_num_steps"] = int(total_steps)
+            log.info("DeepSpeed scheduler %s: total_num_steps=%d", scheduler["type"], total_steps)
+    return config
+
+
+#: DeepSpeed schedulers whose ``total_num_steps`` kdcache fills when the config leaves it.
+
+
+TOTAL_STEP_SCHEDULERS = ("WarmupDecayLR", "WarmupCosineLR")
+
+
+def _mean_over_ranks(value: float, world: int) -> float:
+    if world == 1:
+        return value
+    t = torch.tensor([value], dtype=torch.float64)
+    torch.distributed.all_reduce(t)
+    return float(t.item()) / world
+
+
+def _gathered_state(engine: Any) -> dict[str, torch.Tensor]:
+    """The module's weights as float32 CPU tensors, gathered first under ZeRO-3."""
+    module = engine.module
+    if engine.zero_optimization_stage() == 3:
+        import deepspeed
+
+        with deepspeed.zero.GatheredParameters(list(module.parameters()), modifier_rank=None):
+            state = {k: v.detach().cpu().clone() for k, v in module.state_dict().items()}
+    else:
+        state = {k: v.detach().cpu().clone() for k, v in module.state_dict().items()}
+    return {k: v.float() if v.is_floating_point() else v for k, v in state.items()}

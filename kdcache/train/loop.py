@@ -1,0 +1,231 @@
+"""The student stage: a DeepSpeed engine trained from a stream of batches.
+
+The user's DeepSpeed config (a dict or JSON file) is passed to ``deepspeed.initialize``
+untouched; kdcache only fills ``train_micro_batch_size_per_gpu`` when it is absent. On a
+machine without CUDA, DeepSpeed runs with its CPU accelerator and the gloo backend
+(set ``DS_ACCELERATOR=cpu`` and use ``"torch_adam": true`` in the optimizer params).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from kdcache.errors import ConfigError, require
+from kdcache.train.distributed import (
+    _gathered_state,
+    _mean_over_ranks,
+    init_distributed,
+    load_ds_config,
+)
+from kdcache.train.metrics import MetricsLogger
+
+log = logging.getLogger(__name__)
+
+
+LossFn = Callable[[torch.Tensor, dict[str, torch.Tensor]], torch.Tensor]
+
+
+@dataclass
+class TrainResult:
+    """What a training run did.
+
+    Attributes:
+        steps: Optimizer steps done, counting those before a resume.
+        start_step: Optimizer steps already done when this call started (0 unless resumed).
+        samples: Samples seen by this rank in this call.
+        wall_s: Wall time of this call's loop, seconds.
+        losses: Loss per optimizer step of this call (this rank's last micro-batch).
+        evals: ``(step, metrics)`` for each evaluation (also those before a resume).
+        state_dict: The trained weights as float32 CPU tensors (gathered under ZeRO-3),
+            on every rank.
+    """
+
+    steps: int = 0
+    start_step: int = 0
+    samples: int = 0
+    wall_s: float = 0.0
+    losses: list[float] = field(default_factory=list)
+    evals: list[tuple[int, dict[str, float]]] = field(default_factory=list)
+    state_dict: dict[str, torch.Tensor] = field(default_factory=dict)
+
+
+def train_student(
+    model: torch.nn.Module,
+    stream: Iterable[dict[str, torch.Tensor]],
+    loss_fn: LossFn,
+    *,
+    ds_config: dict[str, Any] | str,
+    max_steps: int,
+    eval_fn: Callable[[torch.nn.Module], dict[str, float]] | None = None,
+    eval_every: int = 0,
+    progress: bool = True,
+    desc: str = "student",
+    checkpoint_dir: str | None = None,
+    checkpoint_every: int = 0,
+    resume: bool = False,
+    metrics: MetricsLogger | None = None,
+) -> tuple[torch.nn.Module, TrainResult]:
+    """Train ``model`` with a DeepSpeed engine for ``max_steps`` optimizer steps.
+
+    The stream is iterated epoch after epoch (a :class:`kdcache.stream.ShardedStream`
+    advances its own epoch) until ``max_steps`` optimizer steps are done.
+
+    Checkpoints (``engine.save_checkpoint``, tag ``step<N>``) hold the engine state
+    (weights, optimizer, scheduler) and, as client state, the stream's ``state_dict()``,
+    the step count and the evaluations so far. With ``resume=True`` the latest checkpoint
+    in ``checkpoint_dir`` is loaded and the run continues with exactly the batches an
+    uninterrupted run would have used (also on another world size with the same global
+    batch); on the CPU the losses are bit-identical.
+
+    Args:
+        model: The student, float32 on the CPU (DeepSpeed moves and casts it as configured).
+        stream: Re-iterable batches: dicts with at least ``inputs``; must have
+            ``state_dict``/``load_state_dict`` when checkpointing.
+        loss_fn: ``loss_fn(student_logits, batch) -> scalar``; e.g. a closure over
+            :func:`kdcache.losses.kd_loss`.
+        ds_config: DeepSpeed config dict or JSON path, passed through.
+        max_steps: Optimizer steps of the whole run (micro-batches / gradient accumulation).
+        eval_fn: Called on every rank (it may use collectives) with the bare module every
+            ``eval_every`` steps and at the end.
+        eval_every: Steps between evaluations (0: only at the end).
+        progress: Show a progress bar on rank 0.
+        desc: Progress bar label.
+        checkpoint_dir: Where engine checkpoints go (None: no checkpoints).
+        checkpoint_every: Steps between checkpoints (0: only at the end).
+        resume: Continue from the latest checkpoint in ``checkpoint_dir`` (a fresh start
+            when there is none).
+        metrics: Where ``train/loss`` (mean over ranks), ``train/lr`` and the eval metrics
+            go.
+
+    Returns:
+        ``(trained module, TrainResult)``.
+
+    Raises:
+        ConfigError: max_steps < 1, the stream yields no batch, the stream was made for
+            another world size, or a checkpoint is asked for a stream without
+            ``state_dict``.
+        MissingDependencyError: DeepSpeed is not installed.
+    """
+    from tqdm.auto import tqdm
+
+    if max_steps < 1:
+        raise ConfigError(f"max_steps must be >= 1, got {max_steps}")
+    if checkpoint_dir is not None and not hasattr(stream, "state_dict"):
+        raise ConfigError(
+            f"checkpoints need the stream's position, but {type(stream).__name__} has no "
+            "state_dict(); use a kdcache.stream.ShardedStream or SoftTargetDataset"
+        )
+    deepspeed = require("deepspeed", "deepspeed")
+    rank, world = init_distributed()
+    stream_world = getattr(stream, "world_size", world)
+    if stream_world != world:
+        raise ConfigError(
+            f"the stream was made for {stream_world} rank(s) but {world} are running; create "
+            "it after kdcache.train.init_distributed() (or pass rank= and world_size=)"
+        )
+    config = load_ds_config(ds_config)
+    engine, _, _, _ = deepspeed.initialize(
+        model=model, model_parameters=model.parameters(), config=config
+    )
+    result = TrainResult()
+    if (
+        resume
+        and checkpoint_dir is not None
+        and os.path.exists(os.path.join(checkpoint_dir, "latest"))
+    ):
+        path, client = engine.load_checkpoint(checkpoint_dir)
+        if path is None:
+            raise ConfigError(f"could not load the latest checkpoint in {checkpoint_dir}")
+        stream.load_state_dict(client["stream"])  # type: ignore[attr-defined]
+        result.steps = result.start_step = int(client["steps"])
+        result.evals = [(int(s), dict(m)) for s, m in client.get("evals", [])]
+        log.info("resumed from %s at step %d", path, result.steps)
+
+    def save(step: int) -> None:
+        if checkpoint_dir is None:
+            return
+        client = {
+            "stream": stream.state_dict(),  # type: ignore[attr-defined]
+            "steps": step,
+            "evals": [[s, m] for s, m in result.evals],
+        }
+        engine.save_checkpoint(checkpoint_dir, tag=f"step{step}", client_state=client)
+
+    def evaluate(module: torch.nn.Module) -> None:
+        assert eval_fn is not None
+        module.eval()
+        with torch.no_grad():
+            m = eval_fn(module)
+        result.evals.append((result.steps, m))
+        if metrics is not None:
+            metrics.log(result.steps, {f"eval/{k}": v for k, v in m.items()})
+        engine.train()
+
+    accum = int(engine.gradient_accumulation_steps())
+    bar = tqdm(
+        total=max_steps,
+        initial=result.steps,
+        desc=desc,
+        unit="step",
+        disable=not progress or rank != 0,
+        dynamic_ncols=True,
+        # into a log file (a Ray job, CI), a line every 30 s rather than every update
+        mininterval=0.1 if sys.stderr.isatty() else 30.0,
+    )
+    start = time.perf_counter()
+    engine.train()
+    micro = 0
+    while result.steps < max_steps:
+        got_batch = False
+        for batch in stream:
+            got_batch = True
+            logits = engine(batch["inputs"])
+            loss = loss_fn(logits, batch)
+            engine.backward(loss)
+            engine.step()
+            micro += 1
+            result.samples += int(batch["inputs"].shape[0])
+            if micro % accum:
+                continue
+            result.steps += 1
+            value = float(loss.detach())
+            result.losses.append(value)
+            if metrics is not None:
+                metrics.log(
+                    result.steps,
+                    {"train/loss": _mean_over_ranks(value, world), "train/lr": engine.get_lr()[0]},
+                )
+            bar.update(1)
+            if result.steps % 20 == 0:
+                bar.set_postfix_str(f"loss {value:.4f}")
+            if eval_fn is not None and eval_every and result.steps % eval_every == 0:
+                evaluate(engine.module)
+            if checkpoint_every and result.steps % checkpoint_every == 0:
+                save(result.steps)
+            if result.steps >= max_steps:
+                break
+        if not got_batch:
+            raise ConfigError(
+                "the training stream yielded no batch; is the dataset smaller "
+                "than one global batch?"
+            )
+    bar.close()
+    result.wall_s = time.perf_counter() - start
+    module = engine.module
+    if eval_fn is not None and (not result.evals or result.evals[-1][0] != result.steps):
+        evaluate(module)
+    if result.steps > result.start_step and (
+        not checkpoint_every or result.steps % checkpoint_every
+    ):
+        save(result.steps)
+    result.state_dict = _gathered_state(engine)
+    module.eval()
+    return module, result
