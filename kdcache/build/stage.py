@@ -18,7 +18,7 @@ import torch
 from kdcache import __version__, schema
 from kdcache.build.report import BuildReport
 from kdcache.build.task import check_teacher_vocabularies
-from kdcache.data.base import ShardedDataset
+from kdcache.data.base import ShardedDataset, dataset_layout
 from kdcache.errors import ConfigError
 from kdcache.executors import EXECUTORS
 from kdcache.executors.local import _run_local
@@ -129,7 +129,7 @@ def build_cache(
         kind=kind,
         params=params,
     )
-    if getattr(dataset, "token_level", False):
+    if dataset_layout(dataset) == "tokens":
         check_teacher_vocabularies(ensemble, dataset)
     dataset_fp = dataset.fingerprint()
     entries = []

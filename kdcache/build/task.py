@@ -10,7 +10,7 @@ import numpy as np
 import torch
 
 from kdcache import targets
-from kdcache.data.base import ShardedDataset
+from kdcache.data.base import ShardedDataset, dataset_layout
 from kdcache.errors import ConfigError, TeacherOutputError
 from kdcache.schema import TargetSpec
 from kdcache.stores.entry import CacheEntry
@@ -39,7 +39,7 @@ def compute_shard(
     start = time.perf_counter()
     shard = dataset.read_shard(shard_index)
     ids = np.array(shard["sample_id"], dtype=np.int64)  # a writable copy
-    if "token_offsets" in shard:
+    if dataset_layout(dataset) == "tokens":
         num_rows = 0
         for teacher, entry in zip(teachers, entries, strict=True):
             num_rows = _compute_token_shard(shard, teacher, entry, shard_index, batch_size)

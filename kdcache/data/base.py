@@ -16,10 +16,23 @@ import numpy as np
 
 from kdcache.errors import ConfigError
 
+#: How a dataset's samples are laid out, declared by each dataset as ``layout``:
+#: ``"records"``: one sample is one row (``inputs [N, ...]``, one cached row per sample);
+#: ``"tokens"``: one sample is a token sequence (ragged ``tokens`` + ``token_offsets``),
+#: cached as one row per target position (:mod:`kdcache.data.tokens`).
+LAYOUTS = ("records", "tokens")
+
 
 @runtime_checkable
 class ShardedDataset(Protocol):
-    """The interface the teacher stage and the student stream read inputs through."""
+    """The interface the teacher stage and the student stream read inputs through.
+
+    Attributes:
+        layout: One of :data:`LAYOUTS`; says how samples are laid out, so that nothing
+            has to guess it from the columns.
+    """
+
+    layout: str
 
     @property
     def num_shards(self) -> int: ...
@@ -58,6 +71,9 @@ class ArrayDataset:
     Raises:
         ConfigError: shapes disagree, ids are not unique, or num_shards is out of range.
     """
+
+    #: One sample is one row (see :data:`LAYOUTS`).
+    layout = "records"
 
     sample_ids: np.ndarray
     inputs: np.ndarray
@@ -129,3 +145,19 @@ class ArrayDataset:
             num_shards=num_shards or self.num_shards,
             preprocessing=self.preprocessing,
         )
+
+
+def dataset_layout(dataset: ShardedDataset) -> str:
+    """The dataset's declared :data:`LAYOUTS` entry.
+
+    Raises:
+        ConfigError: the dataset declares no ``layout`` or an unknown one.
+    """
+    layout = getattr(dataset, "layout", None)
+    if layout not in LAYOUTS:
+        raise ConfigError(
+            f"{type(dataset).__name__} declares layout={layout!r}; a ShardedDataset must set "
+            f"the class attribute layout to one of {LAYOUTS} ('records': a sample is a row, "
+            "'tokens': a sample is a token sequence)"
+        )
+    return str(layout)

@@ -133,10 +133,9 @@ class TokenDataset:
     def __len__(self) -> int:
         return len(self.sample_ids)
 
-    @property
-    def token_level(self) -> bool:
-        """True: the teacher stage caches one row per target position (see module doc)."""
-        return True
+    #: Samples are sequences: the teacher stage caches one row per target position and
+    #: the student stream collates padded token batches (see the module docstring).
+    layout = "tokens"
 
     @property
     def lengths(self) -> np.ndarray:

@@ -17,6 +17,7 @@ import typing
 from typing import Any, TypeVar, Union, get_args, get_origin
 
 from kdcache.errors import ConfigError
+from kdcache.executors.config import ExecutorConfig
 
 T = TypeVar("T")
 
@@ -319,29 +320,6 @@ class TargetsConfig:
             backend=self.backend,
             params=self.params,
         )
-
-
-@dataclasses.dataclass
-class ExecutorConfig:
-    """How the teacher stage runs (none of this changes the cache key)."""
-
-    kind: str = "ray"
-    address: str | None = None
-    num_actors: int | None = None
-    cpus_per_actor: float = 1.0
-    gpus_per_actor: float = 0.0
-    batch_size: int = 1024
-    max_retries: int = 2
-
-    def __post_init__(self) -> None:
-        if self.kind not in ("ray", "local"):
-            raise ConfigError(f"executor.kind must be 'ray' or 'local', got {self.kind!r}")
-        if self.batch_size < 1 or self.max_retries < 0 or self.cpus_per_actor <= 0:
-            raise ConfigError("executor: batch_size >= 1, max_retries >= 0, cpus_per_actor > 0")
-        if self.gpus_per_actor < 0:
-            raise ConfigError(f"executor.gpus_per_actor must be >= 0, got {self.gpus_per_actor}")
-        if self.num_actors is not None and self.num_actors < 1:
-            raise ConfigError(f"executor.num_actors must be >= 1, got {self.num_actors}")
 
 
 @dataclasses.dataclass

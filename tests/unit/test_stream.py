@@ -126,6 +126,8 @@ def test_cache_over_other_data_is_refused(built):
 class _SwappedIds:
     """The cache's dataset, except that shard 1 reports one different sample_id."""
 
+    layout = "records"
+
     def __init__(self, inner):
         self.inner = inner
         self.num_shards = inner.num_shards

@@ -1,0 +1,31 @@
+"""The teacher stage's execution settings: one object for the Python API, config files and
+pipelines alike. None of these change a cache key or the bytes written."""
+
+from __future__ import annotations
+
+import dataclasses
+
+from kdcache.errors import ConfigError
+
+
+@dataclasses.dataclass
+class ExecutorConfig:
+    """How the teacher stage runs (none of this changes the cache key)."""
+
+    kind: str = "ray"
+    address: str | None = None
+    num_actors: int | None = None
+    cpus_per_actor: float = 1.0
+    gpus_per_actor: float = 0.0
+    batch_size: int = 1024
+    max_retries: int = 2
+
+    def __post_init__(self) -> None:
+        if self.kind not in ("ray", "local"):
+            raise ConfigError(f"executor.kind must be 'ray' or 'local', got {self.kind!r}")
+        if self.batch_size < 1 or self.max_retries < 0 or self.cpus_per_actor <= 0:
+            raise ConfigError("executor: batch_size >= 1, max_retries >= 0, cpus_per_actor > 0")
+        if self.gpus_per_actor < 0:
+            raise ConfigError(f"executor.gpus_per_actor must be >= 0, got {self.gpus_per_actor}")
+        if self.num_actors is not None and self.num_actors < 1:
+            raise ConfigError(f"executor.num_actors must be >= 1, got {self.num_actors}")
