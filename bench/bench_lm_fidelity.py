@@ -41,7 +41,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import kdcache
 from kdcache.build.stage import build_cache
 from kdcache.data.tokens import TokenDataset
-from kdcache.stream.tokens import TokenSoftTargetDataset, read_token_shard
+from kdcache.stream import SoftTargetDataset, read_token_shard
 from kdcache.train.evaluate import evaluate_perplexity
 
 
@@ -233,7 +233,7 @@ def _student_ppl(args: argparse.Namespace, entry: Any, dataset: TokenDataset, da
 
     torch.manual_seed(0)
     module = HFLogits(lm.gpt2(lm.STUDENT, data["vocab"], 128), lm.PAD_ID, data["vocab"])
-    stream = TokenSoftTargetDataset(entry, dataset, batch_size=16, seed=0)
+    stream = SoftTargetDataset(entry, dataset, batch_size=16, seed=0)
     module, _ = train_student(
         module,
         stream,

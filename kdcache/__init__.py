@@ -12,11 +12,12 @@ __version__ = "0.1.0"
 from kdcache import losses, targets
 from kdcache.build.stage import BuildReport, build_cache
 from kdcache.data.base import ArrayDataset, ShardedDataset
+from kdcache.data.tokens import TokenDataset
 from kdcache.errors import KDCacheError
 from kdcache.stores.catalog import open_cache
 from kdcache.stores.entry import CacheEntry
 from kdcache.stores.view import EnsembleView
-from kdcache.stream.dataset import SoftTargetDataset
+from kdcache.stream.dataset import ShardedStream, SoftTargetDataset
 from kdcache.teachers.teacher import Teacher, TeacherEnsemble
 
 __all__ = [
@@ -26,9 +27,11 @@ __all__ = [
     "EnsembleView",
     "KDCacheError",
     "ShardedDataset",
+    "ShardedStream",
     "SoftTargetDataset",
     "Teacher",
     "TeacherEnsemble",
+    "TokenDataset",
     "__version__",
     "build_cache",
     "losses",

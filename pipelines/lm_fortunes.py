@@ -41,7 +41,7 @@ from kdcache.data.tokens import TokenDataset, encode_texts, tokenizer_files_sha2
 from kdcache.errors import KDCacheError, require
 from kdcache.losses.kd import token_distill_loss
 from kdcache.stores.view import as_view
-from kdcache.stream.tokens import TokenSoftTargetDataset, check_student_vocabulary
+from kdcache.stream import ShardedStream, SoftTargetDataset, check_student_vocabulary
 from kdcache.teachers.generate import generate_continuations
 from kdcache.teachers.loaders import HFLogits
 from kdcache.train.evaluate import evaluate_perplexity
@@ -281,7 +281,7 @@ def train_or_load_teacher(spec: dict[str, Any], data: dict[str, Any], s: Setting
         return path
     torch.manual_seed(spec["seed"])
     model = gpt2(spec, data["vocab"], s.max_tokens)
-    stream = TokenSoftTargetDataset(None, data["train"], batch_size=s.batch_size, seed=spec["seed"])
+    stream = ShardedStream(data["train"], batch_size=s.batch_size, seed=spec["seed"])
     module = HFLogits(model, PAD_ID, data["vocab"])
     train_student(
         module,
@@ -407,7 +407,7 @@ def run(s: Settings) -> dict[str, Any]:
         torch.manual_seed(s.seed)
         model = gpt2(STUDENT, vocab, s.max_tokens + (s.new_tokens if s.seq_kd else 0))
         module = HFLogits(model, PAD_ID, vocab)
-        stream = TokenSoftTargetDataset(cache, dataset, batch_size=s.batch_size, seed=s.seed)
+        stream = SoftTargetDataset(cache, dataset, batch_size=s.batch_size, seed=s.seed)
         alpha = 0.0 if cache is None else s.alpha
 
         def loss_fn(logits: torch.Tensor, b: dict[str, Any], alpha: float = alpha) -> torch.Tensor:

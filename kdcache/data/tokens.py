@@ -5,7 +5,7 @@ A :class:`TokenDataset` holds token sequences **ragged** (one flat token array p
 offsets, never padded to a common length), each with a stable ``sample_id`` and an
 optional prompt length. It is a :class:`kdcache.data.ShardedDataset`, so the teacher stage
 (:func:`kdcache.build.build_cache`) caches per-token targets for it, and
-:class:`kdcache.token_stream.TokenSoftTargetDataset` streams them to a student.
+:class:`kdcache.SoftTargetDataset` streams them to a student.
 
 Alignment (the one convention everything here follows): the target at position ``t`` of
 a sequence is the teacher's distribution of token ``t + 1`` given tokens ``0..t``, i.e.

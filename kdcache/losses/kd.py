@@ -1,4 +1,9 @@
-"""TODO docstring."""
+"""Distillation objectives built on the divergences: Hinton KD, token-level KD, multi-teacher
+losses and the hard-label cross-entropy, with tau^2 scaling applied explicitly.
+
+Shape legend: K teachers, B batch, T tokens, V classes or vocabulary, N rows (B or B * T),
+M rows that count (valid labels or positions).
+"""
 
 from __future__ import annotations
 
@@ -369,7 +374,7 @@ def token_distill_loss(
     divergence: str = "forward_kl",
     vocab_size: int | None = None,
 ) -> torch.Tensor:
-    """The student's loss on a :class:`TokenSoftTargetDataset` batch.
+    """The student's loss on a token batch of :class:`kdcache.SoftTargetDataset`.
 
     ``alpha * tau^2 * D(p_t, p_s) + (1 - alpha) * CE`` averaged over the batch's target
     positions (:func:`kdcache.losses.token_kd_loss`); prompt and padding positions are
@@ -381,7 +386,8 @@ def token_distill_loss(
     Args:
         student_logits_BTV: Raw student logits [B, T, V'] (V' >= V; columns beyond
             ``vocab_size`` are dropped).
-        batch: A batch of :class:`TokenSoftTargetDataset`.
+        batch: A token batch of :class:`kdcache.SoftTargetDataset` (its ``targets``,
+            ``labels`` and ``mask``).
         temperature: tau > 0 of the cache.
         alpha: Weight of the distillation term in [0, 1].
         weights: K teacher weights for a list of targets (uniform when None).

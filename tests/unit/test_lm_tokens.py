@@ -12,15 +12,11 @@ import torch
 from kdcache import Teacher, losses
 from kdcache.build.stage import build_cache
 from kdcache.data.tokens import TokenDataset, encode_texts, target_positions, tokenizer_files_sha256
-from kdcache.errors import ConfigError, SampleIdMismatchError
+from kdcache.errors import ConfigError, SampleIdMismatchError, SpecMismatchError
 from kdcache.losses.kd import token_distill_loss
 from kdcache.stores.entry import CacheEntry
-from kdcache.stream.tokens import (
-    TokenSoftTargetDataset,
-    _scatter_sparse,
-    check_student_vocabulary,
-    read_token_shard,
-)
+from kdcache.stream import SoftTargetDataset, check_student_vocabulary, read_token_shard
+from kdcache.stream.collate import scatter_sparse
 from kdcache.targets.sparse import concat_sparse, sparsify
 from kdcache.teachers.generate import generate_continuations
 from pipelines.bpe import save_tokenizer, train_bpe_tokenizer
@@ -111,7 +107,7 @@ def _per_position_kd(logits, batch):
 @pytest.mark.parametrize("kind,params", [("topk", {"k": 8}), ("sampled", {"num_samples": 16})])
 def test_copy_of_teacher_has_zero_loss_at_every_valid_position(world, root, kind, params):
     cache = _build(world, root, kind, params)
-    stream = TokenSoftTargetDataset(cache, world["ds"], batch_size=6, seed=0)
+    stream = SoftTargetDataset(cache, world["ds"], batch_size=6, seed=0)
     student = world["teacher"].module  # an exact copy of the teacher
     seen = 0
     for batch in stream:
@@ -127,7 +123,7 @@ def test_copy_of_teacher_has_zero_loss_at_every_valid_position(world, root, kind
 
 def test_one_position_shift_gives_clearly_nonzero_loss(world, root):
     cache = _build(world, root)
-    batch = next(iter(TokenSoftTargetDataset(cache, world["ds"], batch_size=6)))
+    batch = next(iter(SoftTargetDataset(cache, world["ds"], batch_size=6)))
     with torch.no_grad():
         logits = world["teacher"].module(batch["inputs"])
     shifted = torch.roll(logits, shifts=1, dims=1)  # prediction of t used at t + 1
@@ -199,7 +195,7 @@ def test_same_sequence_padded_to_two_lengths_gives_the_same_loss(world, root):
     ds = world["ds"]
     one = ds.subset(np.array([0]), num_shards=1)
     cache_one = _build(world, root, dataset=one)
-    batch = next(iter(TokenSoftTargetDataset(cache_one, one, batch_size=1)))
+    batch = next(iter(SoftTargetDataset(cache_one, one, batch_size=1)))
     torch.manual_seed(3)
     student = torch.nn.Sequential(torch.nn.Embedding(320, 12), torch.nn.Linear(12, 320))
     student.requires_grad_(False)
@@ -214,7 +210,7 @@ def test_same_sequence_padded_to_two_lengths_gives_the_same_loss(world, root):
     padded["labels"] = torch.cat([batch["labels"], torch.full((b, extra), -100)], 1)
     rows = batch["mask"].reshape(-1).nonzero().flatten()
     flat = (padded["mask"].reshape(-1)).nonzero().flatten()
-    padded["targets"] = _scatter_sparse(batch["targets"].rows(rows), flat, b * (t + extra))
+    padded["targets"] = scatter_sparse(batch["targets"].rows(rows), flat, b * (t + extra))
     long = student(padded["inputs"])
     loss_long = token_distill_loss(long, padded, temperature=TAU, alpha=0.5)
     assert float(loss_short) > 0.1
@@ -334,15 +330,18 @@ def test_exact_tail_mass_from_stored_log_partition_matches_full_distribution(wor
 def test_stream_order_resume_and_ranks(world, root):
     cache = _build(world, root)
     ds = world["ds"]
-    full = TokenSoftTargetDataset(cache, ds, batch_size=4, seed=3)
+    full = SoftTargetDataset(cache, ds, batch_size=4, seed=3)
     ids = [b["sample_id"].tolist() for b in full]
     flat = [i for batch in ids for i in batch]
     assert len(flat) == len(set(flat)) == len(ds) - len(ds) % 4
-    resumed = TokenSoftTargetDataset(cache, ds, batch_size=4, seed=3)
-    resumed.load_state_dict({"epoch": 0, "step": 2, "seed": 3})
+    cut = SoftTargetDataset(cache, ds, batch_size=4, seed=3)
+    it = iter(cut)
+    next(it), next(it)
+    resumed = SoftTargetDataset(cache, ds, batch_size=4, seed=3)
+    resumed.load_state_dict(cut.state_dict())
     assert [b["sample_id"].tolist() for b in resumed] == ids[2:]
-    r0 = TokenSoftTargetDataset(cache, ds, batch_size=2, seed=3, rank=0, world_size=2)
-    r1 = TokenSoftTargetDataset(cache, ds, batch_size=2, seed=3, rank=1, world_size=2)
+    r0 = SoftTargetDataset(cache, ds, batch_size=2, seed=3, rank=0, world_size=2)
+    r1 = SoftTargetDataset(cache, ds, batch_size=2, seed=3, rank=1, world_size=2)
     merged = [
         a["sample_id"].tolist() + b["sample_id"].tolist() for a, b in zip(r0, r1, strict=True)
     ]
@@ -352,10 +351,10 @@ def test_stream_order_resume_and_ranks(world, root):
 def test_ensemble_batches_combine_topk_and_keep_sampled_apart(world, root):
     teachers = [world["teacher"], world["teacher_b"]]
     topk = _build(world, root, teachers=teachers)
-    b = next(iter(TokenSoftTargetDataset(topk, world["ds"], batch_size=4)))
+    b = next(iter(SoftTargetDataset(topk, world["ds"], batch_size=4)))
     assert b["targets"].kind == "mixture"
     sampled = _build(world, root, "sampled", {"num_samples": 8}, teachers=teachers)
-    b = next(iter(TokenSoftTargetDataset(sampled, world["ds"], batch_size=4)))
+    b = next(iter(SoftTargetDataset(sampled, world["ds"], batch_size=4)))
     assert isinstance(b["targets"], list) and len(b["targets"]) == 2
     logits = world["teacher"].module(b["inputs"]).detach().requires_grad_()
     loss = token_distill_loss(logits, b, temperature=TAU, alpha=0.7)
@@ -378,7 +377,7 @@ def test_sequence_level_data_masks_prompts(world, root):
     assert int(gen.sequence(0)[3]) == int(z[0, -1].argmax())
     cache = _build(world, root, dataset=gen)
     assert cache.num_rows == gen.num_targets == int((gen.lengths - 3).sum())
-    batch = next(iter(TokenSoftTargetDataset(cache, gen, batch_size=2)))
+    batch = next(iter(SoftTargetDataset(cache, gen, batch_size=2)))
     assert not bool(batch["mask"][:, :2].any())  # positions 0, 1 predict prompt tokens
     assert bool(batch["mask"][:, 2].all())  # position 2 predicts the first new token
     with torch.no_grad():
@@ -429,10 +428,51 @@ def test_dense_token_targets_for_a_small_vocabulary(root):
         ds, teacher, temperature=TAU, root=root, executor="local", progress=False, batch_size=3
     )
     assert cache.vocab_size == 10 and cache.num_rows == ds.num_targets == 20
-    batch = next(iter(TokenSoftTargetDataset(cache, ds, batch_size=4)))
+    batch = next(iter(SoftTargetDataset(cache, ds, batch_size=4)))
     assert batch["targets"].shape == (*batch["inputs"].shape, 10)
     with torch.no_grad():
         logits = teacher.module(batch["inputs"])
     copy = token_distill_loss(logits, batch, temperature=TAU)
     shifted = token_distill_loss(torch.roll(logits, 1, 1), batch, temperature=TAU)
     assert abs(float(copy)) < 1e-6 and float(shifted) > 0.1
+
+
+def test_token_stream_resumes_exactly_on_another_world_size(world, root):
+    cache = _build(world, root)
+    ds = world["ds"]
+    full = [b["sample_id"].tolist() for b in SoftTargetDataset(cache, ds, batch_size=4, seed=3)]
+    # two ranks of 2 for 2 steps, then one rank of 4 from their saved state
+    ranks = [
+        SoftTargetDataset(cache, ds, batch_size=2, seed=3, rank=r, world_size=2) for r in (0, 1)
+    ]
+    its = [iter(r) for r in ranks]
+    seen = []
+    for _ in range(2):
+        a, b = next(its[0]), next(its[1])
+        seen.append(a["sample_id"].tolist() + b["sample_id"].tolist())
+    state = ranks[0].state_dict()
+    assert state == ranks[1].state_dict()
+    one = SoftTargetDataset(cache, ds, batch_size=4, seed=3)
+    one.load_state_dict(state)
+    rest = list(one)
+    assert seen + [b["sample_id"].tolist() for b in rest] == full
+    # the targets of a resumed batch are the uninterrupted run's
+    again = list(SoftTargetDataset(cache, ds, batch_size=4, seed=3))
+    assert torch.equal(rest[0]["targets"].ids_BS, again[2]["targets"].ids_BS)
+    assert torch.equal(rest[0]["inputs"], again[2]["inputs"])
+
+
+def test_token_stream_refuses_another_dataset_naming_both_fingerprints(world, root):
+    cache = _build(world, root)
+    ds = world["ds"]
+    other = TokenDataset.from_sequences(
+        ds.sample_ids,
+        [np.asarray(ds.sequence(i)) for i in range(len(ds))],
+        num_shards=ds.num_shards,
+        preprocessing={**ds.preprocessing, "tokenizer_files_sha256": "0" * 64},
+        pad_token_id=ds.pad_token_id,
+    )
+    with pytest.raises(SpecMismatchError, match=r"fingerprint is [0-9a-f]{12}, .* is [0-9a-f]{12}"):
+        SoftTargetDataset(cache, other, batch_size=4)
+    with pytest.raises(SpecMismatchError, match="tokenizer"):
+        SoftTargetDataset(cache, other, batch_size=4)

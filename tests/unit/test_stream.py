@@ -288,3 +288,92 @@ def test_resume_with_other_order_settings_is_refused():
         )
     with pytest.raises(ConfigError, match="global batch"):
         ShardedStream(ds, batch_size=12, seed=3, num_lanes=2).load_state_dict(state)
+
+
+# -- sparse classifier entries: the same stream, another collation ------------------------
+
+
+def _sparse_cache(root, labels, num_teachers=1, kind="topk", params=None):
+    ds = toy_dataset(num_records=96, num_features=8, num_classes=5, num_shards=4)
+    teachers = [linear_teacher(seed=s) for s in range(num_teachers)]
+    ens = kdcache.TeacherEnsemble(teachers, rule="mean_probs")
+    params = dict(params or {"k": 2})
+    if labels:
+        params["labels"] = True
+    cache = kdcache.build_cache(
+        ds, ens, temperature=2.0, root=root, executor="local", progress=False,
+        kind=kind, params=params,
+    )  # fmt: skip
+    return ds, ens, cache
+
+
+def _train(stream, steps=None, student=None, opt=None):
+    """A tiny student trained on the stream; returns (losses, ids, student)."""
+    torch.manual_seed(0)
+    student = student or torch.nn.Linear(8, 5)
+    opt = opt or torch.optim.SGD(student.parameters(), lr=0.1)
+    out, ids = [], []
+    for batch in stream:
+        loss = kdcache.losses.kd_loss(
+            student(batch["inputs"]), batch["targets"], temperature=2.0, alpha=0.7,
+            labels_B=batch["labels"],
+        )  # fmt: skip
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        out.append(loss.item())
+        ids.append(batch["sample_id"].tolist())
+        if len(out) == steps:
+            break  # a run stopped here (its checkpoint holds the stream's state)
+    return out, ids, student, opt
+
+
+@pytest.mark.parametrize("labels", [False, True])
+def test_sparse_classifier_entry_streams_with_workers_and_resumes_exactly(root, labels):
+    ds, ens, cache = _sparse_cache(root, labels)
+    kw = dict(batch_size=8, seed=5, num_lanes=2)
+    full_losses, full_ids, full_student, _ = _train(kdcache.SoftTargetDataset(cache, ds, **kw))
+    # kept ids are the teacher's top-2 (plus the label when asked), joined by sample_id
+    batch = next(iter(kdcache.SoftTargetDataset(cache, ds, **kw)))
+    t = batch["targets"]
+    assert isinstance(t, targets.SparseTargets) and t.num_rows == 8
+    rows = [int(i) - 1000 for i in batch["sample_id"]]
+    online = ens.teachers[0].logits(torch.as_tensor(ds.inputs[rows]))
+    top2 = online.topk(2, dim=-1).indices
+    for b in range(8):
+        kept = set(t.ids_BS[b][t.valid_BS[b]].tolist())
+        assert set(top2[b].tolist()) <= kept
+        if labels:
+            assert int(batch["labels"][b]) in kept
+    # interrupted after 5 steps with 2 workers, resumed with 1 worker: the same run
+    cut = kdcache.SoftTargetDataset(cache, ds, num_workers=2, **kw)
+    first_losses, first_ids, student, opt = _train(cut, steps=5)
+    state = cut.state_dict()
+    resumed = kdcache.SoftTargetDataset(cache, ds, num_workers=1, **kw)
+    resumed.load_state_dict(state)
+    rest_losses, rest_ids, student, _ = _train(resumed, student=student, opt=opt)
+    assert first_ids + rest_ids == full_ids
+    assert first_losses + rest_losses == full_losses
+    for p, q in zip(student.parameters(), full_student.parameters(), strict=True):
+        assert torch.equal(p, q)
+
+
+def test_sparse_ensembles_combine_topk_and_keep_sampled_apart(root):
+    ds, _, cache = _sparse_cache(root, labels=False, num_teachers=2)
+    batch = next(iter(kdcache.SoftTargetDataset(cache, ds, batch_size=8, seed=0)))
+    assert isinstance(batch["targets"], targets.SparseTargets)
+    assert batch["targets"].kind == "mixture"
+    apart = next(iter(kdcache.SoftTargetDataset(cache, ds, batch_size=8, seed=0, combine=False)))
+    assert isinstance(apart["targets"], list) and len(apart["targets"]) == 2
+    ds, _, sampled = _sparse_cache(
+        root, labels=False, num_teachers=2, kind="sampled", params={"num_samples": 4}
+    )
+    batch = next(iter(kdcache.SoftTargetDataset(sampled, ds, batch_size=8, seed=0)))
+    assert isinstance(batch["targets"], list) and len(batch["targets"]) == 2
+
+
+def test_sparse_stream_refuses_another_dataset_naming_both_fingerprints(root):
+    _, _, cache = _sparse_cache(root, labels=False)
+    other = toy_dataset(num_records=96, num_features=8, num_classes=5, num_shards=4, seed=9)
+    with pytest.raises(SpecMismatchError, match=r"fingerprint is [0-9a-f]{12}, .* is [0-9a-f]{12}"):
+        kdcache.SoftTargetDataset(cache, other, batch_size=8)
