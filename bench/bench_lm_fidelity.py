@@ -155,11 +155,10 @@ def main(argv: list[str] | None = None) -> int:
             temperature=args.temperature,
             root=root,
             storage_dtype=args.storage_dtype,
-            executor="local",
+            executor=kdcache.ExecutorConfig(kind="local", batch_size=32),
             kind=kind,
             params=params,
             progress=False,
-            batch_size=32,
         )
         build_s = time.perf_counter() - tic
         kl, ids_per_token = reconstruct_kl(entry, eval_set, full)

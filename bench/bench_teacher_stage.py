@@ -31,6 +31,7 @@ import torch
 
 import kdcache
 from kdcache import targets
+from kdcache.executors import ExecutorConfig
 from pipelines.fashion_mnist import TEACHERS
 from pipelines.models import build_model
 
@@ -82,9 +83,7 @@ def timed_build(
             teachers,
             temperature=4.0,
             root=root,
-            executor=executor,
-            num_actors=num_actors,
-            batch_size=batch,
+            executor=ExecutorConfig(kind=executor, num_actors=num_actors, batch_size=batch),
             progress=False,
         )
         wall = time.perf_counter() - start

@@ -7,13 +7,13 @@ neither Ray, DeepSpeed nor Zarr; each is imported where it is used.
 
 from __future__ import annotations
 
-__version__ = "0.1.0"
-
 from kdcache import losses, targets
+from kdcache._version import __version__
 from kdcache.build.stage import BuildReport, build_cache
 from kdcache.data.base import ArrayDataset, ShardedDataset
 from kdcache.data.tokens import TokenDataset
 from kdcache.errors import KDCacheError
+from kdcache.executors.config import ExecutorConfig
 from kdcache.stores.catalog import open_cache
 from kdcache.stores.entry import CacheEntry
 from kdcache.stores.view import EnsembleView
@@ -25,6 +25,7 @@ __all__ = [
     "BuildReport",
     "CacheEntry",
     "EnsembleView",
+    "ExecutorConfig",
     "KDCacheError",
     "ShardedDataset",
     "ShardedStream",

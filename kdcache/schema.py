@@ -56,7 +56,13 @@ META_KEY = "kdcache"
 STORAGE_DTYPES = ("float32", "float16", "bfloat16")
 SPARSE_KINDS = ("topk", "topp", "sampled", "mixture")
 TARGET_KINDS = ("dense", *SPARSE_KINDS)
-BACKENDS = ("arrow", "parquet", "zarr")
+#: Names of the storage backends a spec may name. The built-in ones; a user's backend is
+#: added by :func:`kdcache.stores.backends.register_backend` (which calls
+#: :func:`add_backend_name`), the one registration step.
+BACKENDS: tuple[str, ...] = ("arrow", "parquet", "zarr")
+#: Sparse kinds whose kept set stays exact under another temperature, so they can be
+#: re-tempered from a stored log-partition grid (sampled draws depend on tau).
+RETEMPER_KINDS = ("topk", "topp")
 
 #: The sparsification parameters each sparse kind requires, and those it may add.
 _REQUIRED_PARAMS = {
@@ -77,6 +83,19 @@ LEASE_FILE = "lease.json"
 
 #: Length of the hex key (128 bits of SHA-256): short enough to type, far from collisions.
 KEY_HEX_CHARS = 32
+
+
+def add_backend_name(name: str) -> None:
+    """Accept ``name`` as a backend in target specs (see :data:`BACKENDS`).
+
+    Raises:
+        ConfigError: the name is not a plain lowercase identifier.
+    """
+    global BACKENDS
+    if not name.isidentifier() or name != name.lower():
+        raise ConfigError(f"a backend name is a lowercase identifier, got {name!r}")
+    if name not in BACKENDS:
+        BACKENDS = (*BACKENDS, name)
 
 
 def canonical_json(obj: Any) -> str:

@@ -25,7 +25,7 @@ import logging
 import os
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from typing import Any
 
 import numpy as np
@@ -39,6 +39,8 @@ from kdcache.stream.dataset import ShardedStream
 from kdcache.train.distributed import cpu_ds_config
 from kdcache.train.export import save_safetensors
 from kdcache.train.loop import train_student
+from kdcache.train.report import throughputs
+from pipelines.common import add_executor_args, executor_from_args
 from pipelines.corpora import read_idx
 from pipelines.models import build_model
 
@@ -210,42 +212,13 @@ def accuracy(logits: torch.Tensor, labels: np.ndarray) -> float:
     return float((logits.argmax(1).numpy() == labels).mean())
 
 
-def throughputs(
-    fns: list, images: np.ndarray, repeats: int = 5, min_round_s: float = 0.25
-) -> list[float]:
-    """Samples per second of each ``fn(images)``, measured side by side.
-
-    Each function is first calibrated to a number of calls that lasts at least
-    ``min_round_s`` (a tiny student scores 10,000 images in milliseconds, too short to time
-    alone); then the functions are timed in interleaved rounds, so noise from the machine
-    hits all of them alike, and each keeps its median round.
-    """
-    calls = []
-    for fn in fns:
-        fn(images[:1000])  # warm-up
-        t = time.perf_counter()
-        fn(images)
-        once = max(time.perf_counter() - t, 1e-6)
-        calls.append(max(1, int(np.ceil(min_round_s / once))))
-    rounds: list[list[float]] = [[] for _ in fns]
-    for _ in range(repeats):
-        for i, fn in enumerate(fns):
-            t = time.perf_counter()
-            for _ in range(calls[i]):
-                fn(images)
-            rounds[i].append((time.perf_counter() - t) / calls[i])
-    return [len(images) / float(np.median(r)) for r in rounds]
-
-
 @dataclass
 class Settings:
     data_dir: str
     work_dir: str
     cache_root: str
     report: str
-    address: str | None
-    executor: str
-    num_actors: int | None
+    executor: kdcache.ExecutorConfig
     num_shards: int
     temperature: float
     alpha: float
@@ -276,18 +249,7 @@ def parse_args(argv: list[str] | None = None) -> Settings:
         help="cache root (default WORK_DIR/cache); a local path, file:// or s3:// URI",
     )
     p.add_argument("--report", default=None, help="JSON report path (default WORK_DIR/report.json)")
-    p.add_argument(
-        "--address",
-        default=None,
-        help="Ray cluster address (default: RAY_ADDRESS, else a local Ray)",
-    )
-    p.add_argument(
-        "--executor",
-        default="ray",
-        choices=["ray", "local"],
-        help="run the teacher stage on Ray actors or in this process",
-    )
-    p.add_argument("--num-actors", type=int, default=None, help="Ray actors (default: one per CPU)")
+    add_executor_args(p)
     p.add_argument("--num-shards", type=int, default=8, help="input shards of the training set")
     p.add_argument("--temperature", type=float, default=4.0, help="softmax temperature tau")
     p.add_argument("--alpha", type=float, default=0.9, help="weight of the distillation term")
@@ -323,7 +285,6 @@ def parse_args(argv: list[str] | None = None) -> Settings:
         (a.lr > 0, "--lr must be > 0", a.lr),
         (a.batch_size >= 1, "--batch-size must be >= 1", a.batch_size),
         (a.num_shards >= 1, "--num-shards must be >= 1", a.num_shards),
-        (a.num_actors is None or a.num_actors >= 1, "--num-actors must be >= 1", a.num_actors),
         (a.subset is None or a.subset >= 100, "--subset must be >= 100 images", a.subset),
         (
             a.temperature > 0 and np.isfinite(a.temperature),
@@ -340,9 +301,7 @@ def parse_args(argv: list[str] | None = None) -> Settings:
         work_dir=work,
         cache_root=a.cache_root or os.path.join(work, "cache"),
         report=a.report or os.path.join(work, "report.json"),
-        address=a.address,
-        executor=a.executor,
-        num_actors=a.num_actors,
+        executor=executor_from_args(p, a),
         num_shards=a.num_shards,
         temperature=a.temperature,
         alpha=a.alpha,
@@ -431,8 +390,6 @@ def run(s: Settings) -> dict[str, Any]:
         temperature=s.temperature,
         root=s.cache_root,
         executor=s.executor,
-        address=s.address,
-        num_actors=s.num_actors,
         progress=s.progress,
     )
     report_b = cache.build_report  # type: ignore[union-attr]
@@ -564,7 +521,7 @@ def run(s: Settings) -> dict[str, Any]:
             "root": s.cache_root,
             "entries": report_b.keys,
         },
-        "settings": {k: v for k, v in vars(s).items() if k not in ("progress",)},
+        "settings": {k: v for k, v in asdict(s).items() if k not in ("progress",)},
         "build_config": build_yaml,
         "train_config": train_yaml,
         "student_steps": steps,
@@ -602,7 +559,11 @@ def write_build_config(s: Settings, teachers: list[tuple[kdcache.Teacher, str]])
         ],
         "ensemble": {"rule": "mean_probs"},
         "targets": {"temperature": s.temperature},
-        "executor": {"kind": s.executor, "address": s.address, "num_actors": s.num_actors},
+        "executor": {
+            "kind": s.executor.kind,
+            "address": s.executor.address,
+            "num_actors": s.executor.num_actors,
+        },
     }
     path = os.path.join(s.work_dir, "build.yaml")
     with open(path, "w") as f:

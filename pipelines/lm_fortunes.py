@@ -39,6 +39,7 @@ import kdcache
 from kdcache.build.stage import build_cache
 from kdcache.data.tokens import TokenDataset, encode_texts, tokenizer_files_sha256
 from kdcache.errors import KDCacheError, require
+from kdcache.executors import get_executor
 from kdcache.losses.kd import token_distill_loss
 from kdcache.stores.view import as_view
 from kdcache.stream import ShardedStream, SoftTargetDataset, check_student_vocabulary
@@ -47,6 +48,7 @@ from kdcache.teachers.loaders import HFLogits
 from kdcache.train.evaluate import evaluate_perplexity
 from kdcache.train.loop import train_student
 from pipelines.bpe import save_tokenizer, train_bpe_tokenizer
+from pipelines.common import add_executor_args, executor_from_args
 from pipelines.corpora import FORTUNES_DIR, read_fortunes, split_by_id
 
 log = logging.getLogger("kdcache.demo")
@@ -69,9 +71,7 @@ class Settings:
     work_dir: str
     cache_root: str
     report: str
-    executor: str
-    address: str | None
-    num_actors: int | None
+    executor: kdcache.ExecutorConfig
     num_shards: int
     subset: int | None
     vocab_size: int
@@ -105,9 +105,7 @@ def parse_args(argv: list[str] | None = None) -> Settings:
     p.add_argument("--work-dir", default="runs/lm-fortunes", help="teachers, cache, report")
     p.add_argument("--cache-root", default=None, help="cache root (default WORK_DIR/cache)")
     p.add_argument("--report", default=None, help="JSON report (default WORK_DIR/report.json)")
-    p.add_argument("--executor", choices=["ray", "local"], default="ray")
-    p.add_argument("--address", default=None, help="Ray cluster address (default: local Ray)")
-    p.add_argument("--num-actors", type=int, default=None)
+    add_executor_args(p)
     p.add_argument("--num-shards", type=int, default=8)
     p.add_argument(
         "--subset",
@@ -156,9 +154,7 @@ def parse_args(argv: list[str] | None = None) -> Settings:
         work_dir=work,
         cache_root=a.cache_root or os.path.join(work, "cache"),
         report=a.report or os.path.join(work, "report.json"),
-        executor=a.executor,
-        address=a.address,
-        num_actors=a.num_actors,
+        executor=executor_from_args(p, a, batch_size=64),
         num_shards=a.num_shards,
         subset=a.subset,
         vocab_size=a.vocab_size,
@@ -297,17 +293,23 @@ def train_or_load_teacher(spec: dict[str, Any], data: dict[str, Any], s: Setting
     return path
 
 
-def _build(s: Settings, dataset: Any, ensemble: Any, kind: str, params: dict[str, Any]) -> Any:
+def _build(
+    s: Settings,
+    dataset: Any,
+    ensemble: Any,
+    kind: str,
+    params: dict[str, Any],
+    executor: Any = None,
+) -> Any:
+    """One teacher-stage build; ``executor`` (one per job, its actors kept) or a new one
+    from ``s.executor``."""
     return build_cache(
         dataset,
         ensemble,
         temperature=s.temperature,
         root=s.cache_root,
         storage_dtype=s.storage_dtype,
-        executor=s.executor,
-        address=s.address,
-        num_actors=s.num_actors,
-        batch_size=64,
+        executor=s.executor if executor is None else executor,
         progress=s.progress,
         kind=kind,
         params=params,
@@ -356,30 +358,33 @@ def run(s: Settings) -> dict[str, Any]:
     ]
     ensemble = kdcache.TeacherEnsemble(teachers, rule="mean_probs")
 
-    ray = None
-    if s.executor == "ray":
-        ray = require("ray", "ray")
-        if not ray.is_initialized():
-            ray.init(address=s.address, include_dashboard=False, logging_level=logging.WARNING)
+    # one executor for every build of the job: its Ray actors are started once
+    executor = get_executor(s.executor)
     caches: dict[str, Any] = {}
     try:
         tic = time.perf_counter()
-        caches["topk"] = _build(s, train, ensemble, "topk", {"k": s.top_k})
+        caches["topk"] = _build(s, train, ensemble, "topk", {"k": s.top_k}, executor=executor)
         timings["teacher stage: top-k"] = time.perf_counter() - tic
         tic = time.perf_counter()
         caches["sampled"] = _build(
-            s, train, ensemble, "sampled", {"num_samples": s.num_samples, "seed": s.seed}
+            s,
+            train,
+            ensemble,
+            "sampled",
+            {"num_samples": s.num_samples, "seed": s.seed},
+            executor=executor,
         )
         timings["teacher stage: sampled"] = time.perf_counter() - tic
         seq_data = None
         if s.seq_kd:
             tic = time.perf_counter()
             seq_data = sequence_kd_data(s, train, teachers, vocab)
-            caches["seq-kd top-k"] = _build(s, seq_data, ensemble, "topk", {"k": s.top_k})
+            caches["seq-kd top-k"] = _build(
+                s, seq_data, ensemble, "topk", {"k": s.top_k}, executor=executor
+            )
             timings["teacher stage: seq-kd (generate + top-k)"] = time.perf_counter() - tic
     finally:
-        if ray is not None and ray.is_initialized():
-            ray.shutdown()
+        executor.close()
 
     student_sha = tokenizer_files_sha256(data["tok_dir"])
     models: list[dict[str, Any]] = []
@@ -407,7 +412,12 @@ def run(s: Settings) -> dict[str, Any]:
         torch.manual_seed(s.seed)
         model = gpt2(STUDENT, vocab, s.max_tokens + (s.new_tokens if s.seq_kd else 0))
         module = HFLogits(model, PAD_ID, vocab)
-        stream = SoftTargetDataset(cache, dataset, batch_size=s.batch_size, seed=s.seed)
+        order = {"batch_size": s.batch_size, "seed": s.seed}
+        stream = (
+            ShardedStream(dataset, **order)  # hard labels: the same order, no targets
+            if cache is None
+            else SoftTargetDataset(cache, dataset, **order)
+        )
         alpha = 0.0 if cache is None else s.alpha
 
         def loss_fn(logits: torch.Tensor, b: dict[str, Any], alpha: float = alpha) -> torch.Tensor:

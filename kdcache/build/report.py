@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 
@@ -13,10 +14,12 @@ class BuildReport:
         hit: True when every entry already existed (the teacher stage was skipped).
         keys: Entry key per teacher, in ensemble order.
         computed: Number of (teacher, shard) pairs computed by this call.
-        reused: Number of (teacher, shard) pairs found already committed.
+        reused: Number of (teacher, shard) pairs found already committed (in entries that
+            were not complete; complete entries are reused whole and not counted here).
         num_samples: Samples run through teachers by this call (summed over teachers).
         wall_s: Wall time of the call, seconds.
-        per_actor: Samples and busy seconds per actor (or "local").
+        per_actor: Samples, busy seconds and shards per worker (``"actor-<i>"`` on Ray,
+            ``"local"`` in-process).
     """
 
     hit: bool
@@ -26,3 +29,17 @@ class BuildReport:
     num_samples: int = 0
     wall_s: float = 0.0
     per_actor: dict[str, dict[str, float]] = field(default_factory=dict)
+
+    def record(self, worker: str, stats: Mapping[str, float]) -> None:
+        """Add one finished shard task to the totals.
+
+        Args:
+            worker: Who ran it (``"actor-0"``, ``"local"``).
+            stats: The task's ``{"samples": ..., "seconds": ...}``
+                (:func:`kdcache.build.task.compute_shard`).
+        """
+        slot = self.per_actor.setdefault(worker, {"samples": 0.0, "seconds": 0.0, "shards": 0.0})
+        slot["samples"] += stats["samples"]
+        slot["seconds"] += stats["seconds"]
+        slot["shards"] += 1
+        self.num_samples += int(stats["samples"])

@@ -1,8 +1,9 @@
-"""The teacher stage: plan the work, run it (in-process or on Ray actors), commit.
+"""The teacher stage: plan the work, hand it to an executor, commit.
 
 ``build_cache`` makes one cache entry per teacher over a sharded dataset. It is
 idempotent and resumable: entries with a manifest are reused (a *hit*), and of an
-interrupted entry only the shards without a commit record are computed.
+interrupted entry only the shards without a commit record are computed (the executor's
+base class, :class:`kdcache.executors.Executor`, skips the committed ones).
 """
 
 from __future__ import annotations
@@ -15,14 +16,12 @@ from typing import Any
 
 import torch
 
-from kdcache import __version__, schema
+from kdcache import schema
+from kdcache._version import __version__
 from kdcache.build.report import BuildReport
 from kdcache.build.task import check_teacher_vocabularies
 from kdcache.data.base import ShardedDataset, dataset_layout
-from kdcache.errors import ConfigError
-from kdcache.executors import EXECUTORS
-from kdcache.executors.local import _run_local
-from kdcache.executors.ray import _run_ray
+from kdcache.executors import Executor, ExecutorConfig, TaskContext, get_executor
 from kdcache.schema import TargetSpec
 from kdcache.stores.entry import CacheEntry
 from kdcache.stores.lease import Lease, _LeaseKeeper
@@ -48,13 +47,7 @@ def build_cache(
     root: str,
     storage_dtype: str = "float32",
     backend: str = "arrow",
-    executor: str = "ray",
-    address: str | None = None,
-    num_actors: int | None = None,
-    cpus_per_actor: float = 1.0,
-    gpus_per_actor: float = 0.0,
-    batch_size: int = 1024,
-    max_retries: int = 2,
+    executor: str | ExecutorConfig | Executor = "ray",
     lease_ttl_s: float = 600.0,
     progress: bool = True,
     kind: str = "dense",
@@ -74,16 +67,14 @@ def build_cache(
         root: Cache root: local path, ``file://`` or another pyarrow filesystem URI.
         storage_dtype: ``"float32"`` or ``"float16"`` (values out of range are refused).
         backend: Storage backend (``"arrow"``).
-        executor: ``"ray"`` (actors; local Ray when no cluster is given) or ``"local"``
-            (this process; for debugging and tests without Ray).
-        address: Ray cluster address; None uses ``RAY_ADDRESS`` or starts a local Ray.
-        num_actors: Ray actors; default one per ``cpus_per_actor`` CPUs, at most one per shard.
-        cpus_per_actor: CPUs each actor requests (and torch threads it uses).
-        gpus_per_actor: GPUs each actor requests (fractional shares one GPU between
-            actors); with > 0 the teachers run on the actor's CUDA device.
-        batch_size: Rows per teacher forward pass; does not change the key or the bytes.
-        max_retries: Times a shard is retried after its actor died (infrastructure
-            failures only; teacher errors fail at once).
+        executor: Where the shard tasks run: ``"ray"`` (actors; a local Ray when no
+            cluster is given) or ``"local"`` (this process; for debugging and tests
+            without Ray), with default settings; an :class:`ExecutorConfig` (address,
+            actors, CPUs and GPUs per actor, batch size, retries); or an
+            :class:`~kdcache.executors.Executor`, which is used and left open (a
+            :class:`~kdcache.executors.RayExecutor` keeps its actors for the next
+            build). An executor made here from a name or a config is closed on return.
+            None of this changes the key or the bytes.
         lease_ttl_s: Seconds before a crashed job's lease can be taken over.
         progress: Show a progress bar.
         kind: Target kind, ``"dense"`` (default: all V scaled logits per row) or a sparse
@@ -93,8 +84,8 @@ def build_cache(
             and ``grid_temperatures``); part of the key. None for dense, so dense keys
             are unchanged.
 
-    Token datasets (a :class:`kdcache.text.TokenDataset`, whose shards carry
-    ``token_offsets``) get one row per target position: teachers return logits
+    Token datasets (``layout = "tokens"``, such as :class:`kdcache.TokenDataset`) get one
+    row per target position: teachers return logits
     [B, T, V], position t's row holds the distribution of token t + 1, prompt and padding
     positions are skipped, and targets are sparsified per batch (``docs/format.md``,
     "Token-level entries"). Their teachers must share one vocabulary and tokenizer.
@@ -106,20 +97,47 @@ def build_cache(
     Raises:
         ConfigError: bad temperature, dtype, backend, executor, kind or params; teachers
             whose vocabularies or tokenizers differ (token datasets).
+        MissingDependencyError: a Ray executor without Ray installed (before anything is
+            written).
         TeacherOutputError: a teacher returned NaN/inf or a wrong shape (names the
             teacher and the sample); everything committed before stays committed.
         LeaseHeldError: another job is building the same entry and did not finish in time.
     """
-    if executor not in EXECUTORS:
-        raise ConfigError(f"executor must be one of {EXECUTORS}, got {executor!r}")
-    if batch_size < 1:
-        raise ConfigError(f"batch_size must be >= 1, got {batch_size}")
-    if num_actors is not None and num_actors < 1:
-        raise ConfigError(f"num_actors must be >= 1, got {num_actors}")
-    if executor == "ray":
-        from kdcache.errors import require
+    # First: a Ray executor checks that Ray is installed, before anything is written.
+    ex = get_executor(executor)
+    try:
+        return _build(
+            dataset,
+            teachers,
+            ex,
+            temperature=temperature,
+            root=root,
+            storage_dtype=storage_dtype,
+            backend=backend,
+            lease_ttl_s=lease_ttl_s,
+            progress=progress,
+            kind=kind,
+            params=params,
+        )
+    finally:
+        if ex is not executor:
+            ex.close()
 
-        require("ray", "ray")  # before anything is written
+
+def _build(
+    dataset: ShardedDataset,
+    teachers: Teacher | TeacherEnsemble | Sequence[Teacher],
+    ex: Executor,
+    *,
+    temperature: float,
+    root: str,
+    storage_dtype: str,
+    backend: str,
+    lease_ttl_s: float,
+    progress: bool,
+    kind: str,
+    params: dict[str, Any] | None,
+) -> CacheEntry | EnsembleView:
     started = time.perf_counter()
     ensemble = _as_ensemble(teachers)
     spec = TargetSpec(
@@ -140,7 +158,7 @@ def build_cache(
         entries.append(entry)
 
     leases: list[Lease] = []
-    pending: dict[int, list[int]] = {}  # shard -> indices of teachers still to compute
+    building: list[int] = []  # indices of the entries this call holds a lease on
     report = BuildReport(hit=False, keys=[e.key for e in entries])
     keeper = _LeaseKeeper(leases, interval_s=max(1.0, lease_ttl_s / 3))
     try:
@@ -162,12 +180,7 @@ def build_cache(
             if not lease.acquire():
                 continue  # another job completed it while we waited
             leases.append(lease)
-            for i in range(dataset.num_shards):
-                if entry.committed_shard(i) is None:
-                    pending.setdefault(i, []).append(k)
-                else:
-                    report.reused += 1
-        report.computed = sum(len(v) for v in pending.values())
+            building.append(k)
         todo = [e for e in entries if not e.is_complete]
         if not todo:
             report.hit = True
@@ -178,32 +191,20 @@ def build_cache(
             )
         else:
             done = len(entries) - len(todo)
-            if report.reused or done:
+            if done:
                 log.info(
-                    "resuming: %d of %d teacher entries already complete; of the others, "
-                    "%d (teacher, shard) outputs are committed and %d remain to compute",
+                    "%d of %d teacher entries already complete; building the others",
                     done,
                     len(entries),
-                    report.reused,
-                    report.computed,
                 )
             keeper.start()
-            if pending:
-                run = _run_ray if executor == "ray" else _run_local
-                run(
-                    dataset,
-                    ensemble,
-                    entries,
-                    pending,
-                    report,
-                    batch_size=batch_size,
-                    address=address,
-                    num_actors=num_actors,
-                    cpus_per_actor=cpus_per_actor,
-                    gpus_per_actor=gpus_per_actor,
-                    max_retries=max_retries,
-                    progress=progress,
-                )
+            batch_size = ex.config.batch_size
+            if building:
+                # Every shard of every entry being built is a candidate; the executor's base
+                # skips the (teacher, shard) pairs already committed.
+                context = TaskContext(dataset, ensemble.teachers, entries, batch_size)
+                tasks = [(i, building) for i in range(dataset.num_shards)]
+                ex.run(context, tasks, report, progress=progress)
             info = {
                 "temperature": spec.temperature,
                 "versions": {
@@ -211,7 +212,7 @@ def build_cache(
                     "torch": torch.__version__,
                     "python": platform.python_version(),
                 },
-                "build": {"executor": executor, "batch_size": batch_size},
+                "build": {"executor": ex.name, "batch_size": batch_size},
             }
             for teacher, entry in zip(ensemble, entries, strict=True):
                 if not entry.is_complete:

@@ -1,4 +1,8 @@
-"""TODO docstring."""
+"""The per-shard task of the teacher stage: run the teachers over one input shard and commit
+one output shard per teacher (idempotent: a rerun writes identical bytes).
+
+Shape legend: B batch, T tokens, V vocabulary, M rows (samples or target positions).
+"""
 
 from __future__ import annotations
 
@@ -61,7 +65,7 @@ def compute_shard(
                 raise TeacherOutputError(
                     f"teacher {teacher.name!r} returned {tuple(logits.shape)} for a dataset "
                     "of whole samples; expected logits [B, V] (token models need a "
-                    "TokenDataset, see kdcache.text)"
+                    "TokenDataset, see kdcache.data.tokens)"
                 )
             targets.check_finite(
                 logits, teacher=teacher.name, sample_ids_B=torch.from_numpy(batch_ids)
@@ -103,7 +107,7 @@ def _compute_token_shard(
 
     For each batch of sequences (right-padded, so valid positions keep their causal
     context), the teacher's logits [B, T, V] are cut to the target positions of each
-    sequence (:func:`kdcache.text.target_positions`: position t holds the distribution of
+    sequence (:func:`kdcache.data.tokens.target_positions`: position t holds the distribution of
     token t + 1; prompt and padding positions are dropped), scaled by 1 / tau and
     sparsified per batch, so at most one batch of [B, T, V] logits is ever held. Rows are
     written one per target position, with the sample's ``sample_id`` and the position.

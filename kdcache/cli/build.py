@@ -11,7 +11,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         "build",
         help="run the teacher stage described by a YAML/TOML/JSON config",
         description="Cache every teacher's soft targets over a dataset (see BuildConfig in "
-        "kdcache/config.py). A rerun is a cache hit; an interrupted build resumes.",
+        "kdcache/jobs/config.py). A rerun is a cache hit; an interrupted build resumes.",
     )
     c.add_argument("config", help="build config file (.yaml, .toml or .json)")
     c.add_argument(

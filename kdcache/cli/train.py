@@ -22,7 +22,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         "train",
         help="run the student stage described by a YAML/TOML/JSON config",
         description="Train a student on DeepSpeed from cached soft targets (see TrainConfig "
-        "in kdcache/config.py). Launch it alone, under torchrun or deepspeed on every rank, "
+        "in kdcache/jobs/config.py). Launch it alone, under torchrun or deepspeed on every rank, "
         "or with --ray on a Ray cluster.",
     )
     c.add_argument("config", help="train config file (.yaml, .toml or .json)")

@@ -1,16 +1,30 @@
-"""The teacher stage's execution settings: one object for the Python API, config files and
-pipelines alike. None of these change a cache key or the bytes written."""
+"""The teacher stage's execution settings: :class:`ExecutorConfig`, one object for the Python
+API, config files and pipelines alike; none of its settings change a cache key or the bytes
+written."""
 
 from __future__ import annotations
 
-import dataclasses
-
 from kdcache.errors import ConfigError
+from kdcache.validation import config_dataclass
 
 
-@dataclasses.dataclass
+@config_dataclass
 class ExecutorConfig:
-    """How the teacher stage runs (none of this changes the cache key)."""
+    """How the teacher stage runs (none of this changes the cache key).
+
+    Attributes:
+        kind: ``"ray"`` (actors; a local Ray when no cluster is given) or ``"local"``
+            (this process; for debugging and tests without Ray).
+        address: Ray cluster address; None uses ``RAY_ADDRESS`` or starts a local Ray.
+        num_actors: Ray actors; None: one per ``cpus_per_actor`` CPUs, at most one per shard.
+        cpus_per_actor: CPUs each actor requests (and torch threads it uses), > 0.
+        gpus_per_actor: GPUs each actor requests, >= 0 (fractional shares one GPU).
+        batch_size: Records per teacher forward pass, >= 1.
+        max_retries: Retries of a shard after a retriable failure, >= 0.
+
+    Raises:
+        ConfigError: a value of the wrong type, an unknown key, or one out of range.
+    """
 
     kind: str = "ray"
     address: str | None = None

@@ -1,4 +1,5 @@
-"""TODO docstring."""
+"""The teacher-stage job: a typed :class:`~kdcache.jobs.config.BuildConfig` turned into a
+``build_cache`` call."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ from kdcache.teachers.teacher import TeacherEnsemble
 
 
 def build_from_config(config: BuildConfig, *, progress: bool = True) -> CacheEntry | EnsembleView:
-    """Run a teacher-stage job described by a :class:`kdcache.config.BuildConfig`.
+    """Run a teacher-stage job described by a :class:`kdcache.jobs.config.BuildConfig`.
 
     Builds the dataset and teachers the config names, calls :func:`build_cache`, and
     points ``config.alias`` (if set) at the result.
@@ -24,7 +25,6 @@ def build_from_config(config: BuildConfig, *, progress: bool = True) -> CacheEnt
     dataset = config.dataset.build()
     teachers = [t.build() for t in config.teachers]
     ensemble = TeacherEnsemble(teachers, weights=config.ensemble.weights, rule=config.ensemble.rule)
-    ex = config.executor
     cache = build_cache(
         dataset,
         ensemble,
@@ -34,13 +34,7 @@ def build_from_config(config: BuildConfig, *, progress: bool = True) -> CacheEnt
         backend=config.targets.backend,
         kind=config.targets.kind,
         params=config.targets.params,
-        executor=ex.kind,
-        address=ex.address,
-        num_actors=ex.num_actors,
-        cpus_per_actor=ex.cpus_per_actor,
-        gpus_per_actor=ex.gpus_per_actor,
-        batch_size=ex.batch_size,
-        max_retries=ex.max_retries,
+        executor=config.executor,
         progress=progress,
     )
     if config.alias:

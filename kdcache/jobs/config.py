@@ -1,32 +1,66 @@
-"""Typed configuration: dataclasses validated in ``__post_init__``, loaded from YAML, TOML
-or JSON files, with type-checked ``key=value`` overrides.
+"""Typed configuration: pydantic dataclasses validated in ``__post_init__``, loaded from
+YAML, TOML or JSON files, with type-checked ``key=value`` overrides.
 
-Unknown keys are errors (with their dotted path), so a typo never silently falls back to
-a default. Objects the config names (datasets, model factories) are given as
-``"package.module:function"`` import paths and built by :func:`import_object`.
+Unknown keys and wrong types are errors that name their dotted path (``teachers.0.kwargs``,
+``stream.batch_size``), so a typo never silently falls back to a default and nothing is
+converted with a loss (1.5 or ``"3"`` is no int; an int is a float). Objects the config
+names (datasets, model factories) are given as ``"package.module:function"`` import paths
+and built by :func:`import_object`.
+
+Example:
+    >>> from kdcache.jobs import config
+    >>> data = {"root": "cache", "dataset": {"factory": "kdcache.testing:toy_dataset"},
+    ...         "teachers": [{"name": "a", "torchscript": "a.pt"}]}
+    >>> c = config.from_dict(config.BuildConfig, config.apply_overrides(data, [
+    ...     "teachers.0.torchscript=b.pt", "targets.kind=topk", "targets.params={k: 8}"]))
+    >>> c.teachers[0].torchscript, c.targets.temperature, c.targets.params
+    ('b.pt', 4.0, (('k', 8),))
+    >>> config.from_dict(config.BuildConfig, config.to_dict(c)) == c
+    True
 """
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import importlib
 import json
 import os
-import types
-import typing
-from typing import Any, TypeVar, Union, get_args, get_origin
+from collections.abc import Mapping
+from typing import Annotated, Any, TypeVar
+
+from pydantic import (
+    BeforeValidator,
+    GetJsonSchemaHandler,
+    GetPydanticSchema,
+    TypeAdapter,
+    ValidationError,
+    field_serializer,
+)
+from pydantic.json_schema import JsonSchemaValue
 
 from kdcache.errors import ConfigError
 from kdcache.executors.config import ExecutorConfig
+from kdcache.schema import TargetSpec
+from kdcache.validation import config_dataclass, config_error
 
 T = TypeVar("T")
+
+#: The temperature of a build config that gives none (``TargetSpec`` itself requires one).
+DEFAULT_TEMPERATURE = 4.0
 
 
 def import_object(path: str) -> Any:
     """Import ``"package.module:attr"`` (or ``"package.module.attr"``).
 
+    Args:
+        path: The import path; ``attr`` may be dotted (``module:Class.method``).
+
+    Returns:
+        The object.
+
     Raises:
-        ConfigError: the module or attribute does not exist.
+        ConfigError: the path is malformed, or the module or attribute does not exist.
     """
     module_name, sep, attr = path.partition(":")
     if not sep:
@@ -45,106 +79,94 @@ def import_object(path: str) -> Any:
     return obj
 
 
-def _type_name(tp: Any) -> str:
-    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+def _plain(value: Any, where: str) -> Any:
+    """``value`` as JSON data (tuples become lists, configs their fields), or an error."""
+    if value is None or isinstance(value, (str, bool, int, float)):
+        return value
+    if isinstance(value, Mapping):
+        bad = [k for k in value if not isinstance(k, str)]
+        if bad:
+            raise ConfigError(f"{where or 'config'}: keys must be strings, got {bad[0]!r}")
+        return {k: _plain(v, f"{where}.{k}".lstrip(".")) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v, f"{where}.{i}".lstrip(".")) for i, v in enumerate(value)]
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return _plain(dataclasses.asdict(value), where)
+    raise ConfigError(
+        f"{where or 'config'}: expected a mapping, list, string, number, boolean or null, "
+        f"got {type(value).__name__} {value!r}"
+    )
 
 
-def _coerce(value: Any, tp: Any, where: str) -> Any:
-    """Check (and gently convert: int -> float, list -> tuple) ``value`` against ``tp``."""
-    origin = get_origin(tp)
-    if tp is Any:
-        return value
-    if origin in (Union, types.UnionType):
-        args = get_args(tp)
-        if value is None and type(None) in args:
-            return None
-        errors = []
-        for arg in args:
-            if arg is type(None):
-                continue
-            try:
-                return _coerce(value, arg, where)
-            except ConfigError as exc:
-                errors.append(str(exc))
-        raise ConfigError(
-            errors[0]
-            if len(errors) == 1
-            else f"{where}: {value!r} fits none of {' | '.join(_type_name(a) for a in args)}"
-        )
-    if dataclasses.is_dataclass(tp) and isinstance(tp, type):
-        if isinstance(value, tp):
-            return value
-        if not isinstance(value, dict):
-            raise ConfigError(f"{where}: expected a table/mapping, got {value!r}")
-        return from_dict(tp, value, where)
-    if origin in (list, tuple):
-        if not isinstance(value, (list, tuple)):
-            raise ConfigError(f"{where}: expected a list, got {value!r}")
-        (item,) = get_args(tp)[:1] or (Any,)
-        out = [_coerce(v, item, f"{where}[{i}]") for i, v in enumerate(value)]
-        return out if origin is list else tuple(out)
-    if origin is dict:
-        if not isinstance(value, dict):
-            raise ConfigError(f"{where}: expected a mapping, got {value!r}")
-        return dict(value)
-    if tp is float:
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ConfigError(f"{where}: expected a number, got {value!r}")
-        return float(value)
-    if tp is int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise ConfigError(f"{where}: expected an integer, got {value!r}")
-        return value
-    if tp is bool:
-        if not isinstance(value, bool):
-            raise ConfigError(f"{where}: expected true or false, got {value!r}")
-        return value
-    if tp is str:
-        if not isinstance(value, str):
-            raise ConfigError(f"{where}: expected a string, got {value!r}")
-        return value
-    return value
+def from_dict(cls: type[T], data: Mapping[str, Any]) -> T:
+    """Build config class ``cls`` from a mapping, recursively, rejecting unknown keys.
 
+    The data validate in pydantic's strict JSON mode: exact JSON types, except that an
+    integer is accepted for a float; nested configs are mappings (or instances).
 
-def from_dict(cls: type[T], data: dict[str, Any], where: str = "") -> T:
-    """Build dataclass ``cls`` from a mapping, recursively, rejecting unknown keys.
+    Args:
+        cls: A config dataclass (:class:`BuildConfig`, :class:`TrainConfig`, ...).
+        data: Plain data, as read by :func:`read_file` (and :func:`apply_overrides`).
+
+    Returns:
+        The validated config; every ``__post_init__`` has run.
 
     Raises:
-        ConfigError: unknown key, missing required key, or a value of the wrong type; the
-            message gives the dotted path.
+        ConfigError: ``data`` is not a mapping, or has an unknown key, a missing required
+            key, a value of the wrong type or one a ``__post_init__`` refuses; the message
+            names each dotted path, what was expected and what was found.
     """
-    assert dataclasses.is_dataclass(cls)
-    hints = typing.get_type_hints(cls)
-    fields = {f.name: f for f in dataclasses.fields(cls)}
-    unknown = sorted(set(data) - set(fields))
-    if unknown:
-        raise ConfigError(
-            f"unknown key(s) {', '.join(repr(f'{where}.{k}'.lstrip('.')) for k in unknown)}; "
-            f"{cls.__name__} accepts: {', '.join(sorted(fields))}"
-        )
-    kwargs = {}
-    for name, f in fields.items():
-        path = f"{where}.{name}".lstrip(".")
-        if name in data:
-            kwargs[name] = _coerce(data[name], hints[name], path)
-        elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
-            raise ConfigError(f"missing required key {path!r} ({cls.__name__})")
+    if not isinstance(data, Mapping):
+        raise ConfigError(f"{cls.__name__}: expected a mapping, got {data!r}")
+    text = json.dumps(_plain(data, ""))
     try:
-        return cls(**kwargs)
-    except ConfigError as exc:
-        raise ConfigError(f"{where or cls.__name__}: {exc}") from exc
+        config: T = TypeAdapter(cls).validate_json(text)
+    except ValidationError as exc:
+        raise config_error(exc, cls) from exc
+    return config
 
 
 def to_dict(obj: Any) -> dict[str, Any]:
-    """A dataclass config as plain JSON-able data (the resolved config, for manifests)."""
-    return json.loads(json.dumps(dataclasses.asdict(obj), default=str))
+    """A config as plain JSON-able data: the resolved config, for manifests, checkpoints
+    and ``kdcache submit``. ``from_dict(type(obj), to_dict(obj)) == obj`` whenever its
+    free-form ``kwargs`` are JSON data; ``targets.params`` is written as a mapping.
+
+    Args:
+        obj: A config dataclass instance.
+
+    Returns:
+        Nested dicts, lists, strings, numbers, booleans and None; values that JSON cannot
+        hold (in free-form ``kwargs``) are written as their ``str``.
+    """
+    out: dict[str, Any] = TypeAdapter(type(obj)).dump_python(obj, mode="json", fallback=str)
+    return out
+
+
+def json_schema(cls: type) -> dict[str, Any]:
+    """The JSON Schema of config class ``cls`` (for editors and ``kdcache config schema``).
+
+    Args:
+        cls: A config dataclass (:class:`BuildConfig`, :class:`TrainConfig`, ...).
+
+    Returns:
+        A JSON Schema (draft 2020-12) dict; nested configs are under ``$defs``.
+    """
+    schema: dict[str, Any] = TypeAdapter(cls).json_schema()
+    return schema
 
 
 def read_file(path: str) -> dict[str, Any]:
     """Read a ``.yaml``/``.yml``, ``.toml`` or ``.json`` file into a mapping.
 
+    Args:
+        path: The file; its extension picks the parser.
+
+    Returns:
+        The file's top-level mapping, unvalidated.
+
     Raises:
-        ConfigError: the file is missing, unreadable, or not a mapping.
+        ConfigError: the file is missing, unreadable, unparsable, of another extension, or
+            not a mapping.
     """
     if not os.path.exists(path):
         raise ConfigError(f"config file {path} does not exist")
@@ -175,36 +197,84 @@ def read_file(path: str) -> dict[str, Any]:
     return data
 
 
-def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
-    """Apply ``dotted.key=value`` overrides; values parse as YAML scalars (``4.0``,
-    ``true``, ``[1, 2]``, ``null``), and types are checked when the config is built.
+def apply_overrides(data: Mapping[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Apply ``dotted.key=value`` overrides to a copy of ``data``.
+
+    Values parse as YAML (``2.0`` a float, ``true`` a bool, ``[1, 2]`` a list, ``{k: 8}``
+    a mapping, ``null`` None; an empty value is the empty string). A number in the path
+    indexes a list (``teachers.0.checkpoint=a.safetensors``); a missing mapping on the
+    way is created. Keys and types are checked when the config is built
+    (:func:`from_dict`), so an unknown key is reported there with its path.
+
+    Args:
+        data: The config as read from its file (left unchanged).
+        overrides: ``key=value`` strings, applied in order.
+
+    Returns:
+        The overridden copy.
 
     Raises:
-        ConfigError: an override without ``=``, or one that descends into a non-mapping.
+        ConfigError: an override without ``=``, a value that is not YAML, a list index
+            that is not a number or out of range, or a path through a value that is
+            neither a mapping nor a list; the message names the dotted path.
     """
     import yaml
 
-    out = json.loads(json.dumps(data))
+    out = copy.deepcopy(dict(data))
     for item in overrides:
         key, sep, text = item.partition("=")
         if not sep or not key:
             raise ConfigError(
                 f"override {item!r} must look like key=value (e.g. targets.temperature=2)"
             )
-        node = out
+        try:
+            value = yaml.safe_load(text) if text else ""
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"override {item!r}: the value is not valid YAML: {exc}") from exc
         parts = key.split(".")
-        for part in parts[:-1]:
-            nxt = node.setdefault(part, {})
-            if not isinstance(nxt, dict):
-                raise ConfigError(f"override {item!r}: {part!r} is not a mapping")
-            node = nxt
-        node[parts[-1]] = yaml.safe_load(text) if text else ""
+        node: Any = out
+        for depth, part in enumerate(parts):
+            where, last = ".".join(parts[: depth + 1]), depth == len(parts) - 1
+            if isinstance(node, dict):
+                if last:
+                    node[part] = value
+                else:
+                    node = node.setdefault(part, {})
+            elif isinstance(node, list):
+                parent = ".".join(parts[:depth])
+                if not (part.isascii() and part.isdigit()):
+                    raise ConfigError(
+                        f"override {item!r}: {parent!r} is a list; index it with a number "
+                        f"({parent}.0), got {part!r}"
+                    )
+                if int(part) >= len(node):
+                    raise ConfigError(
+                        f"override {item!r}: {where!r} is out of range; {parent!r} has "
+                        f"{len(node)} item(s)"
+                    )
+                if last:
+                    node[int(part)] = value
+                else:
+                    node = node[int(part)]
+            else:
+                raise ConfigError(
+                    f"override {item!r}: {'.'.join(parts[:depth])!r} is "
+                    f"{type(node).__name__} {node!r}, not a mapping or a list, so it has no "
+                    f"key {part!r}"
+                )
     return out
 
 
 def command_line_overrides(positional: list[str], rest: list[str]) -> list[str]:
     """The ``key=value`` overrides of a command: its positional ones plus those argparse
     left over (it stops a ``nargs="*"`` positional at the first option).
+
+    Args:
+        positional: The command's ``overrides`` positional arguments.
+        rest: What ``parse_known_args`` left over.
+
+    Returns:
+        All overrides, positional ones first.
 
     Raises:
         ConfigError: a leftover argument that is not ``key=value`` (a mistyped option).
@@ -216,14 +286,26 @@ def command_line_overrides(positional: list[str], rest: list[str]) -> list[str]:
 
 
 def load(cls: type[T], path: str, overrides: list[str] | None = None) -> T:
-    """Read ``path``, apply overrides and build ``cls`` (see :func:`from_dict`)."""
+    """Read ``path``, apply overrides and build ``cls``.
+
+    Args:
+        cls: The config class.
+        path: A YAML, TOML or JSON file (see :func:`read_file`).
+        overrides: ``key=value`` overrides (see :func:`apply_overrides`).
+
+    Returns:
+        The validated config.
+
+    Raises:
+        ConfigError: see :func:`read_file`, :func:`apply_overrides` and :func:`from_dict`.
+    """
     return from_dict(cls, apply_overrides(read_file(path), overrides or []))
 
 
 # -- the teacher stage -------------------------------------------------------------------
 
 
-@dataclasses.dataclass
+@config_dataclass
 class DatasetConfig:
     """Where the input records come from.
 
@@ -247,7 +329,7 @@ class DatasetConfig:
         return ds
 
 
-@dataclasses.dataclass
+@config_dataclass
 class TeacherConfig:
     """One teacher: a factory plus a checkpoint, or a TorchScript file.
 
@@ -284,7 +366,7 @@ class TeacherConfig:
         )
 
 
-@dataclasses.dataclass
+@config_dataclass
 class EnsembleConfig:
     """How the teachers combine at read time (see :func:`kdcache.targets.combine_ensemble`)."""
 
@@ -298,31 +380,37 @@ class EnsembleConfig:
             raise ConfigError(f"rule must be one of {ENSEMBLE_RULES}, got {self.rule!r}")
 
 
-@dataclasses.dataclass
-class TargetsConfig:
-    """What is stored per sample (see :class:`kdcache.schema.TargetSpec`): ``kind`` is
-    ``dense``, ``topk``, ``topp`` or ``sampled``; ``params`` its sparsification settings,
-    e.g. ``{k: 64, labels: true}`` or ``{num_samples: 32, seed: 0}``."""
-
-    temperature: float = 4.0
-    storage_dtype: str = "float32"
-    backend: str = "arrow"
-    kind: str = "dense"
-    params: dict[str, Any] | None = None
-
-    def __post_init__(self) -> None:
-        from kdcache.schema import TargetSpec
-
-        TargetSpec(
-            self.temperature,
-            kind=self.kind,
-            storage_dtype=self.storage_dtype,
-            backend=self.backend,
-            params=self.params,
-        )
+def _default_targets() -> TargetSpec:
+    return TargetSpec(DEFAULT_TEMPERATURE)
 
 
-@dataclasses.dataclass
+def _with_default_temperature(value: Any) -> Any:
+    """A ``targets`` mapping without a temperature gets :data:`DEFAULT_TEMPERATURE`."""
+    if isinstance(value, Mapping) and "temperature" not in value:
+        return {"temperature": DEFAULT_TEMPERATURE, **value}
+    return value
+
+
+def _default_temperature_schema(core: Any, handler: GetJsonSchemaHandler) -> JsonSchemaValue:
+    """The JSON Schema of ``targets``: TargetSpec's, with the temperature optional."""
+    schema = handler(core)
+    spec = handler.resolve_ref_schema(schema)
+    spec["properties"]["temperature"]["default"] = DEFAULT_TEMPERATURE
+    spec["required"] = [k for k in spec.get("required", []) if k != "temperature"]
+    if not spec["required"]:
+        del spec["required"]
+    return schema
+
+
+#: ``BuildConfig.targets``: a :class:`TargetSpec` whose temperature a config may omit.
+ConfigTargets = Annotated[
+    TargetSpec,
+    BeforeValidator(_with_default_temperature),
+    GetPydanticSchema(get_pydantic_json_schema=_default_temperature_schema),
+]
+
+
+@config_dataclass
 class BuildConfig:
     """A teacher-stage job: ``kdcache build CONFIG``.
 
@@ -335,15 +423,27 @@ class BuildConfig:
           - {name: convnet-a, factory: "pipelines.models:build_model",
              kwargs: {arch: convnet, width: 32, hidden: 128}, checkpoint: a.safetensors}
         ensemble: {rule: mean_probs}
-        targets: {temperature: 4.0}
+        targets: {temperature: 4.0, kind: topk, params: {k: 64, labels: true}}
         executor: {kind: ray}
+
+    Attributes:
+        root: Cache root (local path, ``file://`` or another pyarrow filesystem URI).
+        dataset: The input records.
+        teachers: At least one; names unique.
+        ensemble: How the teachers combine at read time; ``weights`` one per teacher.
+        targets: What is stored per sample, a :class:`kdcache.schema.TargetSpec`; a
+            mapping without ``temperature`` gets :data:`DEFAULT_TEMPERATURE`, and none at
+            all a dense spec at that temperature. ``params`` is held as TargetSpec's
+            sorted tuple of pairs and written back as a mapping by :func:`to_dict`.
+        executor: Where the per-shard tasks run (:class:`ExecutorConfig`).
+        alias: A name pointed at the result, when given.
     """
 
     root: str
     dataset: DatasetConfig
     teachers: list[TeacherConfig]
     ensemble: EnsembleConfig = dataclasses.field(default_factory=EnsembleConfig)
-    targets: TargetsConfig = dataclasses.field(default_factory=TargetsConfig)
+    targets: ConfigTargets = dataclasses.field(default_factory=_default_targets)
     executor: ExecutorConfig = dataclasses.field(default_factory=ExecutorConfig)
     alias: str | None = None
 
@@ -359,11 +459,18 @@ class BuildConfig:
                 f"{len(names)} teachers"
             )
 
+    @field_serializer("targets")
+    def _targets_json(self, targets: TargetSpec) -> dict[str, Any]:
+        # params as the mapping a config file gives, not TargetSpec's tuple of pairs
+        out = targets.to_json()
+        out.setdefault("params", None)
+        return out
+
 
 # -- the student stage -------------------------------------------------------------------
 
 
-@dataclasses.dataclass
+@config_dataclass
 class StudentConfig:
     """The student: ``factory(**kwargs) -> nn.Module`` mapping inputs [B, ...] to logits
     [B, V]. The same pair goes into the exported safetensors metadata, so the student
@@ -376,7 +483,7 @@ class StudentConfig:
         return import_object(self.factory)(**self.kwargs)
 
 
-@dataclasses.dataclass
+@config_dataclass
 class CacheRefConfig:
     """Which soft targets: an entry directory, an ensemble view file, or (with ``root``)
     a key or an alias (see :func:`kdcache.open_cache`)."""
@@ -385,7 +492,7 @@ class CacheRefConfig:
     root: str | None = None
 
 
-@dataclasses.dataclass
+@config_dataclass
 class LossConfig:
     """The loss, from :mod:`kdcache.losses`.
 
@@ -419,7 +526,7 @@ class LossConfig:
             raise ConfigError(f"loss.temperature must be > 0, got {self.temperature}")
 
 
-@dataclasses.dataclass
+@config_dataclass
 class StreamConfig:
     """How the student reads (see :class:`kdcache.stream.ShardedStream`).
 
@@ -452,7 +559,7 @@ class StreamConfig:
             raise ConfigError("stream: shuffle_window, num_workers, prefetch_shards must be >= 0")
 
 
-@dataclasses.dataclass
+@config_dataclass
 class RayTrainConfig:
     """Run the student stage on a Ray cluster with Ray Train's ``TorchTrainer``.
 
@@ -475,7 +582,7 @@ class RayTrainConfig:
             raise ConfigError("ray: num_workers >= 1 and cpus_per_worker > 0")
 
 
-@dataclasses.dataclass
+@config_dataclass
 class TrainConfig:
     """A student-stage job: ``kdcache train CONFIG``.
 

@@ -42,7 +42,7 @@ log = logging.getLogger(__name__)
 CONFIG_ENV = "KDCACHE_JOB_CONFIG"
 
 
-#: Stage -> (config class in kdcache.config, command module that runs it).
+#: Stage -> (config class in kdcache.jobs.config, command module that runs it).
 
 
 STAGES: dict[str, tuple[str, str]] = {

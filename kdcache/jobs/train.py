@@ -1,4 +1,5 @@
-"""TODO docstring."""
+"""The student-stage job: a typed train config run on this rank (DeepSpeed) or on Ray Train
+workers: stream, loss, checkpoints, export and the summary."""
 
 from __future__ import annotations
 
@@ -32,7 +33,7 @@ def _latest_step(checkpoint_dir: str) -> int | None:
 
 
 def train_from_config(cfg: Any, *, resume: bool = False, progress: bool = True) -> dict[str, Any]:
-    """Run a :class:`kdcache.config.TrainConfig` on this process's rank.
+    """Run a :class:`kdcache.jobs.config.TrainConfig` on this process's rank.
 
     Launch it on every rank (``torchrun``, ``deepspeed``, Ray Train, or a single process).
     Writes under ``cfg.output_dir``: ``checkpoints/`` (engine and loader state),
@@ -57,7 +58,8 @@ def train_from_config(cfg: Any, *, resume: bool = False, progress: bool = True) 
     """
     import math
 
-    from kdcache import __version__, losses
+    from kdcache import losses
+    from kdcache._version import __version__
     from kdcache.jobs.config import to_dict
     from kdcache.stores.catalog import open_cache
     from kdcache.stores.view import as_view

@@ -1,4 +1,7 @@
-"""TODO docstring."""
+"""Feature and relation distillation losses: FitNets hints and RKD distance and angle.
+
+Shape legend: B batch, D student feature width, E teacher feature width.
+"""
 
 from __future__ import annotations
 

@@ -1,7 +1,7 @@
 """Storage backends: how one shard's columns become the bytes of one file, and back.
 
 A backend is stateless and picklable (it travels to Ray actors); the commit protocol
-(temporary name, rename, sidecar, manifest) lives in :mod:`kdcache.cache` and is the same
+(temporary name, rename, sidecar, manifest) lives in :mod:`kdcache.stores.entry` and is the same
 for every backend. Every backend stores the same logical shard, :class:`ShardColumns`:
 
 * ``sample_id``: int64 [N], the stable id of each row.
@@ -44,7 +44,9 @@ from typing import Any, Protocol
 import numpy as np
 import pyarrow as pa
 
+from kdcache import schema
 from kdcache.errors import CacheCorruptError, ConfigError, require
+from kdcache.schema import BACKENDS as BACKEND_NAMES
 from kdcache.schema import COL_OFFSETS, COL_SAMPLE_ID, META_KEY
 
 _ZARR_RAGGED_ATTR = "kdcache_ragged_columns"
@@ -97,7 +99,7 @@ class ShardColumns:
 class ShardBackend(Protocol):
     """One extension point: encode a :class:`ShardColumns` to one file's bytes and back.
 
-    Contract (tested for every backend by ``tests/unit/test_store_conformance.py``):
+    Contract (tested for every backend by :class:`kdcache.testing.store_suite.StoreSuite`):
     ``decode(encode(c))`` equals ``c`` column by column and dtype by dtype; ``encode`` is
     byte-for-byte deterministic (a retried task writes an identical file); the backend
     pickles; ``decode`` raises :class:`CacheCorruptError` (naming ``where``) on bytes it
@@ -419,11 +421,38 @@ class ZarrBackend:
         return out
 
 
-BACKENDS: dict[str, ShardBackend] = {
+_IMPLEMENTATIONS: dict[str, ShardBackend] = {
     "arrow": ArrowIPCBackend(),
     "parquet": ParquetBackend(),
     "zarr": ZarrBackend(),
 }
+#: The registry, keyed by the names that :data:`kdcache.schema.BACKENDS` lists (the one
+#: list of backend names, which target specs are checked against).
+BACKENDS: dict[str, ShardBackend] = {name: _IMPLEMENTATIONS[name] for name in BACKEND_NAMES}
+
+
+def register_backend(backend: ShardBackend) -> None:
+    """Register a user's backend under ``backend.name``: specs may then name it.
+
+    Args:
+        backend: An object with ``name``, ``suffix``, ``encode`` and ``decode`` (the
+            :class:`ShardBackend` protocol); picklable, since stores travel to Ray actors.
+            It must pass :class:`kdcache.testing.store_suite.StoreSuite`.
+
+    Raises:
+        ConfigError: it lacks part of the protocol, or its name is taken by another
+            backend.
+    """
+    missing = [a for a in ("name", "suffix", "encode", "decode") if not hasattr(backend, a)]
+    if missing:
+        raise ConfigError(
+            f"{type(backend).__name__} is not a ShardBackend: it lacks {', '.join(missing)}"
+        )
+    name = str(backend.name)
+    if name in BACKENDS and BACKENDS[name] is not backend:
+        raise ConfigError(f"a backend named {name!r} is already registered")
+    schema.add_backend_name(name)
+    BACKENDS[name] = backend
 
 
 def get_backend(name: str) -> ShardBackend:

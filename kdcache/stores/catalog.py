@@ -1,4 +1,4 @@
-"""TODO docstring."""
+"""Finding caches under a root: ``open_cache`` by key, alias or URI, aliases, ``list_root``."""
 
 from __future__ import annotations
 

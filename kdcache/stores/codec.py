@@ -1,4 +1,10 @@
-"""TODO docstring."""
+"""The one codec between soft targets and shard columns, both ways, for every backend.
+
+Dense scaled logits [N, V] become a row column; sparse targets (ids_BS, values_BS,
+log-partition [B], ...) become ragged columns [E] with offsets [N + 1]; storage dtypes
+(float16, bfloat16 bits) are cast here, refusing values they cannot hold.
+Shape legend: N rows, V classes or vocabulary, B = N rows, S slots per row, E entries.
+"""
 
 from __future__ import annotations
 
@@ -68,7 +74,7 @@ def to_storage_dtype(values: np.ndarray, storage_dtype: str, where: str) -> np.n
         overflow = bool(((stored.view(np.uint16) & 0x7FFF) == 0x7F80).any())
     else:
         raise ConfigError(
-            f"unknown storage dtype {storage_dtype!r}; expected float32, float16 or bfloat16"
+            f"unknown storage dtype {storage_dtype!r}; expected one of {schema.STORAGE_DTYPES}"
         )
     if overflow:
         peak = float(np.abs(arr).max())

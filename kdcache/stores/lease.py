@@ -1,4 +1,5 @@
-"""TODO docstring."""
+"""Build leases: ``lease.json`` with an owner and an expiry, so that a second job on the same
+key waits for or reuses the first instead of interleaving with it."""
 
 from __future__ import annotations
 

@@ -1,4 +1,5 @@
-"""TODO docstring."""
+"""Ensemble views: K committed entries over one dataset, combined at read time by a rule,
+and the checks that a reader's expectations match what the cache holds."""
 
 from __future__ import annotations
 
@@ -106,10 +107,6 @@ class EnsembleView:
     def num_bytes(self) -> int:
         return sum(e.num_bytes for e in self.entries)
 
-    @property
-    def teacher_names(self) -> list[str]:
-        return [e.teacher_name for e in self.entries]
-
     def save(self) -> str:
         """Write ``<root>/ensembles/<key>.json``; returns its URI."""
         loc = self.root.child(schema.ENSEMBLES_DIR)
@@ -201,7 +198,7 @@ def check_reader(
             if not spec.is_sparse:
                 continue
             grid = spec.grid_temperatures
-            ok = spec.kind in ("topk", "topp") and any(
+            ok = spec.kind in schema.RETEMPER_KINDS and any(
                 abs(g - float(temperature)) <= 1e-6 * g for g in grid
             )
             if not ok:

@@ -183,10 +183,6 @@ class ShardedStream(torch.utils.data.IterableDataset):
         """See :meth:`kdcache.stream.order.EpochOrder.epoch_sequence`."""
         return self.order.epoch_sequence(epoch)
 
-    def step_samples(self, epoch: int) -> list[tuple[np.ndarray, np.ndarray]]:
-        """``[(shard_B, row_B), ...]``: what this rank reads at each step of ``epoch``."""
-        return self.order.step_samples(epoch)
-
     # -- state -----------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
         """Position of the stream: seed, epoch, consumed global positions, and the order

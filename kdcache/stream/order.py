@@ -25,7 +25,6 @@ Shape legend: N samples in an epoch, G global batch, B batch on one rank.
 
 from __future__ import annotations
 
-import itertools
 from dataclasses import dataclass
 
 import numpy as np
@@ -151,15 +150,6 @@ class EpochOrder:
             + within[None, :]
         )
         return positions.reshape(-1), np.arange(steps + 1, dtype=np.int64) * b
-
-    def step_samples(self, epoch: int) -> list[tuple[np.ndarray, np.ndarray]]:
-        """``[(shard_B, row_B), ...]``: what this rank reads at each step of ``epoch``."""
-        shard_N, row_N = self.epoch_sequence(epoch)
-        positions, bounds = self.rank_positions()
-        return [
-            (shard_N[positions[lo:hi]], row_N[positions[lo:hi]])
-            for lo, hi in itertools.pairwise(bounds.tolist())
-        ]
 
     def schedule(
         self, epoch: int, first: int, every: int

@@ -1,4 +1,9 @@
-"""TODO docstring."""
+"""Sparse soft targets: top-k, top-p and sampled sparsification, exact re-tempering and
+ensembles of sparse teachers, with the full-vocabulary log-partition kept exact.
+
+Shape legend: B rows (M rows to sparsify), S kept slots per row, V classes or vocabulary,
+K teachers, G temperatures in a log-partition grid, N sorted candidates per row.
+"""
 
 from __future__ import annotations
 
@@ -11,9 +16,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from kdcache import targets
 from kdcache.errors import ConfigError
-from kdcache.schema import SPARSE_KINDS, TargetSpec
+from kdcache.schema import RETEMPER_KINDS, SPARSE_KINDS, TargetSpec
 from kdcache.targets.dense import (
     _NEG_INF,
     ENSEMBLE_RULES,
@@ -436,7 +440,7 @@ def retemper_sparse(
     t = _check_temperature(to_temperature)
     if math.isclose(f, t, rel_tol=1e-6):
         return targets
-    if targets.kind not in ("topk", "topp"):
+    if targets.kind not in RETEMPER_KINDS:
         raise ConfigError(
             f"cannot re-temper {targets.kind!r} targets; rebuild them at temperature {t}"
         )
@@ -583,7 +587,7 @@ def sparsify(
     *,
     labels_M: torch.Tensor | None = None,
     row_sample_ids_M: np.ndarray | None = None,
-) -> targets.SparseTargets | np.ndarray:
+) -> SparseTargets | np.ndarray:
     """The targets of ``spec`` for M rows of scaled logits (one row per token or sample).
 
     Args:
@@ -595,7 +599,7 @@ def sparsify(
             seeded by (``seed`` param, sample_id), so bytes do not depend on batching.
 
     Returns:
-        float32 numpy [M, V] for ``dense``; else :class:`kdcache.targets.SparseTargets`.
+        float32 numpy [M, V] for ``dense``; else :class:`kdcache.SparseTargets`.
 
     Raises:
         ConfigError: ``mixture`` (made by combining entries, never by a teacher).
@@ -608,9 +612,9 @@ def sparsify(
         "grid_temperatures": spec.grid_temperatures,
     }
     if spec.kind == "topk":
-        return targets.topk_targets(scaled_MV, int(spec.param("k")), labels_B=labels, **grid)
+        return topk_targets(scaled_MV, int(spec.param("k")), labels_B=labels, **grid)
     if spec.kind == "topp":
-        return targets.topp_targets(
+        return topp_targets(
             scaled_MV,
             float(spec.param("top_p")),
             min_k=int(spec.param("min_k", 1)),
@@ -623,7 +627,7 @@ def sparsify(
         seed = int(spec.param("seed", 0))
         if row_sample_ids_M is None:
             gen = torch.Generator().manual_seed(seed)
-            return targets.sampled_targets(scaled_MV, n, labels_B=labels, generator=gen, **grid)
+            return sampled_targets(scaled_MV, n, labels_B=labels, generator=gen, **grid)
         parts = []
         bounds = np.flatnonzero(np.diff(row_sample_ids_M)) + 1
         for lo, hi in zip(
@@ -631,7 +635,7 @@ def sparsify(
         ):
             gen = torch.Generator().manual_seed(_sample_seed(seed, int(row_sample_ids_M[lo])))
             parts.append(
-                targets.sampled_targets(
+                sampled_targets(
                     scaled_MV[lo:hi],
                     n,
                     labels_B=None if labels is None else labels[lo:hi],
@@ -646,7 +650,7 @@ def sparsify(
     )
 
 
-def concat_sparse(parts: Sequence[targets.SparseTargets]) -> targets.SparseTargets:
+def concat_sparse(parts: Sequence[SparseTargets]) -> SparseTargets:
     """Stack SparseTargets row-wise (same kind; the slot count S is the largest, others
     padded with ``PAD_ID``).
 
@@ -670,8 +674,8 @@ def concat_sparse(parts: Sequence[targets.SparseTargets]) -> targets.SparseTarge
         got = [getattr(p, name) for p in parts]
         return None if got[0] is None else torch.cat(got)
 
-    return targets.SparseTargets(
-        ids_BS=torch.cat([widen(p.ids_BS, targets.PAD_ID) for p in parts]),
+    return SparseTargets(
+        ids_BS=torch.cat([widen(p.ids_BS, PAD_ID) for p in parts]),
         values_BS=torch.cat([widen(p.values_BS, float("-inf")) for p in parts]),
         log_partition_B=torch.cat([p.log_partition_B for p in parts]),
         kind=first.kind,

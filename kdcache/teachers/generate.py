@@ -1,4 +1,5 @@
-"""TODO docstring."""
+"""Sequence-level distillation data: teachers write continuations of prompts (greedy or
+sampled) as a new token dataset. Shape legend: B sequences, T tokens."""
 
 from __future__ import annotations
 

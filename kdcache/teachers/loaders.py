@@ -1,4 +1,5 @@
-"""TODO docstring."""
+"""Loading teachers' modules: weights (safetensors or weights-only torch files), their
+SHA-256, Hugging Face causal LMs as logits functions and feature taps [B, D]."""
 
 from __future__ import annotations
 

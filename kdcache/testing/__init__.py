@@ -1,15 +1,34 @@
 """Fakes and fixtures shared by kdcache's tests and by users' own tests.
 
-Everything here is small, deterministic and CPU-only.
+Everything here is small, deterministic and CPU-only. The store conformance suite,
+:mod:`kdcache.testing.store_suite` (``StoreSuite``), needs pytest and is imported only
+on demand: ``from kdcache.testing.store_suite import StoreSuite``.
 """
 
 from __future__ import annotations
+
+import sys
+from typing import Any
 
 import numpy as np
 import torch
 
 from kdcache.data.base import ArrayDataset
 from kdcache.teachers.teacher import Teacher
+
+if "pytest" in sys.modules:
+    # Under pytest, let the suite's plain asserts explain their failures (as in a test
+    # file); this must run before the suite module is imported.
+    sys.modules["pytest"].register_assert_rewrite("kdcache.testing.store_suite")
+
+
+def __getattr__(name: str) -> Any:
+    """``kdcache.testing.StoreSuite`` imports the suite (and pytest) on first use."""
+    if name == "StoreSuite":
+        from kdcache.testing.store_suite import StoreSuite
+
+        return StoreSuite
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def toy_dataset(

@@ -1,4 +1,5 @@
-"""TODO docstring."""
+"""torch.distributed and DeepSpeed set-up: process group, DeepSpeed configs (passed through
+with only kdcache's values filled in), means over ranks and gathered weights."""
 
 from __future__ import annotations
 

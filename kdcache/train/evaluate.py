@@ -1,4 +1,7 @@
-"""TODO docstring."""
+"""Evaluating a student: classifier accuracy and cross-entropy, causal-LM perplexity.
+
+Shape legend: B batch, T tokens.
+"""
 
 from __future__ import annotations
 

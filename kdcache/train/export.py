@@ -1,4 +1,4 @@
-"""TODO docstring."""
+"""Exporting a trained student: safetensors weights with kdcache's JSON metadata."""
 
 from __future__ import annotations
 

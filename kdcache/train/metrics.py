@@ -1,4 +1,4 @@
-"""TODO docstring."""
+"""Training metrics: ``metrics.csv`` (and TensorBoard when installed), and reading them back."""
 
 from __future__ import annotations
 

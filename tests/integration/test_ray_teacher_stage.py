@@ -1,4 +1,5 @@
-"""The teacher stage on a real local Ray: actor loss is retried, teacher errors are fatal."""
+"""The teacher stage on a real local Ray: actor loss is retried, teacher errors are fatal, a
+RayExecutor keeps its actors between builds and close() kills them."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import pytest
 
 import kdcache
 from kdcache.errors import TeacherOutputError
+from kdcache.executors import ExecutorConfig, RayExecutor
 from kdcache.stores.admin import verify
 from kdcache.testing import CrashOnce, NaNAt, linear_teacher, toy_dataset
 
@@ -36,8 +38,7 @@ def test_actor_killed_mid_shard_still_yields_every_id_once(local_ray, root, tmp_
         [crashing, linear_teacher(seed=1)],
         temperature=2.0,
         root=root,
-        executor="ray",
-        num_actors=2,
+        executor=ExecutorConfig(num_actors=2),
         progress=False,
     )
     assert os.path.exists(tmp_path / "crashed")  # the fault really fired
@@ -56,7 +57,12 @@ def test_teacher_nan_fails_the_job_naming_the_sample(local_ray, root):
     )
     with pytest.raises(TeacherOutputError, match=r"'nanny'.*sample_id 1032"):
         kdcache.build_cache(
-            ds, teacher, temperature=1.0, root=root, executor="ray", num_actors=1, progress=False
+            ds,
+            teacher,
+            temperature=1.0,
+            root=root,
+            executor=ExecutorConfig(num_actors=1),
+            progress=False,
         )
 
 
@@ -71,3 +77,44 @@ def test_ray_and_local_executors_write_identical_shards(local_ray, tmp_path):
     )
     assert a.key == b.key
     assert [s.sha256 for s in a.shards] == [s.sha256 for s in b.shards]
+
+
+def _pid(actor) -> int:
+    return ray.get(actor.__ray_call__.remote(lambda self: os.getpid()), timeout=60)
+
+
+def test_a_ray_executor_keeps_its_actors_between_builds_and_close_kills_them(local_ray, root):
+    ex = RayExecutor(ExecutorConfig(num_actors=2))
+    with ex:
+        a = kdcache.build_cache(
+            toy_dataset(seed=0),
+            linear_teacher(),
+            temperature=2.0,
+            root=root,
+            executor=ex,
+            progress=False,
+        )
+        actors = ex.actors
+        pids = [_pid(h) for h in actors]
+        assert len(actors) == 2 and len(set(pids)) == 2
+        # new data, so a real second build (not a hit), through the same executor object
+        b = kdcache.build_cache(
+            toy_dataset(seed=1),
+            linear_teacher(),
+            temperature=2.0,
+            root=root,
+            executor=ex,
+            progress=False,
+        )
+        assert a.key != b.key and not b.build_report.hit and b.build_report.computed == 4
+        assert ex.actors == actors  # the same actor handles (ids), no new actor started
+        assert [_pid(h) for h in ex.actors] == pids  # and the same processes, still alive
+        assert set(b.build_report.per_actor) == {"actor-0", "actor-1"}
+        # the first build paid for starting two actor processes (seconds); the second did not
+        assert b.build_report.wall_s < a.build_report.wall_s
+        assert verify(b).ok
+    assert ex.actors == ()
+    for actor in actors:
+        with pytest.raises(ray.exceptions.RayActorError):
+            _pid(actor)
+    assert ray.is_initialized()  # the fixture started Ray, so close() left it running

@@ -8,30 +8,18 @@ options, so every child location (and every pickled entry) reaches the same serv
 
 from __future__ import annotations
 
-import importlib.util
 import logging
 import os
 import uuid
-from pathlib import Path
 
 import numpy as np
 import pytest
 
 import kdcache
 from kdcache.stores.admin import gc, verify
+from kdcache.testing.store_suite import StoreSuite
 
 pytestmark = pytest.mark.integration
-
-_spec = importlib.util.spec_from_file_location(
-    "kdcache_store_conformance", Path(__file__).parents[1] / "unit" / "test_store_conformance.py"
-)
-assert _spec is not None and _spec.loader is not None
-conformance = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(conformance)
-
-# the parametrised fixtures of the suite, made visible to pytest in this module
-backend = conformance.backend
-kind = conformance.kind
 
 BUCKET = "kdcache-test"
 _ENV = {
@@ -77,7 +65,7 @@ def s3_root(endpoint: str) -> str:
     return f"s3://{BUCKET}/{prefix}?endpoint_override={endpoint}&scheme=http&region=us-east-1"
 
 
-class TestS3Store(conformance.StoreConformance):
+class TestS3Store(StoreSuite):
     @pytest.fixture
     def store_root(self, s3_endpoint):
         return s3_root(s3_endpoint)

@@ -1,4 +1,5 @@
-"""The teacher stage in-process (executor="local"): hits, misses, resume, fatal errors."""
+"""The teacher stage in-process (executor="local"): hits, misses, resume, fatal errors; the
+executor interface (the base skips committed work) and get_executor."""
 
 from __future__ import annotations
 
@@ -10,6 +11,14 @@ import torch
 
 import kdcache
 from kdcache.errors import ConfigError, TeacherOutputError
+from kdcache.executors import (
+    EXECUTORS,
+    ExecutorConfig,
+    LocalExecutor,
+    ShardTask,
+    TaskContext,
+    get_executor,
+)
 from kdcache.testing import NaNAt, linear_teacher, toy_dataset
 
 
@@ -151,3 +160,104 @@ def test_verify_repair_then_rebuild_recomputes_only_the_altered_shard(root, caps
     again = _build(ds, t, root)
     assert (again.build_report.computed, again.build_report.reused) == (1, 3)
     assert main(["verify", entry.location.uri]) == 0
+
+
+class _RecordingExecutor(LocalExecutor):
+    """A local executor that records what the base hands to ``_run`` and its closes."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.runs: list[list[ShardTask]] = []
+        self.num_closed = 0
+
+    def _run(self, context, tasks, report, *, progress):
+        self.runs.append(list(tasks))
+        super()._run(context, tasks, report, progress=progress)
+
+    def close(self):
+        self.num_closed += 1
+
+
+def test_second_build_through_a_local_executor_computes_only_missing_shards(root):
+    ds = toy_dataset()
+    a, b = linear_teacher(seed=0), linear_teacher(seed=1)
+    ex = _RecordingExecutor(ExecutorConfig(kind="local", batch_size=3))
+    first = kdcache.build_cache(ds, [a, b], temperature=2.0, root=root, executor=ex, progress=False)
+    assert ex.runs == [[ShardTask(i, (0, 1)) for i in range(4)]]
+    assert first.entries[0].manifest["build"] == {"executor": "local", "batch_size": 3}
+    before = [e.manifest["shards"] for e in first.entries]
+    # a crash before the manifests: teacher a lost shard 1's commit record, b lost 1 and 3
+    for entry, lost in zip(first.entries, [(1,), (1, 3)], strict=True):
+        os.unlink(os.path.join(entry.location.uri, "manifest.json"))
+        for i in lost:
+            os.unlink(os.path.join(entry.shards_location.uri, f"shard-{i:05d}.json"))
+    again = kdcache.build_cache(ds, [a, b], temperature=2.0, root=root, executor=ex, progress=False)
+    # the base skipped the committed (teacher, shard) pairs: shard 1 for both, 3 for b only
+    assert ex.runs[1] == [ShardTask(1, (0, 1)), ShardTask(3, (1,))]
+    assert (again.build_report.computed, again.build_report.reused) == (3, 5)
+    assert again.build_report.per_actor["local"]["shards"] == 2
+    assert [e.manifest["shards"] for e in again.entries] == before
+    assert ex.num_closed == 0  # an executor passed in is the caller's to close
+    # nothing left to compute: the base does not call _run at all
+    hit = kdcache.build_cache(ds, [a, b], temperature=2.0, root=root, executor=ex, progress=False)
+    assert hit.build_report.hit and len(ex.runs) == 2
+
+
+def test_executor_run_skips_committed_pairs_and_runs_nothing_when_all_are_done(root):
+    ds = toy_dataset()
+    t = linear_teacher()
+    entry = _build(ds, t, root)
+    entry.invalidate_shard(2)
+    context = TaskContext(ds, [t], [entry], batch_size=8)
+    report = kdcache.BuildReport(hit=False, keys=[entry.key])
+    with _RecordingExecutor() as ex:
+        ran = ex.run(context, [(i, [0]) for i in range(4)], report, progress=False)
+        assert ran == ex.runs[0] == [ShardTask(2, (0,))]
+        num_rows = len(ds.read_shard(2)["sample_id"])
+        assert (report.computed, report.reused, report.num_samples) == (1, 3, num_rows)
+        assert entry.committed_shard(2) is not None
+        assert ex.run(context, [(i, [0]) for i in range(4)], report, progress=False) == []
+        assert len(ex.runs) == 1 and report.reused == 7
+    assert ex.num_closed == 1  # the context manager closes it
+
+
+def test_build_cache_closes_the_executor_it_makes(root, monkeypatch):
+    made: list[_RecordingExecutor] = []
+
+    class Made(_RecordingExecutor):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            made.append(self)
+
+    monkeypatch.setitem(EXECUTORS, "local", Made)
+    entry = kdcache.build_cache(
+        toy_dataset(),
+        linear_teacher(),
+        temperature=2.0,
+        root=root,
+        executor=ExecutorConfig(kind="local", batch_size=7),
+        progress=False,
+    )
+    assert [m.num_closed for m in made] == [1]
+    assert made[0].config.batch_size == 7
+    assert entry.manifest["build"] == {"executor": "local", "batch_size": 7}
+
+
+def test_get_executor_accepts_names_configs_and_executors_and_names_what_it_got():
+    assert isinstance(get_executor("local"), LocalExecutor)
+    config = ExecutorConfig(kind="local", batch_size=5)
+    ex = get_executor(config)
+    assert isinstance(ex, LocalExecutor) and ex.config is config
+    assert get_executor(ex) is ex
+    assert LocalExecutor(batch_size=6).config == ExecutorConfig(kind="local", batch_size=6)
+    with pytest.raises(ConfigError, match=r"'dask'.*|.*'ray', 'local', an ExecutorConfig"):
+        get_executor("dask")
+    with pytest.raises(ConfigError) as info:
+        get_executor(42)
+    assert "42" in str(info.value) and "'ray', 'local', an ExecutorConfig" in str(info.value)
+    with pytest.raises(ConfigError, match=r"kind='ray'.*get_executor"):
+        LocalExecutor(ExecutorConfig(kind="ray"))
+    with pytest.raises(ConfigError, match="not both"):
+        LocalExecutor(ExecutorConfig(kind="local"), batch_size=3)
+    with pytest.raises(ConfigError, match="one entry per teacher"):
+        TaskContext(toy_dataset(), [linear_teacher()], [], batch_size=8)

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
 
 from kdcache.errors import ConfigError
+from kdcache.executors.config import ExecutorConfig
 from kdcache.jobs import config as cfg
+from kdcache.schema import TargetSpec
 
 BASE = {
     "root": "/tmp/x",
@@ -27,7 +30,7 @@ def test_defaults_and_nested_types():
 @pytest.mark.parametrize(
     ("override", "message"),
     [
-        ("targets.temprature=2", r"unknown key\(s\) 'targets.temprature'"),
+        ("targets.temprature=2", r"unknown key 'targets.temprature'; TargetSpec accepts"),
         ("targets.temperature=hot", r"targets.temperature: expected a number, got 'hot'"),
         ("targets.temperature=-1", "temperature must be a finite number > 0"),
         ("executor.kind=dask", "executor.kind must be 'ray' or 'local'"),
@@ -39,6 +42,159 @@ def test_defaults_and_nested_types():
 def test_bad_values_are_named(override, message):
     with pytest.raises(ConfigError, match=message):
         cfg.from_dict(cfg.BuildConfig, cfg.apply_overrides(BASE, [override]))
+
+
+TRAIN = {
+    "output_dir": "out",
+    "student": {"factory": "m:f"},
+    "cache": {"uri": "toy"},
+    "dataset": {"factory": "kdcache.testing:toy_dataset"},
+}
+
+
+def test_list_items_are_overridden_by_index():
+    two = {
+        **BASE,
+        "teachers": [{"name": "a", "torchscript": "a.pt"}, {"name": "b", "torchscript": "b.pt"}],
+    }
+    data = cfg.apply_overrides(
+        two,
+        ["teachers.0.torchscript=x.pt", "teachers.1.kwargs.width=64", "ensemble.weights=[1, 3]"],
+    )
+    c = cfg.from_dict(cfg.BuildConfig, data)
+    assert [t.torchscript for t in c.teachers] == ["x.pt", "b.pt"]
+    assert c.teachers[1].kwargs == {"width": 64} and c.teachers[0].kwargs == {}
+    assert c.ensemble.weights == [1.0, 3.0]
+    assert two["teachers"][0]["torchscript"] == "a.pt"  # the input is left unchanged
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("teachers.1.name=b", r"'teachers.1' is out of range; 'teachers' has 1 item"),
+        ("teachers.first.name=b", r"'teachers' is a list; index it with a number"),
+        ("root.sub=1", r"'root' is str '/tmp/x', not a mapping or a list"),
+        ("alias=[unclosed", r"override 'alias=\[unclosed': the value is not valid YAML"),
+    ],
+)
+def test_override_paths_that_cannot_be_followed(override, message):
+    with pytest.raises(ConfigError, match=message):
+        cfg.apply_overrides(BASE, [override])
+
+
+@pytest.mark.parametrize(
+    ("cls", "override", "message"),
+    [
+        (
+            cfg.BuildConfig,
+            "teachers.0.kwarg={width: 3}",
+            r"^unknown key 'teachers.0.kwarg'; TeacherConfig accepts: name, factory, kwargs,",
+        ),
+        (cfg.BuildConfig, "teachers.0.kwargs=3", r"^teachers.0.kwargs: expected a mapping, got 3$"),
+        (
+            cfg.TrainConfig,
+            "stream.batch_size=1.5",
+            r"^stream.batch_size: expected an integer, got 1.5$",
+        ),
+        (cfg.TrainConfig, "stream.batch_size=64.0", r"expected an integer, got 64.0$"),
+        (cfg.TrainConfig, "stream.batch_size='64'", r"expected an integer, got '64'$"),
+        (cfg.TrainConfig, "stream.verify=1", r"^stream.verify: expected true or false, got 1$"),
+        (cfg.TrainConfig, "lr='1e-3'", r"^lr: expected a number, got '1e-3'$"),
+        (cfg.TrainConfig, "deepspeed=3", r"^deepspeed: expected a mapping or a string, got 3$"),
+        (cfg.TrainConfig, "eval_dataset={factory: 7}", r"^eval_dataset.factory: expected a string"),
+        (cfg.BuildConfig, "alias=2024-01-01", r"^alias: expected a mapping, list, string, number"),
+    ],
+)
+def test_wrong_keys_and_types_name_the_dotted_path(cls, override, message):
+    base = BASE if cls is cfg.BuildConfig else TRAIN
+    with pytest.raises(ConfigError, match=message):
+        cfg.from_dict(cls, cfg.apply_overrides(base, [override]))
+
+
+def test_ints_are_floats_and_several_problems_are_reported_together():
+    c = cfg.from_dict(cfg.TrainConfig, cfg.apply_overrides(TRAIN, ["lr=1", "epochs=2"]))
+    assert c.lr == 1.0 and isinstance(c.lr, float) and isinstance(c.epochs, float)
+    bad = ["root=3", "executor.batch_size=0", "executor.kind=dask"]
+    with pytest.raises(ConfigError) as info:
+        cfg.from_dict(cfg.BuildConfig, cfg.apply_overrides(BASE, bad))
+    lines = str(info.value).splitlines()
+    assert lines[0] == "2 problems in BuildConfig:"
+    assert lines[1:] == [
+        "  root: expected a string, got 3",
+        "  executor.kind must be 'ray' or 'local', got 'dask'",
+    ]
+
+
+def test_post_init_errors_stay_config_errors():
+    # raised in __post_init__, inside pydantic's validation, at three depths
+    cases = [
+        (["stream.batch_size=3", "stream.num_lanes=2"], r"^stream.batch_size \(3\) must be"),
+        (["loss.alpha=2"], r"^loss.alpha must be in \[0, 1\], got 2.0$"),
+        (["max_steps=3", "epochs=1"], r"^TrainConfig: give epochs or max_steps, not both$"),
+    ]
+    for overrides, message in cases:
+        with pytest.raises(ConfigError, match=message) as info:
+            cfg.from_dict(cfg.TrainConfig, cfg.apply_overrides(TRAIN, overrides))
+        assert type(info.value) is ConfigError
+    with pytest.raises(ConfigError, match=r"^teachers.0: teacher 'a': give either torchscript"):
+        cfg.from_dict(cfg.BuildConfig, {**BASE, "teachers": [{"name": "a"}]})
+
+
+def test_direct_construction_raises_config_errors():
+    assert ExecutorConfig(cpus_per_actor=2).cpus_per_actor == 2.0
+    with pytest.raises(ConfigError, match=r"executor.kind must be 'ray' or 'local'"):
+        ExecutorConfig(kind="dask")
+    with pytest.raises(ConfigError, match=r"^batch_size: expected an integer, got 1.5$"):
+        ExecutorConfig(batch_size=1.5)  # type: ignore[arg-type]
+    with pytest.raises(ConfigError, match=r"^unknown key 'workers'; ExecutorConfig accepts"):
+        ExecutorConfig(workers=2)  # type: ignore[call-arg]
+    c = cfg.from_dict(cfg.BuildConfig, BASE)
+    local = dataclasses.replace(c, executor=ExecutorConfig(kind="local"), targets=TargetSpec(2.0))
+    assert local.executor.kind == "local" and local.targets.temperature == 2.0
+    assert dataclasses.asdict(local)["executor"]["kind"] == "local"
+
+
+def test_targets_are_a_target_spec_with_the_config_default_temperature():
+    assert cfg.from_dict(cfg.BuildConfig, BASE).targets == TargetSpec(4.0)
+    c = cfg.from_dict(cfg.BuildConfig, {**BASE, "targets": {"kind": "topk", "params": {"k": 8}}})
+    assert c.targets == TargetSpec(4.0, kind="topk", params={"k": 8})
+    with pytest.raises(ConfigError, match=r"^targets: topk parameter 'k' must be an int >= 1"):
+        cfg.from_dict(cfg.BuildConfig, {**BASE, "targets": {"kind": "topk", "params": {"k": 1.5}}})
+
+
+def test_resolved_config_round_trips_through_json():
+    sparse = {"kind": "topk", "params": {"k": 8, "labels": True, "grid_temperatures": [1, 2]}}
+    c = cfg.from_dict(cfg.BuildConfig, {**BASE, "targets": {"temperature": 2, **sparse}})
+    assert c.targets.params == (("grid_temperatures", (1.0, 2.0)), ("k", 8), ("labels", True))
+    data = cfg.to_dict(c)
+    assert json.loads(json.dumps(data)) == data  # plain JSON data
+    assert data["targets"] == {
+        "temperature": 2.0,
+        "kind": "topk",
+        "storage_dtype": "float32",
+        "backend": "arrow",
+        "params": {"grid_temperatures": [1.0, 2.0], "k": 8, "labels": True},
+    }
+    assert cfg.from_dict(cfg.BuildConfig, data) == c
+    assert cfg.to_dict(cfg.from_dict(cfg.BuildConfig, BASE))["targets"]["params"] is None
+    t = cfg.from_dict(cfg.TrainConfig, {**TRAIN, "deepspeed": {"train_batch_size": 8}})
+    assert cfg.from_dict(cfg.TrainConfig, json.loads(json.dumps(cfg.to_dict(t)))) == t
+
+
+def test_json_schema_of_the_job_configs():
+    build = cfg.json_schema(cfg.BuildConfig)
+    assert {"root", "dataset", "teachers", "targets", "executor"} <= set(build["properties"])
+    assert build["additionalProperties"] is False and set(build["required"]) == {
+        "root",
+        "dataset",
+        "teachers",
+    }
+    spec = build["$defs"]["TargetSpec"]
+    assert spec["properties"]["temperature"]["default"] == 4.0 and "required" not in spec
+    assert build["$defs"]["ExecutorConfig"]["properties"]["batch_size"]["type"] == "integer"
+    train = cfg.json_schema(cfg.TrainConfig)
+    assert train["properties"]["lr"]["type"] == "number" and "stream" in train["properties"]
+    json.dumps(train)  # serialisable as is
 
 
 def test_missing_required_and_teacher_sources():

@@ -13,6 +13,7 @@ from kdcache import Teacher, losses
 from kdcache.build.stage import build_cache
 from kdcache.data.tokens import TokenDataset, encode_texts, target_positions, tokenizer_files_sha256
 from kdcache.errors import ConfigError, SampleIdMismatchError, SpecMismatchError
+from kdcache.executors import ExecutorConfig
 from kdcache.losses.kd import token_distill_loss
 from kdcache.stores.entry import CacheEntry
 from kdcache.stream import SoftTargetDataset, check_student_vocabulary, read_token_shard
@@ -81,11 +82,10 @@ def _build(world, root, kind="topk", params=None, teachers=None, batch_size=5, d
         teachers or world["teacher"],
         temperature=TAU,
         root=root,
-        executor="local",
+        executor=ExecutorConfig(kind="local", batch_size=batch_size),
         kind=kind,
         params=params if params is not None else {"k": 8},
         progress=False,
-        batch_size=batch_size,
     )
 
 
@@ -425,7 +425,12 @@ def test_dense_token_targets_for_a_small_vocabulary(root):
     ds = TokenDataset.from_sequences([10, 11, 12, 13], seqs, num_shards=2, pad_token_id=0)
     teacher = Teacher.from_module(_Bigram(), name="bigram")
     cache = build_cache(
-        ds, teacher, temperature=TAU, root=root, executor="local", progress=False, batch_size=3
+        ds,
+        teacher,
+        temperature=TAU,
+        root=root,
+        executor=ExecutorConfig(kind="local", batch_size=3),
+        progress=False,
     )
     assert cache.vocab_size == 10 and cache.num_rows == ds.num_targets == 20
     batch = next(iter(SoftTargetDataset(cache, ds, batch_size=4)))
