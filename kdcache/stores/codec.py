@@ -231,6 +231,19 @@ def sparse_to_columns(
     return cols, extra
 
 
+def columns_to_dense(cols: ShardColumns) -> np.ndarray:
+    """Dense rows back from :func:`dense_to_columns`'s columns.
+
+    Returns:
+        ``scaled_logits`` [N, V] in the storage dtype (float32 or float16); bfloat16 comes
+        back as float32, exactly, since numpy has no bfloat16. May be a read-only view.
+    """
+    values = cols.rows[schema.COL_SCALED_LOGITS]
+    if cols.meta.get("storage_dtype") == "bfloat16":
+        values = bfloat16_bits_to_float32(values)
+    return values
+
+
 def columns_to_sparse(cols: ShardColumns, where: str) -> Any:
     """Rebuild :class:`kdcache.targets.SparseTargets` from ragged columns (re-padding).
 

@@ -39,7 +39,7 @@ from kdcache.schema import ShardRecord
 from kdcache.stores.backends import ShardColumns, get_backend
 from kdcache.stores.codec import (
     _check_token_rows,
-    bfloat16_bits_to_float32,
+    columns_to_dense,
     columns_to_sparse,
     dense_to_columns,
     sparse_to_columns,
@@ -230,10 +230,7 @@ class CacheEntry:
                 "with read_sparse_shard"
             )
         cols = self.read_columns(index, verify=verify)
-        values = cols.rows[schema.COL_SCALED_LOGITS]
-        if cols.meta.get("storage_dtype") == "bfloat16":
-            values = bfloat16_bits_to_float32(values)
-        return cols.sample_ids_N, values
+        return cols.sample_ids_N, columns_to_dense(cols)
 
     def read_sparse_shard(self, index: int, *, verify: bool = True) -> tuple[np.ndarray, Any]:
         """Read committed sparse shard ``index``.

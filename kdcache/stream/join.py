@@ -22,7 +22,7 @@ from kdcache import schema
 from kdcache.data.base import ShardedDataset, dataset_layout
 from kdcache.data.tokens import target_positions
 from kdcache.errors import ConfigError, SampleIdMismatchError, SpecMismatchError
-from kdcache.stores.codec import bfloat16_bits_to_float32, columns_to_sparse
+from kdcache.stores.codec import columns_to_dense, columns_to_sparse
 from kdcache.stores.entry import CacheEntry
 from kdcache.stores.view import EnsembleView, as_view
 from kdcache.targets import check_vocabularies
@@ -196,10 +196,7 @@ def read_token_shard(
     if entry.is_sparse:
         tgt = columns_to_sparse(cols, where)
     else:
-        values = cols.rows[schema.COL_SCALED_LOGITS]
-        if cols.meta.get("storage_dtype") == "bfloat16":
-            values = bfloat16_bits_to_float32(values)
-        tgt = np.asarray(values, dtype=np.float32)
+        tgt = np.asarray(columns_to_dense(cols), dtype=np.float32)
     return TokenShard(want_ids, row_offsets, positions, tgt)
 
 
