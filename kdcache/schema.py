@@ -22,7 +22,7 @@ import json
 import math
 from typing import Any
 
-from kdcache.errors import ConfigError, FormatVersionError
+from kdcache.errors import CacheCorruptError, ConfigError, FormatVersionError
 
 FORMAT_VERSION = 1
 
@@ -83,6 +83,7 @@ LEASE_FILE = "lease.json"
 
 #: Length of the hex key (128 bits of SHA-256): short enough to type, far from collisions.
 KEY_HEX_CHARS = 32
+_HEX = frozenset("0123456789abcdef")
 
 
 def add_backend_name(name: str) -> None:
@@ -96,6 +97,37 @@ def add_backend_name(name: str) -> None:
         raise ConfigError(f"a backend name is a lowercase identifier, got {name!r}")
     if name not in BACKENDS:
         BACKENDS = (*BACKENDS, name)
+
+
+def read_json(data: bytes, where: str, what: str = "record") -> dict[str, Any]:
+    """Parse one of kdcache's JSON records (spec, manifest, sidecar, alias, view).
+
+    Nothing read is trusted: a torn or edited file is a clear error, never a raw
+    ``JSONDecodeError``.
+
+    Args:
+        data: The file's bytes.
+        where: The file, for messages.
+        what: What the file is, for messages ("manifest", "alias", ...).
+
+    Returns:
+        The JSON object.
+
+    Raises:
+        CacheCorruptError: the bytes are not a UTF-8 JSON object; the message names the
+            file and says how to recover.
+    """
+    try:
+        obj = json.loads(data)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise CacheCorruptError(
+            f"{where} is not a readable {what} ({type(exc).__name__}: {exc}); it was torn by "
+            "a crash or edited. Run 'kdcache verify ... --repair' on its entry, or delete the "
+            "file and rerun the build that wrote it"
+        ) from None
+    if not isinstance(obj, dict):
+        raise CacheCorruptError(f"{where} holds a JSON {type(obj).__name__}, expected an object")
+    return obj
 
 
 def canonical_json(obj: Any) -> str:
@@ -300,8 +332,41 @@ class ShardRecord:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_json(cls, obj: dict[str, Any]) -> ShardRecord:
-        return cls(**{f.name: obj[f.name] for f in dataclasses.fields(cls)})
+    def from_json(cls, obj: dict[str, Any], where: str = "sidecar") -> ShardRecord:
+        """Read a record, checking every field: counts are non-negative ints, the SHA-256 is
+        64 hex digits, and ``file`` is a plain file name (no directory part, so a record
+        can never point outside its entry's ``shards/`` folder).
+
+        Raises:
+            CacheCorruptError: a field is missing or wrong (names the file and the field).
+        """
+        try:
+            values = {f.name: obj[f.name] for f in dataclasses.fields(cls)}
+        except (KeyError, TypeError) as exc:
+            raise CacheCorruptError(f"{where}: shard record lacks {exc}") from None
+        for name in ("index", "num_rows", "num_bytes", "min_sample_id", "max_sample_id"):
+            v = values[name]
+            if isinstance(v, bool) or not isinstance(v, int):
+                raise CacheCorruptError(f"{where}: {name} must be an integer, got {v!r}")
+        for name in ("index", "num_rows", "num_bytes"):
+            if values[name] < 0:
+                raise CacheCorruptError(f"{where}: {name} must be >= 0, got {values[name]}")
+        sha = values["sha256"]
+        if not isinstance(sha, str) or len(sha) != 64 or any(c not in _HEX for c in sha):
+            raise CacheCorruptError(f"{where}: sha256 must be 64 hex digits, got {sha!r}")
+        name = values["file"]
+        if (
+            not isinstance(name, str)
+            or name in ("", ".", "..")
+            or "/" in name
+            or "\\" in name
+            or "\x00" in name
+        ):
+            raise CacheCorruptError(
+                f"{where}: shard file {name!r} is not a plain file name inside the entry's "
+                f"{SHARDS_DIR}/ folder; the record was edited: rebuild the shard"
+            )
+        return cls(**values)
 
 
 def shard_stem(index: int) -> str:

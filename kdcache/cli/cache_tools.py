@@ -66,20 +66,32 @@ def cmd_inspect(args: argparse.Namespace, rest: list[str]) -> int:
 
 
 def cmd_verify(args: argparse.Namespace, rest: list[str]) -> int:
+    """Exit 0: sound (or, with --repair, everything found was repaired); 1: a fault."""
     from kdcache.stores.admin import repair, verify
+    from kdcache.stores.catalog import resolve_entries
 
-    result = verify(_open(args))
+    # Entries are resolved without trusting their records, so that a torn manifest or an
+    # edited spec is a fault verify reports (exit 1), not an error that stops it.
+    result = verify(resolve_entries(args.uri, root=args.root))
     for p in result.problems:
         print(f"FAULT {p}")
     status = "ok" if result.ok else f"{len(result.problems)} fault(s)"
     print(f"verified {result.checked_shards} shard(s), {result.checked_rows} row(s): {status}")
-    if args.repair and result.damaged:
-        for line in repair(result):
-            print(f"uncommitted {line}")
-        print("rerun the same build to recompute them (kdcache build CONFIG, or the pipeline)")
-    elif result.damaged:
-        print("to recompute the damaged shards: add --repair, then rerun the build")
-    return 0 if result.ok else 1
+    if result.ok:
+        return 0
+    if not args.repair:
+        if result.damaged or result.broken:
+            print("to repair: add --repair, then rerun the build")
+        return 1
+    done, left = repair(result)
+    for line in done:
+        print(line)
+    for line in left:
+        print(f"NOT REPAIRED {line}")
+    unrepairable = len(result.problems) - len(result.damaged) - len(result.broken)
+    if done:
+        print("rerun the same build to recompute what was uncommitted (kdcache build CONFIG)")
+    return 0 if not left and unrepairable == 0 else 1
 
 
 def cmd_ls(args: argparse.Namespace, rest: list[str]) -> int:

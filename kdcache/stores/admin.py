@@ -15,8 +15,8 @@ from typing import Any
 import numpy as np
 
 from kdcache import schema
-from kdcache.errors import KDCacheError
-from kdcache.stores.entry import CacheEntry
+from kdcache.errors import CacheIncompleteError, KDCacheError
+from kdcache.stores.entry import CacheEntry, _dumps
 from kdcache.stores.fs import STAGING_PREFIX, Location
 from kdcache.stores.view import EnsembleView, as_view
 
@@ -111,27 +111,73 @@ class VerifyResult:
     problems: list[str] = field(default_factory=list)
     #: (entry, shard index) of each shard whose file is missing, altered or unreadable.
     damaged: list[tuple[CacheEntry, int]] = field(default_factory=list)
+    #: Entries whose own records (spec, manifest) are missing, torn or edited.
+    broken: list[CacheEntry] = field(default_factory=list)
 
     @property
     def ok(self) -> bool:
         return not self.problems
 
 
-def repair(result: VerifyResult) -> list[str]:
-    """Uncommit every damaged shard :func:`verify` found (its sidecar and its entry's
-    manifest are removed), so rerunning the same build recomputes exactly those shards.
+def repair(result: VerifyResult) -> tuple[list[str], list[str]]:
+    """Repair what :func:`verify` found, so that rerunning the same build heals the cache.
+
+    Damaged shards are uncommitted (their sidecar and their entry's manifest removed): the
+    rebuild recomputes exactly those. A broken entry record is repaired where that is
+    sound: a ``spec.json`` that no longer hashes to its key is restored from the
+    manifest's copy when that copy does hash to the key; a torn or inconsistent manifest
+    is removed (the entry reads as unfinished; the rebuild recomputes only shards without
+    a valid sidecar). Nothing that is not kdcache's is touched.
 
     Returns:
-        One line per shard uncommitted.
+        ``(done, left)``: one line per repair made, one per fault it could not repair.
     """
-    done = []
+    done: list[str] = []
+    left: list[str] = []
+    for entry in result.broken:
+        line = _repair_records(entry)
+        (done if line.startswith("repaired") else left).append(line)
     for entry, index in result.damaged:
         entry.invalidate_shard(index)
-        done.append(f"{entry.key}/{schema.shard_stem(index)}")
-    return done
+        done.append(f"uncommitted {entry.key}/{schema.shard_stem(index)}")
+    return done, left
 
 
-def verify(cache: CacheEntry | EnsembleView) -> VerifyResult:
+def _raw_json(loc: Any, name: str) -> Any:
+    try:
+        return json.loads(loc.read_bytes(name))
+    except (FileNotFoundError, ValueError, UnicodeDecodeError):
+        return None
+
+
+def _repair_records(entry: CacheEntry) -> str:
+    """Restore a broken spec from the manifest's copy, then drop a bad manifest."""
+    loc = entry.location
+    spec = _raw_json(loc, schema.SPEC_FILE)
+    if not isinstance(spec, dict) or schema.content_key(spec) != entry.key:
+        manifest = _raw_json(loc, schema.MANIFEST_FILE)
+        copy = manifest.get("spec") if isinstance(manifest, dict) else None
+        if not isinstance(copy, dict) or schema.content_key(copy) != entry.key:
+            return (
+                f"left {entry.key}: its spec.json does not hash to its key and no intact "
+                "copy exists; delete the entry directory and rebuild"
+            )
+        loc.write_atomic(schema.SPEC_FILE, _dumps(copy))
+        log.warning("restored %s from the manifest's copy", loc.display(schema.SPEC_FILE))
+    entry.__dict__.pop("spec", None)
+    entry.__dict__.pop("manifest", None)
+    try:
+        _ = entry.manifest
+    except CacheIncompleteError:
+        return f"repaired {entry.key}: unfinished (no manifest); rerun its build to finish it"
+    except KDCacheError:
+        loc.delete(schema.MANIFEST_FILE)
+        entry.__dict__.pop("manifest", None)
+        return f"repaired {entry.key}: removed its damaged manifest; rerun its build"
+    return f"repaired {entry.key}: spec.json restored"
+
+
+def verify(cache: CacheEntry | EnsembleView | list[CacheEntry]) -> VerifyResult:
     """Check every shard of every member entry.
 
     Checks: each listed file exists with its recorded size and SHA-256; rows per shard and
@@ -143,11 +189,18 @@ def verify(cache: CacheEntry | EnsembleView) -> VerifyResult:
         A :class:`VerifyResult`; each problem names the entry and the shard.
     """
     result = VerifyResult()
-    for entry in as_view(cache).entries:
+    entries = cache if isinstance(cache, list) else as_view(cache).entries
+    for entry in entries:
+        try:
+            records = entry.shards  # checks spec (hash), manifest and every shard record
+        except KDCacheError as exc:
+            result.problems.append(f"{entry.key}: {exc}")
+            result.broken.append(entry)
+            continue
         seen: list[np.ndarray] = []
         prep = entry.spec["dataset"].get("preprocessing") or {}
         token_level = bool(prep.get("token_level")) if isinstance(prep, dict) else False
-        for rec in entry.shards:
+        for rec in records:
             where = f"{entry.key}/{rec.file}"
             try:
                 if entry.is_sparse:

@@ -87,14 +87,29 @@ class CacheEntry:
     # -- spec and manifest -----------------------------------------------------------
     @cached_property
     def spec(self) -> dict[str, Any]:
-        """The key material (``spec.json``)."""
+        """The key material (``spec.json``), checked: it must hash to the entry's key.
+
+        Raises:
+            CacheNotFoundError: no entry at this key.
+            CacheCorruptError: the file is torn, or does not hash to the key (it was edited
+                after the build: its values, say the temperature, are not what the shards
+                hold).
+            FormatVersionError: written by a newer kdcache.
+        """
+        where = self.location.display(schema.SPEC_FILE)
         try:
-            spec = json.loads(self.location.read_bytes(schema.SPEC_FILE))
+            data = self.location.read_bytes(schema.SPEC_FILE)
         except FileNotFoundError:
             raise CacheNotFoundError(f"no cache entry at {self.location.uri}") from None
-        schema.check_format_version(
-            spec.get("format_version"), self.location.display(schema.SPEC_FILE)
-        )
+        spec = schema.read_json(data, where, "entry spec")
+        schema.check_format_version(spec.get("format_version"), where)
+        found = schema.content_key(spec)
+        if found != self.key:
+            raise CacheCorruptError(
+                f"{where} does not hash to its key {self.key} (it hashes to {found}): it was "
+                "edited after the build, so it no longer describes the shards. Restore it, or "
+                "delete the entry and rebuild"
+            )
         return spec
 
     @property
@@ -110,8 +125,9 @@ class CacheEntry:
             CacheIncompleteError: the entry has no manifest (being built or interrupted).
             FormatVersionError: written by a newer kdcache.
         """
+        where = self.location.display(schema.MANIFEST_FILE)
         try:
-            manifest = json.loads(self.location.read_bytes(schema.MANIFEST_FILE))
+            data = self.location.read_bytes(schema.MANIFEST_FILE)
         except FileNotFoundError:
             if not self.location.exists(schema.SPEC_FILE):
                 raise CacheNotFoundError(f"no cache entry at {self.location.uri}") from None
@@ -120,12 +136,24 @@ class CacheEntry:
                 "or is still running. Rerun the same build (kdcache build, or the pipeline "
                 "that made it) to compute only the missing shards."
             ) from None
-        where = self.location.display(schema.MANIFEST_FILE)
+        manifest = schema.read_json(data, where, "manifest")
         schema.check_format_version(manifest.get("format_version"), where)
         if manifest.get("key") != self.key:
             raise CacheCorruptError(
                 f"{where} names key {manifest.get('key')!r}, expected {self.key!r}"
             )
+        if manifest.get("spec") != self.spec:
+            raise CacheCorruptError(
+                f"{where} records another spec than the entry's spec.json; the manifest was "
+                f"edited: run 'kdcache verify {self.location.uri} --repair' and rebuild"
+            )
+        shards = manifest.get("shards")
+        if not isinstance(shards, list) or manifest.get("num_shards") != len(shards):
+            raise CacheCorruptError(f"{where}: the shard list is missing or miscounted")
+        for i, s in enumerate(shards):
+            rec = ShardRecord.from_json(s, f"{where} (shard {i})")
+            if rec.index != i:
+                raise CacheCorruptError(f"{where}: shard {i} is recorded as shard {rec.index}")
         return manifest
 
     @property
@@ -361,13 +389,16 @@ class CacheEntry:
         and its data file has the recorded size; else None (to be (re)computed)."""
         stem = schema.shard_stem(index)
         try:
-            obj = json.loads(self.shards_location.read_bytes(stem + ".json"))
-            rec = ShardRecord.from_json(obj)
+            where = self.shards_location.display(stem + ".json")
+            obj = schema.read_json(self.shards_location.read_bytes(stem + ".json"), where)
+            rec = ShardRecord.from_json(obj, where)
+            if rec.index != index:
+                return None
             if self.shards_location.size(rec.file) != rec.num_bytes:
                 return None
-        except (FileNotFoundError, KeyError, ValueError):
-            return None
-        return rec, int(obj["vocab_size"])
+            return rec, int(obj["vocab_size"])
+        except (FileNotFoundError, KeyError, TypeError, ValueError, CacheCorruptError):
+            return None  # a missing or damaged commit record: the shard is recomputed
 
     def commit(self, num_shards: int, info: dict[str, Any]) -> dict[str, Any]:
         """Write the manifest after checking every shard's sidecar; the last step of a build.

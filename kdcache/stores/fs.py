@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import time
 import uuid
 from dataclasses import dataclass
 from functools import cached_property
@@ -106,6 +107,13 @@ class Location:
             raise FileNotFoundError(self.display(name))
         return int(info.size)
 
+    def mtime(self, name: str) -> float:
+        """Last modification of ``name``, seconds since the epoch (now when unknown)."""
+        info = self.fs.get_file_info(self._p(name))
+        if info.type == pafs.FileType.NotFound:
+            raise FileNotFoundError(self.display(name))
+        return info.mtime.timestamp() if info.mtime is not None else time.time()
+
     def listdir(self, name: str = "") -> list[str]:
         """Names (not paths) directly under ``name``; empty when it does not exist."""
         sel = pafs.FileSelector(self._p(name), allow_not_found=True, recursive=False)
@@ -153,8 +161,11 @@ class Location:
     def create_exclusive(self, name: str, data: bytes) -> bool:
         """Create ``name`` only if absent; True when this call created it.
 
-        Local filesystems use ``O_CREAT | O_EXCL``; object stores have no such primitive
-        in pyarrow, so there it is a check-then-write (documented as best effort).
+        The file appears whole or not at all: on local filesystems the data is written and
+        fsynced under a staging name, then hard-linked to ``name`` (``link`` fails when
+        ``name`` exists, atomically), so no reader ever sees it empty or half written.
+        Object stores have no such primitive in pyarrow, so there it is a check-then-write
+        (documented as best effort).
         """
         target = self._p(name)
         if not self.is_local:
@@ -163,15 +174,23 @@ class Location:
             self.write_atomic(name, data)
             return True
         os.makedirs(os.path.dirname(target), exist_ok=True)
+        staging = os.path.join(
+            os.path.dirname(target),
+            f"{STAGING_PREFIX}{uuid.uuid4().hex}-{os.path.basename(target)}",
+        )
+        fd = os.open(staging, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
         try:
-            fd = os.open(target, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-        except FileExistsError:
-            return False
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        return True
+            with os.fdopen(fd, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+            try:
+                os.link(staging, target)
+            except FileExistsError:
+                return False
+            return True
+        finally:
+            os.unlink(staging)
 
     def delete(self, name: str) -> None:
         try:

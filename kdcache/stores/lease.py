@@ -58,10 +58,23 @@ class Lease:
         return _dumps({"owner": self.owner, "expires_at": time.time() + self.ttl_s})
 
     def _read(self) -> dict[str, Any] | None:
+        """The lease's content; None when there is no lease file. A file that does not
+        parse (torn by a crash on an object store, or edited) counts as held by an unknown
+        owner until ``ttl_s`` after it was last written."""
+        loc = self.entry.location
         try:
-            return dict(json.loads(self.entry.location.read_bytes(schema.LEASE_FILE)))
-        except (FileNotFoundError, ValueError):
+            held = json.loads(loc.read_bytes(schema.LEASE_FILE))
+            if not isinstance(held, dict):
+                raise ValueError("not an object")
+            return held
+        except FileNotFoundError:
             return None
+        except (ValueError, UnicodeDecodeError):
+            try:
+                written = loc.mtime(schema.LEASE_FILE)
+            except FileNotFoundError:
+                return None
+            return {"owner": "unknown (unreadable lease.json)", "expires_at": written + self.ttl_s}
 
     def acquire(self, *, wait_s: float = 3600.0, poll_s: float = 2.0) -> bool:
         """Take the lease. Returns False if another job finished the entry meanwhile.
@@ -78,11 +91,13 @@ class Lease:
             if self.entry.location.create_exclusive(schema.LEASE_FILE, self._body()):
                 return True
             held = self._read()
-            if held is None or held.get("expires_at", 0) < time.time() or _owner_is_dead(held):
+            if held is None:  # released between our attempt and the read: try again
+                continue
+            if held.get("expires_at", 0) < time.time() or _owner_is_dead(held):
                 log.warning(
                     "taking over an expired or dead job's lease on %s (held by %s)",
                     self.entry.key,
-                    held and held.get("owner"),
+                    held.get("owner"),
                 )
                 self.entry.location.write_atomic(schema.LEASE_FILE, self._body())
                 time.sleep(min(poll_s, 0.2))

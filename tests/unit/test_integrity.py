@@ -1,0 +1,155 @@
+"""Nothing read is trusted: edited specs, torn or edited manifests and sidecars, paths that
+climb out of an entry, and the build lease's race window. Each test fails on a reader that
+believes what it reads."""
+
+from __future__ import annotations
+
+import json
+import os
+import threading
+import time
+
+import pytest
+
+import kdcache
+from kdcache import schema
+from kdcache.cli import main as cli
+from kdcache.errors import CacheCorruptError, LeaseHeldError
+from kdcache.stores.entry import CacheEntry
+from kdcache.stores.lease import Lease
+from kdcache.testing import linear_teacher, toy_dataset
+
+
+def _build(root, temperature=4.0):
+    ds = toy_dataset(num_records=40, num_shards=2)
+    return ds, kdcache.build_cache(
+        ds, linear_teacher(seed=0), temperature=temperature, root=root, executor="local",
+        progress=False,
+    )  # fmt: skip
+
+
+def _path(entry, name):
+    return os.path.join(entry.location.path, name)
+
+
+def _rewrite_json(path, change):
+    with open(path) as f:
+        obj = json.load(f)
+    change(obj)
+    with open(path, "w") as f:
+        json.dump(obj, f)
+
+
+def test_edited_spec_is_refused_on_open_and_in_verify_and_repaired(root, capsys):
+    _, entry = _build(root)
+    _rewrite_json(_path(entry, schema.SPEC_FILE), lambda s: s["targets"].update(temperature=2.0))
+    with pytest.raises(CacheCorruptError, match="does not hash to its key"):
+        kdcache.open_cache(entry.location.uri)
+    assert cli(["verify", entry.location.uri]) == 1
+    assert "does not hash to its key" in capsys.readouterr().out
+    assert cli(["verify", entry.location.uri, "--repair"]) == 0
+    assert "repaired" in capsys.readouterr().out
+    again = kdcache.open_cache(entry.location.uri)
+    assert again.temperature == 4.0  # the value the shards were built at
+    assert cli(["verify", entry.location.uri]) == 0
+
+
+def test_torn_manifest_is_a_clear_fault_and_a_rebuild_heals_it(root, capsys):
+    _, entry = _build(root)
+    path = _path(entry, schema.MANIFEST_FILE)
+    with open(path, "rb") as f:
+        data = f.read()
+    with open(path, "wb") as f:
+        f.write(data[: len(data) // 2])  # torn mid-write
+    with pytest.raises(CacheCorruptError, match=r"manifest\.json is not a readable manifest"):
+        kdcache.open_cache(entry.location.uri)
+    assert cli(["verify", entry.location.uri]) == 1
+    assert "FAULT" in capsys.readouterr().out
+    assert cli(["verify", entry.location.uri, "--repair"]) == 0
+    _, rebuilt = _build(root)
+    assert rebuilt.key == entry.key
+    assert rebuilt.build_report.computed == 0 and rebuilt.build_report.reused == 2
+    assert cli(["verify", entry.location.uri]) == 0
+
+
+def test_an_unfinished_entry_is_a_fault_exit_1_not_an_error(root, capsys):
+    _, entry = _build(root)
+    os.remove(_path(entry, schema.MANIFEST_FILE))
+    assert cli(["verify", entry.location.uri]) == 1
+    assert "no manifest" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("name", ["../../../../outside.arrow", "/etc/passwd", "a/b.arrow", ".."])
+def test_shard_paths_cannot_leave_the_entry(root, name):
+    _, entry = _build(root)
+
+    def climb(m):
+        m["shards"][0]["file"] = name
+
+    _rewrite_json(_path(entry, schema.MANIFEST_FILE), climb)
+    with pytest.raises(CacheCorruptError, match="not a plain file name"):
+        kdcache.open_cache(entry.location.uri)
+
+
+def test_edited_shard_record_fields_are_refused(root):
+    _, entry = _build(root)
+    _rewrite_json(
+        _path(entry, schema.MANIFEST_FILE), lambda m: m["shards"][1].update(num_rows="many")
+    )
+    with pytest.raises(CacheCorruptError, match="num_rows must be an integer"):
+        kdcache.open_cache(entry.location.uri)
+
+
+def test_a_torn_sidecar_is_recomputed_on_resume(root):
+    ds, entry = _build(root)
+    os.remove(_path(entry, schema.MANIFEST_FILE))  # as if the build was interrupted
+    sidecar = os.path.join(entry.shards_location.path, schema.shard_stem(1) + ".json")
+    with open(sidecar, "w") as f:
+        f.write('{"index": 1, "file": ')
+    again = kdcache.build_cache(
+        ds, linear_teacher(seed=0), temperature=4.0, root=root, executor="local", progress=False
+    )
+    assert again.build_report.computed == 1 and again.build_report.reused == 1
+    assert kdcache.open_cache(again.location.uri).num_rows == 40
+
+
+def test_lease_is_never_seen_empty_by_a_second_job(root, monkeypatch):
+    """The race the old lease had: created empty, filled after; a second job reading in
+    between took it as expired and built the same entry at once."""
+    entry = CacheEntry(root, "0" * 32)
+    entry.location.makedirs()
+    real_fsync = os.fsync
+
+    def slow_fsync(fd):  # widen the window between creating and filling the lease
+        time.sleep(0.6)
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", slow_fsync)
+    first = Lease(entry, ttl_s=60)
+    got = []
+    t = threading.Thread(target=lambda: got.append(first.acquire(wait_s=5)))
+    t.start()
+    time.sleep(0.2)  # the first job is inside its create
+    second = Lease(entry, ttl_s=60)
+    with pytest.raises(LeaseHeldError):
+        second.acquire(wait_s=1.5, poll_s=0.1)
+    t.join()
+    assert got == [True]
+    held = json.loads(entry.location.read_bytes(schema.LEASE_FILE))
+    assert held["owner"] == first.owner
+    first.release()
+    assert not entry.location.exists(schema.LEASE_FILE)
+    assert not [n for n in os.listdir(entry.location.path) if n.startswith(".tmp-")]
+
+
+def test_an_unreadable_lease_counts_as_held_until_it_expires(root):
+    entry = CacheEntry(root, "1" * 32)
+    entry.location.makedirs()
+    entry.location.write_atomic(schema.LEASE_FILE, b"{torn")
+    with pytest.raises(LeaseHeldError, match="unreadable"):
+        Lease(entry, ttl_s=60).acquire(wait_s=0.3, poll_s=0.1)
+    old = time.time() - 120
+    os.utime(_path(entry, schema.LEASE_FILE), (old, old))
+    lease = Lease(entry, ttl_s=60)
+    assert lease.acquire(wait_s=1, poll_s=0.1)
+    lease.release()
