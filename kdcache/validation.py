@@ -76,7 +76,7 @@ def config_error(exc: ValidationError, cls: type) -> ConfigError:
     """The :class:`ConfigError` for a failed validation of config class ``cls``.
 
     One line per problem (after a count line when there are several), each naming the
-    dotted path from ``cls`` (``teachers.0.kwargs``, ``stream.batch_size``), what was
+    dotted path from ``cls`` (``teachers.0.kwargs``, ``stream.num_lanes``), what was
     expected and what was found. A ``ConfigError`` raised by a ``__post_init__`` keeps its
     message, prefixed with the path of its config unless the message starts with it.
 
@@ -107,7 +107,7 @@ def config_error(exc: ValidationError, cls: type) -> ConfigError:
         else:
             cause = (err.get("ctx") or {}).get("error")
             message = str(cause) if isinstance(cause, ConfigError) else err["msg"]
-            if not path or not message.startswith(path):  # "stream.batch_size ..." names it
+            if not _names_its_path(message, path, cls):  # "stream.num_lanes ..." names it
                 message = f"{path or cls.__name__}: {message}"
             lines.append(message)
     text = [
@@ -124,6 +124,15 @@ def config_error(exc: ValidationError, cls: type) -> ConfigError:
     )
 
 
+def _names_its_path(message: str, path: str, cls: type) -> bool:
+    """Whether ``message`` already starts with where it happened: the dotted ``path``, or
+    at the root (``path`` empty) a field of ``cls`` and a colon (``"output_dir: ..."``)."""
+    if path:
+        return message.startswith(path)
+    fields = dataclasses.fields(cls) if dataclasses.is_dataclass(cls) else ()
+    return any(message.startswith(f"{f.name}:") for f in fields)
+
+
 def _name(tp: Any) -> str:
     return getattr(tp, "__name__", None) or str(tp)
 
@@ -137,6 +146,21 @@ def _unwrap(tp: Any) -> Any:
         if len(args) == 1:
             return _unwrap(args[0])
     return tp
+
+
+def resolve_path(cls: type, loc: tuple[int | str, ...]) -> tuple[str, Any]:
+    """The dotted path of a location in config class ``cls`` and the type its last key
+    belongs to (``("stream", "global_batch_size")`` -> ``StreamConfig``).
+
+    Args:
+        cls: A config dataclass, the root of the path.
+        loc: Keys and list indexes from ``cls`` down, as pydantic reports them.
+
+    Returns:
+        ``(dotted path, owner)``; the owner is ``Any`` where the types stop (free-form
+        mappings, unknown keys).
+    """
+    return _resolve(cls, loc)
 
 
 def _resolve(cls: type, loc: tuple[int | str, ...]) -> tuple[str, Any]:

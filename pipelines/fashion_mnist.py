@@ -230,6 +230,7 @@ class Settings:
     subset: int | None
     seed: int
     progress: bool
+    sweep: bool = False
 
 
 def parse_args(argv: list[str] | None = None) -> Settings:
@@ -276,6 +277,12 @@ def parse_args(argv: list[str] | None = None) -> Settings:
     )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    p.add_argument(
+        "--sweep",
+        action="store_true",
+        help="then sweep 4 short students (alpha x temperature) from the same cache as Ray "
+        "Tune trials; the table and plot go to REPORT_DIR/sweep/",
+    )
     a = p.parse_args(argv)
     # Refuse nonsense before minutes of training, naming the option.
     checks = [
@@ -313,6 +320,7 @@ def parse_args(argv: list[str] | None = None) -> Settings:
         subset=a.subset,
         seed=a.seed,
         progress=not a.no_progress,
+        sweep=a.sweep,
     )
 
 
@@ -508,7 +516,13 @@ def run(s: Settings) -> dict[str, Any]:
         }
         for (name, role, module, params, ckpt), speed in zip(rows, speeds, strict=True)
     ]
-    plot = plot_curves(curves, os.path.join(s.work_dir, "student_curves.png"), s, rows[-1][3])
+    # the teachers' and the ensemble's accuracy: the reference lines of the curves
+    references = {
+        m["name"]: m["test_accuracy"] for m in models if m["role"] in ("teacher", "ensemble")
+    }
+    plot = plot_curves(
+        curves, os.path.join(s.work_dir, "student_curves.png"), s, rows[-1][3], references
+    )
     timings["total_s"] = time.perf_counter() - t0
     report = {
         "job": "fashion-mnist",
@@ -530,10 +544,39 @@ def run(s: Settings) -> dict[str, Any]:
         "timings_s": timings,
         "versions": {"kdcache": kdcache.__version__, "torch": torch.__version__},
     }
+    if s.sweep:
+        report["sweep"] = sweep_students(s, train_yaml, steps)
     os.makedirs(os.path.dirname(os.path.abspath(s.report)), exist_ok=True)
     with open(s.report, "w") as f:
         json.dump(report, f, indent=2)
     return report
+
+
+def sweep_students(s: Settings, train_yaml: str, steps: int) -> dict[str, Any]:
+    """``--sweep``: four short students (alpha x temperature) from the cache this run
+    built, as Ray Tune trials of ``kdcache sweep`` over the run's train config (the dense
+    cache re-tempers exactly). The table and plot go to REPORT_DIR/sweep/."""
+    from kdcache.jobs.config import from_dict, read_file
+    from kdcache.jobs.sweep import SweepConfig, format_table, run_sweep
+
+    train = {**read_file(train_yaml), "max_steps": max(1, steps // 4), "eval_every": 0}
+    out = os.path.join(os.path.dirname(os.path.abspath(s.report)), "sweep")
+    cfg = from_dict(
+        SweepConfig,
+        {
+            "train": train,
+            "output_dir": out,
+            "parameters": {
+                "loss.alpha": [0.5, 0.9],
+                "loss.temperature": [s.temperature / 2, s.temperature],
+            },
+            "address": s.executor.address if s.executor.kind == "ray" else None,
+        },
+    )
+    result = run_sweep(cfg)
+    table = format_table(result.rows, result.columns)
+    log.info("sweep of %d students:\n%s", len(result.rows), table)
+    return {"table": result.csv_path, "plot": result.plot_path, "best": result.best}
 
 
 def write_build_config(s: Settings, teachers: list[tuple[kdcache.Teacher, str]]) -> str:
@@ -602,7 +645,7 @@ def write_train_config(s: Settings, cache_key: str, batch: int, steps: int, eval
         "eval_dataset": {"factory": "pipelines.fashion_mnist:heldout_dataset", "kwargs": data},
         "lr": s.lr,
         "loss": {"kind": "forward_kl", "temperature": s.temperature, "alpha": s.alpha},
-        "stream": {"batch_size": batch},
+        "stream": {"global_batch_size": batch},  # one rank: batch rows per step
         "max_steps": steps,
         "seed": s.seed,
         "eval_every": eval_every,
@@ -616,9 +659,18 @@ def write_train_config(s: Settings, cache_key: str, batch: int, steps: int, eval
 
 
 def plot_curves(
-    curves: dict[str, list[tuple[int, float]]], path: str, s: Settings, num_parameters: int
+    curves: dict[str, list[tuple[int, float]]],
+    path: str,
+    s: Settings,
+    num_parameters: int,
+    references: dict[str, float] | None = None,
 ) -> str | None:
-    """Test accuracy against step for both students, as a PNG; returns its path."""
+    """Test accuracy against step for both students, as a PNG; returns its path.
+
+    ``references`` (``{name: test accuracy}``, the teachers' and the ensemble's rows of
+    the report) are drawn as dashed horizontal lines: what the students are measured
+    against.
+    """
     try:
         import matplotlib
 
@@ -628,18 +680,29 @@ def plot_curves(
         log.warning("matplotlib is not installed: no plot (pip install 'kdcache[plot]')")
         return None
     labels = {"student_hard": "hard labels only", "student_kd": "distilled from the cache"}
-    fig, ax = plt.subplots(figsize=(6.4, 4.0), dpi=120)
+    fig, ax = plt.subplots(figsize=(7.2, 4.4), dpi=120)
     for role, points in curves.items():
         steps, acc = zip(*points, strict=True)
         ax.plot(steps, acc, marker="o", markersize=3, label=labels.get(role, role))
+    teacher_colours = ["tab:gray", "tab:purple", "tab:olive", "tab:brown"]
+    for i, (name, value) in enumerate(sorted((references or {}).items(), key=lambda kv: kv[1])):
+        ensemble = name.startswith("ensemble")
+        ax.axhline(
+            value,
+            color="tab:red" if ensemble else teacher_colours[i % len(teacher_colours)],
+            linestyle="--" if ensemble else ":",
+            linewidth=1.4 if ensemble else 1.1,
+            label=f"{'ensemble' if ensemble else 'teacher ' + name} ({value:.3f})",
+        )
     ax.set_xlabel("optimizer step")
     ax.set_ylabel("test accuracy")
     ax.set_title(
         f"Fashion-MNIST student ({num_parameters:,} params), {s.student_labels:,} labels, "
-        f"tau={s.temperature}"
+        f"tau={s.temperature}",
+        fontsize=10,
     )
     ax.grid(alpha=0.3)
-    ax.legend()
+    ax.legend(loc="lower right", fontsize=8)
     fig.tight_layout()
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     fig.savefig(path)

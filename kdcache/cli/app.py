@@ -3,6 +3,7 @@
     kdcache demo fashion-mnist|fortunes-lm [OPTIONS]   an end-to-end job on real data
     kdcache build CONFIG [key=value ...]   the teacher stage (Ray), from a config file
     kdcache train CONFIG [key=value ...]   the student stage (DeepSpeed), from a config
+    kdcache sweep CONFIG [key=value ...]   many students from one cache, as Ray Tune trials
     kdcache submit build|train CONFIG --address URL    either stage as a Ray job
     kdcache status JOB | kdcache logs JOB  follow a submitted job
     kdcache inspect URI                    spec, teachers, shards, bytes, a few samples
@@ -23,6 +24,7 @@ import logging
 import os
 import sys
 
+from kdcache._version import __version__
 from kdcache.errors import KDCacheError
 
 #: The modules that define the subcommands, in help order. Each defines
@@ -34,8 +36,10 @@ COMMAND_MODULES = (
     "kdcache.cli.demo",
     "kdcache.cli.build",
     "kdcache.cli.train",
+    "kdcache.cli.sweep",
     "kdcache.cli.cache_tools",
     "kdcache.cli.submit",
+    "kdcache.cli.config",
 )
 
 
@@ -44,6 +48,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="kdcache", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    p.add_argument("--version", action="version", version=f"kdcache {__version__}")
     sub = p.add_subparsers(dest="command", required=True)
     for name in COMMAND_MODULES:
         importlib.import_module(name).register(sub)

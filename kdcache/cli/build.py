@@ -20,6 +20,11 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="dotted key=value overrides, e.g. targets.temperature=2.0 executor.num_actors=4",
     )
     c.add_argument("--address", default=None, help="Ray address (overrides executor.address)")
+    c.add_argument(
+        "--move-alias",
+        action="store_true",
+        help="re-point the config's alias when it names another key (refused otherwise)",
+    )
     c.add_argument("--no-progress", action="store_true")
     # passthrough: overrides may also come after options (argparse stops a nargs="*"
     # positional at the first option).
@@ -34,7 +39,7 @@ def run(args: argparse.Namespace, rest: list[str]) -> int:
     if args.address:
         overrides.append(f"executor.address={args.address}")
     config = cfg.load(cfg.BuildConfig, args.config, overrides)
-    cache = build_from_config(config, progress=not args.no_progress)
+    cache = build_from_config(config, progress=not args.no_progress, move_alias=args.move_alias)
     report = cache.build_report  # type: ignore[union-attr]
     print(
         json.dumps(

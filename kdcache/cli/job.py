@@ -1,7 +1,9 @@
-"""The entrypoint of a submitted Ray job: ``python -m kdcache.cli.job build|train``.
+"""The older entrypoint of a Ray job: ``python -m kdcache.cli.job build|train [--config FILE]``.
 
-It runs on the cluster and runs the stage's ordinary command on the config that
-``kdcache submit`` shipped (see :mod:`kdcache.jobs.submit`, the client side).
+``kdcache submit`` and the KubeRay manifests now run the stage's command itself
+(``kdcache build FILE`` / ``kdcache train FILE``: see :mod:`kdcache.jobs.submit`). This
+entrypoint stays for jobs and manifests written for earlier versions: it runs the same
+command on ``--config FILE`` or on the config in ``$KDCACHE_JOB_CONFIG`` (JSON).
 """
 
 from __future__ import annotations

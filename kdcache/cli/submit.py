@@ -18,9 +18,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     c = sub.add_parser(
         "submit",
         help="run the teacher (build) or student (train) stage on a Ray cluster as a job",
-        description="Submit a stage as a Ray job through the Ray Jobs API: the working "
-        "directory is uploaded (without .venv, runs/, caches), the config is resolved and "
-        "checked here and shipped with the job, and the job's logs stream to this terminal. "
+        description="Submit a stage as a Ray job through the Ray Jobs API: the config is "
+        "checked here, the working directory is uploaded (without .venv, runs/, caches; a "
+        "config Ray would not upload goes as a copy in .kdcache-jobs/), the job runs "
+        "'kdcache STAGE CONFIG [key=value ...]' there (what 'ray job list' shows), and its "
+        "logs stream to this terminal. "
         "Exit code: 0 when the job succeeded, 1 when it failed or was stopped, 2 for an "
         "error before submission. Ctrl-C stops following; the job keeps running.",
     )
@@ -48,7 +50,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     c.add_argument("--entrypoint-num-cpus", type=float, default=None)
     c.add_argument("--entrypoint-num-gpus", type=float, default=None)
     c.add_argument("--submission-id", default=None, help="job id (default kdcache-STAGE-<hex>)")
-    c.add_argument("--python", default="python", help="interpreter on the cluster's PATH (python)")
+    c.add_argument(
+        "--python",
+        default=None,
+        help="run 'PYTHON -m kdcache.cli' on the cluster (default: the kdcache command)",
+    )
     c.add_argument("--no-wait", action="store_true", help="print the job id and return")
     c.add_argument("--timeout-s", type=float, default=None, help="stop following after this")
     c.set_defaults(func=run_submit, passthrough=True)
@@ -150,8 +156,9 @@ def run_submit(args: argparse.Namespace, rest: list[str]) -> int:
     # (after importing it: its import sets the level of its loggers).
     require("ray.job_submission", "ray")
     logging.getLogger("ray").setLevel(max(logging.WARNING, logging.getLogger().level))
+    shipped = f", with {', '.join(spec.shipped)}" if spec.shipped else ""
     print(
-        f"kdcache: uploading {spec.runtime_env['working_dir']} (excluding "
+        f"kdcache: uploading {spec.runtime_env['working_dir']}{shipped} (excluding "
         f"{', '.join(spec.runtime_env['excludes'])}) to {url}",
         file=sys.stderr,
     )

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import abc
 import logging
-import sys
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from types import TracebackType
@@ -23,6 +22,7 @@ from kdcache.build.task import compute_shard
 from kdcache.data.base import ShardedDataset
 from kdcache.errors import ConfigError
 from kdcache.executors.config import ExecutorConfig
+from kdcache.progress import Progress
 from kdcache.stores.entry import CacheEntry
 from kdcache.teachers.teacher import Teacher
 
@@ -204,25 +204,14 @@ class Executor(abc.ABC):
         return f"{type(self).__name__}({self.config!r})"
 
 
-def progress_bar(num_tasks: int, enabled: bool) -> Any:
-    """A tqdm bar over ``num_tasks`` shard tasks (a line every 30 s when not on a TTY)."""
-    from tqdm.auto import tqdm
-
-    return tqdm(
-        total=num_tasks,
-        unit="shard",
-        desc="teacher stage",
-        disable=not enabled,
-        dynamic_ncols=True,
-        # into a log file (a Ray job, CI), a line every 30 s rather than every update
-        mininterval=0.1 if sys.stderr.isatty() else 30.0,
-    )
+def progress_bar(num_tasks: int, enabled: bool) -> Progress:
+    """Progress over ``num_tasks`` shard tasks (:class:`kdcache.progress.Progress`: a bar
+    on a terminal, a log line every 30 s in a log file)."""
+    return Progress(num_tasks, desc="teacher stage", unit="shard", enabled=enabled)
 
 
-def account(report: BuildReport, worker: str, stats: Mapping[str, float], bar: Any) -> None:
+def account(report: BuildReport, worker: str, stats: Mapping[str, float], bar: Progress) -> None:
     """Add one finished task's ``stats`` (from :meth:`TaskContext.compute`) to ``report``
-    under ``worker`` and advance ``bar``."""
+    under ``worker`` and advance ``bar`` (with the task's samples, for samples/s)."""
     report.record(worker, stats)
-    elapsed = bar.format_dict.get("elapsed") or 1e-9
-    bar.set_postfix_str(f"{report.num_samples / elapsed:,.0f} samples/s")
-    bar.update(1)
+    bar.update(1, samples=int(stats["samples"]))

@@ -22,6 +22,7 @@ from typing import Any
 
 import torch
 
+from kdcache import quiet
 from kdcache.build.report import BuildReport
 from kdcache.errors import RetriableError, require
 from kdcache.executors.base import Executor, ShardTask, TaskContext, account, progress_bar
@@ -147,6 +148,7 @@ class RayExecutor(Executor):
         started = False
         if not ray.is_initialized():
             address = self.config.address
+            quiet.quiet_ray()  # no ANSI colour codes in the actors' lines in a log file
             try:
                 ray.init(
                     address=address,

@@ -4,23 +4,34 @@
 from __future__ import annotations
 
 from kdcache.build.stage import build_cache
+from kdcache.errors import ConfigError
 from kdcache.jobs.config import BuildConfig
 from kdcache.stores.entry import CacheEntry
 from kdcache.stores.view import EnsembleView
 from kdcache.teachers.teacher import TeacherEnsemble
 
 
-def build_from_config(config: BuildConfig, *, progress: bool = True) -> CacheEntry | EnsembleView:
+def build_from_config(
+    config: BuildConfig, *, progress: bool = True, move_alias: bool = False
+) -> CacheEntry | EnsembleView:
     """Run a teacher-stage job described by a :class:`kdcache.jobs.config.BuildConfig`.
 
     Builds the dataset and teachers the config names, calls :func:`build_cache`, and
-    points ``config.alias`` (if set) at the result.
+    points ``config.alias`` (if set) at the result. An alias that already names another
+    key (the config or its overrides changed what is built) is left alone unless
+    ``move_alias``: the cache is built and kept (a rerun is a hit), and the error says so.
+
+    Args:
+        config: The job.
+        progress: Progress bars.
+        move_alias: Re-point ``config.alias`` when it names another key.
 
     Raises:
-        ConfigError: the config names something that cannot be imported or loaded.
+        ConfigError: the config names something that cannot be imported or loaded; or
+            ``config.alias`` names another key and ``move_alias`` is False.
         Everything :func:`build_cache` raises.
     """
-    from kdcache.stores.catalog import write_alias
+    from kdcache.stores.catalog import alias_target, write_alias
 
     dataset = config.dataset.build()
     teachers = [t.build() for t in config.teachers]
@@ -39,5 +50,13 @@ def build_from_config(config: BuildConfig, *, progress: bool = True) -> CacheEnt
     )
     if config.alias:
         kind = "ensemble" if isinstance(cache, EnsembleView) else "entry"
-        write_alias(config.root, config.alias, cache.key, kind)
+        old = alias_target(config.root, config.alias)
+        if old is not None and old != cache.key and not move_alias:
+            raise ConfigError(
+                f"alias {config.alias!r} points at key {old}, but this build made key "
+                f"{cache.key} (built and kept: a rerun is a cache hit); pass --move-alias "
+                f"(move_alias=True) to re-point {config.alias!r} at {cache.key}, or set "
+                "another alias"
+            )
+        write_alias(config.root, config.alias, cache.key, kind, move=move_alias)
     return cache

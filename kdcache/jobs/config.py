@@ -2,7 +2,7 @@
 YAML, TOML or JSON files, with type-checked ``key=value`` overrides.
 
 Unknown keys and wrong types are errors that name their dotted path (``teachers.0.kwargs``,
-``stream.batch_size``), so a typo never silently falls back to a default and nothing is
+``stream.global_batch_size``), so a typo never silently falls back to a default and nothing is
 converted with a loss (1.5 or ``"3"`` is no int; an int is a float). Objects the config
 names (datasets, model factories) are given as ``"package.module:function"`` import paths
 and built by :func:`import_object`.
@@ -24,10 +24,13 @@ from __future__ import annotations
 import copy
 import dataclasses
 import importlib
+import importlib.machinery
 import json
 import os
+import re
+import sys
 from collections.abc import Mapping
-from typing import Annotated, Any, TypeVar
+from typing import Annotated, Any, ClassVar, TypeVar
 
 from pydantic import (
     BeforeValidator,
@@ -36,13 +39,14 @@ from pydantic import (
     TypeAdapter,
     ValidationError,
     field_serializer,
+    model_validator,
 )
 from pydantic.json_schema import JsonSchemaValue
 
 from kdcache.errors import ConfigError
 from kdcache.executors.config import ExecutorConfig
 from kdcache.schema import TargetSpec
-from kdcache.validation import config_dataclass, config_error
+from kdcache.validation import config_dataclass, config_error, resolve_path
 
 T = TypeVar("T")
 
@@ -50,8 +54,74 @@ T = TypeVar("T")
 DEFAULT_TEMPERATURE = 4.0
 
 
+#: Directories of the config files :func:`load` read in this process, newest first; with
+#: the current directory, where :func:`import_object` looks for modules it cannot import.
+_CONFIG_DIRS: list[str] = []
+
+
+def search_dirs() -> list[str]:
+    """Where :func:`import_object` looks for a module that ``sys.path`` does not hold.
+
+    Returns:
+        The current working directory, then the directories of the config files
+        :func:`load` read in this process (newest first), as absolute paths without
+        duplicates.
+    """
+    return list(dict.fromkeys([os.getcwd(), *_CONFIG_DIRS]))
+
+
+def _import_module(name: str, path: str) -> Any:
+    """``importlib.import_module(name)``, falling back to :func:`search_dirs`.
+
+    A module found only in a search directory is imported with that directory appended
+    to ``sys.path`` for the duration of the import (so its own imports of sibling modules
+    work) and removed after; the module stays in ``sys.modules``. Installed modules and
+    ``sys.path`` always win, so a file in the current directory never shadows one.
+    """
+    try:
+        return importlib.import_module(name)
+    except ModuleNotFoundError as exc:
+        parts = name.split(".")
+        if exc.name not in {".".join(parts[: i + 1]) for i in range(len(parts))}:
+            raise ConfigError(f"cannot import module {name!r} (from {path!r}): {exc}") from exc
+        missing = exc
+    except ImportError as exc:
+        raise ConfigError(f"cannot import module {name!r} (from {path!r}): {exc}") from exc
+    top = name.partition(".")[0]
+    dirs = search_dirs()
+    for directory in dirs:
+        if (
+            directory in sys.path
+            or importlib.machinery.PathFinder.find_spec(top, [directory]) is None
+        ):
+            continue
+        sys.path.append(directory)
+        try:
+            return importlib.import_module(name)
+        except ImportError as exc:
+            raise ConfigError(
+                f"cannot import module {name!r} (from {path!r}, found in {directory}): {exc}"
+            ) from exc
+        finally:
+            if directory in sys.path:
+                sys.path.remove(directory)
+    raise ConfigError(
+        f"cannot import module {name!r} (from {path!r}): {missing}; looked on sys.path, "
+        f"in the current directory and beside the config ({', '.join(dirs)}); install it "
+        "or set PYTHONPATH"
+    ) from missing
+
+
 def import_object(path: str) -> Any:
     """Import ``"package.module:attr"`` (or ``"package.module.attr"``).
+
+    Modules are found as Python finds them (``sys.path``, installed packages) and, failing
+    that, in the current working directory and in the directory of each config file
+    :func:`load` read (see :func:`search_dirs`), so a ``byo_data.py`` beside a config
+    imports as ``byo_data:make_dataset`` without ``PYTHONPATH=.``. Such a directory is on
+    ``sys.path`` only while the module is imported. Processes that unpickle its objects
+    elsewhere (Ray actors on other nodes, spawned DataLoader workers) need the module on
+    their own path: ``ray job submit --working-dir .`` ships it.
 
     Args:
         path: The import path; ``attr`` may be dotted (``module:Class.method``).
@@ -67,10 +137,7 @@ def import_object(path: str) -> Any:
         module_name, _, attr = path.rpartition(".")
     if not module_name or not attr:
         raise ConfigError(f"expected an import path like 'package.module:function', got {path!r}")
-    try:
-        module = importlib.import_module(module_name)
-    except ImportError as exc:
-        raise ConfigError(f"cannot import module {module_name!r} (from {path!r}): {exc}") from exc
+    module = _import_module(module_name, path)
     obj = module
     for part in attr.split("."):
         if not hasattr(obj, part):
@@ -197,7 +264,9 @@ def read_file(path: str) -> dict[str, Any]:
     return data
 
 
-def apply_overrides(data: Mapping[str, Any], overrides: list[str]) -> dict[str, Any]:
+def apply_overrides(
+    data: Mapping[str, Any], overrides: list[str], *, cls: type | None = None
+) -> dict[str, Any]:
     """Apply ``dotted.key=value`` overrides to a copy of ``data``.
 
     Values parse as YAML (``2.0`` a float, ``true`` a bool, ``[1, 2]`` a list, ``{k: 8}``
@@ -206,9 +275,15 @@ def apply_overrides(data: Mapping[str, Any], overrides: list[str]) -> dict[str, 
     way is created. Keys and types are checked when the config is built
     (:func:`from_dict`), so an unknown key is reported there with its path.
 
+    With ``cls``, a non-null override of one key of a config's ``exclusive_keys`` group
+    (``TrainConfig``: ``epochs`` and ``max_steps``) removes the others of its group from
+    the data, unless they are overridden too: ``epochs=2`` on a config that sets
+    ``max_steps`` trains for two epochs.
+
     Args:
         data: The config as read from its file (left unchanged).
         overrides: ``key=value`` strings, applied in order.
+        cls: The config class ``data`` is for (the root of the dotted paths).
 
     Returns:
         The overridden copy.
@@ -262,7 +337,30 @@ def apply_overrides(data: Mapping[str, Any], overrides: list[str]) -> dict[str, 
                     f"{type(node).__name__} {node!r}, not a mapping or a list, so it has no "
                     f"key {part!r}"
                 )
+    if cls is not None:
+        _clear_exclusive(out, cls, overrides)
     return out
+
+
+def _clear_exclusive(data: dict[str, Any], cls: type, overrides: list[str]) -> None:
+    """Drop the keys that an override of their exclusive partner replaces (in place)."""
+    given = {item.partition("=")[0] for item in overrides}
+    for item in overrides:
+        key, _, text = item.partition("=")
+        parts = key.split(".")
+        _, owner = resolve_path(cls, tuple(parts))
+        if text.strip() in ("", "null", "~", "None"):
+            continue
+        for group in getattr(owner, "exclusive_keys", ()):
+            if parts[-1] not in group:
+                continue
+            node: Any = data
+            for part in parts[:-1]:
+                node = node[int(part)] if isinstance(node, list) else node.get(part, {})
+            for other in group:
+                other_key = ".".join([*parts[:-1], other])
+                if other != parts[-1] and other_key not in given and isinstance(node, dict):
+                    node.pop(other, None)
 
 
 def command_line_overrides(positional: list[str], rest: list[str]) -> list[str]:
@@ -293,13 +391,22 @@ def load(cls: type[T], path: str, overrides: list[str] | None = None) -> T:
         path: A YAML, TOML or JSON file (see :func:`read_file`).
         overrides: ``key=value`` overrides (see :func:`apply_overrides`).
 
+    The file's directory joins :func:`search_dirs`, so the import paths it names may
+    point at modules beside it. Overriding one key of an exclusive pair clears the other
+    (``epochs=2`` on a config with ``max_steps``; see :func:`apply_overrides`).
+
     Returns:
         The validated config.
 
     Raises:
         ConfigError: see :func:`read_file`, :func:`apply_overrides` and :func:`from_dict`.
     """
-    return from_dict(cls, apply_overrides(read_file(path), overrides or []))
+    data = read_file(path)
+    directory = os.path.dirname(os.path.abspath(path))
+    if directory in _CONFIG_DIRS:
+        _CONFIG_DIRS.remove(directory)
+    _CONFIG_DIRS.insert(0, directory)
+    return from_dict(cls, apply_overrides(data, overrides or [], cls=cls))
 
 
 # -- the teacher stage -------------------------------------------------------------------
@@ -469,6 +576,68 @@ class BuildConfig:
 
 # -- the student stage -------------------------------------------------------------------
 
+#: The learning rate of the default CPU DeepSpeed config (a TrainConfig without ``lr``).
+DEFAULT_LR = 1e-3
+
+#: The remote URI schemes an ``output_dir`` may have (pyarrow filesystems; besides local
+#: paths and ``file://``).
+REMOTE_SCHEMES = ("s3", "gs", "gcs", "hdfs", "viewfs", "abfs", "abfss")
+
+
+def check_output_dir(uri: str, where: str = "output_dir") -> None:
+    """Refuse an output directory that is not a local path, ``file://`` or a URI of one
+    of :data:`REMOTE_SCHEMES` (``memory://``, ``ftp://``, ``s3:/bucket`` are refused).
+
+    Args:
+        uri: The directory, as a config gives it.
+        where: The key, for the message.
+
+    Raises:
+        ConfigError: an empty value, an unknown scheme, or a URI without a path.
+    """
+    if not uri:
+        raise ConfigError(f"{where}: expected a directory, got an empty string")
+    match = _SCHEME.match(uri)
+    if match is None:
+        return  # a local path
+    scheme, rest = match.group(1).lower(), uri[match.end() :]
+    if not rest.startswith("//") and scheme not in (*REMOTE_SCHEMES, "file", "memory"):
+        return  # a local path with a colon in its first part
+    if scheme == "file" and rest.startswith("//"):
+        return
+    if scheme not in REMOTE_SCHEMES or not rest.startswith("//") or not rest.strip("/"):
+        raise ConfigError(
+            f"{where}: {uri!r} is not a directory kdcache can write; expected a local path, "
+            f"file:///abs/path or a URI of {', '.join(s + '://' for s in REMOTE_SCHEMES)} "
+            "(bucket and path, e.g. s3://bucket/run)"
+        )
+
+
+_SCHEME = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]+):")
+
+
+def _lr_beside_deepspeed(lr: float, deepspeed: dict[str, Any] | str) -> str:
+    """The message for ``lr`` given beside a DeepSpeed config."""
+    raw: Any = deepspeed
+    if isinstance(deepspeed, str) and os.path.isfile(deepspeed):
+        try:
+            with open(deepspeed) as f:
+                raw = json.load(f)
+        except (OSError, ValueError):
+            raw = None
+    optimizer = raw.get("optimizer") if isinstance(raw, dict) else None
+    params = optimizer.get("params") if isinstance(optimizer, dict) else None
+    ds_lr = params.get("lr") if isinstance(params, dict) else None
+    if ds_lr is not None:
+        return (
+            f"lr={lr} and deepspeed.optimizer.params.lr={ds_lr} are both set: drop lr (it "
+            "applies only to the default CPU config) and set the rate in the DeepSpeed config"
+        )
+    return (
+        f"lr={lr} is given beside a deepspeed config, where it would be ignored (it applies "
+        "only to the default CPU config): drop lr and set deepspeed.optimizer.params.lr"
+    )
+
 
 @config_dataclass
 class StudentConfig:
@@ -531,28 +700,43 @@ class StreamConfig:
     """How the student reads (see :class:`kdcache.stream.ShardedStream`).
 
     Attributes:
-        batch_size: Rows per micro-step over *all* ranks (the global micro-batch); each
-            rank gets ``batch_size / world_size``, so the sample order does not change
-            with the world size.
+        global_batch_size: Rows per micro-step over *all* ranks; each rank gets
+            ``global_batch_size / world_size`` (the per-rank ``batch_size`` of
+            :class:`kdcache.SoftTargetDataset`), so the sample order does not change with
+            the world size. (Formerly ``batch_size``, which is now an error: in Python,
+            ``batch_size`` is per rank.)
         shuffle_window: Stateless shuffle window (0: off).
-        num_lanes: Lanes of the epoch (divides batch_size; set it to the largest world
-            size you plan so ranks read disjoint shards).
+        num_lanes: Lanes of the epoch (divides global_batch_size; set it to the largest
+            world size you plan so ranks read disjoint shards).
         num_workers: DataLoader worker processes per rank.
         prefetch_shards: Shards read ahead.
         verify: Check shard SHA-256 on read.
     """
 
-    batch_size: int = 128
+    global_batch_size: int = 128
     shuffle_window: int = 0
     num_lanes: int = 1
     num_workers: int = 0
     prefetch_shards: int = 2
     verify: bool = True
 
-    def __post_init__(self) -> None:
-        if self.batch_size < 1 or self.num_lanes < 1 or self.batch_size % self.num_lanes:
+    @model_validator(mode="before")
+    @classmethod
+    def _renamed_batch_size(cls, data: Any) -> Any:
+        keys = data if isinstance(data, Mapping) else (getattr(data, "kwargs", None) or {})
+        if "batch_size" in keys:
             raise ConfigError(
-                f"stream.batch_size ({self.batch_size}) must be >= 1 and a multiple of "
+                f"stream.batch_size ({keys['batch_size']!r}) is now stream.global_batch_size: "
+                "the rows per micro-step over all ranks, split over the world size; rename "
+                "the key (in Python, SoftTargetDataset(batch_size=) is per rank)"
+            )
+        return data
+
+    def __post_init__(self) -> None:
+        g = self.global_batch_size
+        if g < 1 or self.num_lanes < 1 or g % self.num_lanes:
+            raise ConfigError(
+                f"stream.global_batch_size ({g}) must be >= 1 and a multiple of "
                 f"stream.num_lanes ({self.num_lanes})"
             )
         if self.shuffle_window < 0 or self.num_workers < 0 or self.prefetch_shards < 0:
@@ -569,6 +753,14 @@ class RayTrainConfig:
         num_workers: Training ranks.
         cpus_per_worker: CPUs each rank requests.
         use_gpu: One GPU per rank.
+        storage_path: Where Ray Train persists the run: the checkpoints and metrics each
+            evaluation reports (Ray's ``RunConfig.storage_path``: a path every node
+            reaches, or a URI such as ``s3://bucket/prefix``). None: ``OUTPUT_DIR/ray``.
+            Ray keeps a report's metrics with its checkpoint, so set ``checkpoint_every``
+            to ``eval_every`` for one checkpoint per evaluation.
+        name: The run's name under ``storage_path`` (Ray's ``RunConfig.name``).
+        max_failures: Worker failures Ray Train recovers from by restarting the ranks
+            from the latest reported checkpoint (Ray's ``FailureConfig``; -1: no limit).
     """
 
     enabled: bool = False
@@ -576,10 +768,17 @@ class RayTrainConfig:
     num_workers: int = 1
     cpus_per_worker: float = 1.0
     use_gpu: bool = False
+    storage_path: str | None = None
+    name: str = "train"
+    max_failures: int = 0
 
     def __post_init__(self) -> None:
         if self.num_workers < 1 or self.cpus_per_worker <= 0:
             raise ConfigError("ray: num_workers >= 1 and cpus_per_worker > 0")
+        if not self.name or "/" in self.name:
+            raise ConfigError(f"ray.name: expected a non-empty name without '/', got {self.name!r}")
+        if self.max_failures < -1:
+            raise ConfigError(f"ray.max_failures: expected >= -1, got {self.max_failures}")
 
 
 @config_dataclass
@@ -596,22 +795,28 @@ class TrainConfig:
         eval_dataset: {factory: "pipelines.fashion_mnist:test_dataset"}
         deepspeed: ds_config.json          # or an inline mapping; passed through
         loss: {kind: forward_kl, alpha: 0.9}
-        stream: {batch_size: 128}
+        stream: {global_batch_size: 128}   # over all ranks
         epochs: 8
         eval_every: 100
 
     Attributes:
-        output_dir: Checkpoints, metrics, plots and the exported student go here.
+        output_dir: Checkpoints, metrics, plots and the exported student go here: what a
+            cache root accepts (a local path, ``file://``, or a remote URI of
+            :data:`REMOTE_SCHEMES` such as ``s3://bucket/run?endpoint_override=...``). A
+            remote one is written through a local staging directory and the finished
+            artefacts are uploaded (see :func:`kdcache.jobs.train.train_from_config`).
         student, cache, dataset: What to train, from which soft targets, on which inputs
             (the dataset the cache was built from; its labels may differ).
         eval_dataset: Held-out data with labels (accuracy and cross-entropy).
         deepspeed: The DeepSpeed config (mapping or JSON path), passed through; kdcache
             fills only the micro-batch and a scheduler's total step count when absent.
             None: a CPU AdamW config at ``lr``.
-        lr: Learning rate of the default DeepSpeed config (ignored otherwise).
+        lr: Learning rate of that default config; None: :data:`DEFAULT_LR`. Giving it
+            beside a ``deepspeed`` config is an error (the optimizer's lr lives there).
         loss, stream, ray: See their classes.
         epochs: Passes over the dataset (may be fractional). max_steps: optimizer steps
-            instead. Give one of them; default one epoch.
+            instead. Give one of them (default: one epoch); an override of one replaces
+            the other (``kdcache train cfg.yaml epochs=2`` on a config with max_steps).
         seed: Seeds the student's initial weights and the sample order.
         eval_every: Optimizer steps between evaluations (0: only at the end).
         checkpoint_every: Optimizer steps between checkpoints (0: only at the end).
@@ -628,7 +833,7 @@ class TrainConfig:
     dataset: DatasetConfig
     eval_dataset: DatasetConfig | None = None
     deepspeed: dict[str, Any] | str | None = None
-    lr: float = 1e-3
+    lr: float | None = None
     loss: LossConfig = dataclasses.field(default_factory=LossConfig)
     stream: StreamConfig = dataclasses.field(default_factory=StreamConfig)
     epochs: float | None = None
@@ -641,14 +846,90 @@ class TrainConfig:
     tensorboard: bool = True
     ray: RayTrainConfig = dataclasses.field(default_factory=RayTrainConfig)
 
+    #: Keys of which a config gives at most one; an override of one clears the others.
+    exclusive_keys: ClassVar[tuple[tuple[str, ...], ...]] = (("epochs", "max_steps"),)
+
     def __post_init__(self) -> None:
+        check_output_dir(self.output_dir)
         if self.epochs is not None and self.max_steps is not None:
-            raise ConfigError("give epochs or max_steps, not both")
+            raise ConfigError(
+                f"give epochs ({self.epochs}) or max_steps ({self.max_steps}), not both: drop "
+                "one of them (on the command line, an override of one replaces the other)"
+            )
         if self.epochs is not None and self.epochs <= 0:
             raise ConfigError(f"epochs must be > 0, got {self.epochs}")
         if self.max_steps is not None and self.max_steps < 1:
             raise ConfigError(f"max_steps must be >= 1, got {self.max_steps}")
         if self.eval_every < 0 or self.checkpoint_every < 0:
             raise ConfigError("eval_every and checkpoint_every must be >= 0")
-        if self.lr <= 0:
+        if self.lr is not None and self.lr <= 0:
             raise ConfigError(f"lr must be > 0, got {self.lr}")
+        if self.lr is not None and self.deepspeed is not None:
+            raise ConfigError(_lr_beside_deepspeed(self.lr, self.deepspeed))
+
+
+# -- the kinds of config -----------------------------------------------------------------
+
+#: The job configs by kind, as ``kdcache config show --kind`` and ``kdcache config schema``
+#: name them. :func:`config_kinds` adds ``sweep`` (defined in :mod:`kdcache.jobs.sweep`).
+CONFIG_KINDS: dict[str, type] = {"build": BuildConfig, "train": TrainConfig}
+
+
+def config_kinds() -> dict[str, type]:
+    """Every kind of job config: :data:`CONFIG_KINDS`, plus ``sweep`` when
+    :mod:`kdcache.jobs.sweep` exists (imported here, lazily: it may need Ray Tune).
+
+    Returns:
+        ``{kind: config class}``, in help order.
+    """
+    import importlib.util
+
+    kinds = dict(CONFIG_KINDS)
+    if importlib.util.find_spec("kdcache.jobs.sweep") is not None:
+        sweep = importlib.import_module("kdcache.jobs.sweep")
+        if hasattr(sweep, "SweepConfig"):
+            kinds["sweep"] = sweep.SweepConfig
+    return kinds
+
+
+def detect_kind(data: Mapping[str, Any], where: str = "config") -> str:
+    """The kind of job config ``data`` is, from its top-level keys.
+
+    The kind whose fields hold every key and whose required keys are all given; failing
+    that, the one sharing the most keys (its validation then names what is wrong).
+
+    Args:
+        data: A config as read from its file.
+        where: The file, for the message.
+
+    Returns:
+        A key of :func:`config_kinds`.
+
+    Raises:
+        ConfigError: no kind, or several, fit; the message says to pass ``--kind``.
+    """
+    kinds = config_kinds()
+    keys = set(data)
+
+    def fields(cls: type) -> set[str]:
+        return {f.name for f in dataclasses.fields(cls)}
+
+    def required(cls: type) -> set[str]:
+        return {
+            f.name
+            for f in dataclasses.fields(cls)
+            if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+        }
+
+    exact = [k for k, c in kinds.items() if keys <= fields(c) and required(c) <= keys]
+    if len(exact) == 1:
+        return exact[0]
+    overlap = {k: len(keys & fields(c)) for k, c in kinds.items()}
+    best = [k for k, n in overlap.items() if n and n == max(overlap.values())]
+    if not exact and len(best) == 1:
+        return best[0]
+    raise ConfigError(
+        f"cannot tell which kind of config {where} is (keys: {', '.join(sorted(keys)) or 'none'}"
+        f"; it fits {' and '.join(exact or best) or 'none of ' + ', '.join(kinds)}): pass "
+        f"--kind {'|'.join(kinds)}"
+    )

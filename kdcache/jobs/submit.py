@@ -1,12 +1,20 @@
 """Run a stage on a Ray cluster as a Ray job (the Ray Jobs API), and follow it.
 
-``kdcache submit build|train CONFIG`` packages the working directory (minus virtual
-environments, run outputs and caches) as the job's ``runtime_env`` ``working_dir``,
-resolves the config file locally (overrides applied, types checked) and ships it with
-the job in an environment variable, then runs ``python -m kdcache.cli.job STAGE`` on the
-cluster. That entrypoint writes the shipped config to a file and runs the ordinary
-``kdcache build`` / ``kdcache train`` command, so a job does exactly what the same
-command does on a workstation. With ``workers`` the student stage runs on Ray Train
+``kdcache submit build|train CONFIG [key=value ...]`` type-checks the config locally
+(overrides applied), packages the working directory (minus virtual environments, run
+outputs and caches) as the job's ``runtime_env`` ``working_dir`` and runs the ordinary
+command on the cluster, visibly: the job's entrypoint is ``kdcache build CONFIG
+[key=value ...]`` (or ``kdcache train ...``), the one ``ray job list`` shows and the one
+a Ray user would pass to ``ray job submit --working-dir . --``. So a job does exactly
+what the same command does on a workstation, and ``ray job list/logs/stop`` show and
+control it.
+
+The config travels as a file in the working directory. A config inside the working
+directory that Ray uploads is named by its own relative path. One that is not uploaded
+(outside the working directory, or under a git-ignored path such as ``runs/``: Ray's
+upload honours ``.gitignore`` and ``.rayignore`` files and ``excludes``) is copied, for
+the upload only, to ``.kdcache-jobs/<job id>/`` in the working directory, and the
+entrypoint names that copy. With ``workers`` the student stage runs on Ray Train
 (``TorchTrainer``, through ``kdcache train``'s own ``ray`` settings), one rank per worker.
 
 Ray is optional: this module imports it only when a function needs it.
@@ -15,13 +23,16 @@ Ray is optional: this module imports it only when a function needs it.
 from __future__ import annotations
 
 import asyncio
-import json
+import contextlib
 import logging
 import os
+import shlex
+import shutil
 import time
 import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from kdcache.errors import (  # noqa: F401  (re-exported: kdcache.jobs.submit.JobServerError)
@@ -36,10 +47,17 @@ from kdcache.errors import (  # noqa: F401  (re-exported: kdcache.jobs.submit.Jo
 log = logging.getLogger(__name__)
 
 
-#: Environment variable that carries the resolved config (JSON) to the job.
+#: Environment variable read by the older entrypoint ``python -m kdcache.cli.job STAGE``
+#: (the resolved config as JSON); ``kdcache submit`` now ships a file instead.
 
 
 CONFIG_ENV = "KDCACHE_JOB_CONFIG"
+
+#: Directory of the working directory where a config that Ray would not upload is
+#: copied for the upload (``.kdcache-jobs/<job id>/<file>``); removed after it.
+
+
+SHIP_DIR = ".kdcache-jobs"
 
 
 #: Stage -> (config class in kdcache.jobs.config, command module that runs it).
@@ -74,12 +92,6 @@ DEFAULT_EXCLUDES = (
 )
 
 
-#: Largest config shipped in the environment (Linux caps one variable at 128 KiB).
-
-
-MAX_CONFIG_BYTES = 100_000
-
-
 TERMINAL = ("SUCCEEDED", "FAILED", "STOPPED")
 
 
@@ -90,10 +102,15 @@ class JobSpec:
     Attributes:
         stage: ``"build"`` or ``"train"``.
         config: The resolved config (file plus overrides), plain JSON-able data.
-        entrypoint: Shell command the job runs on the cluster.
+        entrypoint: Shell command the job runs on the cluster: ``kdcache STAGE FILE
+            [key=value ...]``, FILE relative to the working directory.
         runtime_env: Ray runtime environment (``working_dir``, ``excludes``, ``pip``,
-            ``env_vars``; the config travels in ``env_vars[CONFIG_ENV]``).
+            ``env_vars``).
         submission_id: The job's id (``kdcache-<stage>-<hex>`` unless given).
+        config_file: The config file as the job sees it (relative to the working dir).
+        shipped: Files copied into the working directory for the upload only:
+            ``{relative path there: local source}`` (empty when the config is uploaded
+            where it is).
         entrypoint_num_cpus: CPUs reserved for the entrypoint process.
         entrypoint_num_gpus: GPUs reserved for the entrypoint process.
         metadata: Labels shown by ``ray job list``.
@@ -107,6 +124,8 @@ class JobSpec:
     entrypoint_num_cpus: float | None = None
     entrypoint_num_gpus: float | None = None
     metadata: dict[str, str] = field(default_factory=dict)
+    config_file: str = ""
+    shipped: dict[str, str] = field(default_factory=dict)
 
 
 @dataclass
@@ -181,10 +200,35 @@ def stage_config(stage: str, path: str, overrides: Sequence[str] = ()) -> dict[s
     if stage not in STAGES:
         raise ConfigError(f"expected a stage in {sorted(STAGES)}, got {stage!r}")
     class_name, _ = STAGES[stage]
-    config_cls = getattr(cfg, class_name)
-    data = cfg.apply_overrides(cfg.read_file(path), list(overrides))
-    cfg.from_dict(config_cls, data)  # raises on unknown keys and wrong types
-    return data
+    # what `kdcache STAGE` runs on the cluster; raises on unknown keys and wrong types
+    return cfg.to_dict(cfg.load(getattr(cfg, class_name), path, list(overrides)))
+
+
+def uploaded(working_dir: str, relative: str, excludes: Sequence[str]) -> bool:
+    """Whether Ray's ``working_dir`` upload keeps the file ``relative`` (to ``working_dir``).
+
+    Applies what Ray's packaging applies, with Ray's own matchers: the runtime env's
+    ``excludes``, and the ``.gitignore`` (unless ``RAY_RUNTIME_ENV_IGNORE_GITIGNORE=1``)
+    and ``.rayignore`` files of the working directory and each directory below it on the
+    way to the file. True when Ray's (private) helpers cannot be imported.
+    """
+    try:
+        from ray._private.runtime_env.packaging import (
+            _get_excludes,
+            get_excludes_from_ignore_files,
+        )
+    except ImportError:  # Ray moved its private helpers; the job's own error will tell
+        return True
+    include_gitignore = os.environ.get("RAY_RUNTIME_ENV_IGNORE_GITIGNORE", "0") != "1"
+    root = Path(working_dir).absolute()
+    checks = [_get_excludes(root, list(excludes))]
+    directory = root
+    for part in Path(relative).parts:
+        checks += get_excludes_from_ignore_files(directory, include_gitignore=include_gitignore)
+        directory = directory / part
+        if any(check(directory) for check in checks):
+            return False
+    return True
 
 
 def job_spec(
@@ -203,7 +247,7 @@ def job_spec(
     entrypoint_num_cpus: float | None = None,
     entrypoint_num_gpus: float | None = None,
     submission_id: str | None = None,
-    python: str = "python",
+    python: str | None = None,
 ) -> JobSpec:
     """Describe the Ray job that runs ``stage`` with the config at ``config_path``.
 
@@ -213,6 +257,7 @@ def job_spec(
         overrides: Dotted ``key=value`` overrides, applied and checked here.
         working_dir: Directory uploaded as the job's working directory (it is on the
             job's ``PYTHONPATH``, so ``pipelines.*`` factories import on the cluster).
+            The config goes with it (see the module's docstring).
         excludes: Extra gitignore-style patterns left out of the upload (added to
             :data:`DEFAULT_EXCLUDES`).
         pip: Packages the cluster installs for the job (runtime_env ``pip``).
@@ -228,14 +273,16 @@ def job_spec(
         entrypoint_num_cpus: CPUs reserved for the entrypoint process.
         entrypoint_num_gpus: GPUs reserved for the entrypoint process.
         submission_id: Job id; default ``kdcache-<stage>-<12 hex>``.
-        python: The interpreter on the cluster's ``PATH`` that has kdcache's dependencies.
+        python: Run ``PYTHON -m kdcache.cli`` on the cluster instead of the ``kdcache``
+            command (None: ``kdcache``, which must be on the cluster's ``PATH``).
 
     Returns:
         A :class:`JobSpec`; nothing is sent yet.
 
     Raises:
         ConfigError: a bad config (see :func:`stage_config`), a missing working
-            directory, ``workers`` for the teacher stage, or a config too large to ship.
+            directory, ``workers`` for the teacher stage, or a config that Ray's upload
+            would leave out even when copied to ``.kdcache-jobs/``.
     """
     if workers < 0 or cpus_per_worker <= 0:
         raise ConfigError(
@@ -265,26 +312,33 @@ def job_spec(
             data[section]["address"],
         )
         data[section]["address"] = None
+        overrides.append(f"{section}.address=null")
     if not os.path.isdir(working_dir):
         raise ConfigError(f"working directory {working_dir!r} does not exist")
-    shipped = json.dumps(data, sort_keys=True)
-    if len(shipped) > MAX_CONFIG_BYTES:
-        raise ConfigError(
-            f"the resolved config is {len(shipped)} bytes; at most {MAX_CONFIG_BYTES} "
-            "travel with the job: move large values (lists of files) into a file in the "
-            "working directory or on shared storage"
-        )
-    env = dict((runtime_env or {}).get("env_vars") or {})
-    env.update(env_vars or {})
-    env[CONFIG_ENV] = shipped
     rt: dict[str, Any] = dict(runtime_env or {})
-    rt["working_dir"] = os.path.abspath(working_dir)
+    rt["working_dir"] = root = os.path.abspath(working_dir)
     rt["excludes"] = sorted({*rt.get("excludes", []), *DEFAULT_EXCLUDES, *excludes})
     if pip:
         rt["pip"] = [*rt.get("pip", []), *pip]
-    rt["env_vars"] = env
-    entrypoint = f"{python} -m kdcache.cli.job {stage}"
+    env = dict(rt.get("env_vars") or {})
+    env.update(env_vars or {})
+    if env:
+        rt["env_vars"] = env
     job_id = submission_id or f"kdcache-{stage}-{uuid.uuid4().hex[:12]}"
+    config_file = os.path.relpath(os.path.abspath(config_path), root)
+    shipped = {}
+    if config_file.startswith(os.pardir) or not uploaded(root, config_file, rt["excludes"]):
+        config_file = os.path.join(SHIP_DIR, job_id, os.path.basename(config_path))
+        if not uploaded(root, config_file, rt["excludes"]):
+            raise ConfigError(
+                f"{config_path} is not uploaded with {root} (outside it or ignored), and "
+                f"neither would its copy {config_file} be: an ignore file or exclude there "
+                f"matches {SHIP_DIR}/; un-ignore it ('!{SHIP_DIR}/' in .gitignore) or put "
+                "the config in an uploaded place of the working directory"
+            )
+        shipped[config_file] = os.path.abspath(config_path)
+    command = "kdcache" if python is None else f"{python} -m kdcache.cli"
+    entrypoint = shlex.join([*shlex.split(command), stage, config_file, *overrides])
     return JobSpec(
         stage=stage,
         config=data,
@@ -294,7 +348,34 @@ def job_spec(
         entrypoint_num_cpus=entrypoint_num_cpus,
         entrypoint_num_gpus=entrypoint_num_gpus,
         metadata={"kdcache_stage": stage, "kdcache_config": os.path.basename(config_path)},
+        config_file=config_file,
+        shipped=shipped,
     )
+
+
+@contextlib.contextmanager
+def _placed(spec: JobSpec) -> Iterator[None]:
+    """Copy ``spec.shipped`` into the working directory for the upload; remove them after
+    (and the directories made for them, when empty)."""
+    root = spec.runtime_env["working_dir"]
+    made = []
+    try:
+        for relative, source in spec.shipped.items():
+            target = os.path.join(root, relative)
+            directory = os.path.dirname(target)
+            while directory != root and not os.path.isdir(directory):
+                made.append(directory)
+                directory = os.path.dirname(directory)
+            os.makedirs(os.path.dirname(target), exist_ok=True)
+            shutil.copyfile(source, target)
+        yield
+    finally:
+        for relative in spec.shipped:
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(os.path.join(root, relative))
+        for directory in sorted(made, key=len, reverse=True):
+            with contextlib.suppress(OSError):  # not empty: another submission's files
+                os.rmdir(directory)
 
 
 def _client(address: str | None) -> Any:
@@ -318,6 +399,9 @@ def _client(address: str | None) -> Any:
 def submit(spec: JobSpec, address: str | None, *, agent_wait_s: float = 60.0) -> str:
     """Send ``spec`` to the job server at ``address``; returns the job id at once.
 
+    The files of ``spec.shipped`` are in the working directory while it is uploaded
+    (during this call) and removed when it returns or raises.
+
     Args:
         spec: What to run (see :func:`job_spec`).
         address: Job server address (see :func:`resolve_address`).
@@ -330,6 +414,11 @@ def submit(spec: JobSpec, address: str | None, *, agent_wait_s: float = 60.0) ->
         MissingDependencyError: Ray (with the ``default`` extra) is not installed.
     """
     client = _client(address)
+    with _placed(spec):
+        return _submit(client, spec, agent_wait_s)
+
+
+def _submit(client: Any, spec: JobSpec, agent_wait_s: float) -> str:
     deadline = time.monotonic() + agent_wait_s
     while True:
         try:

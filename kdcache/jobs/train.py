@@ -5,11 +5,13 @@ from __future__ import annotations
 
 import json
 import os
+import uuid
 from typing import Any
 
 import torch
 
 from kdcache.errors import ConfigError, require
+from kdcache.stores.fs import Location
 from kdcache.train.distributed import (
     cpu_ds_config,
     init_distributed,
@@ -18,9 +20,83 @@ from kdcache.train.distributed import (
 )
 from kdcache.train.evaluate import evaluate_classifier
 from kdcache.train.export import save_safetensors
-from kdcache.train.loop import TrainResult, train_student
+from kdcache.train.loop import EvalCallback, TrainResult, train_student
 from kdcache.train.metrics import MetricsLogger, read_metrics
 from kdcache.train.report import _report_int8, plot_curves
+
+
+def local_output_dir(output_dir: str) -> str:
+    """The local directory a run with ``output_dir`` writes to.
+
+    A local path or ``file://`` URI is itself (absolute). A remote URI (``s3://...``,
+    see :data:`kdcache.jobs.config.REMOTE_SCHEMES`) gets a staging directory on this
+    machine, the same for every rank and every rerun with that URI
+    (``$TMPDIR/kdcache-output-<hash>``), because DeepSpeed writes its checkpoints to a
+    local file system: checkpoints stay there (``--resume`` works on the same machine),
+    and :func:`upload_outputs` copies the rest to the URI at the end.
+
+    Args:
+        output_dir: ``TrainConfig.output_dir``.
+
+    Returns:
+        An absolute local path (not created here).
+    """
+    import hashlib
+    import tempfile
+
+    loc = Location(output_dir)
+    if loc.is_local:
+        return loc.uri
+    digest = hashlib.sha256(loc.uri.encode()).hexdigest()[:16]
+    return os.path.join(tempfile.gettempdir(), f"kdcache-output-{digest}")
+
+
+def upload_outputs(staging: str, output_dir: str, summary: dict[str, Any]) -> dict[str, Any]:
+    """Copy a finished run's artefacts from ``staging`` to the remote ``output_dir``.
+
+    Every file under ``staging`` except ``checkpoints/`` directories (DeepSpeed's, kept
+    locally for ``--resume``) is copied to the same relative path: ``metrics.csv``,
+    ``tensorboard/``, ``curves.png``, ``student.safetensors``, ``student-int8.pt``,
+    ``hard/``. The caller writes ``summary.json`` itself.
+
+    Args:
+        staging: The local directory the run wrote (:func:`local_output_dir`).
+        output_dir: The remote URI.
+        summary: The run's summary; its paths under ``staging`` are rewritten.
+
+    Returns:
+        The summary with ``output_dir``, ``staging_dir`` and every path under
+        ``staging`` given as its remote URI (without the URI's query options).
+    """
+    import pyarrow.fs as pafs
+
+    dest = Location(output_dir)
+    dest.makedirs()
+    for directory, subdirs, files in os.walk(staging):
+        subdirs[:] = sorted(d for d in subdirs if d != "checkpoints")
+        for name in sorted(files):
+            if name == "summary.json":
+                continue
+            rel = os.path.relpath(os.path.join(directory, name), staging).replace(os.sep, "/")
+            pafs.copy_files(
+                os.path.join(directory, name),
+                f"{dest.path.rstrip('/')}/{rel}",
+                source_filesystem=pafs.LocalFileSystem(),
+                destination_filesystem=dest.fs,
+            )
+
+    def remote(value: Any) -> Any:
+        if isinstance(value, dict):
+            return {k: remote(v) for k, v in value.items()}
+        if isinstance(value, list):
+            return [remote(v) for v in value]
+        if isinstance(value, str) and value.startswith(staging + os.sep):
+            return dest.display(os.path.relpath(value, staging).replace(os.sep, "/"))
+        return value
+
+    out: dict[str, Any] = remote(summary)
+    out["output_dir"], out["staging_dir"] = dest.display(), staging
+    return out
 
 
 def _latest_step(checkpoint_dir: str) -> int | None:
@@ -32,11 +108,20 @@ def _latest_step(checkpoint_dir: str) -> int | None:
     return int(tag[4:]) if tag.startswith("step") and tag[4:].isdigit() else None
 
 
-def train_from_config(cfg: Any, *, resume: bool = False, progress: bool = True) -> dict[str, Any]:
+def train_from_config(
+    cfg: Any,
+    *,
+    resume: bool = False,
+    progress: bool = True,
+    on_eval: EvalCallback | None = None,
+) -> dict[str, Any]:
     """Run a :class:`kdcache.jobs.config.TrainConfig` on this process's rank.
 
     Launch it on every rank (``torchrun``, ``deepspeed``, Ray Train, or a single process).
-    Writes under ``cfg.output_dir``: ``checkpoints/`` (engine and loader state),
+    Writes under ``cfg.output_dir`` (see :func:`local_output_dir` for a remote one, such
+    as ``s3://``: the run writes to a local staging directory, and rank 0 uploads the
+    finished artefacts, all but ``checkpoints/``, at the end):
+    ``checkpoints/`` (engine and loader state),
     ``metrics.csv`` and ``tensorboard/``, ``student.safetensors`` (float32 weights with
     the student config, the cache keys and the resolved config as metadata), with
     ``quantize_int8`` also ``student-int8.pt``, with ``compare_hard_labels`` a ``hard/``
@@ -46,6 +131,9 @@ def train_from_config(cfg: Any, *, resume: bool = False, progress: bool = True) 
         cfg: The job.
         resume: Continue each run from its latest checkpoint (fresh when none).
         progress: Progress bars on rank 0.
+        on_eval: Passed to :func:`kdcache.train.loop.train_student` for the distilled run
+            (not the ``compare_hard_labels`` one): each evaluation's step, metrics and
+            checkpoint directory (Ray Train reports them).
 
     Returns:
         The summary (rank 0 writes it to ``summary.json``): steps, metrics, cache keys,
@@ -60,19 +148,19 @@ def train_from_config(cfg: Any, *, resume: bool = False, progress: bool = True) 
 
     from kdcache import losses
     from kdcache._version import __version__
-    from kdcache.jobs.config import to_dict
+    from kdcache.jobs.config import DEFAULT_LR, to_dict
     from kdcache.stores.catalog import open_cache
     from kdcache.stores.view import as_view
     from kdcache.stream.dataset import ShardedStream, SoftTargetDataset
 
     rank, world = init_distributed()
-    if cfg.stream.batch_size % world:
+    if cfg.stream.global_batch_size % world:
         raise ConfigError(
-            f"stream.batch_size {cfg.stream.batch_size} (the global micro-batch) does not split "
-            f"over {world} ranks; use a multiple of the world size"
+            f"stream.global_batch_size {cfg.stream.global_batch_size} does not split over "
+            f"{world} ranks; use a multiple of the world size"
         )
-    per_rank = cfg.stream.batch_size // world
-    out = cfg.output_dir
+    per_rank = cfg.stream.global_batch_size // world
+    out = local_output_dir(cfg.output_dir)
     os.makedirs(out, exist_ok=True)
     dataset = cfg.dataset.build()
     eval_data = cfg.eval_dataset.build() if cfg.eval_dataset is not None else None
@@ -126,7 +214,8 @@ def train_from_config(cfg: Any, *, resume: bool = False, progress: bool = True) 
             m = evaluate_classifier(module, eval_data, rank=rank, world_size=world)
             return {"accuracy": m["accuracy"], "cross_entropy": m["cross_entropy"]}
 
-    base_ds = cfg.deepspeed if cfg.deepspeed is not None else cpu_ds_config(cfg.lr, per_rank)
+    lr = DEFAULT_LR if cfg.lr is None else cfg.lr  # TrainConfig refuses lr beside deepspeed
+    base_ds = cfg.deepspeed if cfg.deepspeed is not None else cpu_ds_config(lr, per_rank)
     raw = load_ds_config(base_ds)
     accum = raw.get("gradient_accumulation_steps", 1)
     accum = int(accum) if accum != "auto" else 1
@@ -168,6 +257,7 @@ def train_from_config(cfg: Any, *, resume: bool = False, progress: bool = True) 
                 checkpoint_every=cfg.checkpoint_every,
                 resume=resume,
                 metrics=metrics,
+                on_eval=on_eval if not sub else None,
             )
         finally:
             metrics.close()
@@ -177,7 +267,7 @@ def train_from_config(cfg: Any, *, resume: bool = False, progress: bool = True) 
         "steps": main.steps,
         "start_step": main.start_step,
         "world_size": world,
-        "global_batch_size": cfg.stream.batch_size,
+        "global_batch_size": cfg.stream.global_batch_size,
         "cache": {
             "uri": cfg.cache.uri,
             "key": cache.key,
@@ -215,21 +305,76 @@ def train_from_config(cfg: Any, *, resume: bool = False, progress: bool = True) 
         f"student ({sum(p.numel() for p in student.parameters()):,} params), tau={temperature}",
     )
     summary["metrics_csv"] = os.path.join(out, "metrics.csv")
+    remote = not Location(cfg.output_dir).is_local
+    if remote:
+        summary = upload_outputs(out, cfg.output_dir, summary)
+    text = json.dumps(summary, indent=2)
     with open(os.path.join(out, "summary.json"), "w") as f:
-        json.dump(summary, f, indent=2)
+        f.write(text)
+    if remote:  # last: a summary.json in output_dir means every artefact is there
+        Location(cfg.output_dir).write_atomic("summary.json", text.encode())
     return summary
 
 
+def _restore_ray_checkpoint(checkpoint: Any, checkpoint_dir: str) -> None:
+    """Make the Ray checkpoint (a DeepSpeed ``step<N>`` directory) the latest one in
+    ``checkpoint_dir`` unless that already has one (rank 0 copies; every rank waits)."""
+    import shutil
+
+    import torch.distributed as dist
+
+    if int(os.environ.get("RANK", "0")) == 0 and not os.path.exists(
+        os.path.join(checkpoint_dir, "latest")
+    ):
+        with checkpoint.as_directory() as src:
+            tag = os.path.basename(os.path.normpath(checkpoint.path))
+            shutil.copytree(src, os.path.join(checkpoint_dir, tag), dirs_exist_ok=True)
+            with open(os.path.join(checkpoint_dir, "latest"), "w") as f:
+                f.write(tag)
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+
+
 def _ray_train_loop(loop_config: dict[str, Any]) -> None:
-    """The per-worker function of Ray Train's TorchTrainer (process group already set)."""
+    """The per-worker function of Ray Train's TorchTrainer (process group already set).
+
+    Each evaluation, and the end of the run, is reported with ``ray.train.report``: every
+    rank reports the metrics (``step`` and the evaluation's; a report is a barrier), and
+    rank 0 attaches the DeepSpeed checkpoint saved at that step, which Ray persists as
+    ``step<N>`` under ``ray.storage_path``/``ray.name``. When Ray restarts the ranks
+    after a failure (``ray.max_failures``) they resume from the latest reported
+    checkpoint, as ``resume`` does; so does ``resume`` on a fresh ``output_dir``.
+    """
+    import ray.train
+    from ray.train import Checkpoint
+
     from kdcache.jobs.config import TrainConfig, from_dict
 
     os.environ.setdefault("DS_ACCELERATOR", "cpu" if not torch.cuda.is_available() else "cuda")
     cfg = from_dict(TrainConfig, loop_config["config"])
-    summary = train_from_config(cfg, resume=loop_config["resume"], progress=False)
-    import ray.train
+    run_id, resume = loop_config["run_id"], loop_config["resume"]
+    restored = ray.train.get_checkpoint()
+    if restored is not None:
+        # This fit's own checkpoint: Ray restarted the ranks after a failure. Another
+        # run's (Ray restores a run of the same name): only with resume.
+        if resume or (restored.get_metadata() or {}).get("kdcache_run") == run_id:
+            _restore_ray_checkpoint(restored, os.path.join(cfg.output_dir, "checkpoints"))
+            resume = True
+    rank = ray.train.get_context().get_world_rank()
 
-    ray.train.report({"steps": summary["steps"]})
+    def report(step: int, metrics: dict[str, float], checkpoint_dir: str | None) -> None:
+        values = {"step": step, **metrics}
+        if checkpoint_dir is None:
+            ray.train.report(values)
+            return
+        name = os.path.basename(checkpoint_dir)
+        checkpoint = None
+        if rank == 0:  # the directory is on output_dir's shared file system: once
+            checkpoint = Checkpoint.from_directory(checkpoint_dir)
+            checkpoint.set_metadata({"kdcache_run": run_id, "step": step})
+        ray.train.report(values, checkpoint=checkpoint, checkpoint_dir_name=name)
+
+    train_from_config(cfg, resume=resume, progress=False, on_eval=report)
 
 
 def train_on_ray(cfg: Any, *, resume: bool = False) -> dict[str, Any]:
@@ -238,10 +383,14 @@ def train_on_ray(cfg: Any, *, resume: bool = False) -> dict[str, Any]:
     Ray Train's ``TorchTrainer`` starts one process per rank and sets up the torch process
     group (gloo on CPUs, nccl with ``use_gpu``); each worker runs the same code as a
     ``torchrun`` rank. ``output_dir`` must be reachable from every node (a shared file
-    system on a multi-node cluster).
+    system on a multi-node cluster). Each evaluation reports its metrics, and the
+    checkpoint saved at that step, to Ray (see :func:`_ray_train_loop`), which keeps them
+    under ``ray.storage_path`` (default ``OUTPUT_DIR/ray``; an ``s3://`` URI works) in the
+    run ``ray.name`` and restarts failed ranks from them (``ray.max_failures``).
 
     Returns:
-        The summary that rank 0 wrote to ``summary.json``.
+        The summary that rank 0 wrote to ``summary.json``, plus ``ray``: the run's
+        ``path`` in storage and its latest ``checkpoint`` there (None without one).
 
     Raises:
         MissingDependencyError: Ray is not installed (extra ``ray``).
@@ -249,7 +398,7 @@ def train_on_ray(cfg: Any, *, resume: bool = False) -> dict[str, Any]:
     from kdcache.jobs.config import to_dict
 
     ray = require("ray", "ray")
-    from ray.train import RunConfig, ScalingConfig
+    from ray.train import FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
     started = False
@@ -264,17 +413,28 @@ def train_on_ray(cfg: Any, *, resume: bool = False) -> dict[str, Any]:
     try:
         trainer = TorchTrainer(
             _ray_train_loop,
-            train_loop_config={"config": config, "resume": resume},
+            train_loop_config={
+                "config": config,
+                "resume": resume,
+                "run_id": uuid.uuid4().hex,  # tells this fit's checkpoints from older runs'
+            },
             scaling_config=ScalingConfig(
                 num_workers=cfg.ray.num_workers,
                 use_gpu=cfg.ray.use_gpu,
                 resources_per_worker={"CPU": cfg.ray.cpus_per_worker},
             ),
-            run_config=RunConfig(storage_path=os.path.join(out, "ray"), name="train"),
+            run_config=RunConfig(
+                storage_path=cfg.ray.storage_path or os.path.join(out, "ray"),
+                name=cfg.ray.name,
+                failure_config=FailureConfig(max_failures=cfg.ray.max_failures),
+            ),
         )
-        trainer.fit()
+        result = trainer.fit()
     finally:
         if started:
             ray.shutdown()
     with open(os.path.join(out, "summary.json")) as f:
-        return dict(json.load(f))
+        summary = dict(json.load(f))
+    checkpoint = result.checkpoint
+    summary["ray"] = {"path": result.path, "checkpoint": checkpoint and checkpoint.path}
+    return summary

@@ -26,13 +26,21 @@ _ALIAS_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 _KEY_LIKE = re.compile(f"[0-9a-f]{{{schema.KEY_HEX_CHARS}}}")
 
 
-def write_alias(root: str | Location, name: str, key: str, kind: str) -> None:
-    """Point the human-readable ``name`` at an entry or ensemble ``key`` (re-pointing an
-    existing alias is allowed and logged).
+def write_alias(root: str | Location, name: str, key: str, kind: str, *, move: bool = True) -> None:
+    """Point the human-readable ``name`` at an entry or ensemble ``key``.
+
+    Args:
+        root: The cache root.
+        name: The alias.
+        key: The entry or ensemble key it names.
+        kind: ``"entry"`` or ``"ensemble"``.
+        move: Re-point an alias that names another key (logged); False refuses to.
 
     Raises:
         ConfigError: ``name`` is not a plain name (letters, digits, ``.``, ``_``, ``-``;
-            no path separators), or looks like a key (keys always win over aliases).
+            no path separators), or looks like a key (keys always win over aliases); or,
+            with ``move=False``, the alias already names another key (the message names
+            both keys).
     """
     if not _ALIAS_NAME.fullmatch(name) or _KEY_LIKE.fullmatch(name):
         raise ConfigError(
@@ -40,11 +48,27 @@ def write_alias(root: str | Location, name: str, key: str, kind: str) -> None:
             f"128 characters) that does not look like a {schema.KEY_HEX_CHARS}-hex-digit key"
         )
     loc = (root if isinstance(root, Location) else Location(root)).child(schema.ALIASES_DIR)
-    if loc.exists(f"{name}.json"):
-        old = json.loads(loc.read_bytes(f"{name}.json")).get("key")
-        if old != key:
-            log.warning("alias %s now points to %s (was %s)", name, key, old)
+    old = alias_target(root, name)
+    if old is not None and old != key:
+        if not move:
+            raise ConfigError(
+                f"alias {name!r} points at key {old}, not at {key}; re-point it explicitly "
+                "(move=True) or choose another name"
+            )
+        log.warning("alias %s now points to %s (was %s)", name, key, old)
     loc.write_atomic(f"{name}.json", _dumps({"key": key, "kind": kind}))
+
+
+def alias_target(root: str | Location, name: str) -> str | None:
+    """The key the alias ``name`` names under ``root``; None when there is no such alias
+    (or ``name`` cannot be one)."""
+    if not _ALIAS_NAME.fullmatch(name) or _KEY_LIKE.fullmatch(name):
+        return None
+    loc = (root if isinstance(root, Location) else Location(root)).child(schema.ALIASES_DIR)
+    if not loc.exists(f"{name}.json"):
+        return None
+    key = json.loads(loc.read_bytes(f"{name}.json")).get("key")
+    return str(key) if key is not None else None
 
 
 def open_cache(
@@ -87,7 +111,7 @@ def open_cache(
     return cache
 
 
-def _open(uri: str, root: str | None) -> CacheEntry | EnsembleView:
+def _open(uri: str, root: str | None, *, check: bool = True) -> CacheEntry | EnsembleView:
     if root is not None:
         r = Location(root)
         alias = r.child(schema.ALIASES_DIR)
@@ -109,7 +133,8 @@ def _open(uri: str, root: str | None) -> CacheEntry | EnsembleView:
                 f"no entry, ensemble view or alias named {uri!r} under {r.display()}; "
                 f"list what is there with: kdcache ls {r.display()}"
             )
-        _ = entry.manifest
+        if check:
+            _ = entry.manifest
         return entry
     loc = Location(uri)
     base, query = split_query(loc.uri) if not loc.is_local else (loc.uri, "")
@@ -124,7 +149,8 @@ def _open(uri: str, root: str | None) -> CacheEntry | EnsembleView:
             "(root=... in Python, --root ROOT on the command line)"
         )
     entry = CacheEntry(parent.rsplit("/", 1)[0] + query, key)
-    _ = entry.manifest
+    if check:
+        _ = entry.manifest
     return entry
 
 
@@ -179,3 +205,14 @@ def list_root(root: str) -> list[dict[str, Any]]:
             target = json.loads(loc.child(schema.ALIASES_DIR).read_bytes(name))
             rows.append({"kind": "alias", "name": name[:-5], "key": target["key"]})
     return rows
+
+
+def resolve_entries(uri: str, *, root: str | None = None) -> list[CacheEntry]:
+    """The entries ``uri`` names (one, or an ensemble view's members) without reading their
+    manifests, for tools that must look at damaged or unfinished entries (``verify``).
+
+    Raises:
+        CacheNotFoundError: nothing at ``uri``.
+    """
+    found = _open(uri, root, check=False)
+    return found.entries if isinstance(found, EnsembleView) else [found]

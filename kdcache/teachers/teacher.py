@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from kdcache import targets
+from kdcache import quiet, targets
 from kdcache.errors import ConfigError, DataFileNotFoundError, TeacherOutputError
 from kdcache.teachers.loaders import (
     FeatureTap,
@@ -198,8 +198,9 @@ class Teacher:
         }
         if task not in auto:
             raise ConfigError(f"task must be one of {sorted(auto)}, got {task!r}")
-        model = auto[task].from_pretrained(path, dtype=dtype, local_files_only=True)
-        tokenizer_sha, tokenizer_len, pad_id = _tokenizer_facts(path)
+        with quiet.hf_loading():  # no weight-loading bars for a local model
+            model = auto[task].from_pretrained(path, dtype=dtype, local_files_only=True)
+            tokenizer_sha, tokenizer_len, pad_id = _tokenizer_facts(path)
         if vocab_size is None and task == "causal-lm":
             vocab_size = tokenizer_len  # classifiers' V is their number of labels
         if pad_id is None:

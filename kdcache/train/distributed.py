@@ -11,6 +11,7 @@ from typing import Any
 
 import torch
 
+from kdcache import quiet
 from kdcache.errors import ConfigError, require
 
 log = logging.getLogger(__name__)
@@ -37,17 +38,21 @@ def init_distributed() -> tuple[int, int]:
     """
     if not torch.cuda.is_available():
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
-    deepspeed = require("deepspeed", "deepspeed")
-    if not torch.distributed.is_initialized():
-        for k, v in (
-            ("RANK", "0"),
-            ("LOCAL_RANK", "0"),
-            ("WORLD_SIZE", "1"),
-            ("MASTER_ADDR", "127.0.0.1"),
-        ):
-            os.environ.setdefault(k, v)
-        os.environ.setdefault("MASTER_PORT", str(_free_port()))
-        backend = "nccl" if torch.cuda.is_available() else "gloo"
+    backend = "nccl" if torch.cuda.is_available() else "gloo"
+    # DeepSpeed's start-up lines (op built, banners) to debug level, real output through
+    with quiet.deepspeed_output():
+        deepspeed = require("deepspeed", "deepspeed")
+        if not torch.distributed.is_initialized():
+            for k, v in (
+                ("RANK", "0"),
+                ("LOCAL_RANK", "0"),
+                ("WORLD_SIZE", "1"),
+                ("MASTER_ADDR", "127.0.0.1"),
+            ):
+                os.environ.setdefault(k, v)
+            os.environ.setdefault("MASTER_PORT", str(_free_port()))
+        # With a process group already there (Ray Train, torchrun) this only makes
+        # DeepSpeed's communication backend, as deepspeed.initialize would.
         deepspeed.init_distributed(dist_backend=backend, verbose=False)
     return torch.distributed.get_rank(), torch.distributed.get_world_size()
 

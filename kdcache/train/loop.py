@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import logging
 import os
-import sys
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -19,6 +18,7 @@ from typing import Any
 import torch
 
 from kdcache.errors import ConfigError, require
+from kdcache.progress import Progress
 from kdcache.train.distributed import (
     _gathered_state,
     _mean_over_ranks,
@@ -31,6 +31,9 @@ log = logging.getLogger(__name__)
 
 
 LossFn = Callable[[torch.Tensor, dict[str, torch.Tensor]], torch.Tensor]
+
+#: ``on_eval(step, metrics, checkpoint)``: see :func:`train_student`.
+EvalCallback = Callable[[int, dict[str, float], str | None], None]
 
 
 @dataclass
@@ -72,6 +75,7 @@ def train_student(
     checkpoint_every: int = 0,
     resume: bool = False,
     metrics: MetricsLogger | None = None,
+    on_eval: EvalCallback | None = None,
 ) -> tuple[torch.nn.Module, TrainResult]:
     """Train ``model`` with a DeepSpeed engine for ``max_steps`` optimizer steps.
 
@@ -104,6 +108,12 @@ def train_student(
             when there is none).
         metrics: Where ``train/loss`` (mean over ranks), ``train/lr`` and the eval metrics
             go.
+        on_eval: Called on every rank as ``on_eval(step, metrics, checkpoint)`` after each
+            evaluation before the last step, and once at the end (after the final
+            evaluation and checkpoint): ``metrics`` are that evaluation's (the last one's
+            at the end; ``{}`` without ``eval_fn``), ``checkpoint`` the checkpoint
+            directory saved at that step (``checkpoint_dir/step<N>``), else None. Ray
+            Train's reporting hooks in here (:mod:`kdcache.jobs.train`).
 
     Returns:
         ``(trained module, TrainResult)``.
@@ -114,8 +124,6 @@ def train_student(
             ``state_dict``.
         MissingDependencyError: DeepSpeed is not installed.
     """
-    from tqdm.auto import tqdm
-
     if max_steps < 1:
         raise ConfigError(f"max_steps must be >= 1, got {max_steps}")
     if checkpoint_dir is not None and not hasattr(stream, "state_dict"):
@@ -149,6 +157,8 @@ def train_student(
         result.evals = [(int(s), dict(m)) for s, m in client.get("evals", [])]
         log.info("resumed from %s at step %d", path, result.steps)
 
+    saved_at: list[int] = []  # steps checkpointed by this call
+
     def save(step: int) -> None:
         if checkpoint_dir is None:
             return
@@ -158,6 +168,15 @@ def train_student(
             "evals": [[s, m] for s, m in result.evals],
         }
         engine.save_checkpoint(checkpoint_dir, tag=f"step{step}", client_state=client)
+        saved_at.append(step)
+
+    def notify(step: int) -> None:
+        if on_eval is None:
+            return
+        where = None
+        if checkpoint_dir is not None and saved_at and saved_at[-1] == step:
+            where = os.path.join(checkpoint_dir, f"step{step}")
+        on_eval(step, dict(result.evals[-1][1]) if result.evals else {}, where)
 
     def evaluate(module: torch.nn.Module) -> None:
         assert eval_fn is not None
@@ -170,16 +189,11 @@ def train_student(
         engine.train()
 
     accum = int(engine.gradient_accumulation_steps())
-    bar = tqdm(
-        total=max_steps,
-        initial=result.steps,
-        desc=desc,
-        unit="step",
-        disable=not progress or rank != 0,
-        dynamic_ncols=True,
-        # into a log file (a Ray job, CI), a line every 30 s rather than every update
-        mininterval=0.1 if sys.stderr.isatty() else 30.0,
+    # a bar on a terminal, a log line every 30 s in a log file (a Ray job, CI)
+    bar = Progress(
+        max_steps, desc=desc, unit="step", enabled=progress and rank == 0, initial=result.steps
     )
+    counted = result.samples
     start = time.perf_counter()
     engine.train()
     micro = 0
@@ -203,15 +217,17 @@ def train_student(
                     result.steps,
                     {"train/loss": _mean_over_ranks(value, world), "train/lr": engine.get_lr()[0]},
                 )
-            bar.update(1)
-            if result.steps % 20 == 0:
-                bar.set_postfix_str(f"loss {value:.4f}")
-            if eval_fn is not None and eval_every and result.steps % eval_every == 0:
+            bar.update(1, samples=(result.samples - counted) * world, loss=value)
+            counted = result.samples
+            evaluated = eval_fn is not None and eval_every and result.steps % eval_every == 0
+            if evaluated:
                 evaluate(engine.module)
             if checkpoint_every and result.steps % checkpoint_every == 0:
                 save(result.steps)
             if result.steps >= max_steps:
                 break
+            if evaluated:
+                notify(result.steps)
         if not got_batch:
             raise ConfigError(
                 "the training stream yielded no batch; is the dataset smaller "
@@ -226,6 +242,7 @@ def train_student(
         not checkpoint_every or result.steps % checkpoint_every
     ):
         save(result.steps)
+    notify(result.steps)
     result.state_dict = _gathered_state(engine)
     module.eval()
     return module, result

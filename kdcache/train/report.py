@@ -95,7 +95,9 @@ def throughputs(
 def plot_curves(
     runs: dict[str, dict[str, list[tuple[int, float]]]], path: str, title: str = ""
 ) -> str | None:
-    """Training loss and eval metrics against step, one line per run, as a PNG.
+    """Training loss, learning rate and eval metrics against step, one line per run, as
+    a PNG: one panel per metric, the learning rate (``train/lr``, when logged) beside the
+    loss.
 
     Args:
         runs: ``{label: {metric name: [(step, value), ...]}}`` (as :func:`read_metrics`).
@@ -113,7 +115,12 @@ def plot_curves(
     except ImportError:
         log.warning("matplotlib is not installed: no plot (pip install 'kdcache[plot]')")
         return None
-    names = ["train/loss", *sorted({n for m in runs.values() for n in m if n.startswith("eval/")})]
+    logged = {n for m in runs.values() for n in m}
+    names = [
+        "train/loss",
+        *(["train/lr"] if "train/lr" in logged else []),
+        *sorted(n for n in logged if n.startswith("eval/")),
+    ]
     fig, axes = plt.subplots(1, len(names), figsize=(4.8 * len(names), 3.8), dpi=110)
     axes = [axes] if len(names) == 1 else list(axes)
     for ax, name in zip(axes, names, strict=True):
@@ -124,12 +131,14 @@ def plot_curves(
                 ax.plot(
                     steps,
                     values,
-                    marker="o" if name != "train/loss" else None,
+                    marker="o" if name.startswith("eval/") else None,
                     markersize=3,
                     label=label,
                 )
         ax.set_xlabel("optimizer step")
         ax.set_title(name)
+        if name == "train/lr":
+            ax.ticklabel_format(axis="y", style="sci", scilimits=(-3, 3))
         ax.grid(alpha=0.3)
         ax.legend()
     if title:

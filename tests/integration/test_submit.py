@@ -1,7 +1,9 @@
 """``kdcache submit`` against a real Ray head that ``cluster/local_ray.sh`` starts here
 (dashboard and job server on 127.0.0.1): the teacher stage as a job, a resubmission that
 is a cache hit, the student stage from that cache, and a failing job whose error reaches
-the submitter."""
+the submitter; a native ``ray job submit --working-dir DIR -- kdcache build CONFIG``; the
+README's ``kdcache submit train train.yaml --workers 2`` as typed; and ``ray job stop`` on
+a submitted job, whose visible entrypoint names its config file."""
 
 from __future__ import annotations
 
@@ -105,12 +107,16 @@ def head():
         assert not left, f"local_ray.sh stop left Ray processes running: {sorted(left)}"
 
 
-def _kdcache(*args: str, timeout: float = 240) -> subprocess.CompletedProcess:
+def _kdcache(*args: str, timeout: float = 240, cwd: str = REPO) -> subprocess.CompletedProcess:
+    return _run([sys.executable, "-m", "kdcache.cli", *args], timeout=timeout, cwd=cwd)
+
+
+def _run(argv: list[str], *, timeout: float = 240, cwd: str = REPO) -> subprocess.CompletedProcess:
     env = dict(os.environ, RAY_AUTH_MODE="disabled")
     env.pop("RAY_ADDRESS", None)
     return subprocess.run(
-        [sys.executable, "-m", "kdcache.cli", *args],
-        cwd=REPO,
+        argv,
+        cwd=cwd,
         env=env,
         capture_output=True,
         text=True,
@@ -172,7 +178,7 @@ def configs(tmp_path_factory):
         "cache": {"uri": "toy-ensemble", "root": root},
         "dataset": DATASET,
         "loss": {"alpha": 0.9},
-        "stream": {"batch_size": 16},
+        "stream": {"global_batch_size": 16},
         "max_steps": 4,
         "tensorboard": False,
         "deepspeed": {
@@ -259,3 +265,96 @@ def test_a_config_error_fails_before_anything_is_uploaded(head, configs):
     )
     assert result.returncode == 2
     assert "temprature" in result.stderr and "submitted job" not in result.stderr
+
+
+def _read(path: str) -> dict:
+    with open(path) as f:
+        return yaml.safe_load(f)
+
+
+def _entrypoint(head: str, job: str) -> str:
+    """The job's entrypoint as the job server holds it (what ``ray job list`` shows)."""
+    from ray.job_submission import JobSubmissionClient
+
+    return str(JobSubmissionClient(head).get_job_info(job).entrypoint)
+
+
+def _working_dir(tmp_path, name: str, files: dict[str, dict]) -> str:
+    """A small project directory: a .gitignore that ignores runs/, and config files."""
+    work = tmp_path / name
+    work.mkdir()
+    (work / ".gitignore").write_text("/runs/\n")
+    for relative, data in files.items():
+        (work / relative).parent.mkdir(parents=True, exist_ok=True)
+        (work / relative).write_text(yaml.safe_dump(data))
+    return str(work)
+
+
+def test_native_ray_job_submit_runs_kdcache_build_on_a_config_in_the_working_dir(
+    head, configs, tmp_path
+):
+    build = _read(configs["build"])
+    build["root"] = str(tmp_path / "native-cache")  # a build of its own, not a hit
+    build.pop("alias")
+    work = _working_dir(tmp_path, "native", {"build.yaml": build, "runs/build.yaml": build})
+    ray = os.path.join(os.path.dirname(sys.executable), "ray")
+    submit = [ray, "job", "submit", "--address", head, "--working-dir", work, "--"]
+    result = _run([*submit, "kdcache", "build", "build.yaml"], cwd=work)
+    assert result.returncode == 0, (result.stdout[-3000:], result.stderr[-3000:])
+    (summary,) = _json_lines(result.stdout)
+    assert summary["hit"] is False and summary["computed"] == 2 * NUM_SHARDS
+    assert verify(kdcache.open_cache(summary["key"], root=build["root"])).ok
+    # the pitfall this guards against: Ray's upload honours .gitignore, so a config under
+    # runs/ never reaches the job ...
+    lost = _run([*submit, "kdcache", "build", "runs/build.yaml"], cwd=work)
+    assert lost.returncode == 1 and "runs/build.yaml does not exist" in lost.stdout
+    # ... and `kdcache submit` ships it as a copy, which the visible entrypoint names
+    shipped = _kdcache("submit", "build", "runs/build.yaml", "--address", head, cwd=work)
+    assert shipped.returncode == 0, shipped.stderr[-3000:]
+    assert _json_lines(shipped.stdout)[-1]["hit"] is True
+    job = _job_id(shipped.stderr)
+    assert _entrypoint(head, job) == f"kdcache build .kdcache-jobs/{job}/build.yaml"
+    assert sorted(os.listdir(work)) == [".gitignore", "build.yaml", "runs"]  # no litter
+
+
+def test_the_readme_train_line_works_as_typed(built, head, configs, tmp_path):
+    assert built.returncode == 0
+    train = _read(configs["train"])
+    train["output_dir"] = str(tmp_path / "readme-student")
+    work = _working_dir(tmp_path, "readme", {"train.yaml": train})
+    # README.md, "Clusters": kdcache submit train train.yaml --workers 2 --address URL
+    result = _kdcache(
+        "submit", "train", "train.yaml", "--workers", "2", "--address", head, cwd=work
+    )
+    assert result.returncode == 0, (result.stdout[-3000:], result.stderr[-3000:])
+    summary = [s for s in _json_lines(result.stdout) if "steps" in s][-1]
+    assert summary["world_size"] == 2 and summary["steps"] == 4
+    assert summary["ray"]["checkpoint"] is not None  # reported to Ray, under output_dir/ray
+    assert summary["ray"]["checkpoint"].startswith(os.path.join(train["output_dir"], "ray"))
+    job = _job_id(result.stderr)
+    assert _entrypoint(head, job) == (
+        "kdcache train train.yaml ray.enabled=true ray.num_workers=2 ray.use_gpu=false "
+        "ray.cpus_per_worker=1.0"
+    )
+
+
+def test_ray_job_stop_stops_a_submitted_job(built, head, configs, tmp_path):
+    assert built.returncode == 0
+    long_run = ["max_steps=1000000", f"output_dir={tmp_path / 'stopped'}"]
+    submitted = _kdcache(
+        "submit", "train", configs["train"], *long_run, "--no-wait", "--address", head
+    )
+    assert submitted.returncode == 0, submitted.stderr[-3000:]
+    job = submitted.stdout.strip().splitlines()[-1]
+    assert (
+        job
+        in _run(
+            [os.path.join(os.path.dirname(sys.executable), "ray"), "job", "list", "--address", head]
+        ).stdout
+    )
+    assert "max_steps=1000000" in _entrypoint(head, job)
+    ray = os.path.join(os.path.dirname(sys.executable), "ray")
+    stopped = _run([ray, "job", "stop", job, "--address", head], timeout=120)
+    assert stopped.returncode == 0, stopped.stdout + stopped.stderr
+    status = _kdcache("status", job, "--address", head, timeout=60)
+    assert status.returncode == 1 and json.loads(status.stdout)["status"] == "STOPPED"

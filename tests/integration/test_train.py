@@ -55,7 +55,7 @@ def _config(tmp_path, cache, name, **extra):
             "kwargs": {"num_records": 60, "num_shards": 2, "seed": 9},
         },
         "loss": {"alpha": 0.7},
-        "stream": {"batch_size": 16, "num_lanes": 2},
+        "stream": {"global_batch_size": 16, "num_lanes": 2},
         "max_steps": 15,  # an epoch is 200 // 16 = 12 steps: the run crosses an epoch
         "eval_every": 5,
         "tensorboard": False,
@@ -292,3 +292,63 @@ def test_ray_train_two_workers_match_one_process(tmp_path, cache, capsys):
     b = read_metrics(os.path.join(ray_out, "metrics.csv"))["train/loss"]
     assert [s for s, _ in a] == [s for s, _ in b] == list(range(1, 7))
     np.testing.assert_allclose([v for _, v in a], [v for _, v in b], rtol=1e-4)
+
+
+@pytest.fixture
+def local_ray(monkeypatch):
+    """A Ray instance in this process, on 127.0.0.1 only, shut down after the test."""
+    ray = pytest.importorskip("ray")
+    pytest.importorskip("ray.train", reason="needs the raytrain extra")
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    monkeypatch.setenv("RAY_AUTH_MODE", "disabled")
+    monkeypatch.setenv("DS_ACCELERATOR", "cpu")
+    ray.init(num_cpus=2, _node_ip_address="127.0.0.1", include_dashboard=False)
+    try:
+        yield ray
+    finally:
+        ray.shutdown()
+
+
+def test_ray_train_reports_each_evaluation_with_a_checkpoint(tmp_path, cache, local_ray):
+    """Under Ray Train every evaluation reaches Ray with its checkpoint, persisted under
+    ray.storage_path/ray.name, and a resumed run on a fresh output_dir starts from it."""
+    from ray.train import Result
+
+    from kdcache.jobs.config import TrainConfig, load
+    from kdcache.jobs.train import train_on_ray
+
+    storage = str(tmp_path / "ray-storage")
+    ray_settings = {
+        "enabled": True,
+        "num_workers": 2,
+        "cpus_per_worker": 0.5,
+        "storage_path": storage,
+        "name": "kd-run",
+    }
+    path, out = _config(
+        tmp_path, cache, "evals", max_steps=6, eval_every=2, checkpoint_every=2, ray=ray_settings
+    )
+    summary = train_on_ray(load(TrainConfig, path))
+    assert summary["world_size"] == 2 and summary["steps"] == 6
+    run = os.path.join(storage, "kd-run")
+    assert summary["ray"]["path"] == run
+    assert summary["ray"]["checkpoint"] == os.path.join(run, "step6")
+    result = Result.from_path(run)
+    frame = result.metrics_dataframe
+    assert list(frame["step"]) == [2, 4, 6]  # each evaluation, not only the last step
+    assert frame["accuracy"].notna().all() and frame["cross_entropy"].notna().all()
+    assert result.metrics["step"] == 6
+    with open(os.path.join(out, "metrics.csv")) as f:  # the same numbers as kdcache's log
+        assert f"{frame['accuracy'].iloc[-1]:.4f}"[:4] in f.read()
+    for step in (2, 4, 6):  # DeepSpeed's checkpoint, persisted by Ray
+        files = os.listdir(os.path.join(run, f"step{step}"))
+        assert "mp_rank_00_model_states.pt" in files, files
+
+    # resume on a fresh output_dir: the latest checkpoint comes back from Ray's storage
+    path2, out2 = _config(
+        tmp_path, cache, "resumed", max_steps=8, eval_every=2, checkpoint_every=2, ray=ray_settings
+    )
+    resumed = train_on_ray(load(TrainConfig, path2), resume=True)
+    assert resumed["start_step"] == 6 and resumed["steps"] == 8
+    assert os.path.exists(os.path.join(out2, "checkpoints", "step6"))
+    assert list(Result.from_path(run).metrics_dataframe["step"])[-1] == 8

@@ -26,7 +26,7 @@ import jsonschema
 import pytest
 import yaml
 
-from kdcache.cli.job import entrypoint_parser
+from kdcache.cli.app import build_parser
 from kdcache.jobs import config as cfg
 
 CLUSTER = os.path.join(os.path.dirname(__file__), "..", "..", "cluster")
@@ -289,7 +289,7 @@ def _int_ray_start_param(d):  # the CRD types rayStartParams as a map of strings
 
 
 def _typo_in_spec(d):
-    d["spec"]["entrypont"] = "python -m kdcache.cli.job build"
+    d["spec"]["entrypont"] = "kdcache build /config/build.yaml"
 
 
 @pytest.mark.parametrize(
@@ -315,15 +315,23 @@ def _mounted(job: dict) -> set[str]:
     return {m["mountPath"] for c in head["containers"] for m in c.get("volumeMounts", [])}
 
 
+def _entrypoint(job: dict):
+    """The RayJob's entrypoint, parsed by kdcache's own command line: the visible
+    ``kdcache STAGE FILE`` that ``ray job list`` shows (no options left unparsed)."""
+    argv = shlex.split(job["spec"]["entrypoint"])
+    assert argv[0] == "kdcache", argv
+    args, rest = build_parser().parse_known_args(argv[1:])
+    assert not rest, rest
+    return args
+
+
 def test_teacher_rayjob_ships_a_valid_build_config_to_its_entrypoint():
     path = os.path.join(CLUSTER, "kuberay", "rayjob-teacher.yaml")
     build = cfg.from_dict(cfg.BuildConfig, _configmap(path, "build.yaml"))
     assert build.root.startswith("s3://")
     job = _docs(path)[1]
-    argv = shlex.split(job["spec"]["entrypoint"])
-    assert argv[:3] == ["python", "-m", "kdcache.cli.job"]
-    args = entrypoint_parser().parse_args(argv[3:])
-    assert args.stage == "build"
+    args = _entrypoint(job)
+    assert args.command == "build"
     assert os.path.dirname(args.config) in _mounted(job)
     for group in job["spec"]["rayClusterSpec"]["workerGroupSpecs"]:  # an actor fits a pod
         (container,) = group["template"]["spec"]["containers"]
@@ -335,15 +343,13 @@ def test_teacher_rayjob_ships_a_valid_build_config_to_its_entrypoint():
 def test_student_rayjob_runs_ray_train_with_one_rank_per_gpu():
     path = os.path.join(CLUSTER, "kuberay", "rayjob-student.yaml")
     job = _docs(path)[1]
-    argv = shlex.split(job["spec"]["entrypoint"])
-    assert argv[:3] == ["python", "-m", "kdcache.cli.job"]
-    args = entrypoint_parser().parse_args(argv[3:])
-    assert args.stage == "train"
+    args = _entrypoint(job)
+    assert args.command == "train"
     assert os.path.dirname(args.config) in _mounted(job)
     train = cfg.from_dict(cfg.TrainConfig, _configmap(path, "train.yaml"))
     assert train.ray.enabled and train.ray.use_gpu
     assert train.cache.root is not None and train.cache.root.startswith("s3://")
-    assert train.stream.batch_size % train.ray.num_workers == 0
+    assert train.stream.global_batch_size % train.ray.num_workers == 0
     pods = []
     for group in job["spec"]["rayClusterSpec"]["workerGroupSpecs"]:
         (container,) = group["template"]["spec"]["containers"]

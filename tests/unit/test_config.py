@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 
 import pytest
 
@@ -93,11 +94,11 @@ def test_override_paths_that_cannot_be_followed(override, message):
         (cfg.BuildConfig, "teachers.0.kwargs=3", r"^teachers.0.kwargs: expected a mapping, got 3$"),
         (
             cfg.TrainConfig,
-            "stream.batch_size=1.5",
-            r"^stream.batch_size: expected an integer, got 1.5$",
+            "stream.global_batch_size=1.5",
+            r"^stream.global_batch_size: expected an integer, got 1.5$",
         ),
-        (cfg.TrainConfig, "stream.batch_size=64.0", r"expected an integer, got 64.0$"),
-        (cfg.TrainConfig, "stream.batch_size='64'", r"expected an integer, got '64'$"),
+        (cfg.TrainConfig, "stream.global_batch_size=64.0", r"expected an integer, got 64.0$"),
+        (cfg.TrainConfig, "stream.global_batch_size='64'", r"expected an integer, got '64'$"),
         (cfg.TrainConfig, "stream.verify=1", r"^stream.verify: expected true or false, got 1$"),
         (cfg.TrainConfig, "lr='1e-3'", r"^lr: expected a number, got '1e-3'$"),
         (cfg.TrainConfig, "deepspeed=3", r"^deepspeed: expected a mapping or a string, got 3$"),
@@ -128,9 +129,15 @@ def test_ints_are_floats_and_several_problems_are_reported_together():
 def test_post_init_errors_stay_config_errors():
     # raised in __post_init__, inside pydantic's validation, at three depths
     cases = [
-        (["stream.batch_size=3", "stream.num_lanes=2"], r"^stream.batch_size \(3\) must be"),
+        (
+            ["stream.global_batch_size=3", "stream.num_lanes=2"],
+            r"^stream.global_batch_size \(3\) must be",
+        ),
         (["loss.alpha=2"], r"^loss.alpha must be in \[0, 1\], got 2.0$"),
-        (["max_steps=3", "epochs=1"], r"^TrainConfig: give epochs or max_steps, not both$"),
+        (
+            ["max_steps=3", "epochs=1"],  # without cls=TrainConfig, no override clears
+            r"^TrainConfig: give epochs \(1.0\) or max_steps \(3\), not both: drop one",
+        ),
     ]
     for overrides, message in cases:
         with pytest.raises(ConfigError, match=message) as info:
@@ -193,7 +200,9 @@ def test_json_schema_of_the_job_configs():
     assert spec["properties"]["temperature"]["default"] == 4.0 and "required" not in spec
     assert build["$defs"]["ExecutorConfig"]["properties"]["batch_size"]["type"] == "integer"
     train = cfg.json_schema(cfg.TrainConfig)
-    assert train["properties"]["lr"]["type"] == "number" and "stream" in train["properties"]
+    lr = train["properties"]["lr"]
+    assert lr["default"] is None and {"type": "number"} in lr["anyOf"]
+    assert "stream" in train["properties"]
     json.dumps(train)  # serialisable as is
 
 
@@ -259,3 +268,168 @@ def test_build_command_from_config_is_a_hit_on_rerun(tmp_path, capsys):
     second = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert second["hit"] is True and second["key"] == first["key"]
     assert main(["verify", "toy", "--root", str(tmp_path / "cache")]) == 0
+
+
+# -- issue 16: configs that fit their users' habits ----------------------------------------
+
+
+def test_config_kinds_and_detection():
+    kinds = cfg.config_kinds()
+    assert kinds["build"] is cfg.BuildConfig and kinds["train"] is cfg.TrainConfig
+    assert list(kinds)[:2] == ["build", "train"] and set(cfg.CONFIG_KINDS) <= set(kinds)
+    assert cfg.detect_kind(BASE) == "build" and cfg.detect_kind(TRAIN) == "train"
+    assert cfg.detect_kind({**TRAIN, "epochs": 2}) == "train"
+    assert cfg.detect_kind({**BASE, "teachrs": []}) == "build"  # closest: validation says why
+    with pytest.raises(ConfigError, match=r"cannot tell which kind of config x.yaml is .*--kind"):
+        cfg.detect_kind({"nothing": 1}, "x.yaml")
+
+
+def _write_module(directory, name, text):
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / f"{name}.py").write_text(text)
+
+
+@pytest.fixture
+def fresh_modules():
+    """Forget the test's own modules (and the config dirs load() learnt) afterwards."""
+    import sys
+
+    before, dirs = set(sys.modules), list(cfg._CONFIG_DIRS)
+    yield
+    for name in set(sys.modules) - before:
+        if name.startswith("kdc16_"):
+            del sys.modules[name]
+    cfg._CONFIG_DIRS[:] = dirs
+
+
+def test_import_object_finds_modules_in_the_cwd_and_beside_the_config(
+    tmp_path, monkeypatch, fresh_modules
+):
+    import sys
+
+    _write_module(tmp_path / "here", "kdc16_cwd", "def f():\n    return 'cwd'\n")
+    _write_module(tmp_path / "conf", "kdc16_helper", "VALUE = 'sibling'\n")
+    _write_module(
+        tmp_path / "conf",
+        "kdc16_beside",
+        "import kdc16_helper\n\ndef f():\n    return kdc16_helper.VALUE\n",
+    )
+    monkeypatch.chdir(tmp_path / "here")
+    path_before = list(sys.path)
+    with pytest.raises(ConfigError, match=r"cannot import module 'kdc16_beside'.*looked on"):
+        cfg.import_object("kdc16_beside:f")
+    assert cfg.import_object("kdc16_cwd:f")() == "cwd"
+    (tmp_path / "conf" / "c.json").write_text(
+        json.dumps({**BASE, "dataset": {"factory": "kdc16_beside:f"}})
+    )
+    c = cfg.load(cfg.BuildConfig, str(tmp_path / "conf" / "c.json"))
+    assert str(tmp_path / "conf") in cfg.search_dirs()
+    assert cfg.search_dirs()[0] == str(tmp_path / "here")  # the cwd first
+    assert cfg.import_object(c.dataset.factory)() == "sibling"  # its own sibling import too
+    assert sys.path == path_before  # each directory was on sys.path only while importing
+    assert cfg.import_object("kdcache.testing:toy_dataset").__name__ == "toy_dataset"
+
+
+def test_import_object_reports_a_missing_dependency_of_a_found_module(
+    tmp_path, monkeypatch, fresh_modules
+):
+    _write_module(tmp_path, "kdc16_broken", "import kdc16_not_installed\n")
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ConfigError, match=r"kdc16_broken.*found in .*kdc16_not_installed"):
+        cfg.import_object("kdc16_broken:f")
+
+
+def test_stream_batch_size_is_global_and_the_old_key_says_so():
+    c = cfg.from_dict(cfg.TrainConfig, {**TRAIN, "stream": {"global_batch_size": 64}})
+    assert c.stream.global_batch_size == 64
+    old = r"^stream.batch_size \(64\) is now stream.global_batch_size: .*per rank\)$"
+    with pytest.raises(ConfigError, match=old):
+        cfg.from_dict(cfg.TrainConfig, {**TRAIN, "stream": {"batch_size": 64}})
+    with pytest.raises(ConfigError, match=r"is now stream.global_batch_size"):
+        cfg.from_dict(cfg.TrainConfig, cfg.apply_overrides(TRAIN, ["stream.batch_size=8"]))
+    with pytest.raises(ConfigError, match=r"is now stream.global_batch_size"):
+        cfg.StreamConfig(batch_size=8)  # type: ignore[call-arg]
+    assert "batch_size" not in cfg.json_schema(cfg.StreamConfig)["properties"]
+
+
+def test_an_override_of_epochs_or_max_steps_replaces_the_other(tmp_path):
+    path = tmp_path / "t.json"
+    path.write_text(json.dumps({**TRAIN, "max_steps": 15}))
+    c = cfg.load(cfg.TrainConfig, str(path), ["epochs=2"])
+    assert (c.epochs, c.max_steps) == (2.0, None)
+    path.write_text(json.dumps({**TRAIN, "epochs": 3}))
+    c = cfg.load(cfg.TrainConfig, str(path), ["max_steps=7"])
+    assert (c.epochs, c.max_steps) == (None, 7)
+    c = cfg.load(cfg.TrainConfig, str(path), ["max_steps=null"])  # clearing clears nothing else
+    assert (c.epochs, c.max_steps) == (3.0, None)
+    with pytest.raises(ConfigError, match=r"give epochs \(1.0\) or max_steps \(2\), not both"):
+        cfg.load(cfg.TrainConfig, str(path), ["epochs=1", "max_steps=2"])  # both: an error
+    path.write_text(json.dumps({**TRAIN, "epochs": 3, "max_steps": 4}))
+    with pytest.raises(ConfigError, match=r"drop one of them"):
+        cfg.load(cfg.TrainConfig, str(path))
+    # nested: the group is found by type, at any depth
+    data = cfg.apply_overrides({"a": 1}, ["epochs=2"], cls=cfg.TrainConfig)
+    assert data == {"a": 1, "epochs": 2}
+
+
+@pytest.mark.parametrize(
+    ("deepspeed", "message"),
+    [
+        (
+            {"optimizer": {"type": "AdamW", "params": {"lr": 0.05}}},
+            r"^TrainConfig: lr=0.01 and deepspeed.optimizer.params.lr=0.05 are both set: drop lr",
+        ),
+        ({"zero_optimization": {"stage": 1}}, r"lr=0.01 is given beside a deepspeed config"),
+    ],
+)
+def test_lr_beside_a_deepspeed_config_is_an_error(deepspeed, message, tmp_path):
+    assert cfg.from_dict(cfg.TrainConfig, TRAIN).lr is None  # the default config's 1e-3
+    assert cfg.DEFAULT_LR == 1e-3
+    assert cfg.from_dict(cfg.TrainConfig, {**TRAIN, "lr": 0.01}).lr == 0.01
+    assert cfg.from_dict(cfg.TrainConfig, {**TRAIN, "deepspeed": deepspeed}).lr is None
+    with pytest.raises(ConfigError, match=message):
+        cfg.from_dict(cfg.TrainConfig, {**TRAIN, "deepspeed": deepspeed, "lr": 0.01})
+    ds = tmp_path / "ds.json"
+    ds.write_text(json.dumps(deepspeed))  # a DeepSpeed JSON file is read for the message
+    with pytest.raises(ConfigError, match=message.replace("^TrainConfig: ", "")):
+        cfg.from_dict(cfg.TrainConfig, {**TRAIN, "deepspeed": str(ds), "lr": 0.01})
+
+
+@pytest.mark.parametrize(
+    "uri", ["runs/x", "/abs/x", "file:///tmp/x", "s3://b/run", "s3://b/p?endpoint_override=h:1"]
+)
+def test_output_dir_accepts_what_a_cache_root_accepts(uri):
+    assert cfg.from_dict(cfg.TrainConfig, {**TRAIN, "output_dir": uri}).output_dir == uri
+
+
+@pytest.mark.parametrize("uri", ["memory://x", "ftp://host/x", "s3:/b/run", "s3://", ""])
+def test_output_dir_with_an_unknown_scheme_is_refused(uri):
+    with pytest.raises(ConfigError, match=r"^output_dir: .*(s3://, gs://|empty string)"):
+        cfg.from_dict(cfg.TrainConfig, {**TRAIN, "output_dir": uri})
+
+
+def test_remote_output_dir_stages_locally_and_the_same_for_every_rank(tmp_path):
+    from kdcache.jobs.train import local_output_dir
+
+    assert local_output_dir(str(tmp_path / "o")) == str(tmp_path / "o")
+    assert local_output_dir(f"file://{tmp_path}/o") == str(tmp_path / "o")
+    staged = local_output_dir("s3://b/run?endpoint_override=h:1")
+    assert os.path.isabs(staged) and "s3:" not in staged
+    assert staged == local_output_dir("s3://b/run?endpoint_override=h:1")
+    assert staged != local_output_dir("s3://b/other")
+
+
+def test_write_alias_refuses_to_move_unless_asked(tmp_path, caplog):
+    from kdcache.stores.catalog import alias_target, write_alias
+
+    root = str(tmp_path / "cache")
+    a, b = "a" * 32, "b" * 32
+    assert alias_target(root, "best") is None
+    write_alias(root, "best", a, "entry", move=False)  # a new alias: nothing to move
+    write_alias(root, "best", a, "entry", move=False)  # the same key: nothing to move
+    with pytest.raises(ConfigError, match=rf"alias 'best' points at key {a}, not at {b}"):
+        write_alias(root, "best", b, "entry", move=False)
+    assert alias_target(root, "best") == a
+    with caplog.at_level("WARNING", logger="kdcache.stores.catalog"):
+        write_alias(root, "best", b, "entry")  # move=True, the default: re-pointed, logged
+    assert alias_target(root, "best") == b and f"was {a}" in caplog.text

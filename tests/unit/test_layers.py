@@ -26,7 +26,14 @@ PACKAGE = ROOT / "kdcache"
 
 #: Layers, lowest first; a module may import its own layer and every layer below it.
 LAYERS: tuple[tuple[str, ...], ...] = (
-    ("kdcache._version", "kdcache.errors", "kdcache.validation", "kdcache.schema"),
+    (
+        "kdcache._version",
+        "kdcache.errors",
+        "kdcache.validation",
+        "kdcache.schema",
+        "kdcache.progress",
+        "kdcache.quiet",
+    ),
     ("kdcache.targets",),
     ("kdcache.losses",),  # losses may import targets, not the reverse
     ("kdcache.stores",),

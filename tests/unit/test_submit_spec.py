@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 
 import pytest
 import yaml
@@ -11,7 +12,15 @@ import yaml
 import kdcache
 from kdcache.cli.job import job_main
 from kdcache.errors import ConfigError
-from kdcache.jobs.submit import CONFIG_ENV, DEFAULT_EXCLUDES, job_spec, resolve_address
+from kdcache.jobs.submit import (
+    CONFIG_ENV,
+    DEFAULT_EXCLUDES,
+    SHIP_DIR,
+    _placed,
+    job_spec,
+    resolve_address,
+    uploaded,
+)
 
 BUILD = {
     "root": "ROOT",
@@ -33,7 +42,7 @@ def _write(tmp_path, name, data):
     return str(path)
 
 
-def test_build_job_ships_the_resolved_config_and_packages_the_working_dir(tmp_path):
+def test_build_job_runs_the_visible_command_on_the_config_where_it_is(tmp_path):
     path = _write(tmp_path, "build.yaml", BUILD)
     spec = job_spec(
         "build",
@@ -48,12 +57,69 @@ def test_build_job_ships_the_resolved_config_and_packages_the_working_dir(tmp_pa
     assert env["working_dir"] == str(tmp_path)
     assert {".venv", "/runs", "/caches", "data/"} <= set(env["excludes"])
     assert set(DEFAULT_EXCLUDES) <= set(env["excludes"])
-    assert env["pip"] == ["zarr>=3"] and env["env_vars"]["AWS_REGION"] == "us-west-2"
-    shipped = json.loads(env["env_vars"][CONFIG_ENV])
-    assert shipped["targets"]["temperature"] == 2.5  # the override travels
-    assert shipped["executor"]["address"] is None  # the job joins its own cluster
-    assert spec.entrypoint == "python -m kdcache.cli.job build"
+    assert env["pip"] == ["zarr>=3"] and env["env_vars"] == {"AWS_REGION": "us-west-2"}
+    # the command a Ray user would type: the config by its path in the working dir, the
+    # overrides on the command line, and the submitter's Ray address dropped there
+    assert spec.entrypoint == (
+        "kdcache build build.yaml targets.temperature=2.5 executor.address=null"
+    )
+    assert spec.config_file == "build.yaml" and spec.shipped == {}
+    assert spec.config["targets"]["temperature"] == 2.5
+    assert spec.config["executor"]["address"] is None
     assert spec.submission_id.startswith("kdcache-build-")
+    python = job_spec("build", path, working_dir=str(tmp_path), python="/opt/py/bin/python3")
+    assert shlex.split(python.entrypoint)[:4] == [
+        "/opt/py/bin/python3",
+        "-m",
+        "kdcache.cli",
+        "build",
+    ]
+
+
+def _ray_keeps(root, relative, excludes=DEFAULT_EXCLUDES):
+    """Whether Ray's own packaging (not kdcache's reading of it) uploads ``relative``."""
+    from ray._private.runtime_env.packaging import _dir_travel, _get_excludes
+
+    seen = set()
+    _dir_travel(
+        root,
+        [_get_excludes(root, list(excludes))],
+        lambda p: seen.add(p.relative_to(root).as_posix()),
+        include_gitignore=True,
+    )
+    return relative in seen
+
+
+def test_a_config_ray_would_not_upload_travels_as_a_copy_for_the_upload_only(tmp_path):
+    pytest.importorskip("ray")
+    work = tmp_path / "work"
+    (work / "runs" / "demo").mkdir(parents=True)
+    (work / ".gitignore").write_text("/runs/\n")
+    ignored = _write(work / "runs" / "demo", "build.yaml", BUILD)
+    assert not uploaded(str(work), "runs/demo/build.yaml", DEFAULT_EXCLUDES)
+    assert not _ray_keeps(work, "runs/demo/build.yaml")  # what Ray does, checked
+    spec = job_spec("build", ignored, working_dir=str(work), submission_id="kdcache-build-x1")
+    assert spec.config_file == f"{SHIP_DIR}/kdcache-build-x1/build.yaml"
+    assert spec.entrypoint == f"kdcache build {spec.config_file} executor.address=null"
+    assert spec.shipped == {spec.config_file: ignored}
+    with _placed(spec):
+        assert (work / spec.config_file).read_text() == (work / "runs/demo/build.yaml").read_text()
+        assert _ray_keeps(work, spec.config_file)
+    assert sorted(os.listdir(work)) == [".gitignore", "runs"]  # nothing left behind
+    # a config outside the working directory travels the same way
+    outside = _write(tmp_path, "train.yaml", TRAIN)
+    spec = job_spec("train", outside, working_dir=str(work))
+    assert spec.config_file.startswith(f"{SHIP_DIR}/kdcache-train-")
+    assert spec.config_file.endswith("/train.yaml") and spec.shipped == {spec.config_file: outside}
+
+
+def test_a_working_dir_that_ignores_the_ship_dir_is_refused_before_upload(tmp_path):
+    pytest.importorskip("ray")
+    (tmp_path / ".gitignore").write_text(".*\n/runs/\n")
+    (tmp_path / "runs").mkdir()
+    path = _write(tmp_path / "runs", "build.yaml", BUILD)
+    with pytest.raises(ConfigError, match=r"!\.kdcache-jobs/"):
+        job_spec("build", path, working_dir=str(tmp_path))
 
 
 def test_default_excludes_leave_out_venv_runs_and_caches_at_the_top_only(tmp_path):
@@ -74,8 +140,10 @@ def test_default_excludes_leave_out_venv_runs_and_caches_at_the_top_only(tmp_pat
 def test_base_runtime_env_is_merged_not_replaced(tmp_path):
     path = _write(tmp_path, "build.yaml", BUILD)
     base = {"env_vars": {"A": "1"}, "excludes": ["big/"], "pip": ["x"]}
-    env = job_spec("build", path, runtime_env=base, pip=["y"], working_dir=str(tmp_path))
-    assert env.runtime_env["env_vars"]["A"] == "1" and CONFIG_ENV in env.runtime_env["env_vars"]
+    env = job_spec(
+        "build", path, runtime_env=base, pip=["y"], env_vars={"B": "2"}, working_dir=str(tmp_path)
+    )
+    assert env.runtime_env["env_vars"] == {"A": "1", "B": "2"}
     assert "big/" in env.runtime_env["excludes"] and env.runtime_env["pip"] == ["x", "y"]
 
 
@@ -90,13 +158,25 @@ def test_a_bad_config_fails_before_anything_is_sent(tmp_path):
 
 
 def test_train_workers_turn_on_ray_train(tmp_path):
+    from kdcache.cli.app import build_parser
+    from kdcache.jobs import config as cfg
+
     path = _write(tmp_path, "train.yaml", TRAIN)
-    spec = job_spec("train", path, workers=4, use_gpu=True, cpus_per_worker=2)
-    ray = json.loads(spec.runtime_env["env_vars"][CONFIG_ENV])["ray"]
-    assert ray["enabled"] is True and ray["num_workers"] == 4
-    assert ray["use_gpu"] is True and ray["cpus_per_worker"] == 2.0
-    plain = job_spec("train", path)
-    assert "ray" not in json.loads(plain.runtime_env["env_vars"][CONFIG_ENV])
+    spec = job_spec(
+        "train", path, workers=4, use_gpu=True, cpus_per_worker=2, working_dir=str(tmp_path)
+    )
+    assert spec.config["ray"]["num_workers"] == 4
+    # what the job runs: `kdcache train train.yaml ray.enabled=true ...`, parsed and
+    # loaded as the cluster will
+    argv = shlex.split(spec.entrypoint)
+    assert argv[:3] == ["kdcache", "train", "train.yaml"]
+    args, rest = build_parser().parse_known_args(argv[1:])
+    assert not rest
+    ray = cfg.load(cfg.TrainConfig, str(tmp_path / args.config), args.overrides).ray
+    assert ray.enabled is True and ray.num_workers == 4
+    assert ray.use_gpu is True and ray.cpus_per_worker == 2.0
+    plain = job_spec("train", path, working_dir=str(tmp_path))
+    assert plain.entrypoint == "kdcache train train.yaml"  # the README's line, as typed
 
 
 def test_resolve_address(monkeypatch):
@@ -147,3 +227,15 @@ def test_entrypoint_runs_the_shipped_config(tmp_path, monkeypatch, capsys):
     path = _write(tmp_path, "b.yaml", config)
     assert job_main(["build", "--config", path]) == 0
     assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["hit"] is True
+    # the entrypoint `kdcache submit` sends now, run here in the working directory
+    from kdcache.cli.app import main
+
+    (tmp_path / "runs").mkdir()
+    (tmp_path / ".gitignore").write_text("/runs/\n")
+    spec = job_spec("build", _write(tmp_path / "runs", "b.yaml", config), working_dir=".")
+    argv = shlex.split(spec.entrypoint)
+    assert argv[:2] == ["kdcache", "build"] and argv[2].startswith(SHIP_DIR)
+    with _placed(spec):
+        assert main(argv[1:]) == 0
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["hit"] is True
+    assert not (tmp_path / SHIP_DIR).exists()
