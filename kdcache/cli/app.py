@@ -11,6 +11,7 @@
     kdcache ls ROOT                        entries, ensembles and aliases under a root
     kdcache gc ROOT [--dry-run]            remove staging files and unreferenced shards
     kdcache alias ROOT NAME KEY            name a key
+    kdcache config show CONFIG | config schema [KIND]   resolved config, JSON Schema
 
 URI is an entry directory (ROOT/entries/KEY), an ensemble view (ROOT/ensembles/KEY.json),
 or a key or alias with --root ROOT. Each command has --help.

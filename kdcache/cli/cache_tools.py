@@ -106,7 +106,10 @@ def cmd_ls(args: argparse.Namespace, rest: list[str]) -> int:
         _print_json(rows)
         return 0
     for r in rows:
-        if r["kind"] == "entry":
+        if r.get("status") == "damaged":
+            name = r.get("key") or r.get("name")
+            print(f"{r['kind']:<9} {name}  DAMAGED     {r['error']}")
+        elif r["kind"] == "entry":
             extra = (
                 f"{r.get('teacher')}  tau={r.get('temperature')}  rows={r.get('rows')}  "
                 f"bytes={r.get('bytes')}"

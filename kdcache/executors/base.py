@@ -131,9 +131,10 @@ class Executor(abc.ABC):
     ) -> list[ShardTask]:
         """Run the candidate tasks, skipping (teacher, shard) pairs already committed.
 
-        A pair counts as done when its entry has the shard's commit record
-        (``entry.committed_shard(i) is not None``); it is added to ``report.reused`` and
-        not run. The remaining pairs are added to ``report.computed`` and handed, grouped
+        A pair counts as done when its entry has the shard's commit record and the data
+        file's bytes match it (``entry.committed_shard(i, check_bytes=True)``: what is
+        reused is checked, not believed); it is added to ``report.reused`` and not run.
+        The remaining pairs are added to ``report.computed`` and handed, grouped
         by shard in the given order, to :meth:`_run`; nothing is started when none
         remain.
 
@@ -155,7 +156,9 @@ class Executor(abc.ABC):
         num_skipped = 0
         for shard_index, teachers in tasks:
             todo = tuple(
-                k for k in teachers if context.entries[k].committed_shard(shard_index) is None
+                k
+                for k in teachers
+                if context.entries[k].committed_shard(shard_index, check_bytes=True) is None
             )
             num_skipped += len(teachers) - len(todo)
             if todo:

@@ -316,16 +316,14 @@ def train_from_config(
     return summary
 
 
-def _restore_ray_checkpoint(checkpoint: Any, checkpoint_dir: str) -> None:
+def _restore_ray_checkpoint(checkpoint: Any, checkpoint_dir: str, rank: int) -> None:
     """Make the Ray checkpoint (a DeepSpeed ``step<N>`` directory) the latest one in
     ``checkpoint_dir`` unless that already has one (rank 0 copies; every rank waits)."""
     import shutil
 
     import torch.distributed as dist
 
-    if int(os.environ.get("RANK", "0")) == 0 and not os.path.exists(
-        os.path.join(checkpoint_dir, "latest")
-    ):
+    if rank == 0 and not os.path.exists(os.path.join(checkpoint_dir, "latest")):
         with checkpoint.as_directory() as src:
             tag = os.path.basename(os.path.normpath(checkpoint.path))
             shutil.copytree(src, os.path.join(checkpoint_dir, tag), dirs_exist_ok=True)
@@ -353,14 +351,15 @@ def _ray_train_loop(loop_config: dict[str, Any]) -> None:
     os.environ.setdefault("DS_ACCELERATOR", "cpu" if not torch.cuda.is_available() else "cuda")
     cfg = from_dict(TrainConfig, loop_config["config"])
     run_id, resume = loop_config["run_id"], loop_config["resume"]
+    rank = ray.train.get_context().get_world_rank()
     restored = ray.train.get_checkpoint()
     if restored is not None:
         # This fit's own checkpoint: Ray restarted the ranks after a failure. Another
         # run's (Ray restores a run of the same name): only with resume.
         if resume or (restored.get_metadata() or {}).get("kdcache_run") == run_id:
-            _restore_ray_checkpoint(restored, os.path.join(cfg.output_dir, "checkpoints"))
+            ckpt_dir = os.path.join(cfg.output_dir, "checkpoints")
+            _restore_ray_checkpoint(restored, ckpt_dir, rank)
             resume = True
-    rank = ray.train.get_context().get_world_rank()
 
     def report(step: int, metrics: dict[str, float], checkpoint_dir: str | None) -> None:
         values = {"step": step, **metrics}
@@ -405,6 +404,9 @@ def train_on_ray(cfg: Any, *, resume: bool = False) -> dict[str, Any]:
     if not ray.is_initialized():
         # log_to_driver: the workers' logs reach this driver, and through it
         # `kdcache submit` / `kdcache logs` when the stage runs as a Ray job.
+        from kdcache import quiet
+
+        quiet.quiet_ray()  # no ANSI colour codes in the workers' lines in a log file
         ray.init(address=cfg.ray.address, log_to_driver=True)
         started = True
     out = os.path.abspath(cfg.output_dir)

@@ -380,8 +380,9 @@ def token_distill_loss(
     positions (:func:`kdcache.losses.token_kd_loss`); prompt and padding positions are
     masked. With a list of K teachers (sampled entries), the distillation term is
     ``sum_k w_k D_k`` (:func:`kdcache.losses.multi_teacher_loss`, ``sum_of_losses``: for
-    forward KL an unbiased estimate of the mixture's gradient). Without ``targets`` in
-    the batch, or with ``alpha = 0``, it is the hard-label cross-entropy.
+    forward KL an unbiased estimate of the mixture's gradient). With ``alpha = 0`` it is
+    the hard-label cross-entropy; a batch without ``targets`` is refused for any other
+    alpha (it never falls back to cross-entropy silently).
 
     Args:
         student_logits_BTV: Raw student logits [B, T, V'] (V' >= V; columns beyond
@@ -398,14 +399,21 @@ def token_distill_loss(
         Scalar float32 tensor.
 
     Raises:
-        ConfigError: as :func:`kdcache.losses.token_kd_loss`.
+        ConfigError: as :func:`kdcache.losses.token_kd_loss`; or ``alpha > 0`` and the
+            batch has no ``targets``.
     """
     logits = student_logits_BTV if vocab_size is None else student_logits_BTV[..., :vocab_size]
     labels = batch["labels"].to(logits.device)
     mask = batch["mask"].to(logits.device)
     tgt = batch.get("targets")
-    if tgt is None or alpha == 0.0:
+    if alpha == 0.0:
         return losses.cross_entropy(logits, labels)
+    if tgt is None:
+        raise ConfigError(
+            f"the batch has no teacher 'targets' (a hard-label stream) but alpha={alpha} "
+            "weighs a distillation term; stream it with kdcache.SoftTargetDataset(cache, "
+            "dataset, ...), or pass alpha=0 to train on the labels alone"
+        )
     if not isinstance(tgt, list):
         return losses.token_kd_loss(
             logits,

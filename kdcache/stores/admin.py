@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import json
 import logging
+import os
+import re
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -330,12 +332,22 @@ def gc(root: str, *, dry_run: bool = False) -> GcResult:
 
     for sub in (schema.ENSEMBLES_DIR, schema.ALIASES_DIR):
         d = loc.child(sub)
+        if _is_link(d):
+            continue
         for name in d.listdir():
             if name.startswith(STAGING_PREFIX):
                 remove(d, name)
     entries = loc.child(schema.ENTRIES_DIR)
+    if _is_link(entries):
+        log.warning("gc: %s is a symbolic link; gc never follows one", entries.display())
+        return result
     for key in entries.listdir():
         entry = CacheEntry(loc, key)
+        if not _KEY_LIKE.fullmatch(key) or not entries.is_dir(key):
+            continue  # not an entry kdcache wrote
+        if _is_link(entry.location) or _is_link(entry.shards_location):
+            log.warning("gc: %s (or its shards/) is a symbolic link; left alone", key)
+            continue
         if _live_lease(entry, now):
             result.skipped_leased.append(key)
             continue
@@ -353,8 +365,22 @@ def gc(root: str, *, dry_run: bool = False) -> GcResult:
                 listed = None
         shards = entry.shards_location
         for name in shards.listdir():
-            if shards.is_dir(name):
+            if shards.is_dir(name) or _is_link(shards, name):
                 continue
-            if name.startswith(STAGING_PREFIX) or (listed is not None and name not in listed):
-                remove(shards, name)
+            if name.startswith(STAGING_PREFIX) or (
+                listed is not None and name not in listed and _SHARD_FILE.fullmatch(name)
+            ):
+                remove(shards, name)  # only names kdcache writes: staging files and shards
     return result
+
+
+#: The names kdcache gives shard files and sidecars (``shard-00042.arrow``, ``.json``).
+_SHARD_FILE = re.compile(r"shard-\d{5,}\.[a-z0-9]+")
+_KEY_LIKE = re.compile(f"[0-9a-f]{{{schema.KEY_HEX_CHARS}}}")
+
+
+def _is_link(loc: Location, name: str = "") -> bool:
+    """True for a symbolic link on a local filesystem (object stores have none)."""
+    if not loc.is_local:
+        return False
+    return os.path.islink(loc.path if not name else os.path.join(loc.path, name))

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import logging
 import re
 from collections.abc import Sequence
@@ -10,8 +9,10 @@ from typing import Any
 
 from kdcache import schema
 from kdcache.errors import (
+    CacheCorruptError,
     CacheNotFoundError,
     ConfigError,
+    KDCacheError,
 )
 from kdcache.stores.entry import CacheEntry, _dumps
 from kdcache.stores.fs import Location, split_query
@@ -59,6 +60,35 @@ def write_alias(root: str | Location, name: str, key: str, kind: str, *, move: b
     loc.write_atomic(f"{name}.json", _dumps({"key": key, "kind": kind}))
 
 
+def _checked_key(key: Any, where: str) -> str:
+    """A key read from a record: exactly the hex digits of a key, so that it names a folder
+    inside ``entries/`` and can never climb out (``../x``, an absolute path).
+
+    Raises:
+        CacheCorruptError: anything else.
+    """
+    if not isinstance(key, str) or not _KEY_LIKE.fullmatch(key):
+        raise CacheCorruptError(
+            f"{where} names key {key!r}, which is not a cache key ({schema.KEY_HEX_CHARS} hex "
+            "digits); the record was edited or damaged: point it again with 'kdcache alias'"
+        )
+    return key
+
+
+def read_alias(aliases: Location, name: str) -> tuple[str, str]:
+    """``(key, kind)`` of alias ``name``, checked (see :func:`_checked_key`).
+
+    Raises:
+        CacheCorruptError: the alias file is torn, or names no key or an unknown kind.
+    """
+    where = aliases.display(f"{name}.json")
+    target = schema.read_json(aliases.read_bytes(f"{name}.json"), where, "alias")
+    kind = target.get("kind", "entry")
+    if kind not in ("entry", "ensemble"):
+        raise CacheCorruptError(f"{where}: unknown kind {kind!r} (expected entry or ensemble)")
+    return _checked_key(target.get("key"), where), str(kind)
+
+
 def alias_target(root: str | Location, name: str) -> str | None:
     """The key the alias ``name`` names under ``root``; None when there is no such alias
     (or ``name`` cannot be one)."""
@@ -67,8 +97,7 @@ def alias_target(root: str | Location, name: str) -> str | None:
     loc = (root if isinstance(root, Location) else Location(root)).child(schema.ALIASES_DIR)
     if not loc.exists(f"{name}.json"):
         return None
-    key = json.loads(loc.read_bytes(f"{name}.json")).get("key")
-    return str(key) if key is not None else None
+    return read_alias(loc, name)[0]
 
 
 def open_cache(
@@ -112,7 +141,7 @@ def open_cache(
 
 
 def _open(uri: str, root: str | None, *, check: bool = True) -> CacheEntry | EnsembleView:
-    if root is not None:
+    if root is not None and "/" not in uri:  # a key or an alias under the root
         r = Location(root)
         alias = r.child(schema.ALIASES_DIR)
         # A key is never shadowed by an alias; names with path separators are not aliases.
@@ -121,8 +150,13 @@ def _open(uri: str, root: str | None, *, check: bool = True) -> CacheEntry | Ens
             and not _KEY_LIKE.fullmatch(uri)
             and alias.exists(f"{uri}.json")
         ):
-            target = json.loads(alias.read_bytes(f"{uri}.json"))
-            uri, kind = target["key"], target["kind"]
+            uri, kind = read_alias(alias, uri)
+        elif not _KEY_LIKE.fullmatch(uri):
+            raise CacheNotFoundError(
+                f"no alias named {uri!r} under {r.display()}, and it is not a key "
+                f"({schema.KEY_HEX_CHARS} hex digits); list what is there with: "
+                f"kdcache ls {r.display()}"
+            )
         else:
             kind = "ensemble" if r.child(schema.ENSEMBLES_DIR).exists(f"{uri}.json") else "entry"
         if kind == "ensemble":
@@ -155,55 +189,76 @@ def _open(uri: str, root: str | None, *, check: bool = True) -> CacheEntry | Ens
 
 
 def _open_view(ensembles: Location, name: str) -> EnsembleView:
+    where = ensembles.display(name)
     try:
-        view = json.loads(ensembles.read_bytes(name))
+        view = schema.read_json(ensembles.read_bytes(name), where, "ensemble view")
     except FileNotFoundError:
-        raise CacheNotFoundError(f"no ensemble view at {ensembles.display(name)}") from None
-    schema.check_format_version(view.get("format_version"), ensembles.display(name))
+        raise CacheNotFoundError(f"no ensemble view at {where}") from None
+    schema.check_format_version(view.get("format_version"), where)
+    members = view.get("entries")
+    if not isinstance(members, list) or not members:
+        raise CacheCorruptError(f"{where}: 'entries' must be a non-empty list of keys")
     base, query = split_query(ensembles.uri) if not ensembles.is_local else (ensembles.uri, "")
     cache_root = base.rsplit("/", 1)[0] + query
-    entries = [CacheEntry(cache_root, k) for k in view["entries"]]
-    return EnsembleView(entries, view["rule"], view["weights"])
+    entries = [CacheEntry(cache_root, _checked_key(k, where)) for k in members]
+    try:
+        return EnsembleView(entries, view.get("rule", "mean_probs"), view.get("weights"))
+    except ConfigError as exc:
+        raise CacheCorruptError(f"{where}: {exc}") from None
 
 
 def list_root(root: str) -> list[dict[str, Any]]:
-    """Entries, ensemble views and aliases under a cache root, one dict each."""
+    """Entries, ensemble views and aliases under a cache root, one dict each.
+
+    A damaged record (torn manifest, edited spec, bad alias) does not stop the listing: its
+    row has ``status="damaged"`` and the ``error``; the rest is listed as usual.
+    """
     loc = Location(root)
     rows: list[dict[str, Any]] = []
     entries = loc.child(schema.ENTRIES_DIR)
     for key in entries.listdir():
+        if not _KEY_LIKE.fullmatch(key):
+            continue  # not kdcache's
         entry = CacheEntry(loc, key)
         row: dict[str, Any] = {"kind": "entry", "key": key}
-        if entry.is_complete:
-            m = entry.manifest
-            row.update(
-                status="complete",
-                teacher=m.get("teacher_name"),
-                temperature=m["spec"]["targets"]["temperature"],
-                rows=m["num_rows"],
-                bytes=m["num_bytes"],
-                shards=m["num_shards"],
-            )
-        elif entry.location.exists(schema.LEASE_FILE):
-            row.update(status="building")
-        else:
-            row.update(status="incomplete")
+        try:
+            if entry.is_complete:
+                m = entry.manifest
+                row.update(
+                    status="complete",
+                    teacher=m.get("teacher_name"),
+                    temperature=m["spec"]["targets"]["temperature"],
+                    rows=m["num_rows"],
+                    bytes=m["num_bytes"],
+                    shards=m["num_shards"],
+                )
+            elif entry.location.exists(schema.LEASE_FILE):
+                row.update(status="building")
+            else:
+                _ = entry.spec
+                row.update(status="incomplete")
+        except (KDCacheError, KeyError, TypeError) as exc:
+            row.update(status="damaged", error=str(exc))
         rows.append(row)
-    for name in loc.child(schema.ENSEMBLES_DIR).listdir():
-        if name.endswith(".json"):
-            view = json.loads(loc.child(schema.ENSEMBLES_DIR).read_bytes(name))
-            rows.append(
-                {
-                    "kind": "ensemble",
-                    "key": name[:-5],
-                    "rule": view["rule"],
-                    "entries": view["entries"],
-                }
-            )
-    for name in loc.child(schema.ALIASES_DIR).listdir():
-        if name.endswith(".json"):
-            target = json.loads(loc.child(schema.ALIASES_DIR).read_bytes(name))
-            rows.append({"kind": "alias", "name": name[:-5], "key": target["key"]})
+    ensembles = loc.child(schema.ENSEMBLES_DIR)
+    for name in ensembles.listdir():
+        if name.endswith(".json") and not name.startswith("."):
+            row = {"kind": "ensemble", "key": name[:-5]}
+            try:
+                view = _open_view(ensembles, name)
+                row.update(rule=view.rule, entries=[e.key for e in view.entries])
+            except KDCacheError as exc:
+                row.update(status="damaged", error=str(exc))
+            rows.append(row)
+    aliases = loc.child(schema.ALIASES_DIR)
+    for name in aliases.listdir():
+        if name.endswith(".json") and not name.startswith("."):
+            row = {"kind": "alias", "name": name[:-5]}
+            try:
+                row["key"] = read_alias(aliases, name[:-5])[0]
+            except KDCacheError as exc:
+                row.update(status="damaged", error=str(exc))
+            rows.append(row)
     return rows
 
 

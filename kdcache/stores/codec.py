@@ -52,7 +52,10 @@ def to_storage_dtype(values: np.ndarray, storage_dtype: str, where: str) -> np.n
     Raises:
         TeacherOutputError: a value is NaN or infinite, or outside the storage dtype's
             finite range (it would become inf: 65504 for float16, about 3.39e38 for
-            bfloat16); the message says to store float32 or raise the temperature.
+            bfloat16), or too small or too finely spread for it: the spread (max - min)
+            of a row (of the whole array when it is not [N, V]) would change by more than
+            :data:`MAX_SPREAD_ERROR` of itself (a very large temperature in float16 flushes
+            every value to 0: uniform targets). The message says what to change.
         ConfigError: unknown storage dtype.
     """
     arr = np.asarray(values)
@@ -83,7 +86,40 @@ def to_storage_dtype(values: np.ndarray, storage_dtype: str, where: str) -> np.n
             f"(largest finite {limit:.4g}) and would be stored as inf; use "
             "storage_dtype='float32' or a higher temperature"
         )
+    back = (
+        stored.astype(np.float32)
+        if storage_dtype == "float16"
+        else bfloat16_bits_to_float32(stored).reshape(stored.shape)
+    )
+    _check_spread(np.asarray(arr, dtype=np.float32), back, storage_dtype, where)
     return stored
+
+
+#: Largest change of a row's spread (max - min of its scaled logits), relative to the
+#: spread, that a narrow storage dtype may cause; beyond it the dtype cannot represent the
+#: distribution (values flushed to zero, or too close together for its precision).
+MAX_SPREAD_ERROR = 0.01
+
+
+def _check_spread(exact: np.ndarray, stored: np.ndarray, storage_dtype: str, where: str) -> None:
+    if not exact.size:
+        return
+    rows_exact = exact.reshape(len(exact), -1) if exact.ndim == 2 else exact.reshape(1, -1)
+    rows_stored = stored.reshape(rows_exact.shape)
+    spread = rows_exact.max(axis=1) - rows_exact.min(axis=1)
+    error = np.abs((rows_stored.max(axis=1) - rows_stored.min(axis=1)) - spread)
+    bad = np.flatnonzero(error > MAX_SPREAD_ERROR * spread)
+    if len(bad):
+        r = int(bad[0])
+        kept = float(rows_stored[r].max() - rows_stored[r].min())
+        peak = float(np.abs(rows_exact[r]).max())
+        raise TeacherOutputError(
+            f"{where}: {storage_dtype} cannot represent these values: the spread of row {r} "
+            f"({float(spread[r]):.4g}) would be stored as {kept:.4g} (its values are at most "
+            f"{peak:.3g} in magnitude: too small, e.g. after a very large temperature, or too "
+            "close together for its precision); use storage_dtype='float32' or a lower "
+            "temperature"
+        )
 
 
 def float32_to_bfloat16_bits(values: np.ndarray) -> np.ndarray:

@@ -384,9 +384,13 @@ class CacheEntry:
             present[info.base_name] = info.size
         return [rec.index for rec in self.shards if present.get(rec.file) != rec.num_bytes]
 
-    def committed_shard(self, index: int) -> tuple[ShardRecord, int] | None:
+    def committed_shard(
+        self, index: int, *, check_bytes: bool = False
+    ) -> tuple[ShardRecord, int] | None:
         """The sidecar of shard ``index`` and its vocabulary size if the shard is committed
-        and its data file has the recorded size; else None (to be (re)computed)."""
+        and its data file has the recorded size (and, with ``check_bytes``, the recorded
+        SHA-256: what a resumed build reuses is checked, not believed); else None, and the
+        shard is to be (re)computed."""
         stem = schema.shard_stem(index)
         try:
             where = self.shards_location.display(stem + ".json")
@@ -395,6 +399,13 @@ class CacheEntry:
             if rec.index != index:
                 return None
             if self.shards_location.size(rec.file) != rec.num_bytes:
+                return None
+            if check_bytes and sha256_hex(self.shards_location.read_bytes(rec.file)) != rec.sha256:
+                log.warning(
+                    "%s does not match its commit record (altered since it was written); "
+                    "recomputing it",
+                    self.shards_location.display(rec.file),
+                )
                 return None
             return rec, int(obj["vocab_size"])
         except (FileNotFoundError, KeyError, TypeError, ValueError, CacheCorruptError):

@@ -153,3 +153,120 @@ def test_an_unreadable_lease_counts_as_held_until_it_expires(root):
     lease = Lease(entry, ttl_s=60)
     assert lease.acquire(wait_s=1, poll_s=0.1)
     lease.release()
+
+
+def test_aliases_and_views_cannot_point_outside_their_folders(root, tmp_path):
+    _, entry = _build(root)
+    aliases = os.path.join(root, schema.ALIASES_DIR)
+    os.makedirs(aliases, exist_ok=True)
+    with open(os.path.join(aliases, "evil.json"), "w") as f:
+        json.dump({"key": "../../../" + str(tmp_path.name), "kind": "entry"}, f)
+    with pytest.raises(CacheCorruptError, match="not a cache key"):
+        kdcache.open_cache("evil", root=root)
+    with pytest.raises(kdcache.errors.CacheNotFoundError, match="not a key"):
+        kdcache.open_cache("..", root=root)
+    with pytest.raises(kdcache.errors.CacheNotFoundError):
+        kdcache.open_cache("../entries/" + entry.key + "/..", root=root)
+    views = os.path.join(root, schema.ENSEMBLES_DIR)
+    os.makedirs(views, exist_ok=True)
+    with open(os.path.join(views, "a" * 32 + ".json"), "w") as f:
+        json.dump({"format_version": 1, "entries": ["/etc"], "rule": "mean_probs"}, f)
+    with pytest.raises(CacheCorruptError, match="not a cache key"):
+        kdcache.open_cache("a" * 32, root=root)
+
+
+def test_ls_lists_the_rest_and_marks_damaged_records(root, capsys):
+    _, entry = _build(root)
+    _, other = _build(root, temperature=2.0)
+    with open(_path(entry, schema.MANIFEST_FILE), "w") as f:
+        f.write("{torn")
+    aliases = os.path.join(root, schema.ALIASES_DIR)
+    os.makedirs(aliases, exist_ok=True)
+    with open(os.path.join(aliases, "bad.json"), "w") as f:
+        f.write("[]")
+    assert cli(["ls", root]) == 0
+    out = capsys.readouterr().out
+    assert f"entry     {entry.key}  DAMAGED" in out
+    assert f"{other.key}  complete" in out
+    assert "alias     bad  DAMAGED" in out
+
+
+def test_gc_never_follows_links_nor_deletes_what_it_did_not_write(root, tmp_path):
+    _, entry = _build(root)
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "shard-00009.arrow").write_bytes(b"precious")
+    (outside / "precious.txt").write_bytes(b"precious")
+    shards = entry.shards_location.path
+    (tmp_path / "mine.txt").write_bytes(b"x")
+    with open(os.path.join(shards, "notes.txt"), "w") as f:
+        f.write("a user's file")
+    os.symlink(outside, os.path.join(shards, "linked"))
+    os.symlink(outside / "shard-00009.arrow", os.path.join(shards, "shard-00008.arrow"))
+    result = kdcache.stores.admin.gc(root)
+    assert result.removed == []
+    assert (outside / "shard-00009.arrow").read_bytes() == b"precious"
+    assert os.path.exists(os.path.join(shards, "notes.txt"))
+    # a symlinked shards/ folder is left alone as a whole
+    other_root = tmp_path / "cache2"
+    _, e2 = _build(str(other_root))
+    moved = tmp_path / "elsewhere"
+    os.rename(e2.shards_location.path, moved)
+    os.symlink(moved, e2.shards_location.path)
+    (moved / "shard-00077.arrow").write_bytes(b"not listed")
+    assert kdcache.stores.admin.gc(str(other_root)).removed == []
+    assert (moved / "shard-00077.arrow").exists()
+
+
+def test_a_resume_recomputes_a_committed_shard_whose_bytes_were_altered(root):
+    ds, entry = _build(root)
+    os.remove(_path(entry, schema.MANIFEST_FILE))  # an interrupted build, to be resumed
+    rec = entry.shards[0] if entry.is_complete else None
+    assert rec is None
+    sidecar = os.path.join(entry.shards_location.path, schema.shard_stem(0) + ".json")
+    with open(sidecar) as f:
+        name = json.load(f)["file"]
+    data_path = os.path.join(entry.shards_location.path, name)
+    with open(data_path, "r+b") as f:  # same size, one byte flipped
+        f.seek(os.path.getsize(data_path) // 2)
+        byte = f.read(1)
+        f.seek(-1, os.SEEK_CUR)
+        f.write(bytes([byte[0] ^ 0xFF]))
+    again = kdcache.build_cache(
+        ds, linear_teacher(seed=0), temperature=4.0, root=root, executor="local", progress=False
+    )
+    assert again.build_report.computed == 1 and again.build_report.reused == 1
+    assert kdcache.stores.admin.verify(kdcache.open_cache(again.location.uri)).ok
+
+
+@pytest.mark.parametrize("storage_dtype", ["float16"])
+def test_a_very_large_temperature_in_a_narrow_dtype_is_refused_not_stored(root, storage_dtype):
+    ds = toy_dataset(num_records=40, num_shards=2)
+    with pytest.raises(kdcache.errors.TeacherOutputError, match="cannot represent"):
+        kdcache.build_cache(
+            ds, linear_teacher(seed=0), temperature=1e12, root=root, executor="local",
+            storage_dtype=storage_dtype, progress=False,
+        )  # fmt: skip
+    # an ordinary temperature still stores in the narrow dtype
+    ok = kdcache.build_cache(
+        ds, linear_teacher(seed=0), temperature=2.0, root=root, executor="local",
+        storage_dtype=storage_dtype, progress=False,
+    )  # fmt: skip
+    assert kdcache.stores.admin.verify(ok).ok
+
+
+def test_narrow_dtypes_refuse_what_they_cannot_represent_in_both_directions():
+    import numpy as np
+
+    from kdcache.stores.codec import to_storage_dtype
+
+    tiny = np.array([[1e-9, -2e-9, 3e-9]], np.float32)  # float16 flushes all to 0
+    with pytest.raises(kdcache.errors.TeacherOutputError, match="cannot represent"):
+        to_storage_dtype(tiny, "float16", "t")
+    assert to_storage_dtype(tiny, "bfloat16", "t").dtype == np.uint16  # bf16 has the range
+    close = np.array([[1000.0, 1000.01, 1000.02]], np.float32)  # 8 bits of mantissa
+    with pytest.raises(kdcache.errors.TeacherOutputError, match="cannot represent"):
+        to_storage_dtype(close, "bfloat16", "t")
+    ordinary = np.random.default_rng(0).normal(size=(64, 50)).astype(np.float32) * 3
+    for dtype in ("float16", "bfloat16"):
+        to_storage_dtype(ordinary, dtype, "t")  # ordinary logits are fine

@@ -16,7 +16,12 @@ from kdcache.errors import ConfigError, SampleIdMismatchError, SpecMismatchError
 from kdcache.executors import ExecutorConfig
 from kdcache.losses.kd import token_distill_loss
 from kdcache.stores.entry import CacheEntry
-from kdcache.stream import SoftTargetDataset, check_student_vocabulary, read_token_shard
+from kdcache.stream import (
+    ShardedStream,
+    SoftTargetDataset,
+    check_student_vocabulary,
+    read_token_shard,
+)
 from kdcache.stream.collate import scatter_sparse
 from kdcache.targets.sparse import concat_sparse, sparsify
 from kdcache.teachers.generate import generate_continuations
@@ -481,3 +486,11 @@ def test_token_stream_refuses_another_dataset_naming_both_fingerprints(world, ro
         SoftTargetDataset(cache, other, batch_size=4)
     with pytest.raises(SpecMismatchError, match="tokenizer"):
         SoftTargetDataset(cache, other, batch_size=4)
+
+
+def test_distillation_loss_on_a_batch_without_targets_is_refused(world):
+    batch = next(iter(ShardedStream(world["ds"], batch_size=2)))  # hard labels only
+    logits = torch.zeros((*batch["inputs"].shape, VOCAB))
+    assert torch.isfinite(token_distill_loss(logits, batch, temperature=TAU, alpha=0.0))
+    with pytest.raises(ConfigError, match="no teacher 'targets'"):
+        token_distill_loss(logits, batch, temperature=TAU, alpha=0.5)

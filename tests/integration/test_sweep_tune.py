@@ -40,16 +40,21 @@ def no_ray_left():
         pytest.fail("the sweep left Ray running")
 
 
+@pytest.fixture
+def driver_process_group_port(monkeypatch):
+    """A driver that trained first (the demo) holds a process group on MASTER_PORT, and
+    Ray workers inherit its environment: each trial must make its own rendezvous."""
+    with socket.socket() as held:
+        held.bind(("127.0.0.1", 0))
+        held.listen()
+        monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
+        monkeypatch.setenv("MASTER_PORT", str(held.getsockname()[1]))
+        yield
+
+
 def test_a_four_trial_sweep_writes_trials_table_and_plot(
-    tmp_path, no_ray_left, capsys, monkeypatch
+    tmp_path, no_ray_left, driver_process_group_port, capsys
 ):
-    # A driver that trained first (the demo) holds a process group on MASTER_PORT, and Ray
-    # workers inherit its environment: each trial must make its own rendezvous.
-    held = socket.socket()
-    held.bind(("127.0.0.1", 0))
-    held.listen()
-    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
-    monkeypatch.setenv("MASTER_PORT", str(held.getsockname()[1]))
     ds = toy_dataset(num_records=96, num_shards=3)
     teachers = kdcache.TeacherEnsemble([linear_teacher(seed=s) for s in range(2)])
     cache = kdcache.build_cache(
@@ -88,7 +93,6 @@ def test_a_four_trial_sweep_writes_trials_table_and_plot(
     )
     printed = capsys.readouterr().out
 
-    held.close()
     assert not ray.is_initialized()  # the sweep stopped the Ray it started
     trials = sorted(os.listdir(out / "trials"))
     assert trials == [f"trial-{i:03d}" for i in range(4)]
