@@ -292,7 +292,7 @@ def make_trials(cfg: SweepConfig, base: Mapping[str, Any] | None = None) -> list
     for index, values in enumerate(expand_trials(cfg)):
         overrides = trial_overrides(values)
         trial_dir = os.path.join(root, "trials", f"trial-{index:03d}")
-        data = apply_overrides({**base, "output_dir": trial_dir}, overrides)
+        data = apply_overrides({**base, "output_dir": trial_dir}, overrides, cls=TrainConfig)
         try:
             config = from_dict(TrainConfig, data)
         except ConfigError as exc:

@@ -42,18 +42,30 @@ def init_distributed() -> tuple[int, int]:
     # DeepSpeed's start-up lines (op built, banners) to debug level, real output through
     with quiet.deepspeed_output():
         deepspeed = require("deepspeed", "deepspeed")
+        added: list[str] = []
         if not torch.distributed.is_initialized():
+            # A single rank of our own. The rendezvous address is set for the init only and
+            # removed after, so that processes this one starts later (a demo's subprocess,
+            # a Ray worker) never inherit a port this process still holds; the rank
+            # variables stay (DeepSpeed's engine reads LOCAL_RANK).
             for k, v in (
                 ("RANK", "0"),
                 ("LOCAL_RANK", "0"),
                 ("WORLD_SIZE", "1"),
                 ("MASTER_ADDR", "127.0.0.1"),
+                ("MASTER_PORT", None),
             ):
-                os.environ.setdefault(k, v)
-            os.environ.setdefault("MASTER_PORT", str(_free_port()))
-        # With a process group already there (Ray Train, torchrun) this only makes
-        # DeepSpeed's communication backend, as deepspeed.initialize would.
-        deepspeed.init_distributed(dist_backend=backend, verbose=False)
+                if k not in os.environ:
+                    os.environ[k] = v if v is not None else str(_free_port())
+                    added.append(k)
+        try:
+            # With a process group already there (Ray Train, torchrun) this only makes
+            # DeepSpeed's communication backend, as deepspeed.initialize would.
+            deepspeed.init_distributed(dist_backend=backend, verbose=False)
+        finally:
+            for k in added:
+                if k.startswith("MASTER_"):
+                    os.environ.pop(k, None)
     return torch.distributed.get_rank(), torch.distributed.get_world_size()
 
 
