@@ -264,8 +264,9 @@ def parse_args(argv: list[str] | None = None) -> Settings:
     p.add_argument(
         "--student-labels",
         type=int,
-        default=1000,
-        help="labelled training images the students may use (0 < n <= N)",
+        default=None,
+        help="labelled training images the students may use (0 < n <= N); default 1,000, "
+        "or a sixth of --subset when that is smaller",
     )
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--lr", type=float, default=3e-3, help="student learning rate")
@@ -314,7 +315,11 @@ def parse_args(argv: list[str] | None = None) -> Settings:
         alpha=a.alpha,
         teacher_epochs=a.teacher_epochs,
         student_epochs=a.student_epochs,
-        student_labels=a.student_labels,
+        student_labels=(
+            a.student_labels
+            if a.student_labels is not None
+            else min(1000, max(1, (a.subset or 60000) // 6))
+        ),
         batch_size=a.batch_size,
         lr=a.lr,
         subset=a.subset,

@@ -80,8 +80,11 @@ def cmd_verify(args: argparse.Namespace, rest: list[str]) -> int:
     if result.ok:
         return 0
     if not args.repair:
-        if result.damaged or result.broken:
+        unfinished = [e for e in result.broken if not e.is_complete]
+        if result.damaged or len(unfinished) < len(result.broken):
             print("to repair: add --repair, then rerun the build")
+        elif unfinished:
+            print("rerun the same build to finish the unfinished entries")
         return 1
     done, left = repair(result)
     for line in done:
@@ -99,8 +102,8 @@ def cmd_ls(args: argparse.Namespace, rest: list[str]) -> int:
     from kdcache.stores.catalog import list_root
     from kdcache.stores.fs import Location
 
-    if not Location(args.root).exists():
-        raise CacheNotFoundError(f"cache root {args.root} does not exist")
+    if not Location(args.root).is_dir():
+        raise CacheNotFoundError(f"cache root {args.root} does not exist or is not a directory")
     rows = list_root(args.root)
     if args.json:
         _print_json(rows)
@@ -140,8 +143,12 @@ def cmd_alias(args: argparse.Namespace, rest: list[str]) -> int:
 def cmd_gc(args: argparse.Namespace, rest: list[str]) -> int:
     from dataclasses import asdict
 
+    from kdcache.errors import CacheNotFoundError
     from kdcache.stores.admin import gc
+    from kdcache.stores.fs import Location
 
+    if not Location(args.root).is_dir():  # a mistyped root is an error, never "cleaned"
+        raise CacheNotFoundError(f"cache root {args.root} does not exist or is not a directory")
     result = gc(args.root, dry_run=args.dry_run)
     if args.json:
         _print_json(asdict(result))

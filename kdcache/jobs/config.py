@@ -565,6 +565,13 @@ class BuildConfig:
                 f"ensemble.weights has {len(self.ensemble.weights)} values for "
                 f"{len(names)} teachers"
             )
+        if self.alias is not None:  # before the build, not after all its compute
+            from kdcache.stores.catalog import check_alias_name
+
+            try:
+                check_alias_name(self.alias)
+            except ConfigError as exc:
+                raise ConfigError(f"alias: {exc}") from None
 
     @field_serializer("targets")
     def _targets_json(self, targets: TargetSpec) -> dict[str, Any]:

@@ -12,10 +12,12 @@ from kdcache.stores.backends import (
     ShardColumns,
     ZarrBackend,
     get_backend,
+    register_backend,
 )
-from kdcache.stores.catalog import list_root, open_cache, write_alias
+from kdcache.stores.catalog import list_root, open_cache, resolve_entries, write_alias
 from kdcache.stores.codec import (
     bfloat16_bits_to_float32,
+    columns_to_dense,
     columns_to_sparse,
     dense_to_columns,
     float32_to_bfloat16_bits,
@@ -43,12 +45,15 @@ __all__ = [
     "as_view",
     "bfloat16_bits_to_float32",
     "check_reader",
+    "columns_to_dense",
     "columns_to_sparse",
     "dense_to_columns",
     "float32_to_bfloat16_bits",
     "get_backend",
     "list_root",
     "open_cache",
+    "register_backend",
+    "resolve_entries",
     "sha256_hex",
     "sparse_to_columns",
     "split_query",

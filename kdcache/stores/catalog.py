@@ -27,6 +27,20 @@ _ALIAS_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 _KEY_LIKE = re.compile(f"[0-9a-f]{{{schema.KEY_HEX_CHARS}}}")
 
 
+def check_alias_name(name: str) -> None:
+    """Refuse a name that cannot be an alias (checked before a build, not after it).
+
+    Raises:
+        ConfigError: not a plain name (letters, digits, ``.``, ``_``, ``-``; no path
+            separators; at most 128 characters), or it looks like a key.
+    """
+    if not _ALIAS_NAME.fullmatch(name) or _KEY_LIKE.fullmatch(name):
+        raise ConfigError(
+            f"alias {name!r} must be a plain name (letters, digits, '.', '_', '-'; at most "
+            f"128 characters) that does not look like a {schema.KEY_HEX_CHARS}-hex-digit key"
+        )
+
+
 def write_alias(root: str | Location, name: str, key: str, kind: str, *, move: bool = True) -> None:
     """Point the human-readable ``name`` at an entry or ensemble ``key``.
 
@@ -43,11 +57,7 @@ def write_alias(root: str | Location, name: str, key: str, kind: str, *, move: b
             with ``move=False``, the alias already names another key (the message names
             both keys).
     """
-    if not _ALIAS_NAME.fullmatch(name) or _KEY_LIKE.fullmatch(name):
-        raise ConfigError(
-            f"alias {name!r} must be a plain name (letters, digits, '.', '_', '-'; at most "
-            f"128 characters) that does not look like a {schema.KEY_HEX_CHARS}-hex-digit key"
-        )
+    check_alias_name(name)
     loc = (root if isinstance(root, Location) else Location(root)).child(schema.ALIASES_DIR)
     old = alias_target(root, name)
     if old is not None and old != key:
@@ -160,7 +170,7 @@ def _open(uri: str, root: str | None, *, check: bool = True) -> CacheEntry | Ens
         else:
             kind = "ensemble" if r.child(schema.ENSEMBLES_DIR).exists(f"{uri}.json") else "entry"
         if kind == "ensemble":
-            return _open_view(r.child(schema.ENSEMBLES_DIR), f"{uri}.json")
+            return _open_view(r.child(schema.ENSEMBLES_DIR), f"{uri}.json", check=check)
         entry = CacheEntry(r, uri)
         if not entry.location.exists(schema.SPEC_FILE):
             raise CacheNotFoundError(
@@ -174,7 +184,7 @@ def _open(uri: str, root: str | None, *, check: bool = True) -> CacheEntry | Ens
     base, query = split_query(loc.uri) if not loc.is_local else (loc.uri, "")
     if base.endswith(".json"):
         parent, _, name = base.rpartition("/")
-        return _open_view(Location(parent + query), name)
+        return _open_view(Location(parent + query), name, check=check)
     parent, _, key = base.rstrip("/").rpartition("/")
     if not parent.endswith(schema.ENTRIES_DIR):
         raise CacheNotFoundError(
@@ -188,7 +198,25 @@ def _open(uri: str, root: str | None, *, check: bool = True) -> CacheEntry | Ens
     return entry
 
 
-def _open_view(ensembles: Location, name: str) -> EnsembleView:
+def _open_view(ensembles: Location, name: str, *, check: bool = True) -> EnsembleView:
+    view, entries = _view_members(ensembles, name)
+    if not check:  # the members, unchecked: a view whose members are damaged still lists them
+        return _UncheckedView(entries)  # type: ignore[return-value]
+    where = ensembles.display(name)
+    try:
+        return EnsembleView(entries, view.get("rule", "mean_probs"), view.get("weights"))
+    except ConfigError as exc:
+        raise CacheCorruptError(f"{where}: {exc}") from None
+
+
+class _UncheckedView:
+    """A view's members without the view's checks (what ``verify`` needs to report)."""
+
+    def __init__(self, entries: list[CacheEntry]) -> None:
+        self.entries = entries
+
+
+def _view_members(ensembles: Location, name: str) -> tuple[dict[str, Any], list[CacheEntry]]:
     where = ensembles.display(name)
     try:
         view = schema.read_json(ensembles.read_bytes(name), where, "ensemble view")
@@ -200,11 +228,7 @@ def _open_view(ensembles: Location, name: str) -> EnsembleView:
         raise CacheCorruptError(f"{where}: 'entries' must be a non-empty list of keys")
     base, query = split_query(ensembles.uri) if not ensembles.is_local else (ensembles.uri, "")
     cache_root = base.rsplit("/", 1)[0] + query
-    entries = [CacheEntry(cache_root, _checked_key(k, where)) for k in members]
-    try:
-        return EnsembleView(entries, view.get("rule", "mean_probs"), view.get("weights"))
-    except ConfigError as exc:
-        raise CacheCorruptError(f"{where}: {exc}") from None
+    return view, [CacheEntry(cache_root, _checked_key(k, where)) for k in members]
 
 
 def list_root(root: str) -> list[dict[str, Any]]:
@@ -270,4 +294,4 @@ def resolve_entries(uri: str, *, root: str | None = None) -> list[CacheEntry]:
         CacheNotFoundError: nothing at ``uri``.
     """
     found = _open(uri, root, check=False)
-    return found.entries if isinstance(found, EnsembleView) else [found]
+    return [found] if isinstance(found, CacheEntry) else list(found.entries)

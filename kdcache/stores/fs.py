@@ -16,12 +16,16 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 import time
 import uuid
 from dataclasses import dataclass
 from functools import cached_property
 
+import pyarrow as pa
 import pyarrow.fs as pafs
+
+from kdcache.errors import ConfigError, RetriableError
 
 STAGING_PREFIX = ".tmp-"
 
@@ -40,6 +44,11 @@ def split_query(uri: str) -> tuple[str, str]:
     """``("s3://b/p", "?opts")`` for ``"s3://b/p?opts"``; the query is "" when absent."""
     base, sep, query = uri.partition("?")
     return base, sep + query
+
+
+def _without_credentials(text: str) -> str:
+    """``s3://KEY:SECRET@bucket/p`` -> ``s3://bucket/p`` (messages never show credentials)."""
+    return re.sub(r"(://)[^/@\s]*@", r"\1", text)
 
 
 @dataclass(frozen=True)
@@ -61,9 +70,28 @@ class Location:
 
     @cached_property
     def _fs_and_path(self) -> tuple[pafs.FileSystem, str]:
+        """The pyarrow filesystem and path, resolved on first use.
+
+        Raises:
+            ConfigError: the URI's scheme is not a filesystem pyarrow knows.
+            RetriableError: the filesystem could not be reached (network, region,
+                credentials); the message shows the URI without credentials.
+        """
         if self.is_local:
             return pafs.LocalFileSystem(), self.uri
-        fs, path = pafs.FileSystem.from_uri(self.uri)
+        try:
+            fs, path = pafs.FileSystem.from_uri(self.uri)
+        except pa.ArrowInvalid as exc:
+            raise ConfigError(
+                f"{self.display()} is not on a filesystem kdcache can use ({exc}); expected a "
+                "local path, file:///abs/path, or s3://, gs://, hdfs://, abfs:// and the other "
+                "pyarrow filesystems"
+            ) from None
+        except OSError as exc:
+            raise RetriableError(
+                f"could not reach {self.display()}: {_without_credentials(str(exc))}; check "
+                "the address, the region and the credentials (nothing was read or written)"
+            ) from None
         return fs, path
 
     @property
@@ -95,7 +123,9 @@ class Location:
         return f"{self.path.rstrip('/')}/{name}" if name else self.path
 
     def display(self, name: str = "") -> str:
-        return f"{self.base.rstrip('/')}/{name}" if name else self.base
+        """The URI for messages: no query options and no credentials."""
+        base = _without_credentials(self.base)
+        return f"{base.rstrip('/')}/{name}" if name else base
 
     # -- queries -------------------------------------------------------------------
     def exists(self, name: str = "") -> bool:

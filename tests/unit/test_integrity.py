@@ -270,3 +270,41 @@ def test_narrow_dtypes_refuse_what_they_cannot_represent_in_both_directions():
     ordinary = np.random.default_rng(0).normal(size=(64, 50)).astype(np.float32) * 3
     for dtype in ("float16", "bfloat16"):
         to_storage_dtype(ordinary, dtype, "t")  # ordinary logits are fine
+
+
+def test_bad_roots_are_clear_errors_not_tracebacks(root, capsys):
+    assert cli(["ls", "bogus://x"]) == 2
+    err = capsys.readouterr().err
+    assert "not on a filesystem kdcache can use" in err and "Traceback" not in err
+    assert cli(["gc", os.path.join(root, "nowhere"), "--dry-run"]) == 2
+    assert "does not exist" in capsys.readouterr().err
+    from kdcache.stores.fs import Location
+
+    assert Location("s3://KEY:SECRET@bucket/p").display() == "s3://bucket/p"
+
+
+def test_verify_reports_a_damaged_member_of_an_ensemble_as_a_fault(root, capsys):
+    ds = toy_dataset(num_records=40, num_shards=2)
+    view = kdcache.build_cache(
+        ds, kdcache.TeacherEnsemble([linear_teacher(seed=0), linear_teacher(seed=1)]),
+        temperature=4.0, root=root, executor="local", progress=False,
+    )  # fmt: skip
+    member = view.entries[1]
+    with open(_path(member, schema.MANIFEST_FILE), "w") as f:
+        f.write("{torn")
+    assert cli(["verify", view.key, "--root", root]) == 1
+    out = capsys.readouterr().out
+    assert member.key in out and "FAULT" in out
+
+
+def test_an_alias_that_cannot_be_one_is_refused_before_the_build():
+    from kdcache.jobs.config import BuildConfig, from_dict
+
+    base = {
+        "root": "r",
+        "dataset": {"factory": "kdcache.testing:toy_dataset"},
+        "teachers": [{"name": "t", "factory": "m:f", "checkpoint": "c"}],
+    }
+    for bad in ("bad/alias", "0" * 32):
+        with pytest.raises(kdcache.errors.ConfigError, match="alias"):
+            from_dict(BuildConfig, {**base, "alias": bad})
