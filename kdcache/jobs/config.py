@@ -112,6 +112,22 @@ def _import_module(name: str, path: str) -> Any:
     ) from missing
 
 
+def call_factory(factory: Any, kwargs: dict[str, Any], what: str) -> Any:
+    """``factory(**kwargs)``, with a failure named: which factory, with which arguments.
+
+    Raises:
+        ConfigError: the factory raised (``TypeError`` for a wrong keyword or a wrongly
+            typed value in ``kwargs``, or anything else); chained to the original error.
+    """
+    try:
+        return factory(**kwargs)
+    except Exception as exc:
+        raise ConfigError(
+            f"{what} failed with kwargs {kwargs!r}: {type(exc).__name__}: {exc}; check "
+            "the factory's arguments in the config (their names and types)"
+        ) from exc
+
+
 def import_object(path: str) -> Any:
     """Import ``"package.module:attr"`` (or ``"package.module.attr"``).
 
@@ -427,7 +443,7 @@ class DatasetConfig:
     def build(self) -> Any:
         from kdcache.data.base import ShardedDataset
 
-        ds = import_object(self.factory)(**self.kwargs)
+        ds = call_factory(import_object(self.factory), self.kwargs, f"dataset {self.factory!r}")
         if not isinstance(ds, ShardedDataset):
             raise ConfigError(
                 f"dataset factory {self.factory!r} returned {type(ds).__name__}, which lacks "
@@ -468,8 +484,13 @@ class TeacherConfig:
         if self.torchscript is not None:
             return Teacher.from_torchscript(self.torchscript, name=self.name, config=self.kwargs)
         assert self.factory is not None and self.checkpoint is not None
+        factory = import_object(self.factory)
+        what = f"teacher {self.name!r} (factory {self.factory!r})"
         return Teacher.from_checkpoint(
-            import_object(self.factory), self.checkpoint, name=self.name, config=self.kwargs
+            lambda **kw: call_factory(factory, kw, what),
+            self.checkpoint,
+            name=self.name,
+            config=self.kwargs,
         )
 
 
@@ -656,7 +677,9 @@ class StudentConfig:
     kwargs: dict[str, Any] = dataclasses.field(default_factory=dict)
 
     def build(self) -> Any:
-        return import_object(self.factory)(**self.kwargs)
+        return call_factory(
+            import_object(self.factory), self.kwargs, f"student (factory {self.factory!r})"
+        )
 
 
 @config_dataclass

@@ -97,10 +97,19 @@ class Teacher:
 
         Raises:
             DataFileNotFoundError: ``path`` does not exist.
-            RuntimeError: the weights do not fit the architecture (strict load).
+            ConfigError: the weights do not fit the architecture (strict load: missing or
+                unexpected keys, or other shapes); names the file and the config.
         """
         module = factory(**(config or {}))
-        module.load_state_dict(load_state_dict(path), strict=True)
+        try:
+            module.load_state_dict(load_state_dict(path), strict=True)
+        except RuntimeError as exc:
+            first = str(exc).strip().splitlines()
+            raise ConfigError(
+                f"the weights in {path} do not fit the architecture built from config "
+                f"{config!r} ({type(module).__name__}): {' '.join(first[:3])[:400]}; give the "
+                "config the checkpoint was trained with"
+            ) from exc
         return cls(name or os.path.basename(path).split(".")[0], module, config)
 
     @classmethod

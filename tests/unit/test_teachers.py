@@ -139,3 +139,27 @@ def test_from_callable_caches_like_any_teacher(tmp_path):
     np.testing.assert_allclose(vals[:, 1], 2 * vals[:, 0], rtol=1e-5)
     with pytest.raises(kdcache.errors.ConfigError, match="non-empty config"):
         kdcache.Teacher.from_callable(_double_sum, name="fn", config={})
+
+
+def test_checkpoint_of_another_architecture_is_a_clear_error(tmp_path):
+    from safetensors.torch import save_file
+
+    from kdcache.errors import ConfigError
+
+    t = linear_teacher(seed=0)
+    save_file(t.module.state_dict(), str(tmp_path / "w.safetensors"))
+    with pytest.raises(ConfigError, match="do not fit the architecture"):
+        kdcache.Teacher.from_checkpoint(
+            lambda **kw: torch.nn.Linear(8, 7), str(tmp_path / "w.safetensors"), config={"v": 7}
+        )
+
+
+def test_a_factory_failure_names_the_teacher_and_its_arguments():
+    from kdcache.errors import ConfigError
+    from kdcache.jobs.config import call_factory
+
+    def factory(width: int) -> torch.nn.Module:
+        return torch.nn.Linear(8, width)
+
+    with pytest.raises(ConfigError, match=r"teacher 'a' failed with kwargs \{'width': '3'\}"):
+        call_factory(factory, {"width": "3"}, "teacher 'a'")
