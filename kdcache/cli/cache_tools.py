@@ -114,8 +114,8 @@ def cmd_ls(args: argparse.Namespace, rest: list[str]) -> int:
             print(f"{r['kind']:<9} {name}  DAMAGED     {r['error']}")
         elif r["kind"] == "entry":
             extra = (
-                f"{r.get('teacher')}  tau={r.get('temperature')}  rows={r.get('rows')}  "
-                f"bytes={r.get('bytes')}"
+                f"{r.get('teacher')}  {r.get('targets')}  tau={r.get('temperature')}  "
+                f"rows={r.get('rows')}  bytes={r.get('bytes')}"
                 if r["status"] == "complete"
                 else ""
             )

@@ -248,9 +248,13 @@ def list_root(root: str) -> list[dict[str, Any]]:
         try:
             if entry.is_complete:
                 m = entry.manifest
+                spec = entry.target_spec
                 row.update(
                     status="complete",
                     teacher=m.get("teacher_name"),
+                    targets=spec.kind
+                    + "".join(f" {k}={v}" for k, v in (spec.params or ()) if k != "seed")
+                    + f" {spec.storage_dtype} {spec.backend}",
                     temperature=m["spec"]["targets"]["temperature"],
                     rows=m["num_rows"],
                     bytes=m["num_bytes"],
