@@ -3,6 +3,7 @@ workers: stream, loss, checkpoints, export and the summary."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import uuid
@@ -350,6 +351,10 @@ def _ray_train_loop(loop_config: dict[str, Any]) -> None:
 
     os.environ.setdefault("DS_ACCELERATOR", "cpu" if not torch.cuda.is_available() else "cuda")
     cfg = from_dict(TrainConfig, loop_config["config"])
+    if cfg.eval_every > 0 and (cfg.checkpoint_every == 0 or cfg.eval_every % cfg.checkpoint_every):
+        # Under Ray Train each evaluation is reported with a checkpoint (Ray keeps the
+        # metrics of checkpointed reports, and restarts resume from them).
+        cfg = dataclasses.replace(cfg, checkpoint_every=cfg.eval_every)
     run_id, resume = loop_config["run_id"], loop_config["resume"]
     rank = ray.train.get_context().get_world_rank()
     restored = ray.train.get_checkpoint()

@@ -326,7 +326,7 @@ def test_ray_train_reports_each_evaluation_with_a_checkpoint(tmp_path, cache, lo
         "name": "kd-run",
     }
     path, out = _config(
-        tmp_path, cache, "evals", max_steps=6, eval_every=2, checkpoint_every=2, ray=ray_settings
+        tmp_path, cache, "evals", max_steps=6, eval_every=2, checkpoint_every=0, ray=ray_settings
     )
     summary = train_on_ray(load(TrainConfig, path))
     assert summary["world_size"] == 2 and summary["steps"] == 6
