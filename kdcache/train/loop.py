@@ -8,6 +8,8 @@ machine without CUDA, DeepSpeed runs with its CPU accelerator and the gloo backe
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import os
 import time
@@ -149,9 +151,12 @@ def train_student(
         and checkpoint_dir is not None
         and os.path.exists(os.path.join(checkpoint_dir, "latest"))
     ):
-        path, client = engine.load_checkpoint(checkpoint_dir)
+        # DeepSpeed's checkpoints are pickles: only one whose files match the integrity
+        # record written when it was saved is loaded (the newest intact one).
+        tag = intact_checkpoint(checkpoint_dir)
+        path, client = engine.load_checkpoint(checkpoint_dir, tag=tag)
         if path is None:
-            raise ConfigError(f"could not load the latest checkpoint in {checkpoint_dir}")
+            raise ConfigError(f"could not load checkpoint {tag} in {checkpoint_dir}")
         stream.load_state_dict(client["stream"])  # type: ignore[attr-defined]
         result.steps = result.start_step = int(client["steps"])
         result.evals = [(int(s), dict(m)) for s, m in client.get("evals", [])]
@@ -168,6 +173,7 @@ def train_student(
             "evals": [[s, m] for s, m in result.evals],
         }
         engine.save_checkpoint(checkpoint_dir, tag=f"step{step}", client_state=client)
+        write_integrity_record(os.path.join(checkpoint_dir, f"step{step}"))
         saved_at.append(step)
 
     def notify(step: int) -> None:
@@ -246,3 +252,103 @@ def train_student(
     result.state_dict = _gathered_state(engine)
     module.eval()
     return module, result
+
+
+#: The integrity record of a checkpoint: SHA-256 and size of each of its files.
+INTEGRITY_FILE = "kdcache-integrity.json"
+
+
+def _digest_files(directory: str) -> dict[str, dict[str, Any]]:
+    out = {}
+    for name in sorted(os.listdir(directory)):
+        full = os.path.join(directory, name)
+        if name == INTEGRITY_FILE or name.startswith(".") or not os.path.isfile(full):
+            continue  # dot files are others' notes (Ray's .metadata.json), never loaded
+        if os.path.islink(full):
+            out[name] = {"sha256": "a symbolic link", "bytes": -1}  # never matches a record
+            continue
+        h = hashlib.sha256()
+        with open(full, "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                h.update(block)
+        out[name] = {"sha256": h.hexdigest(), "bytes": os.path.getsize(full)}
+    return out
+
+
+def write_integrity_record(tag_dir: str) -> None:
+    """After every rank saved its part, rank 0 records each file's SHA-256 and size.
+
+    Written atomically after a barrier, so a record exists only for a complete checkpoint.
+    """
+    dist = torch.distributed
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        dist.barrier()
+    rank = dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+    if rank == 0:
+        record = {"files": _digest_files(tag_dir)}
+        tmp = os.path.join(tag_dir, f".tmp-{INTEGRITY_FILE}")
+        with open(tmp, "w") as f:
+            json.dump(record, f, indent=1, sort_keys=True)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, os.path.join(tag_dir, INTEGRITY_FILE))
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        dist.barrier()
+
+
+def _checkpoint_problem(tag_dir: str) -> str | None:
+    """Why a checkpoint must not be loaded, or None when its files match its record."""
+    try:
+        with open(os.path.join(tag_dir, INTEGRITY_FILE)) as f:
+            record = json.load(f)["files"]
+    except FileNotFoundError:
+        return "it has no integrity record (not written by kdcache, or cut off while saving)"
+    except (ValueError, KeyError, TypeError):
+        return "its integrity record is unreadable"
+    found = _digest_files(tag_dir)
+    if set(found) != set(record):
+        extra, missing = set(found) - set(record), set(record) - set(found)
+        return (
+            f"its files differ from the record (extra {sorted(extra)}, missing {sorted(missing)})"
+        )
+    bad = [n for n in found if found[n] != record[n]]
+    if bad:
+        return f"{bad[0]} was altered or truncated since it was saved"
+    return None
+
+
+def intact_checkpoint(checkpoint_dir: str) -> str:
+    """The checkpoint to resume from: DeepSpeed's ``latest`` tag (``step<N>``) if its files
+    match their integrity record, else the newest intact one before it.
+
+    A damaged checkpoint (empty, truncated, altered, or planted without a record) is
+    skipped with a warning naming why; nothing is unpickled before its bytes are checked.
+
+    Raises:
+        ConfigError: no checkpoint in ``checkpoint_dir`` is intact.
+    """
+    try:
+        with open(os.path.join(checkpoint_dir, "latest")) as f:
+            latest = f.read().strip()
+    except OSError:
+        latest = ""
+    limit = int(latest[4:]) if latest.startswith("step") and latest[4:].isdigit() else None
+    tags = []
+    for name in os.listdir(checkpoint_dir):
+        full = os.path.join(checkpoint_dir, name)
+        if name.startswith("step") and name[4:].isdigit() and os.path.isdir(full):
+            if limit is None or int(name[4:]) <= limit:
+                tags.append((int(name[4:]), name))
+    reasons: list[str] = []
+    for _, tag in sorted(tags, reverse=True):
+        problem = _checkpoint_problem(os.path.join(checkpoint_dir, tag))
+        if problem is None:
+            if reasons:
+                log.warning("resuming from %s instead: %s", tag, "; ".join(reasons))
+            return tag
+        reasons.append(f"checkpoint {tag} is not loaded: {problem}")
+    raise ConfigError(
+        f"no intact checkpoint in {checkpoint_dir} to resume from"
+        + (f" ({'; '.join(reasons)})" if reasons else "")
+        + "; start without --resume, or restore the checkpoint folder"
+    )

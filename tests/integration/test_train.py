@@ -352,3 +352,27 @@ def test_ray_train_reports_each_evaluation_with_a_checkpoint(tmp_path, cache, lo
     assert resumed["start_step"] == 6 and resumed["steps"] == 8
     assert os.path.exists(os.path.join(out2, "checkpoints", "step6"))
     assert list(Result.from_path(run).metrics_dataframe["step"])[-1] == 8
+
+
+def test_resume_checks_a_checkpoint_before_unpickling_it(tmp_path, cache, capsys):
+    """A checkpoint is a pickle: one whose bytes do not match the record written when it was
+    saved (altered, truncated, planted) is never loaded; the one before it is used."""
+    cfg, out = _config(tmp_path, cache, "guarded", checkpoint_every=5)
+    _train(cfg)
+    ckpts = os.path.join(out, "checkpoints")
+    assert os.path.exists(os.path.join(ckpts, "step10", "kdcache-integrity.json"))
+    with open(os.path.join(ckpts, "latest"), "w") as f:
+        f.write("step10")
+    model = os.path.join(ckpts, "step10", "mp_rank_00_model_states.pt")
+    with open(model, "r+b") as f:  # a planted or damaged pickle, same size
+        f.seek(os.path.getsize(model) // 2)
+        byte = f.read(1)
+        f.seek(-1, os.SEEK_CUR)
+        f.write(bytes([byte[0] ^ 0xFF]))
+    _train(cfg, "--resume")
+    resumed = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert resumed["start_step"] == 5  # fell back to the intact step5
+    for tag in ("step5", "step10", "step15"):  # nothing intact left to resume from
+        os.remove(os.path.join(ckpts, tag, "kdcache-integrity.json"))
+    assert cli(["train", cfg, "--resume", "--no-progress"]) == 2
+    assert "no intact checkpoint" in capsys.readouterr().err
