@@ -6,7 +6,6 @@ run's artefacts (against the moto S3 server, as in ``test_s3.py``)."""
 from __future__ import annotations
 
 import json
-import logging
 import os
 import subprocess
 import sys
@@ -190,43 +189,7 @@ def test_an_epochs_override_replaces_max_steps(tmp_path, cache, capsys):
 
 # -- an s3:// output directory ----------------------------------------------------------
 
-BUCKET = "kdcache-test"
-_ENV = {
-    "AWS_ACCESS_KEY_ID": "testing",
-    "AWS_SECRET_ACCESS_KEY": "testing",
-    "AWS_DEFAULT_REGION": "us-east-1",
-    "AWS_EC2_METADATA_DISABLED": "true",
-}
-
-
-@pytest.fixture(scope="module")
-def s3_endpoint():
-    """``host:port`` of a moto S3 server holding an empty bucket (test_s3.py's fixture)."""
-    server_mod = pytest.importorskip("moto.server")
-    import pyarrow.fs as pafs
-
-    logging.getLogger("werkzeug").setLevel(logging.ERROR)
-    saved = {k: os.environ.get(k) for k in _ENV}
-    os.environ.update(_ENV)
-    server = server_mod.ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    try:
-        host, port = server.get_host_and_port()
-        endpoint = f"{host}:{port}"
-        pafs.S3FileSystem(
-            endpoint_override=endpoint,
-            scheme="http",
-            region="us-east-1",
-            allow_bucket_creation=True,
-        ).create_dir(BUCKET)
-        yield endpoint
-    finally:
-        server.stop()
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
+BUCKET = "kdcache-test"  # the bucket the s3_endpoint fixture (conftest.py) creates
 
 
 def test_an_s3_output_dir_receives_the_artefacts(tmp_path, cache, s3_endpoint, capsys, monkeypatch):
