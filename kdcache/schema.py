@@ -86,6 +86,11 @@ KEY_HEX_CHARS = 32
 _HEX = frozenset("0123456789abcdef")
 
 
+def is_sha256(value: Any) -> bool:
+    """Whether ``value`` is a hex SHA-256 digest: a str of 64 lowercase hex digits."""
+    return isinstance(value, str) and len(value) == 64 and all(c in _HEX for c in value)
+
+
 def add_backend_name(name: str) -> None:
     """Accept ``name`` as a backend in target specs (see :data:`BACKENDS`).
 

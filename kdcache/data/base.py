@@ -2,15 +2,20 @@
 
 A dataset is anything with ``num_shards``, ``read_shard(i)`` and ``fingerprint()``
 (:class:`ShardedDataset`); it must be picklable, because it travels to Ray actors.
-:class:`ArrayDataset` is the in-memory implementation; :func:`read_idx` reads the IDX
-files MNIST-style datasets ship in.
+:class:`ArrayDataset` is the in-memory implementation; the file-backed datasets of
+:mod:`kdcache.data.files` are plans (files, row groups, columns) that read a shard only
+where it is used, batch by batch (:class:`StreamingDataset`), and report a digest of what
+they read, which the teacher stage records with each output shard.
 """
 
 from __future__ import annotations
 
 import hashlib
+import queue
+import threading
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
-from typing import Any, Protocol, runtime_checkable
+from typing import Any, Protocol, TypeVar, runtime_checkable
 
 import numpy as np
 
@@ -161,3 +166,128 @@ def dataset_layout(dataset: ShardedDataset) -> str:
             "'tokens': a sample is a token sequence)"
         )
     return str(layout)
+
+
+class ShardBatches:
+    """The batches of one input shard, read lazily, in the shard's fixed order.
+
+    Iterate it once; each item is a batch ``{"sample_id": int64 [B], "inputs": [B, ...],
+    "labels": int64 [B]}`` (``labels`` optional). After the last batch, :attr:`digest` is
+    the hex SHA-256 of what was read (the shard's content fingerprint), or None when the
+    dataset does not compute one.
+
+    Attributes:
+        index: The shard's index.
+        num_records: Rows in the shard (known before reading, from the plan).
+        digest: Set when iteration is complete.
+    """
+
+    def __init__(self, index: int, num_records: int, batches: Iterable[dict[str, Any]]) -> None:
+        self.index = index
+        self.num_records = num_records
+        self.digest: str | None = None
+        self._batches = batches
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        return iter(self._batches)
+
+
+@runtime_checkable
+class StreamingDataset(ShardedDataset, Protocol):
+    """A :class:`ShardedDataset` that reads a shard batch by batch and fingerprints what it
+    read (the file-backed datasets of :mod:`kdcache.data.files`)."""
+
+    def open_shard(self, index: int, batch_size: int) -> ShardBatches:
+        """The batches of shard ``index``, at most ``batch_size`` rows each, read lazily."""
+        ...
+
+
+def open_shard(dataset: ShardedDataset, index: int, batch_size: int) -> ShardBatches:
+    """Batches of shard ``index`` of any dataset: the dataset's own lazy reader when it has
+    one (:class:`StreamingDataset`), else ``read_shard`` cut into batches (digest None).
+
+    Raises:
+        ConfigError: ``batch_size`` < 1.
+    """
+    if batch_size < 1:
+        raise ConfigError(f"batch_size must be >= 1, got {batch_size}")
+    if isinstance(dataset, StreamingDataset):
+        return dataset.open_shard(index, batch_size)
+    shard = dataset.read_shard(index)
+    n = len(shard["sample_id"])
+    batches = (
+        {k: v[lo : lo + batch_size] for k, v in shard.items()} for lo in range(0, n, batch_size)
+    )
+    return ShardBatches(index, n, batches)
+
+
+def read_shard_checked(dataset: ShardedDataset, index: int) -> tuple[dict[str, Any], str | None]:
+    """Read a whole shard and its content digest (None for datasets without one).
+
+    Returns:
+        ``(shard, digest)``: the shard as :meth:`ShardedDataset.read_shard` returns it.
+    """
+    if not isinstance(dataset, StreamingDataset):
+        return dataset.read_shard(index), None
+    reader = dataset.open_shard(index, 1 << 62)
+    parts = list(reader)
+    if len(parts) == 1:
+        return parts[0], reader.digest
+    if not parts:
+        return dataset.read_shard(index), reader.digest
+    keys = parts[0].keys()
+    return {k: np.concatenate([p[k] for p in parts]) for k in keys}, reader.digest
+
+
+_T = TypeVar("_T")
+_DONE = object()
+
+
+def prefetch(items: Iterable[_T], depth: int = 2) -> Iterator[_T]:
+    """Iterate ``items`` on a background thread, at most ``depth`` items ahead.
+
+    Reading and decoding (pyarrow, numpy: they release the GIL) then overlap with the
+    consumer's work (a teacher's forward pass), with memory bounded by ``depth`` items.
+    An exception in the producer is raised in the consumer, at the item where it happened;
+    closing the returned generator early stops the producer.
+
+    Raises:
+        ConfigError: ``depth`` < 1.
+    """
+    if depth < 1:
+        raise ConfigError(f"prefetch depth must be >= 1, got {depth}")
+    q: queue.Queue[Any] = queue.Queue(maxsize=depth)
+    stop = threading.Event()
+
+    def produce() -> None:
+        try:
+            for item in items:
+                while not stop.is_set():
+                    try:
+                        q.put((item, None), timeout=0.1)
+                        break
+                    except queue.Full:
+                        continue
+                if stop.is_set():
+                    return
+            q.put((_DONE, None))
+        except BaseException as exc:  # handed to the consumer, raised there
+            q.put((_DONE, exc))
+
+    thread = threading.Thread(target=produce, name="kdcache-prefetch", daemon=True)
+    thread.start()
+    try:
+        while True:
+            item, exc = q.get()
+            if item is _DONE:
+                if exc is not None:
+                    raise exc
+                return
+            yield item
+    finally:
+        stop.set()
+        while thread.is_alive():
+            try:
+                q.get_nowait()
+            except queue.Empty:
+                thread.join(timeout=0.05)

@@ -301,6 +301,7 @@ class CacheEntry:
         *,
         vocab_size: int | None = None,
         positions_N: np.ndarray | None = None,
+        input_sha256: str | None = None,
     ) -> ShardRecord:
         """Write and commit one shard: data file (atomic), then its sidecar (atomic).
 
@@ -319,6 +320,10 @@ class CacheEntry:
                 t + 1), strictly increasing within each sample's run. Stored as the row
                 column ``position`` (int32) with ``meta["token_level"] = true``; see
                 ``docs/format.md``, "Token-level entries".
+            input_sha256: The digest of the input shard the values were computed from
+                (:class:`kdcache.data.ShardBatches`), recorded in the sidecar as
+                ``input_sha256`` so that a reader can check that the inputs it joins are
+                the ones the teacher saw. None: not recorded.
 
         Returns:
             The shard's commit record (also written as its sidecar).
@@ -365,6 +370,12 @@ class CacheEntry:
             sha256=sha256_hex(data),
             num_bytes=len(data),
         )
+        if input_sha256 is not None:
+            if not schema.is_sha256(input_sha256):
+                raise ConfigError(
+                    f"{where}: input_sha256 must be 64 hex digits, got {input_sha256!r}"
+                )
+            extra["input_sha256"] = input_sha256
         record = {**rec.to_json(), **extra}
         self.shards_location.write_atomic(stem + ".json", _dumps(record))
         return rec

@@ -29,6 +29,7 @@ LAYERS: tuple[tuple[str, ...], ...] = (
     (
         "kdcache._version",
         "kdcache.errors",
+        "kdcache.imports",
         "kdcache.validation",
         "kdcache.schema",
         "kdcache.progress",
