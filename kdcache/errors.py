@@ -27,6 +27,11 @@ class DataFileNotFoundError(DataError, FileNotFoundError):
     """An input data file does not exist."""
 
 
+class InputChangedError(DataError):
+    """Input files changed after they were planned or cached (sizes, versions or content
+    differ from what was recorded)."""
+
+
 class TeacherOutputError(KDCacheError, ValueError):
     """A teacher produced an output that cannot be cached (NaN/inf, wrong shape). Fatal."""
 

@@ -319,6 +319,9 @@ class ShardRecord:
         max_sample_id: Largest ``sample_id`` in the file.
         sha256: Hex SHA-256 of the whole data file.
         num_bytes: Size of the data file in bytes.
+        input_sha256: Hex SHA-256 of the input shard the rows were computed from, as the
+            dataset read it (file-backed datasets: ids and input columns); None when the
+            dataset computes no digest. A reader that joins inputs checks it.
 
     The sidecar JSON also holds ``vocab_size`` (V) and, for sparse entries,
     ``num_entries`` (E, kept ids stored) and ``num_slots`` (S); readers ignore keys they
@@ -332,9 +335,13 @@ class ShardRecord:
     max_sample_id: int
     sha256: str
     num_bytes: int
+    input_sha256: str | None = None
 
     def to_json(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        out = dataclasses.asdict(self)
+        if out["input_sha256"] is None:
+            del out["input_sha256"]  # records of datasets without a digest stay as before
+        return out
 
     @classmethod
     def from_json(cls, obj: dict[str, Any], where: str = "sidecar") -> ShardRecord:
@@ -346,8 +353,11 @@ class ShardRecord:
             CacheCorruptError: a field is missing or wrong (names the file and the field).
         """
         try:
-            values = {f.name: obj[f.name] for f in dataclasses.fields(cls)}
-        except (KeyError, TypeError) as exc:
+            values: dict[str, Any] = {
+                f.name: obj[f.name] if f.default is dataclasses.MISSING else obj.get(f.name)
+                for f in dataclasses.fields(cls)
+            }
+        except (KeyError, TypeError, AttributeError) as exc:
             raise CacheCorruptError(f"{where}: shard record lacks {exc}") from None
         for name in ("index", "num_rows", "num_bytes", "min_sample_id", "max_sample_id"):
             v = values[name]
@@ -359,6 +369,10 @@ class ShardRecord:
         sha = values["sha256"]
         if not isinstance(sha, str) or len(sha) != 64 or any(c not in _HEX for c in sha):
             raise CacheCorruptError(f"{where}: sha256 must be 64 hex digits, got {sha!r}")
+        if values["input_sha256"] is not None and not is_sha256(values["input_sha256"]):
+            raise CacheCorruptError(
+                f"{where}: input_sha256 must be 64 hex digits, got {values['input_sha256']!r}"
+            )
         name = values["file"]
         if (
             not isinstance(name, str)

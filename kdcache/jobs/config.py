@@ -324,20 +324,141 @@ def load(cls: type[T], path: str, overrides: list[str] | None = None) -> T:
 
 
 @config_dataclass
-class DatasetConfig:
-    """Where the input records come from.
+class TransformConfig:
+    """A named preprocessing step (:class:`kdcache.data.transforms.Transform`): the callable
+    ``fn(inputs [B, ...], **kwargs) -> [B, ...]`` at import path ``fn``, run on the worker
+    that reads the data; its path, kwargs and source are part of the dataset fingerprint."""
 
-    Attributes:
-        factory: Import path of a function returning a :class:`kdcache.ShardedDataset`.
-        kwargs: Keyword arguments for it.
-    """
-
-    factory: str
+    fn: str
     kwargs: dict[str, Any] = dataclasses.field(default_factory=dict)
 
     def build(self) -> Any:
+        from kdcache.data.transforms import Transform
+
+        return Transform(self.fn, dict(self.kwargs))
+
+
+#: The file formats a :class:`DatasetConfig` names (see :func:`kdcache.data.files.open_dataset`).
+DATASET_FORMATS = ("auto", "parquet", "arrow", "hf")
+
+
+@config_dataclass
+class DatasetConfig:
+    """Where the input records come from: files named by path and columns (read lazily on
+    the workers that use them), or a Python factory.
+
+    Example (YAML)::
+
+        dataset:
+          path: data/train.parquet        # a file, a directory, or s3://bucket/prefix
+          id_column: sample_id
+          input_columns: image
+          input_shape: [28, 28]
+          label_column: label
+          transform: {fn: "mypkg.prep:normalise", kwargs: {mean: 0.286}}
+
+    Attributes:
+        path: A Parquet file or directory, an Arrow IPC file, or a Hugging Face
+            ``save_to_disk`` directory; local, ``file://`` or a store URI (``s3://...``).
+        format: One of :data:`DATASET_FORMATS` (``auto``: by extension and contents).
+        id_column: The int64 id column; None derives ids from (file, row), which changes
+            when files are added or reordered (see ``docs/datasets.md``).
+        input_columns: The column(s) the teachers and the student consume.
+        input_shape: Reshape each row's input to this shape (e.g. ``[28, 28]``).
+        label_column: The int64 label column (-100: no label), if any.
+        transform: Preprocessing steps, applied in order on the reading worker.
+        rows_per_shard: Target rows per shard (shards are runs of row groups or record
+            batches); None: the dataset's default.
+        factory: Instead of ``path``: import path of a function returning a
+            :class:`kdcache.ShardedDataset`. kwargs: its keyword arguments.
+
+    Raises:
+        ConfigError: neither or both of ``path`` and ``factory``; file options beside a
+            factory; an unknown format.
+    """
+
+    path: str | None = None
+    format: str = "auto"
+    id_column: str | None = None
+    input_columns: str | list[str] | None = None
+    input_shape: list[int] | None = None
+    label_column: str | None = None
+    transform: TransformConfig | list[TransformConfig] | None = None
+    rows_per_shard: int | None = None
+    factory: str | None = None
+    kwargs: dict[str, Any] = dataclasses.field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if (self.path is None) == (self.factory is None):
+            raise ConfigError(
+                "dataset: give path (files, read where they are used) or factory (a Python "
+                f"function returning a ShardedDataset), not {'both' if self.path else 'neither'}"
+            )
+        if self.format not in DATASET_FORMATS:
+            raise ConfigError(
+                f"dataset.format must be one of {DATASET_FORMATS}, got {self.format!r}"
+            )
+        if self.factory is not None:
+            given = [
+                name
+                for name in (
+                    "id_column",
+                    "input_columns",
+                    "input_shape",
+                    "label_column",
+                    "transform",
+                    "rows_per_shard",
+                )
+                if getattr(self, name) is not None
+            ]
+            if given or self.format != "auto":
+                raise ConfigError(
+                    f"dataset: {', '.join(given or ['format'])} apply to a dataset given by path, "
+                    "not by factory; pass them to the factory in kwargs"
+                )
+        else:
+            if self.kwargs:
+                raise ConfigError(
+                    "dataset.kwargs apply to a factory; a path takes its options as keys"
+                )
+            if self.input_columns is None:
+                raise ConfigError(
+                    f"dataset {self.path!r}: input_columns is required (the column(s) the "
+                    "teachers and the student consume)"
+                )
+            if self.rows_per_shard is not None and self.rows_per_shard < 1:
+                raise ConfigError(f"dataset.rows_per_shard must be >= 1, got {self.rows_per_shard}")
+
+    def transforms(self) -> list[Any] | None:
+        """The :class:`kdcache.data.transforms.Transform` steps, or None."""
+        if self.transform is None:
+            return None
+        steps = self.transform if isinstance(self.transform, list) else [self.transform]
+        return [t.build() for t in steps]
+
+    def build(self) -> Any:
+        """The dataset: a file-backed plan (nothing read but metadata) or the factory's.
+
+        Raises:
+            ConfigError: the factory fails or returns no ShardedDataset.
+            DataError: the files cannot be planned (missing, empty, wrong columns).
+        """
         from kdcache.data.base import ShardedDataset
 
+        if self.path is not None:
+            from kdcache.data.files import open_dataset
+
+            return open_dataset(
+                self.path,
+                format=self.format,
+                id_column=self.id_column,
+                input_columns=self.input_columns,
+                input_shape=None if self.input_shape is None else tuple(self.input_shape),
+                label_column=self.label_column,
+                transform=self.transforms(),
+                rows_per_shard=self.rows_per_shard,
+            )
+        assert self.factory is not None
         ds = call_factory(import_object(self.factory), self.kwargs, f"dataset {self.factory!r}")
         if not isinstance(ds, ShardedDataset):
             raise ConfigError(

@@ -160,6 +160,18 @@ class CacheEntry:
     def shards(self) -> list[ShardRecord]:
         return [ShardRecord.from_json(s) for s in self.manifest["shards"]]
 
+    def shard_record(self, index: int) -> ShardRecord:
+        """The manifest's commit record of shard ``index`` (only that one is parsed).
+
+        Raises:
+            IndexError: no such shard.
+            CacheCorruptError: the record is malformed.
+        """
+        records = self.manifest["shards"]
+        if not 0 <= index < len(records):
+            raise IndexError(f"entry {self.key} has {len(records)} shards, no shard {index}")
+        return ShardRecord.from_json(records[index], f"{self.key} manifest, shard {index}")
+
     @property
     def num_shards(self) -> int:
         return len(self.manifest["shards"])
@@ -340,6 +352,8 @@ class CacheEntry:
         backend = get_backend(spec.backend)
         stem = schema.shard_stem(index)
         where = f"{self.key}/{stem}"
+        if input_sha256 is not None and not schema.is_sha256(input_sha256):
+            raise ConfigError(f"{where}: input_sha256 must be 64 hex digits, got {input_sha256!r}")
         ids = np.ascontiguousarray(np.asarray(sample_ids_N), dtype=np.int64)
         if ids.ndim != 1:
             raise TeacherOutputError(f"{where}: sample_ids must have shape [N], got {ids.shape}")
@@ -369,13 +383,8 @@ class CacheEntry:
             max_sample_id=int(ids.max()) if len(ids) else -1,
             sha256=sha256_hex(data),
             num_bytes=len(data),
+            input_sha256=input_sha256,
         )
-        if input_sha256 is not None:
-            if not schema.is_sha256(input_sha256):
-                raise ConfigError(
-                    f"{where}: input_sha256 must be 64 hex digits, got {input_sha256!r}"
-                )
-            extra["input_sha256"] = input_sha256
         record = {**rec.to_json(), **extra}
         self.shards_location.write_atomic(stem + ".json", _dumps(record))
         return rec

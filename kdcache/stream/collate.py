@@ -39,7 +39,7 @@ from kdcache.data.base import ShardedDataset
 from kdcache.data.tokens import pad_batch, target_positions
 from kdcache.losses import IGNORE_INDEX
 from kdcache.stores.view import EnsembleView
-from kdcache.stream.join import TokenShard, input_order, read_token_shard
+from kdcache.stream.join import TokenShard, input_order, read_inputs, read_token_shard
 from kdcache.targets.sparse import PAD_ID, SparseTargets, concat_sparse
 
 
@@ -119,7 +119,7 @@ class DenseLayout(RecordLayout):
         self.view, self.temperature, self.verify = view, float(temperature), verify
 
     def _joined(self, shard: int) -> tuple[dict[str, np.ndarray], np.ndarray]:
-        inputs = self.dataset.read_shard(shard)
+        inputs = read_inputs(self.view, self.dataset, shard, verify=self.verify)
         ids, scaled_KNV = self.view.read_shard(shard, verify=self.verify)
         perm = input_order(ids, inputs["sample_id"], f"shard {shard}")
         return inputs, scaled_KNV if perm is None else scaled_KNV[:, perm]
@@ -171,7 +171,7 @@ class SparseLayout:
         self.verify, self.combine = verify, combine
 
     def load(self, shard: int) -> tuple[dict[str, np.ndarray], list[SparseTargets]]:
-        inputs = self.dataset.read_shard(shard)
+        inputs = read_inputs(self.view, self.dataset, shard, verify=self.verify)
         ids, per_teacher = self.view.read_sparse_shard(shard, verify=self.verify)
         perm = input_order(ids, inputs["sample_id"], f"shard {shard}")
         if perm is not None:

@@ -19,9 +19,14 @@ from typing import Any
 import numpy as np
 
 from kdcache import schema
-from kdcache.data.base import ShardedDataset, dataset_layout
+from kdcache.data.base import ShardedDataset, dataset_layout, read_shard_checked
 from kdcache.data.tokens import target_positions
-from kdcache.errors import ConfigError, SampleIdMismatchError, SpecMismatchError
+from kdcache.errors import (
+    ConfigError,
+    InputChangedError,
+    SampleIdMismatchError,
+    SpecMismatchError,
+)
 from kdcache.stores.codec import columns_to_dense, columns_to_sparse
 from kdcache.stores.entry import CacheEntry
 from kdcache.stores.view import EnsembleView, as_view
@@ -67,6 +72,45 @@ def check_same_dataset(view: EnsembleView, dataset: ShardedDataset) -> None:
         f"{_digest(a)}, this dataset's is {_digest(b)} ({where}); build the cache for this "
         "dataset, or pass the dataset it was built from"
     )
+
+
+def read_inputs(
+    view: EnsembleView, dataset: ShardedDataset, index: int, *, verify: bool = True
+) -> dict[str, np.ndarray]:
+    """Read input shard ``index`` for joining to the cache, checked against what the
+    teachers saw.
+
+    When the teacher stage recorded the input shard's digest (file-backed datasets:
+    ``input_sha256`` in each shard's commit record) and ``verify`` is on, the shard is
+    read with its digest (:func:`kdcache.data.base.read_shard_checked`) and compared with
+    every entry's record, so that soft targets are never joined to inputs that changed
+    after the cache was built (same ids, other pixels).
+
+    Returns:
+        The shard, as ``dataset.read_shard(index)`` returns it.
+
+    Raises:
+        InputChangedError: the digest differs from an entry's record (names the shard,
+            the teacher and both digests, and what to do).
+    """
+    recorded: list[tuple[CacheEntry, str]] = []
+    if verify:
+        for e in view.entries:
+            rec = e.shard_record(index)
+            if rec.input_sha256 is not None:
+                recorded.append((e, rec.input_sha256))
+    if not recorded:
+        return dataset.read_shard(index)
+    shard, digest = read_shard_checked(dataset, index)
+    for e, want in recorded:
+        if digest is not None and digest != want:
+            raise InputChangedError(
+                f"input shard {index} is not the one teacher {e.teacher_name!r} saw when "
+                f"cache {e.key} was built: its content digest is {digest[:12]}, the cache "
+                f"recorded {want[:12]}; the input files changed since the build. Restore "
+                "them, or rebuild the cache over the new files (a new key)"
+            )
+    return shard
 
 
 def input_order(cache_ids_n: np.ndarray, input_ids_n: np.ndarray, where: str) -> np.ndarray | None:
