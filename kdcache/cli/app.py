@@ -1,6 +1,7 @@
 """kdcache: offline knowledge distillation through a cache of teacher soft targets.
 
     kdcache demo fashion-mnist|fortunes-lm [OPTIONS]   an end-to-end job on real data
+    kdcache plan CONFIG [key=value ...]    shards, cache bytes, teacher time and memory
     kdcache build CONFIG [key=value ...]   the teacher stage (Ray), from a config file
     kdcache train CONFIG [key=value ...]   the student stage (DeepSpeed), from a config
     kdcache sweep CONFIG [key=value ...]   many students from one cache, as Ray Tune trials
@@ -35,6 +36,7 @@ from kdcache.errors import KDCacheError
 #: forwards them to the job).
 COMMAND_MODULES = (
     "kdcache.cli.demo",
+    "kdcache.cli.plan",
     "kdcache.cli.build",
     "kdcache.cli.train",
     "kdcache.cli.sweep",

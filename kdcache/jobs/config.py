@@ -367,6 +367,9 @@ class DatasetConfig:
         input_shape: Reshape each row's input to this shape (e.g. ``[28, 28]``).
         label_column: The int64 label column (-100: no label), if any.
         transform: Preprocessing steps, applied in order on the reading worker.
+        label_transform: ``fn(labels_B, sample_ids_B, **kwargs) -> labels_B`` (int64,
+            -100 = no label), e.g. to keep a labelled subset; labels are not part of any
+            fingerprint, so it never changes a cache key.
         rows_per_shard: Target rows per shard (shards are runs of row groups or record
             batches); None: the dataset's default.
         factory: Instead of ``path``: import path of a function returning a
@@ -384,6 +387,7 @@ class DatasetConfig:
     input_shape: list[int] | None = None
     label_column: str | None = None
     transform: TransformConfig | list[TransformConfig] | None = None
+    label_transform: TransformConfig | None = None
     rows_per_shard: int | None = None
     factory: str | None = None
     kwargs: dict[str, Any] = dataclasses.field(default_factory=dict)
@@ -407,6 +411,7 @@ class DatasetConfig:
                     "input_shape",
                     "label_column",
                     "transform",
+                    "label_transform",
                     "rows_per_shard",
                 )
                 if getattr(self, name) is not None
@@ -456,6 +461,9 @@ class DatasetConfig:
                 input_shape=None if self.input_shape is None else tuple(self.input_shape),
                 label_column=self.label_column,
                 transform=self.transforms(),
+                label_transform=None
+                if self.label_transform is None
+                else self.label_transform.build(),
                 rows_per_shard=self.rows_per_shard,
             )
         assert self.factory is not None
