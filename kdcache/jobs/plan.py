@@ -301,7 +301,7 @@ def format_plan(plan: Plan) -> str:
         )
     lines += _table(rows)
     lines += ["", f"teachers (calibration: {plan.calibration_rows} rows of shard 0):"]
-    rows = [("teacher", "params", "V", "us/row", "stage, 1 actor", "actors", "peak/actor")]  # noqa: E501
+    rows = [("teacher", "params", "V", "us/row", "stage, 1 actor", "actors", "peak/actor")]
     for c in plan.teachers:
         stage = _duration(c.stage_seconds)
         if c.num_actors:
