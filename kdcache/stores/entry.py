@@ -160,18 +160,6 @@ class CacheEntry:
     def shards(self) -> list[ShardRecord]:
         return [ShardRecord.from_json(s) for s in self.manifest["shards"]]
 
-    def shard_record(self, index: int) -> ShardRecord:
-        """The manifest's commit record of shard ``index`` (only that one is parsed).
-
-        Raises:
-            IndexError: no such shard.
-            CacheCorruptError: the record is malformed.
-        """
-        records = self.manifest["shards"]
-        if not 0 <= index < len(records):
-            raise IndexError(f"entry {self.key} has {len(records)} shards, no shard {index}")
-        return ShardRecord.from_json(records[index], f"{self.key} manifest, shard {index}")
-
     @property
     def num_shards(self) -> int:
         return len(self.manifest["shards"])
@@ -292,10 +280,16 @@ class CacheEntry:
         )
 
     def manifest_record(self, index: int) -> ShardRecord:
+        """The manifest's commit record of shard ``index`` (only that one is parsed).
+
+        Raises:
+            IndexError: no such shard.
+            CacheCorruptError: the record is malformed (names the entry and shard).
+        """
         shards = self.manifest["shards"]
         if not 0 <= index < len(shards):
             raise IndexError(f"shard {index} out of range: entry has {len(shards)} shards")
-        return ShardRecord.from_json(shards[index])
+        return ShardRecord.from_json(shards[index], f"{self.key} manifest, shard {index}")
 
     # -- writing (the commit protocol) -----------------------------------------------------
     def write_spec(self, spec: dict[str, Any]) -> None:
@@ -389,6 +383,50 @@ class CacheEntry:
         self.shards_location.write_atomic(stem + ".json", _dumps(record))
         return rec
 
+    def _check_ids_across_shards(self, records: list[ShardRecord]) -> None:
+        """Refuse a sample_id held by two shards, before the manifest is written.
+
+        Shards whose id ranges (``min_sample_id``..``max_sample_id``) overlap no other are
+        cleared from their records alone (the common case: sequential ids); only shards
+        whose ranges overlap are read (their id columns), and checked exactly.
+
+        Raises:
+            SampleIdMismatchError: names the id and the two shards.
+        """
+        spans = sorted((r.min_sample_id, r.max_sample_id, r.index) for r in records if r.num_rows)
+        suspects: set[int] = set()
+        reach, reach_index = None, -1
+        for lo, hi, index in spans:
+            if reach is not None and lo <= reach:
+                suspects.update((index, reach_index))
+            if reach is None or hi > reach:
+                reach, reach_index = hi, index
+        if not suspects:
+            return
+        by_index = {r.index: r for r in records}
+        backend = get_backend(self.target_spec.backend)
+        ids, owner = [], []
+        for index in sorted(suspects):
+            rec = by_index[index]
+            where = self.shards_location.display(rec.file)
+            cols = backend.decode(self.shards_location.read_bytes(rec.file), where)
+            shard_ids = np.unique(np.asarray(cols.sample_ids_N, dtype=np.int64))
+            ids.append(shard_ids)
+            owner.append(np.full(len(shard_ids), index, dtype=np.int64))
+        all_ids, all_owner = np.concatenate(ids), np.concatenate(owner)
+        order = np.argsort(all_ids, kind="stable")
+        sorted_ids = all_ids[order]
+        dup = np.flatnonzero(sorted_ids[1:] == sorted_ids[:-1])
+        if len(dup):
+            d = int(dup[0])
+            a, b = sorted(int(all_owner[order[j]]) for j in (d, d + 1))
+            raise SampleIdMismatchError(
+                f"{self.location.uri}: sample_id {int(sorted_ids[d])} is in shard {a} and in "
+                f"shard {b} ({len(dup)} id(s) in more than one shard): the dataset's shards "
+                "overlap, so a join by sample_id would be ambiguous. Nothing was committed; "
+                "give every record a unique id (see docs/datasets.md) and rebuild"
+            )
+
     def invalidate_shard(self, index: int) -> None:
         """Uncommit shard ``index``: remove its sidecar, then the entry's manifest, so the
         entry reads as incomplete and a rerun of its build recomputes that shard only."""
@@ -443,7 +481,9 @@ class CacheEntry:
 
         Raises:
             CacheIncompleteError: a shard has no valid sidecar.
-            SampleIdMismatchError: sample_id ranges of two shards overlap.
+            SampleIdMismatchError: a sample_id is in two shards (the dataset's shards
+                overlap); nothing is committed, and the message names both shards.
+            CacheCorruptError: the shards disagree on V.
         """
         records: list[ShardRecord] = []
         vocab_sizes = set()
@@ -457,6 +497,7 @@ class CacheEntry:
             raise CacheCorruptError(
                 f"{self.location.uri}: shards disagree on V: {sorted(vocab_sizes)}"
             )
+        self._check_ids_across_shards(records)
         manifest = {
             "format_version": schema.FORMAT_VERSION,
             "key": self.key,

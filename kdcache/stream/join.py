@@ -96,7 +96,7 @@ def read_inputs(
     recorded: list[tuple[CacheEntry, str]] = []
     if verify:
         for e in view.entries:
-            rec = e.shard_record(index)
+            rec = e.manifest_record(index)
             if rec.input_sha256 is not None:
                 recorded.append((e, rec.input_sha256))
     if not recorded:

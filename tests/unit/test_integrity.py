@@ -9,6 +9,7 @@ import os
 import threading
 import time
 
+import numpy as np
 import pytest
 
 import kdcache
@@ -308,3 +309,43 @@ def test_an_alias_that_cannot_be_one_is_refused_before_the_build():
     for bad in ("bad/alias", "0" * 32):
         with pytest.raises(kdcache.errors.ConfigError, match="alias"):
             from_dict(BuildConfig, {**base, "alias": bad})
+
+
+def test_ids_duplicated_across_shards_are_refused_before_the_commit(root):
+    """Two shards holding one sample_id: the manifest is never written (only verify found
+    it before); disjoint and interleaved-but-unique ids still commit."""
+    from kdcache.data.base import ArrayDataset
+    from kdcache.errors import SampleIdMismatchError
+
+    rng = np.random.default_rng(0)
+    inputs = rng.standard_normal((40, 8)).astype(np.float32)
+    ids = np.arange(40)
+    interleaved = ArrayDataset(np.concatenate([ids[::2], ids[1::2]]), inputs, num_shards=2)
+    entry = kdcache.build_cache(
+        interleaved,
+        linear_teacher(),
+        temperature=2.0,
+        root=root,
+        executor="local",
+        progress=False,
+    )
+    assert entry.is_complete  # overlapping ranges, unique ids: read and accepted
+
+    class Overlapping(ArrayDataset):
+        def __post_init__(self) -> None:  # skip the dataset's own uniqueness check
+            self.sample_ids = np.asarray(self.sample_ids, dtype=np.int64)
+            self._bounds = np.array([0, 20, 40])
+
+    dup = ids.copy()
+    dup[25] = 7  # shard 1 repeats an id of shard 0
+    bad = Overlapping(dup, inputs, num_shards=2)
+    with pytest.raises(SampleIdMismatchError, match=r"sample_id 7 is in shard 0 and in shard 1"):
+        kdcache.build_cache(
+            bad, linear_teacher(), temperature=2.0, root=root, executor="local", progress=False
+        )
+    key = schema.content_key(
+        schema.entry_spec(
+            bad.fingerprint(), linear_teacher().fingerprint(), schema.TargetSpec(temperature=2.0)
+        )
+    )
+    assert not CacheEntry(root, key).is_complete  # no manifest
