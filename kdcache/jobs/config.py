@@ -477,8 +477,48 @@ class DatasetConfig:
 
 
 @config_dataclass
+class ResourcesConfig:
+    """What one teacher's Ray actors need (:class:`kdcache.teachers.TeacherResources`):
+    a teacher with resources gets an actor pool of its own; teachers naming the same
+    ``group`` share one. Unset fields fall back to ``executor``'s. Never part of a key.
+
+    Attributes:
+        num_actors: Actors of the pool (None: a share of the cluster).
+        cpus_per_actor: Ray ``num_cpus`` (and torch threads) per actor.
+        gpus_per_actor: Ray ``num_gpus`` per actor (fractions share a GPU).
+        memory_bytes: Ray ``memory`` reservation per actor, in bytes.
+        group: Pool shared by the teachers that name it.
+    """
+
+    num_actors: int | None = None
+    cpus_per_actor: float | None = None
+    gpus_per_actor: float | None = None
+    memory_bytes: int | None = None
+    group: str | None = None
+
+    def build(self) -> Any:
+        from kdcache.teachers.spec import TeacherResources
+
+        return TeacherResources(
+            num_actors=self.num_actors,
+            cpus_per_actor=self.cpus_per_actor,
+            gpus_per_actor=self.gpus_per_actor,
+            memory_bytes=self.memory_bytes,
+            group=self.group,
+        )
+
+
+#: The tasks of a Hugging Face teacher (``TeacherConfig.hf``).
+HF_TEACHER_TASKS = ("sequence-classification", "causal-lm")
+
+
+@config_dataclass
 class TeacherConfig:
-    """One teacher: a factory plus a checkpoint, or a TorchScript file.
+    """One teacher, described (a :class:`kdcache.teachers.TeacherSpec`): the driver
+    fingerprints its files and never loads its weights; each actor loads it where it runs.
+
+    Give one of: ``factory`` and ``checkpoint``; ``torchscript``; ``hf`` (a local
+    Hugging Face directory); or ``factory`` and ``version`` (a teacher built in code).
 
     Attributes:
         name: Unique name (reports, manifests).
@@ -486,6 +526,11 @@ class TeacherConfig:
         kwargs: Architecture config passed to the factory (part of the fingerprint).
         checkpoint: safetensors or torch state-dict file (loaded with weights_only=True).
         torchscript: A TorchScript archive, instead of factory + checkpoint.
+        hf: A directory written by ``save_pretrained`` (weights, config, tokenizer).
+        task: ``hf`` only: ``sequence-classification`` or ``causal-lm``.
+        version: A factory without a checkpoint: what tells two versions of its code
+            apart (part of the fingerprint).
+        resources: What its actors need (:class:`ResourcesConfig`); None: the shared pool.
     """
 
     name: str
@@ -493,28 +538,54 @@ class TeacherConfig:
     kwargs: dict[str, Any] = dataclasses.field(default_factory=dict)
     checkpoint: str | None = None
     torchscript: str | None = None
+    hf: str | None = None
+    task: str = "sequence-classification"
+    version: str | int | None = None
+    resources: ResourcesConfig | None = None
 
     def __post_init__(self) -> None:
-        if self.torchscript is None and (self.factory is None or self.checkpoint is None):
-            raise ConfigError(
-                f"teacher {self.name!r}: give either torchscript, or factory and checkpoint"
+        sources = [
+            k
+            for k, given in (
+                ("checkpoint", self.checkpoint is not None),
+                ("torchscript", self.torchscript is not None),
+                ("hf", self.hf is not None),
+                ("version", self.version is not None),
             )
-        if self.torchscript is not None and self.factory is not None:
-            raise ConfigError(f"teacher {self.name!r}: give torchscript or factory, not both")
+            if given
+        ]
+        if len(sources) != 1 or ((self.factory is None) != (sources[0] in ("torchscript", "hf"))):
+            raise ConfigError(
+                f"teacher {self.name!r}: give one of factory + checkpoint, torchscript, hf "
+                f"(a Hugging Face directory), or factory + version; got "
+                f"{', '.join(['factory'] * (self.factory is not None) + sources) or 'none'}"
+            )
+        if self.task not in HF_TEACHER_TASKS:
+            raise ConfigError(f"teacher {self.name!r}: task must be one of {HF_TEACHER_TASKS}")
 
     def build(self) -> Any:
-        from kdcache.teachers.teacher import Teacher
+        """The teacher's :class:`kdcache.teachers.TeacherSpec` (files checked, none loaded).
 
+        Raises:
+            DataFileNotFoundError: a file it names does not exist.
+            ConfigError: the factory cannot be imported.
+        """
+        from kdcache.teachers.spec import TeacherSpec
+
+        resources = None if self.resources is None else self.resources.build()
         if self.torchscript is not None:
-            return Teacher.from_torchscript(self.torchscript, name=self.name, config=self.kwargs)
-        assert self.factory is not None and self.checkpoint is not None
-        factory = import_object(self.factory)
-        what = f"teacher {self.name!r} (factory {self.factory!r})"
-        return Teacher.from_checkpoint(
-            lambda **kw: call_factory(factory, kw, what),
-            self.checkpoint,
-            name=self.name,
-            config=self.kwargs,
+            return TeacherSpec.torchscript(
+                self.name, self.torchscript, config=self.kwargs, resources=resources
+            )
+        if self.hf is not None:
+            return TeacherSpec.hf(self.name, self.hf, task=self.task, resources=resources)
+        assert self.factory is not None
+        if self.checkpoint is not None:
+            return TeacherSpec.checkpoint(
+                self.name, self.factory, self.checkpoint, kwargs=self.kwargs, resources=resources
+            )
+        return TeacherSpec.factory(
+            self.name, self.factory, kwargs=self.kwargs, version=self.version, resources=resources
         )
 
 

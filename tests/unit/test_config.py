@@ -143,7 +143,9 @@ def test_post_init_errors_stay_config_errors():
         with pytest.raises(ConfigError, match=message) as info:
             cfg.from_dict(cfg.TrainConfig, cfg.apply_overrides(TRAIN, overrides))
         assert type(info.value) is ConfigError
-    with pytest.raises(ConfigError, match=r"^teachers.0: teacher 'a': give either torchscript"):
+    with pytest.raises(
+        ConfigError, match=r"^teachers.0: teacher 'a': give one of factory \+ checkpoint, torchscript"
+    ):
         cfg.from_dict(cfg.BuildConfig, {**BASE, "teachers": [{"name": "a"}]})
 
 
@@ -210,8 +212,21 @@ def test_missing_required_and_teacher_sources():
     with pytest.raises(ConfigError, match="missing required key 'dataset'"):
         cfg.from_dict(cfg.BuildConfig, {"root": "r", "teachers": []})
     bad = {**BASE, "teachers": [{"name": "a", "factory": "m:f"}]}
-    with pytest.raises(ConfigError, match="give either torchscript, or factory and checkpoint"):
+    with pytest.raises(ConfigError, match=r"give one of factory \+ checkpoint.*got factory$"):
         cfg.from_dict(cfg.BuildConfig, bad)
+    for teacher, got in (
+        ({"torchscript": "a.pt", "hf": "dir"}, "torchscript, hf"),
+        ({"factory": "m:f", "hf": "dir"}, "factory, hf"),
+        ({"factory": "m:f", "checkpoint": "a", "version": 1}, "factory, checkpoint, version"),
+    ):
+        with pytest.raises(ConfigError, match=f"got {got}$"):
+            cfg.from_dict(cfg.BuildConfig, {**BASE, "teachers": [{"name": "a", **teacher}]})
+    ok = cfg.from_dict(
+        cfg.BuildConfig,
+        {**BASE, "teachers": [{"name": "a", "factory": "m:f", "version": 2,
+                               "resources": {"gpus_per_actor": 1, "group": "big"}}]},
+    )  # fmt: skip
+    assert ok.teachers[0].resources == cfg.ResourcesConfig(gpus_per_actor=1.0, group="big")
 
 
 def test_files_yaml_toml_json(tmp_path):
