@@ -144,7 +144,7 @@ def test_post_init_errors_stay_config_errors():
             cfg.from_dict(cfg.TrainConfig, cfg.apply_overrides(TRAIN, overrides))
         assert type(info.value) is ConfigError
     with pytest.raises(
-        ConfigError, match=r"^teachers.0: teacher 'a': give one of factory \+ checkpoint, torchscript"
+        ConfigError, match=r"^teachers.0: teacher 'a': give one of factory \+ checkpoint, torch"
     ):
         cfg.from_dict(cfg.BuildConfig, {**BASE, "teachers": [{"name": "a"}]})
 
