@@ -18,8 +18,10 @@ class BuildReport:
             were not complete; complete entries are reused whole and not counted here).
         num_samples: Samples run through teachers by this call (summed over teachers).
         wall_s: Wall time of the call, seconds.
-        per_actor: Samples, busy seconds and shards per worker (``"actor-<i>"`` on Ray,
-            ``"local"`` in-process).
+        per_actor: Samples, busy seconds and shard tasks per worker: on Ray
+            ``"<pool>/actor-<i>"``, where the pool is ``"default"`` (teachers without
+            resources), a group's name or a teacher's name (its own pool); ``"local"``
+            in-process. A shard task runs one pool's teachers on one shard.
     """
 
     hit: bool
@@ -34,7 +36,7 @@ class BuildReport:
         """Add one finished shard task to the totals.
 
         Args:
-            worker: Who ran it (``"actor-0"``, ``"local"``).
+            worker: Who ran it (``"default/actor-0"``, ``"local"``).
             stats: The task's ``{"samples": ..., "seconds": ...}``
                 (:func:`kdcache.build.task.compute_shard`).
         """

@@ -26,22 +26,26 @@ from kdcache.schema import TargetSpec
 from kdcache.stores.entry import CacheEntry
 from kdcache.stores.lease import Lease, _LeaseKeeper
 from kdcache.stores.view import EnsembleView
+from kdcache.teachers.spec import TeacherSpec
 from kdcache.teachers.teacher import Teacher, TeacherEnsemble
 
 log = logging.getLogger(__name__)
 
+#: What ``build_cache`` accepts as its teachers.
+Teachers = Teacher | TeacherSpec | TeacherEnsemble | Sequence[Teacher | TeacherSpec]
 
-def _as_ensemble(teachers: Teacher | TeacherEnsemble | Sequence[Teacher]) -> TeacherEnsemble:
+
+def _as_ensemble(teachers: Teachers) -> TeacherEnsemble:
     if isinstance(teachers, TeacherEnsemble):
         return teachers
-    if isinstance(teachers, Teacher):
+    if isinstance(teachers, Teacher | TeacherSpec):
         return TeacherEnsemble([teachers])
     return TeacherEnsemble(list(teachers))
 
 
 def build_cache(
     dataset: ShardedDataset,
-    teachers: Teacher | TeacherEnsemble | Sequence[Teacher],
+    teachers: Teachers,
     *,
     temperature: float,
     root: str,
@@ -62,7 +66,15 @@ def build_cache(
 
     Args:
         dataset: A :class:`kdcache.data.ShardedDataset` (picklable).
-        teachers: A teacher, a list of teachers, or a :class:`TeacherEnsemble`.
+        teachers: A teacher, a list of teachers, or a :class:`TeacherEnsemble`; each a
+            :class:`kdcache.Teacher` (in memory, shipped to each actor with its weights:
+            the path for small teachers) or a :class:`kdcache.teachers.TeacherSpec`
+            (described by its files and loaded on the actors, never here: the path for
+            large teachers), mixed freely. The key of a spec's entry comes from
+            ``spec.fingerprint()`` (a hash of its files), a Teacher's from
+            ``teacher.fingerprint()`` (a hash of its state dict). Teachers with
+            :class:`~kdcache.teachers.TeacherResources` run in actor pools of their own
+            on Ray (:mod:`kdcache.executors.pools`).
         temperature: tau > 0; entries store ``logits / tau`` and tau is in the key.
         root: Cache root: local path, ``file://`` or another pyarrow filesystem URI.
         storage_dtype: ``"float32"`` or ``"float16"`` (values out of range are refused).
@@ -72,8 +84,9 @@ def build_cache(
             without Ray), with default settings; an :class:`ExecutorConfig` (address,
             actors, CPUs and GPUs per actor, batch size, retries); or an
             :class:`~kdcache.executors.Executor`, which is used and left open (a
-            :class:`~kdcache.executors.RayExecutor` keeps its actors for the next
-            build). An executor made here from a name or a config is closed on return.
+            :class:`~kdcache.executors.RayExecutor` keeps its actors, and the teachers
+            they loaded from specs, for the next build). An executor made here from a
+            name or a config is closed on return.
             None of this changes the key or the bytes.
         lease_ttl_s: Seconds before a crashed job's lease can be taken over.
         progress: Show a progress bar.
@@ -96,7 +109,8 @@ def build_cache(
 
     Raises:
         ConfigError: bad temperature, dtype, backend, executor, kind or params; teachers
-            whose vocabularies or tokenizers differ (token datasets).
+            whose vocabularies or tokenizers differ (token datasets); teachers'
+            resources that do not form pools (a group whose members disagree).
         MissingDependencyError: a Ray executor without Ray installed (before anything is
             written).
         TeacherOutputError: a teacher returned NaN/inf or a wrong shape (names the
@@ -126,7 +140,7 @@ def build_cache(
 
 def _build(
     dataset: ShardedDataset,
-    teachers: Teacher | TeacherEnsemble | Sequence[Teacher],
+    teachers: Teachers,
     ex: Executor,
     *,
     temperature: float,
@@ -150,9 +164,11 @@ def _build(
     if dataset_layout(dataset) == "tokens":
         check_teacher_vocabularies(ensemble, dataset)
     dataset_fp = dataset.fingerprint()
+    # Once per teacher: a spec's fingerprint hashes its weight files (memoised per process).
+    teacher_fps = [teacher.fingerprint() for teacher in ensemble]
     entries = []
-    for teacher in ensemble:
-        material = schema.entry_spec(dataset_fp, teacher.fingerprint(), spec)
+    for teacher_fp in teacher_fps:
+        material = schema.entry_spec(dataset_fp, teacher_fp, spec)
         entry = CacheEntry(root, schema.content_key(material))
         entry.write_spec(material)
         entries.append(entry)
@@ -202,7 +218,13 @@ def _build(
             if building:
                 # Every shard of every entry being built is a candidate; the executor's base
                 # skips the (teacher, shard) pairs already committed.
-                context = TaskContext(dataset, ensemble.teachers, entries, batch_size)
+                context = TaskContext(
+                    dataset,
+                    ensemble.teachers,
+                    entries,
+                    batch_size,
+                    teacher_keys=[schema.content_key(fp) for fp in teacher_fps],
+                )
                 tasks = [(i, building) for i in range(dataset.num_shards)]
                 ex.run(context, tasks, report, progress=progress)
             info = {
@@ -214,11 +236,11 @@ def _build(
                 },
                 "build": {"executor": ex.name, "batch_size": batch_size},
             }
-            for teacher, entry in zip(ensemble, entries, strict=True):
+            for teacher, teacher_fp, entry in zip(ensemble, teacher_fps, entries, strict=True):
                 if not entry.is_complete:
                     entry.commit(
                         dataset.num_shards,
-                        {**info, "teacher_name": teacher.name, "teacher": teacher.fingerprint()},
+                        {**info, "teacher_name": teacher.name, "teacher": teacher_fp},
                     )
     finally:
         keeper.stop()

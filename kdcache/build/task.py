@@ -6,20 +6,31 @@ Shape legend: B batch, T tokens, V vocabulary, M rows (samples or target positio
 
 from __future__ import annotations
 
+import contextlib
 import time
-from collections.abc import Sequence
-from typing import Any
+from collections.abc import Generator, Sequence
+from typing import Any, cast
 
 import numpy as np
 import torch
 
 from kdcache import targets
-from kdcache.data.base import ShardedDataset, dataset_layout
+from kdcache.data.base import (
+    ShardedDataset,
+    dataset_layout,
+    open_shard,
+    prefetch,
+    read_shard_checked,
+)
 from kdcache.errors import ConfigError, TeacherOutputError
 from kdcache.schema import TargetSpec
 from kdcache.stores.entry import CacheEntry
 from kdcache.targets.sparse import MAX_LOGITS_PER_PASS, concat_sparse, sparsify
+from kdcache.teachers.spec import TeacherSpec
 from kdcache.teachers.teacher import Teacher, TeacherEnsemble
+
+#: Batches read ahead of the teachers' forward pass (:func:`kdcache.data.base.prefetch`).
+PREFETCH_DEPTH = 2
 
 
 def compute_shard(
@@ -34,64 +45,113 @@ def compute_shard(
     This is the unit of work of every executor. It is idempotent: rerunning it rewrites
     byte-identical files under the same names.
 
+    Records (``layout = "records"``): the shard is read once, batch by batch
+    (:func:`kdcache.data.base.open_shard`: a streaming dataset's own lazy reader, else
+    ``read_shard`` cut into batches of ``batch_size`` rows), on a background thread
+    :data:`PREFETCH_DEPTH` batches ahead (:func:`kdcache.data.base.prefetch`), so that
+    reading and decoding the next batch overlap the forward pass and at most that many
+    input batches are held. Every batch goes to each teacher in turn; each teacher's
+    scaled logits [B, V] (or its sparse targets) are kept per batch and written as its
+    output shard after the last batch, with the reader's digest of the input
+    (``input_sha256``, when the dataset computes one). Tokens (``layout = "tokens"``): the
+    whole shard is read once and each teacher runs over it in turn.
+
+    Args:
+        dataset: The input dataset.
+        teachers: Loaded teachers, aligned with ``entries``.
+        entries: The entry each teacher writes to.
+        shard_index: The input shard (and output shard) index.
+        batch_size: Rows (records) or at most sequences (tokens) per forward pass.
+
     Returns:
-        ``{"samples": rows x teachers, "seconds": wall time}``.
+        ``{"samples": rows x teachers, "seconds": wall time}`` (tokens: also
+        ``"tokens"``, target positions x teachers).
 
     Raises:
         TeacherOutputError: NaN/inf or wrong shape (fatal; names teacher and sample).
+        ConfigError: an empty shard for a sparse entry.
     """
     start = time.perf_counter()
-    shard = dataset.read_shard(shard_index)
-    ids = np.array(shard["sample_id"], dtype=np.int64)  # a writable copy
     if dataset_layout(dataset) == "tokens":
+        shard, digest = read_shard_checked(dataset, shard_index)
         num_rows = 0
         for teacher, entry in zip(teachers, entries, strict=True):
-            num_rows = _compute_token_shard(shard, teacher, entry, shard_index, batch_size)
+            num_rows = _compute_token_shard(
+                shard, teacher, entry, shard_index, batch_size, input_sha256=digest
+            )
         return {
-            "samples": float(len(ids) * len(teachers)),
+            "samples": float(len(shard["sample_id"]) * len(teachers)),
             "seconds": time.perf_counter() - start,
             "tokens": float(num_rows * len(teachers)),
         }
-    inputs = shard["inputs"]
-    labels = shard.get("labels")
-    for teacher, entry in zip(teachers, entries, strict=True):
-        spec = TargetSpec.from_json(entry.spec["targets"])
-        parts: list[Any] = []
-        width = 0
-        for lo in range(0, len(ids), batch_size):
-            batch_ids = ids[lo : lo + batch_size]
-            logits = teacher.logits(inputs[lo : lo + batch_size])
-            if logits.dim() != 2:
-                raise TeacherOutputError(
-                    f"teacher {teacher.name!r} returned {tuple(logits.shape)} for a dataset "
-                    "of whole samples; expected logits [B, V] (token models need a "
-                    "TokenDataset, see kdcache.data.tokens)"
-                )
-            targets.check_finite(
-                logits, teacher=teacher.name, sample_ids_B=torch.from_numpy(batch_ids)
-            )
-            scaled = targets.scale_logits(logits, spec.temperature)
-            width = int(scaled.shape[1])
-            if not spec.is_sparse:
-                parts.append(scaled.numpy())
-                continue
-            # Sparse kinds for classifiers with many classes: sparsified per batch, so no
-            # shard-sized [N, V] array is held; the label is kept when the spec asks.
-            batch_labels = None
-            if spec.param("labels") and labels is not None:
-                batch_labels = torch.from_numpy(np.asarray(labels[lo : lo + batch_size]))
-            parts.append(sparsify(scaled, spec, labels_M=batch_labels, row_sample_ids_M=batch_ids))
-        if spec.is_sparse:
-            if not parts:
-                raise ConfigError(f"shard {shard_index} is empty; a sparse entry needs rows")
-            entry.write_shard(shard_index, ids, concat_sparse(parts), vocab_size=width)
-        else:
-            values = np.concatenate(parts) if parts else np.zeros((0, 0), np.float32)
-            entry.write_shard(shard_index, ids, values)
+    outputs = [_RecordOutputs(t, e) for t, e in zip(teachers, entries, strict=True)]
+    reader = open_shard(dataset, shard_index, batch_size)
+    id_parts: list[np.ndarray] = []
+    # prefetch is a generator: closing it (also on an error) stops its reader thread.
+    ahead = cast("Generator[dict[str, Any], None, None]", prefetch(reader, depth=PREFETCH_DEPTH))
+    with contextlib.closing(ahead) as batches:
+        for batch in batches:
+            batch_ids = np.array(batch["sample_id"], dtype=np.int64)  # a writable copy
+            id_parts.append(batch_ids)
+            for out in outputs:
+                out.add(batch["inputs"], batch.get("labels"), batch_ids)
+    ids = np.concatenate(id_parts) if id_parts else np.zeros(0, np.int64)
+    for out in outputs:
+        out.write(shard_index, ids, input_sha256=reader.digest)
     return {"samples": float(len(ids) * len(teachers)), "seconds": time.perf_counter() - start}
 
 
-def _teacher_vocab(teacher: Teacher) -> int | None:
+class _RecordOutputs:
+    """One teacher's outputs over one shard of records, gathered batch by batch."""
+
+    def __init__(self, teacher: Teacher, entry: CacheEntry) -> None:
+        self.teacher = teacher
+        self.entry = entry
+        self.spec = TargetSpec.from_json(entry.spec["targets"])
+        self.parts: list[Any] = []
+        self.width = 0
+
+    def add(self, inputs: Any, labels: Any, batch_ids: np.ndarray) -> None:
+        """Run the teacher on one batch (inputs [B, ...], labels [B] or None, ids [B])."""
+        teacher, spec = self.teacher, self.spec
+        logits = teacher.logits(inputs)
+        if logits.dim() != 2:
+            raise TeacherOutputError(
+                f"teacher {teacher.name!r} returned {tuple(logits.shape)} for a dataset "
+                "of whole samples; expected logits [B, V] (token models need a "
+                "TokenDataset, see kdcache.data.tokens)"
+            )
+        targets.check_finite(logits, teacher=teacher.name, sample_ids_B=torch.from_numpy(batch_ids))
+        scaled = targets.scale_logits(logits, spec.temperature)
+        self.width = int(scaled.shape[1])
+        if not spec.is_sparse:
+            self.parts.append(scaled.numpy())
+            return
+        # Sparse kinds for classifiers with many classes: sparsified per batch, so no
+        # shard-sized [N, V] array is held; the label is kept when the spec asks.
+        batch_labels = None
+        if spec.param("labels") and labels is not None:
+            batch_labels = torch.from_numpy(np.asarray(labels))
+        self.parts.append(sparsify(scaled, spec, labels_M=batch_labels, row_sample_ids_M=batch_ids))
+
+    def write(self, shard_index: int, ids: np.ndarray, *, input_sha256: str | None) -> None:
+        """Commit the output shard (ids [N] int64, in input order)."""
+        if self.spec.is_sparse:
+            if not self.parts:
+                raise ConfigError(f"shard {shard_index} is empty; a sparse entry needs rows")
+            self.entry.write_shard(
+                shard_index,
+                ids,
+                concat_sparse(self.parts),
+                vocab_size=self.width,
+                input_sha256=input_sha256,
+            )
+        else:
+            values = np.concatenate(self.parts) if self.parts else np.zeros((0, 0), np.float32)
+            self.entry.write_shard(shard_index, ids, values, input_sha256=input_sha256)
+
+
+def _teacher_vocab(teacher: Teacher | TeacherSpec) -> int | None:
     v = teacher.config.get("vocab_size")
     return None if v is None else int(v)
 
@@ -102,6 +162,8 @@ def _compute_token_shard(
     entry: CacheEntry,
     shard_index: int,
     batch_size: int,
+    *,
+    input_sha256: str | None = None,
 ) -> int:
     """Token path of :func:`compute_shard`: per-position targets for one teacher.
 
@@ -179,7 +241,14 @@ def _compute_token_shard(
         values: Any = concat_sparse(outs)
     else:
         values = np.concatenate(outs) if outs else np.zeros((0, vocab or 0), np.float32)
-    entry.write_shard(shard_index, all_ids, values, vocab_size=vocab or width, positions_N=all_pos)
+    entry.write_shard(
+        shard_index,
+        all_ids,
+        values,
+        vocab_size=vocab or width,
+        positions_N=all_pos,
+        input_sha256=input_sha256,
+    )
     return len(all_ids)
 
 
@@ -187,6 +256,9 @@ def check_teacher_vocabularies(ensemble: TeacherEnsemble, dataset: Any) -> int |
     """Refuse teachers whose vocabularies (size or tokenizer files) differ from each other
     or from the token dataset's tokenizer (``preprocessing["tokenizer_sha256"]`` and
     ``["vocab_size"]``, when the dataset records them).
+
+    Teachers may be loaded :class:`Teacher` objects or :class:`TeacherSpec` objects (whose
+    ``config`` offers the same facts without loading the model).
 
     Returns:
         The shared vocabulary size, or None when no teacher declares one.

@@ -1,5 +1,6 @@
-"""Executors of the teacher stage: where the per-shard tasks run (this process, or Ray
-actors), behind one interface whose base class skips the work already committed.
+"""Executors of the teacher stage: where the per-shard tasks run (this process, or pools of
+Ray actors planned from the teachers' resources, :mod:`~kdcache.executors.pools`), behind
+one interface whose base class skips the work already committed.
 
 ``get_executor`` turns what ``build_cache(executor=...)`` accepts into an executor.
 """
@@ -7,9 +8,10 @@ actors), behind one interface whose base class skips the work already committed.
 from __future__ import annotations
 
 from kdcache.errors import ConfigError
-from kdcache.executors.base import Executor, ShardTask, TaskContext
+from kdcache.executors.base import Executor, LoadedTeachers, ShardTask, TaskContext
 from kdcache.executors.config import ExecutorConfig
 from kdcache.executors.local import LocalExecutor
+from kdcache.executors.pools import PoolPlan, plan_pools
 from kdcache.executors.ray import RayExecutor
 
 #: The built-in executors, by ``ExecutorConfig.kind``.
@@ -57,9 +59,12 @@ __all__ = [
     "EXECUTORS",
     "Executor",
     "ExecutorConfig",
+    "LoadedTeachers",
     "LocalExecutor",
+    "PoolPlan",
     "RayExecutor",
     "ShardTask",
     "TaskContext",
     "get_executor",
+    "plan_pools",
 ]

@@ -6,14 +6,29 @@ executor (the task is the same).
 
 from __future__ import annotations
 
+from typing import Any
+
 from kdcache.build.report import BuildReport
-from kdcache.executors.base import Executor, ShardTask, TaskContext, account, progress_bar
+from kdcache.executors.base import (
+    Executor,
+    LoadedTeachers,
+    ShardTask,
+    TaskContext,
+    account,
+    progress_bar,
+)
+from kdcache.executors.config import ExecutorConfig
 
 
 class LocalExecutor(Executor):
     """Runs the tasks in this process (``ExecutorConfig.kind == "local"``).
 
-    The config's Ray settings (address, actors, CPUs, GPUs, retries) do not apply.
+    The config's Ray settings (address, actors, CPUs, GPUs, retries) and the teachers'
+    :class:`~kdcache.teachers.TeacherResources` do not apply: every pool's teachers run
+    here, and each shard is read once for all of a task's teachers. Teacher specs are
+    loaded here on first use and kept for the next builds through this executor while
+    they are still used (:class:`~kdcache.executors.base.LoadedTeachers`); :meth:`close`
+    lets go of them. Workers are reported as ``"local"``.
 
     Example:
         >>> from kdcache.executors import ExecutorConfig, LocalExecutor
@@ -23,12 +38,21 @@ class LocalExecutor(Executor):
 
     name = "local"
 
+    def __init__(self, config: ExecutorConfig | None = None, **settings: Any) -> None:
+        super().__init__(config, **settings)
+        self.loaded = LoadedTeachers()
+
     def _run(
         self, context: TaskContext, tasks: list[ShardTask], report: BuildReport, *, progress: bool
     ) -> None:
+        self.loaded.retain(context.spec_keys())
         bar = progress_bar(len(tasks), progress)
         try:
             for task in tasks:
-                account(report, "local", context.compute(task), bar)
+                account(report, "local", context.compute(task, self.loaded), bar)
         finally:
             bar.close()
+
+    def close(self) -> None:
+        """Let go of the teachers loaded from specs."""
+        self.loaded.clear()

@@ -1,23 +1,46 @@
-"""The Ray executor: shard tasks run on a pool of Ray actors that the executor keeps.
+"""The Ray executor: shard tasks run on pools of Ray actors that the executor keeps.
 
 Ray is imported only here, and only when a :class:`RayExecutor` is made, so
 ``import kdcache`` works without it. The actor class is defined once, at module level;
-``ray.remote`` is applied to it on first use. One :class:`RayExecutor` keeps its actors
-(and the Ray it started or joined) between runs, so a second ``build_cache`` through the
-same object starts no new actors; each run ships that build's context (dataset, teachers,
-entries, batch size) to the actors once, through the object store.
+``ray.remote`` is applied to it on first use.
 
-Failures are sorted as in datatrove's Ray executor: an actor that died (a lost node, a
-killed process) is retriable, and its shard reruns on a fresh actor a bounded number of
-times (the shard's files are idempotent); a teacher error is fatal and stops the run at
-once.
+**Pools.** A build's teachers are split into actor pools by their resources
+(:func:`kdcache.executors.pools.plan_pools`): the teachers without resources share the
+default pool, sized by the :class:`ExecutorConfig`; a teacher with its own
+:class:`~kdcache.teachers.TeacherResources` (or a group of teachers) gets a pool whose
+actors ask Ray for those CPUs, GPUs and memory. Each pool is shipped a context with only
+its own teachers (specs, or small in-memory teachers) and the dataset, once per actor,
+through the object store; an actor loads its specs on first use and keeps them across
+builds while their fingerprint is the same.
+
+**Scheduling.** All pools run together, over the shards, in one ``ray.wait`` loop: each
+pool has its actors, its free list and its queue of (shard, the pool's teachers still to
+do on it). Each (teacher, shard) output commits on its own as its task ends, so a slow
+pool never holds back another's commits. A new actor is given tasks only once it is up
+(its :meth:`TeacherActor.info` answered), so an actor the cluster cannot place yet never
+holds a shard.
+
+**Failures** are sorted as in datatrove's Ray executor: an actor that died (a lost node,
+a killed process) is retriable, and its shard reruns on a fresh actor of the same pool a
+bounded number of times (the shard's files are idempotent); a teacher error is fatal and
+stops every pool at once (the busy actors are killed, so that nothing is written after
+the build has failed).
+
+**Kept actors.** One :class:`RayExecutor` keeps its actors (and the Ray it started or
+joined) between runs, by pool resources: a second ``build_cache`` through the same
+object with pools of the same resources starts no new actors. Kept actors that a run
+does not need (other resources, or more than it uses) are stopped at its start, so that
+they do not hold resources the run's pools need.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import time
 from collections import deque
+from collections.abc import Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -25,15 +48,28 @@ import torch
 from kdcache import quiet
 from kdcache.build.report import BuildReport
 from kdcache.errors import RetriableError, require
-from kdcache.executors.base import Executor, ShardTask, TaskContext, account, progress_bar
+from kdcache.executors.base import (
+    Executor,
+    LoadedTeachers,
+    ShardTask,
+    TaskContext,
+    account,
+    progress_bar,
+)
 from kdcache.executors.config import ExecutorConfig
+from kdcache.executors.pools import PoolPlan, plan_pools, pool_sizes, unplaceable
+from kdcache.teachers.teacher import Teacher
 
 log = logging.getLogger(__name__)
 
+#: Seconds without any answer after which the executor logs which pools still wait for
+#: an actor to be placed.
+WAIT_LOG_S = 60.0
+
 
 class TeacherActor:
-    """The body of one Ray actor: holds one build's teachers (co-located small models)
-    and runs that build's shard tasks.
+    """The body of one Ray actor: runs one pool's shard tasks and keeps the teachers it
+    loaded from specs between builds.
 
     Args:
         num_threads: torch CPU threads (the CPUs the actor requested, at least 1).
@@ -42,16 +78,38 @@ class TeacherActor:
 
     def __init__(self, num_threads: int, use_gpu: bool) -> None:
         torch.set_num_threads(num_threads)
-        self._use_gpu = use_gpu
+        self._use_gpu = use_gpu and torch.cuda.is_available()
         self._context: TaskContext | None = None
         self._context_key: str | None = None
+        self._loaded = LoadedTeachers("cuda" if self._use_gpu else None)
+
+    def info(self) -> dict[str, Any]:
+        """Who this actor is and what it holds (cheap; also the executor's "is it up").
+
+        Returns:
+            ``{"pid": int, "node_id": str, "teachers": [names loaded], "num_loads": int}``:
+            ``teachers`` lists the teachers loaded from specs (kept between builds) and
+            those of the current build's context; ``num_loads`` counts spec loads.
+        """
+        import ray
+
+        names = list(self._loaded.names)
+        if self._context is not None:
+            names += [t.name for t in self._context.teachers if isinstance(t, Teacher)]
+        return {
+            "pid": os.getpid(),
+            "node_id": str(ray.get_runtime_context().get_node_id()),
+            "teachers": names,
+            "num_loads": self._loaded.num_loads,
+        }
 
     def run(self, context_ref: list[Any], task: ShardTask) -> dict[str, float]:
         """Run one task of the build whose context is ``context_ref[0]``.
 
         The context is fetched from the object store on the first task of a build and
-        kept for the next ones. The reference comes wrapped in a list so that Ray passes
-        it as is, and the driver, which keeps it alive, stays its owner.
+        kept for the next ones; teachers loaded from specs that the new context no longer
+        has are let go. The reference comes wrapped in a list so that Ray passes it as
+        is, and the driver, which keeps it alive, stays its owner.
 
         Returns:
             The task's stats (:meth:`TaskContext.compute`).
@@ -65,15 +123,18 @@ class TeacherActor:
         if ref.hex() != self._context_key:
             self.release()
             context = ray.get(ref)
-            if self._use_gpu and torch.cuda.is_available():
+            self._loaded.retain(context.spec_keys())
+            if self._use_gpu:
                 for teacher in context.teachers:
-                    teacher.to("cuda")
+                    if isinstance(teacher, Teacher):
+                        teacher.to("cuda")
             self._context, self._context_key = context, ref.hex()
         assert self._context is not None
-        return self._context.compute(task)
+        return self._context.compute(task, self._loaded)
 
     def release(self) -> None:
-        """Drop the build's context (its teachers' weights), keeping the process."""
+        """Drop the build's context (its dataset and in-memory teachers), keeping the
+        process and the teachers loaded from specs."""
         self._context = None
         self._context_key = None
 
@@ -89,16 +150,40 @@ def _actor_class(ray: Any) -> Any:
     return _remote_actor_class
 
 
+@dataclass
+class _Slot:
+    """One kept actor: its handle, and whether it has answered (it is placed and up)."""
+
+    handle: Any
+    ready: bool = False
+
+
+@dataclass
+class _PoolRun:
+    """One pool during one run."""
+
+    plan: PoolPlan
+    slots: list[_Slot]  # the kept list, mutated in place
+    context_ref: list[Any]
+    queue: deque[tuple[ShardTask, int]]
+    free: list[int] = field(default_factory=list)
+
+    def worker(self, a: int) -> str:
+        return f"{self.plan.name}/actor-{a}"
+
+
 class RayExecutor(Executor):
-    """Runs the tasks on Ray actors (``ExecutorConfig.kind == "ray"``).
+    """Runs the tasks on pools of Ray actors (``ExecutorConfig.kind == "ray"``).
 
     Settings (:class:`ExecutorConfig`): ``address`` (None: ``RAY_ADDRESS`` or a new
-    local Ray), ``num_actors`` (default: one per ``cpus_per_actor`` CPUs of the cluster,
-    and no more than one per GPU share when ``gpus_per_actor > 0``; never more than the
-    run's shards), ``cpus_per_actor`` (also the actor's torch threads),
-    ``gpus_per_actor`` (fractional values share a GPU; with > 0 the teachers run on
-    CUDA), ``batch_size`` and ``max_retries`` (times a shard reruns after its actor
-    died).
+    local Ray); the default pool's ``num_actors`` (default: one per ``cpus_per_actor``
+    CPUs of what the cluster has left for it, and no more than one per GPU share when
+    ``gpus_per_actor > 0``; never more than the run's shards), ``cpus_per_actor`` (also
+    the actor's torch threads) and ``gpus_per_actor`` (fractional values share a GPU;
+    with > 0 the teachers run on CUDA); ``batch_size`` and ``max_retries`` (times a
+    shard reruns after its actor died). Teachers with
+    :class:`~kdcache.teachers.TeacherResources` run in pools of their own (see the
+    module docstring); workers are reported as ``"<pool>/actor-<i>"``.
 
     Ray is joined or started on the first run that has work; the actors are started as a
     run needs them and kept for the next runs. :meth:`close` kills them, and shuts Ray
@@ -106,9 +191,13 @@ class RayExecutor(Executor):
 
     Example::
 
+        big = TeacherSpec.checkpoint("big", "models:big", "big.safetensors",
+                                     resources=TeacherResources(gpus_per_actor=1))
         with RayExecutor(ExecutorConfig(num_actors=4)) as ex:
-            a = kdcache.build_cache(ds, teacher_a, temperature=2.0, root=root, executor=ex)
-            b = kdcache.build_cache(ds, teacher_b, temperature=2.0, root=root, executor=ex)
+            a = kdcache.build_cache(ds, [small, big], temperature=2.0, root=root,
+                                    executor=ex)
+            b = kdcache.build_cache(ds2, [small, big], temperature=2.0, root=root,
+                                    executor=ex)  # the same actors, big loaded once
 
     Raises:
         MissingDependencyError: Ray is not installed (names the extra).
@@ -120,26 +209,34 @@ class RayExecutor(Executor):
     def __init__(self, config: ExecutorConfig | None = None, **settings: Any) -> None:
         super().__init__(config, **settings)
         self._ray = require("ray", "ray")
-        self._actors: list[Any] = []
+        # Kept actors by pool resources: one list of slots per pool of those resources.
+        self._kept: dict[tuple[float, float, int | None], list[list[_Slot]]] = {}
+        self._last_pools: dict[str, tuple[Any, ...]] = {}
         self._session: tuple[str, str] | None = None  # the Ray the actors live in
         self._started_ray = False
 
     @property
     def actors(self) -> tuple[Any, ...]:
-        """The pool's actor handles, in pool order (``"actor-<i>"`` in the report)."""
-        return tuple(self._actors)
+        """Every kept actor handle, pool by pool (see :attr:`pools`)."""
+        return tuple(s.handle for sets in self._kept.values() for slots in sets for s in slots)
+
+    @property
+    def pools(self) -> dict[str, tuple[Any, ...]]:
+        """The last run's pools: name -> its actor handles (``"<name>/actor-<i>"``)."""
+        return dict(self._last_pools)
 
     def close(self) -> None:
         """Kill the actors; shut Ray down if this executor started it. Idempotent."""
         ray = self._ray
         try:
             if ray.is_initialized() and self._session == _session(ray):
-                for actor in self._actors:
-                    _kill(ray, actor)
+                for handle in self.actors:
+                    _kill(ray, handle)
                 if self._started_ray:
                     ray.shutdown()
         finally:
-            self._actors.clear()
+            self._kept.clear()
+            self._last_pools.clear()
             self._session = None
             self._started_ray = False
 
@@ -168,104 +265,247 @@ class RayExecutor(Executor):
         if session != self._session:
             # A Ray other than the one of the last run (it was shut down since): the old
             # actors went with it.
-            self._actors.clear()
+            self._kept.clear()
             self._session = session
             self._started_ray = started
         return ray
 
-    def _num_actors(self, ray: Any, num_tasks: int) -> int:
-        cfg = self.config
-        resources = ray.cluster_resources()
-        n = max(1, int(float(resources.get("CPU", 1)) // cfg.cpus_per_actor))
-        if cfg.gpus_per_actor > 0:
-            n = min(n, max(1, int(float(resources.get("GPU", 0)) // cfg.gpus_per_actor)))
-        return min(cfg.num_actors or n, num_tasks)
-
-    def _start_actor(self) -> Any:
-        cfg = self.config
+    def _start_actor(self, plan: PoolPlan) -> Any:
+        options: dict[str, Any] = {
+            "num_cpus": plan.cpus_per_actor,
+            "num_gpus": plan.gpus_per_actor,
+            "max_restarts": 0,
+        }
+        if plan.memory_bytes is not None:
+            options["memory"] = plan.memory_bytes
         return (
             _actor_class(self._ray)
-            .options(num_cpus=cfg.cpus_per_actor, num_gpus=cfg.gpus_per_actor, max_restarts=0)
-            .remote(max(1, int(cfg.cpus_per_actor)), cfg.gpus_per_actor > 0)
+            .options(**options)
+            .remote(max(1, int(plan.cpus_per_actor)), plan.gpus_per_actor > 0)
         )
 
-    def _discard(self, indices: set[int]) -> None:
+    def _assign(self, plans: Sequence[PoolPlan], sizes: Sequence[int]) -> list[list[_Slot]]:
+        """Each pool's kept slots (trimmed or extended to its size); kept actors that no
+        pool of this run uses are killed, so they hold no resources."""
         ray = self._ray
-        for a in indices:
-            _kill(ray, self._actors[a])
-        self._actors = [h for a, h in enumerate(self._actors) if a not in indices]
+        taken: dict[tuple[float, float, int | None], int] = {}
+        out = []
+        for plan, n in zip(plans, sizes, strict=True):
+            key = plan.resources_key
+            j = taken.get(key, 0)
+            taken[key] = j + 1
+            sets = self._kept.setdefault(key, [])
+            while len(sets) <= j:
+                sets.append([])
+            slots = sets[j]
+            for slot in slots[n:]:
+                _kill(ray, slot.handle)
+            del slots[n:]
+            slots.extend(_Slot(self._start_actor(plan)) for _ in range(n - len(slots)))
+            out.append(slots)
+        for key in list(self._kept):
+            sets = self._kept[key]
+            for slots in sets[taken.get(key, 0) :]:
+                for slot in slots:
+                    _kill(ray, slot.handle)
+            del sets[taken.get(key, 0) :]
+            if not sets:
+                del self._kept[key]
+        return out
 
     def _run(
         self, context: TaskContext, tasks: list[ShardTask], report: BuildReport, *, progress: bool
     ) -> None:
         ray = self._connect()
-        max_retries = self.config.max_retries
-        n = self._num_actors(ray, len(tasks))
-        num_new = max(0, n - len(self._actors))
-        self._actors.extend(self._start_actor() for _ in range(num_new))
-        log.info(
-            "teacher stage: %d shard(s) x %d teacher(s) on %d Ray actor(s) (%d started, %d kept)",
-            len(tasks),
-            len(context.teachers),
-            n,
-            num_new,
-            n - num_new,
-        )
-        context_ref = [ray.put(context)]
-        bar = progress_bar(len(tasks), progress)
-        queue = deque((task, 0) for task in tasks)
-        in_flight: dict[Any, tuple[int, ShardTask, int]] = {}
-        free = list(range(n))
-        lost: set[int] = set()
+        cluster = ray.cluster_resources()
+        # The pools, each with its own tasks (teacher indices local to its context).
+        plans: list[PoolPlan] = []
+        pool_tasks: list[list[ShardTask]] = []
+        for plan in plan_pools(context.teachers, self.config):
+            local = {k: j for j, k in enumerate(plan.teachers)}
+            mine = [
+                ShardTask(t.shard_index, tuple(local[k] for k in t.teachers if k in local))
+                for t in tasks
+            ]
+            mine = [t for t in mine if t.teachers]
+            if mine:
+                plans.append(plan)
+                pool_tasks.append(mine)
+        sizes = pool_sizes(plans, [len(t) for t in pool_tasks], cluster)
+        kept_before = {id(s.handle) for s in self._iter_slots()}
+        all_slots = self._assign(plans, sizes)
+        runs = []
+        for plan, mine, slots in zip(plans, pool_tasks, all_slots, strict=True):
+            runs.append(
+                _PoolRun(
+                    plan,
+                    slots,
+                    [ray.put(context.subset(plan.teachers))],
+                    deque((t, 0) for t in mine),
+                )
+            )
+            num_kept = sum(1 for s in slots if id(s.handle) in kept_before)
+            log.info(
+                "teacher stage: pool %r (%s): %d shard task(s) x %d teacher(s) on %d Ray "
+                "actor(s) (%d started, %d kept)",
+                plan.name,
+                plan.describe(),
+                len(mine),
+                len(plan.teachers),
+                len(slots),
+                len(slots) - num_kept,
+                num_kept,
+            )
+            missing = unplaceable(plan, cluster)
+            if missing:
+                log.warning(
+                    "pool %r: one actor asks for %s; its tasks wait until the cluster can "
+                    "place one (an autoscaler adding nodes), or set the teacher's "
+                    "TeacherResources to fit",
+                    plan.name,
+                    ", ".join(missing),
+                )
+        self._last_pools = {r.plan.name: tuple(s.handle for s in r.slots) for r in runs}
+        self._schedule(ray, runs, report, progress=progress)
+
+    def _iter_slots(self) -> list[_Slot]:
+        return [s for sets in self._kept.values() for slots in sets for s in slots]
+
+    def _schedule(
+        self, ray: Any, runs: list[_PoolRun], report: BuildReport, *, progress: bool
+    ) -> None:
+        """The one ``ray.wait`` loop over every pool's tasks (see the module docstring)."""
         actor_died = (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError)
+        # ref -> (pool, slot index, task or None for an "is it up" probe, attempt)
+        in_flight: dict[Any, tuple[int, int, ShardTask | None, int]] = {}
+        for p, run in enumerate(runs):
+            for a, slot in enumerate(run.slots):
+                if slot.ready:
+                    run.free.append(a)
+                else:
+                    in_flight[slot.handle.info.remote()] = (p, a, None, 0)
+        for run in runs:
+            run.free.reverse()  # pop() hands out actor-0 first
+        bar = progress_bar(sum(len(r.queue) for r in runs), progress)
+        busy: set[tuple[int, int]] = set()
+        lost: set[tuple[int, int]] = set()
+        last_answer = time.monotonic()
         try:
-            while queue or in_flight:
-                while queue and free:
-                    a = free.pop()
-                    task, attempt = queue.popleft()
-                    in_flight[self._actors[a].run.remote(context_ref, task)] = (a, task, attempt)
-                done, _ = ray.wait(list(in_flight), num_returns=1)
-                a, task, attempt = in_flight.pop(done[0])
-                try:
-                    stats = ray.get(done[0])  # a teacher error (fatal) raises here: job stops
-                except actor_died as exc:
-                    # Infrastructure failure: the shard's files are idempotent, so rerun it
-                    # on a fresh actor, a bounded number of times.
-                    if attempt >= max_retries:
-                        lost.add(a)
-                        raise RetriableError(
-                            f"shard {task.shard_index} failed {attempt + 1} times because its "
-                            f"actor died ({type(exc).__name__}); committed shards are kept, "
-                            "rerun the build to resume"
-                        ) from exc
-                    log.warning(
-                        "actor-%d died on shard %d (%s); retrying on a new actor "
-                        "(attempt %d of %d)",
-                        a,
-                        task.shard_index,
-                        type(exc).__name__,
-                        attempt + 2,
-                        max_retries + 1,
-                    )
-                    self._actors[a] = self._start_actor()
-                    queue.appendleft((task, attempt + 1))
-                    free.append(a)
+            while any(r.queue for r in runs) or busy:
+                for p, run in enumerate(runs):
+                    while run.queue and run.free:
+                        a = run.free.pop()
+                        todo, attempt = run.queue.popleft()
+                        ref = run.slots[a].handle.run.remote(run.context_ref, todo)
+                        in_flight[ref] = (p, a, todo, attempt)
+                        busy.add((p, a))
+                done, _ = ray.wait(list(in_flight), num_returns=1, timeout=WAIT_LOG_S)
+                if not done:
+                    if time.monotonic() - last_answer >= WAIT_LOG_S:
+                        self._log_waiting(runs)
                     continue
-                account(report, f"actor-{a}", stats, bar)
-                free.append(a)
+                last_answer = time.monotonic()
+                p, a, task, attempt = in_flight.pop(done[0])
+                run = runs[p]
+                busy.discard((p, a))
+                try:
+                    result = ray.get(done[0])  # a teacher error (fatal) raises here: stop
+                except actor_died as exc:
+                    self._replace(run, p, a, task, attempt, exc, in_flight, lost)
+                    continue
+                if task is None:  # the actor is up
+                    run.slots[a].ready = True
+                    run.free.append(a)
+                    continue
+                account(report, run.worker(a), result, bar)
+                run.free.append(a)
         except BaseException:
             # Stop at once: kill the actors still busy with this build's shards (and drop
-            # dead ones), so that nothing is written after the build has failed and let go
-            # of its leases. Idle actors stay in the pool.
-            self._discard(lost | {a for a, _, _ in in_flight.values()})
+            # dead ones), in every pool, so that nothing is written after the build has
+            # failed and let go of its leases. Idle actors stay in their pools.
+            self._discard(runs, busy | lost)
             raise
         finally:
             bar.close()
-        # The actors stay; the build's dataset and teachers are let go.
-        try:
-            ray.get([self._actors[a].release.remote() for a in range(n)])
-        except actor_died:
-            pass  # the next run replaces a dead actor on its first task (a retry)
+        # The actors stay (with the teachers they loaded from specs); the build's dataset
+        # and in-memory teachers are let go.
+        releases = {
+            r.slots[a].handle.release.remote(): (p, a)
+            for p, r in enumerate(runs)
+            for a in range(len(r.slots))
+            if r.slots[a].ready
+        }
+        dead = set()
+        for ref, (p, a) in releases.items():
+            try:
+                ray.get(ref)
+            except actor_died:
+                dead.add((p, a))  # replaced when a later run needs it
+        self._discard(runs, dead)
+
+    def _replace(
+        self,
+        run: _PoolRun,
+        p: int,
+        a: int,
+        task: ShardTask | None,
+        attempt: int,
+        exc: BaseException,
+        in_flight: dict[Any, tuple[int, int, ShardTask | None, int]],
+        lost: set[tuple[int, int]],
+    ) -> None:
+        """An actor died: rerun its shard (or its start) on a fresh actor of the same pool,
+        a bounded number of times; the shard's files are idempotent."""
+        max_retries = self.config.max_retries
+        what = "starting" if task is None else f"on shard {task.shard_index}"
+        if attempt >= max_retries:
+            lost.add((p, a))
+            if task is None:
+                raise RetriableError(
+                    f"an actor of pool {run.plan.name!r} ({run.plan.describe()}) died "
+                    f"{attempt + 1} times while starting ({type(exc).__name__}: {exc}); "
+                    "committed shards are kept, rerun the build to resume"
+                ) from exc
+            raise RetriableError(
+                f"shard {task.shard_index} failed {attempt + 1} times in pool "
+                f"{run.plan.name!r} because its actor died ({type(exc).__name__}); committed "
+                "shards are kept, rerun the build to resume"
+            ) from exc
+        log.warning(
+            "%s died %s (%s); retrying on a new actor (attempt %d of %d)",
+            run.worker(a),
+            what,
+            type(exc).__name__,
+            attempt + 2,
+            max_retries + 1,
+        )
+        _kill(self._ray, run.slots[a].handle)
+        run.slots[a] = _Slot(self._start_actor(run.plan))
+        if task is None:
+            in_flight[run.slots[a].handle.info.remote()] = (p, a, None, attempt + 1)
+        else:
+            run.queue.appendleft((task, attempt + 1))
+            in_flight[run.slots[a].handle.info.remote()] = (p, a, None, 0)
+
+    def _discard(self, runs: list[_PoolRun], which: set[tuple[int, int]]) -> None:
+        """Kill the actors ``(pool, slot)`` and drop them from their pools."""
+        ray = self._ray
+        for p, run in enumerate(runs):
+            gone = {a for q, a in which if q == p}
+            for a in gone:
+                _kill(ray, run.slots[a].handle)
+            run.slots[:] = [s for a, s in enumerate(run.slots) if a not in gone]
+
+    def _log_waiting(self, runs: list[_PoolRun]) -> None:
+        for run in runs:
+            if run.queue and not any(s.ready for s in run.slots):
+                log.warning(
+                    "pool %r: %d shard task(s) wait for an actor (%s) that Ray has not "
+                    "placed yet; check the cluster's free resources",
+                    run.plan.name,
+                    len(run.queue),
+                    run.plan.describe(),
+                )
 
 
 def _session(ray: Any) -> tuple[str, str]:

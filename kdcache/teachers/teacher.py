@@ -3,7 +3,9 @@
 A :class:`Teacher` wraps a model that maps a batch of inputs to logits [B, V], with a
 fingerprint (weights hash, architecture, config, dtype) that goes into cache keys.
 A :class:`TeacherEnsemble` is an ordered list of teachers with a combination rule; the
-teacher stage caches each member separately and the ensemble is a view at read time.
+teacher stage caches each member separately and the ensemble is a view at read time. Its
+members may also be :class:`kdcache.teachers.TeacherSpec` objects: teachers described by
+their files and loaded where they run (the Ray actors), never on the driver.
 
 Shape legend: K teachers, B batch, V classes or vocabulary.
 """
@@ -13,7 +15,7 @@ from __future__ import annotations
 import json
 import os
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import numpy as np
@@ -29,6 +31,7 @@ from kdcache.teachers.loaders import (
     load_state_dict,
     weights_sha256,
 )
+from kdcache.teachers.spec import TeacherResources, TeacherSpec
 
 
 class Teacher:
@@ -37,6 +40,12 @@ class Teacher:
     Use the constructors: :meth:`from_module`, :meth:`from_checkpoint`,
     :meth:`from_torchscript`.
 
+    A Teacher holds its module, so it travels with its weights: the Ray executor ships it
+    (pickled, through the object store) once per actor and build. That is right for small
+    teachers (a module built in code, a few MB). A large teacher is better given as a
+    :class:`kdcache.teachers.TeacherSpec`, which the actors load from its files and the
+    driver never holds.
+
     Args:
         name: Human-readable name (reports, manifests); not part of the cache key.
         module: ``torch.nn.Module`` mapping inputs [B, ...] to logits [B, V].
@@ -44,9 +53,14 @@ class Teacher:
         autocast_dtype: Run the forward pass under ``torch.autocast`` with this dtype
             (e.g. ``torch.bfloat16`` on GPUs); part of the fingerprint, since it changes
             the outputs. None runs in the weights' dtype.
+        resources: What the teacher's Ray actors need
+            (:class:`kdcache.teachers.TeacherResources`): with any field set the teacher
+            gets an actor pool of its own (or its group's); None: the shared default pool.
+            Not part of the fingerprint. Also settable as the attribute ``resources``.
 
     Raises:
-        ConfigError: ``config`` is not JSON-serialisable.
+        ConfigError: ``config`` is not JSON-serialisable, or ``resources`` is not a
+            TeacherResources.
     """
 
     def __init__(
@@ -56,7 +70,14 @@ class Teacher:
         config: dict[str, Any] | None = None,
         *,
         autocast_dtype: torch.dtype | None = None,
+        resources: TeacherResources | None = None,
     ) -> None:
+        if resources is not None and not isinstance(resources, TeacherResources):
+            raise ConfigError(
+                f"teacher {name!r}: resources must be a kdcache.teachers.TeacherResources, "
+                f"got {type(resources).__name__}"
+            )
+        self.resources = resources
         self.name = name
         self.module = module.eval()
         self.config = dict(config or {})
@@ -79,9 +100,11 @@ class Teacher:
         *,
         name: str | None = None,
         config: dict[str, Any] | None = None,
+        resources: TeacherResources | None = None,
     ) -> Teacher:
-        """Wrap an in-memory module."""
-        return cls(name or type(module).__name__, module, config)
+        """Wrap an in-memory module (the small-teacher path: it is shipped to each actor
+        with its weights; see :class:`Teacher`)."""
+        return cls(name or type(module).__name__, module, config, resources=resources)
 
     @classmethod
     def from_checkpoint(
@@ -257,6 +280,7 @@ class Teacher:
             FeatureTap(self.module, module_path),
             {**self.config, "feature": module_path},
             autocast_dtype=self.autocast_dtype,
+            resources=self.resources,
         )
 
     @property
@@ -327,23 +351,33 @@ class TeacherEnsemble:
     """An ordered list of teachers combined by a rule at read time.
 
     Args:
-        teachers: One or more :class:`Teacher` objects with the same V.
+        teachers: One or more :class:`Teacher` or :class:`kdcache.teachers.TeacherSpec`
+            objects (mixed), with the same V. A spec stays a spec: the teacher stage
+            loads it where it runs; :meth:`load` loads it here, for online use.
         weights: K non-negative weights (normalised), or None for uniform.
         rule: ``"mean_probs"`` (mean of probabilities) or ``"mean_logprobs"`` (product of
             experts, renormalised); see :func:`kdcache.targets.combine_ensemble`.
 
     Raises:
-        ConfigError: empty list, duplicate names, or bad weights/rule.
+        ConfigError: empty list, an item that is neither a Teacher nor a TeacherSpec,
+            duplicate names, or bad weights/rule.
     """
 
     def __init__(
         self,
-        teachers: Sequence[Teacher],
+        teachers: Sequence[Teacher | TeacherSpec],
         weights: Sequence[float] | None = None,
         rule: str = "mean_probs",
     ) -> None:
         if not teachers:
             raise ConfigError("a TeacherEnsemble needs at least one teacher")
+        for t in teachers:
+            if not isinstance(t, Teacher | TeacherSpec):
+                raise ConfigError(
+                    f"a TeacherEnsemble holds kdcache.Teacher or kdcache.teachers.TeacherSpec "
+                    f"objects, got {type(t).__name__} ({t!r:.80}); wrap a module with "
+                    "Teacher.from_module or describe its files with a TeacherSpec"
+                )
         names = [t.name for t in teachers]
         if len(set(names)) != len(names):
             raise ConfigError(f"teacher names must be unique, got {names}")
@@ -351,29 +385,68 @@ class TeacherEnsemble:
             raise ConfigError(f"unknown rule {rule!r}; expected one of {targets.ENSEMBLE_RULES}")
         if weights is not None and len(weights) != len(teachers):
             raise ConfigError(f"{len(weights)} weights for {len(teachers)} teachers")
-        self.teachers = list(teachers)
+        self.teachers: list[Teacher | TeacherSpec] = list(teachers)
         self.weights = None if weights is None else [float(w) for w in weights]
         self.rule = rule
+        self._loaded: dict[int, Teacher] = {}  # spec position -> the spec loaded here
 
     def __len__(self) -> int:
         return len(self.teachers)
 
-    def __iter__(self):
+    def __iter__(self) -> Iterator[Teacher | TeacherSpec]:
         return iter(self.teachers)
+
+    def load(self) -> list[Teacher]:
+        """The members as loaded teachers, in order: specs are loaded in this process on
+        the first call (:meth:`TeacherSpec.load`) and kept by the ensemble.
+
+        ``self.teachers`` is left as given, so cache keys still come from the specs.
+
+        Raises:
+            As :meth:`TeacherSpec.load`.
+        """
+        out = []
+        for k, t in enumerate(self.teachers):
+            if isinstance(t, TeacherSpec):
+                if k not in self._loaded:
+                    self._loaded[k] = t.load()
+                out.append(self._loaded[k])
+            else:
+                out.append(t)
+        return out
 
     @property
     def num_parameters(self) -> int:
-        return sum(t.num_parameters for t in self.teachers)
+        """Parameters summed over the members.
+
+        Raises:
+            ConfigError: a member is a spec not loaded yet (call :meth:`load` first: the
+                count needs the model, which a spec does not hold).
+        """
+        pending = [
+            t.name
+            for k, t in enumerate(self.teachers)
+            if isinstance(t, TeacherSpec) and k not in self._loaded
+        ]
+        if pending:
+            raise ConfigError(
+                f"teacher(s) {pending} are TeacherSpecs, not loaded in this process, so their "
+                "parameters cannot be counted; call ensemble.load() first (it builds them "
+                "here) or count them where they run"
+            )
+        return sum(t.num_parameters for t in self.load())
 
     def log_probs(
         self, inputs: torch.Tensor | np.ndarray, temperature: float = 1.0
     ) -> torch.Tensor:
         """Online ensemble target: combined log-probabilities [B, V] float32 at ``temperature``.
 
+        Specs are loaded in this process on the first call (see :meth:`load`).
+
         Raises:
             TeacherOutputError: the teachers disagree on V.
         """
-        logits = [targets.scale_logits(t.logits(inputs), temperature) for t in self.teachers]
+        logits = [targets.scale_logits(t.logits(inputs), temperature) for t in self.load()]
         if len({x.shape for x in logits}) != 1:
             raise TeacherOutputError(
                 f"teachers disagree on output shape: {[tuple(x.shape) for x in logits]}"

@@ -109,7 +109,7 @@ def test_a_ray_executor_keeps_its_actors_between_builds_and_close_kills_them(loc
         assert a.key != b.key and not b.build_report.hit and b.build_report.computed == 4
         assert ex.actors == actors  # the same actor handles (ids), no new actor started
         assert [_pid(h) for h in ex.actors] == pids  # and the same processes, still alive
-        assert set(b.build_report.per_actor) == {"actor-0", "actor-1"}
+        assert set(b.build_report.per_actor) == {"default/actor-0", "default/actor-1"}
         # the first build paid for starting two actor processes (seconds); the second did not
         assert b.build_report.wall_s < a.build_report.wall_s
         assert verify(b).ok
