@@ -66,7 +66,7 @@ def test_plan_bytes_match_a_real_build(build_yaml, tmp_path):
     # the estimate against a real build of the same config, on its real data
     ds = toy_dataset(num_records=400, num_shards=4, num_classes=40)
     for t in plan.targets:
-        if t.kind == "dense" and t.storage_dtype == "float16" or t is configured[0]:
+        if (t.kind == "dense" and t.storage_dtype == "float16") or t is configured[0]:
             params = dict(t.params) if t.params else None
             entry = kdcache.build_cache(
                 ds,
@@ -88,7 +88,8 @@ def test_plan_command_prints_a_table_and_warns_above_the_limit(build_yaml, capsy
     assert "4 shards, 400 rows" in out
     assert "<- config" in out and "topk" in out
     assert "warning: teacher 'a': a dense float32 cache" in out
-    assert main(["plan", str(build_yaml), "--json", "targets.kind=dense", "targets.params=null"]) == 0
+    dense = ["targets.kind=dense", "targets.params=null"]
+    assert main(["plan", str(build_yaml), "--json", *dense]) == 0
     data = json.loads(capsys.readouterr().out)
     assert [t["kind"] for t in data["targets"] if t["configured"]] == ["dense"]
     assert "warning" not in format_plan(plan_build(cfg.load(cfg.BuildConfig, str(build_yaml))))
