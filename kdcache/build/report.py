@@ -5,6 +5,12 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
+from kdcache.errors import TeacherOutputError
+
+#: Prefix of the stats keys by which a shard task reports each teacher's output width V
+#: (``"vocab_size/<teacher name>"``).
+VOCAB_KEY = "vocab_size/"
+
 
 @dataclass
 class BuildReport:
@@ -31,6 +37,10 @@ class BuildReport:
     num_samples: int = 0
     wall_s: float = 0.0
     per_actor: dict[str, dict[str, float]] = field(default_factory=dict)
+    #: Output width V of each teacher, from the first shard it finished.
+    vocab_sizes: dict[str, int] = field(default_factory=dict)
+    #: The teachers make one ensemble (a view over all entries), so they must share V.
+    one_vocab: bool = False
 
     def record(self, worker: str, stats: Mapping[str, float]) -> None:
         """Add one finished shard task to the totals.
@@ -45,3 +55,23 @@ class BuildReport:
         slot["seconds"] += stats["seconds"]
         slot["shards"] += 1
         self.num_samples += int(stats["samples"])
+        for key, value in stats.items():
+            if key.startswith(VOCAB_KEY):
+                self.vocab_sizes.setdefault(key[len(VOCAB_KEY) :], int(value))
+
+    def check_vocab_sizes(self) -> None:
+        """Stop the build as soon as two teachers of one ensemble are seen to output
+        different widths (not after every shard of both was computed).
+
+        Raises:
+            TeacherOutputError: names each teacher and its V.
+        """
+        if not self.one_vocab or len(set(self.vocab_sizes.values())) <= 1:
+            return
+        sizes = ", ".join(f"{name!r}: V={v}" for name, v in sorted(self.vocab_sizes.items()))
+        raise TeacherOutputError(
+            f"the teachers of this ensemble output different numbers of classes ({sizes}); "
+            "an ensemble combines distributions over one label space. Build each teacher on "
+            "its own (one build_cache call per teacher), or fix the teachers' heads; the "
+            "shards committed so far are kept"
+        )

@@ -21,6 +21,7 @@ from kdcache._version import __version__
 from kdcache.build.report import BuildReport
 from kdcache.build.task import check_teacher_vocabularies
 from kdcache.data.base import ShardedDataset, dataset_layout
+from kdcache.errors import DataError
 from kdcache.executors import Executor, ExecutorConfig, TaskContext, get_executor
 from kdcache.schema import TargetSpec
 from kdcache.stores.entry import CacheEntry
@@ -164,6 +165,7 @@ def _build(
     if dataset_layout(dataset) == "tokens":
         check_teacher_vocabularies(ensemble, dataset)
     dataset_fp = dataset.fingerprint()
+    expected_rows = planned_rows(dataset, dataset_fp)
     # Once per teacher: a spec's fingerprint hashes its weight files (memoised per process).
     teacher_fps = [teacher.fingerprint() for teacher in ensemble]
     entries = []
@@ -175,7 +177,7 @@ def _build(
 
     leases: list[Lease] = []
     building: list[int] = []  # indices of the entries this call holds a lease on
-    report = BuildReport(hit=False, keys=[e.key for e in entries])
+    report = BuildReport(hit=False, keys=[e.key for e in entries], one_vocab=len(entries) > 1)
     keeper = _LeaseKeeper(leases, interval_s=max(1.0, lease_ttl_s / 3))
     try:
         for k, entry in enumerate(entries):
@@ -224,6 +226,7 @@ def _build(
                     entries,
                     batch_size,
                     teacher_keys=[schema.content_key(fp) for fp in teacher_fps],
+                    expected_rows=expected_rows,
                 )
                 tasks = [(i, building) for i in range(dataset.num_shards)]
                 ex.run(context, tasks, report, progress=progress)
@@ -257,6 +260,44 @@ def _build(
         cache.save()
     cache.build_report = report  # type: ignore[union-attr]
     return cache
+
+
+def planned_rows(dataset: ShardedDataset, fingerprint: dict[str, Any]) -> list[int] | None:
+    """Rows per shard as the dataset's fingerprint declares them, checked before any work.
+
+    Returns:
+        ``fingerprint["shards"][i]["num_records"]`` for every shard, or None when the
+        fingerprint does not list shards with their records (then nothing is checked).
+
+    Raises:
+        DataError: the dataset has no shards, declares a shard without records, or lists
+            another number of shards than ``num_shards``; nothing is computed.
+    """
+    name = type(dataset).__name__
+    if dataset.num_shards < 1:
+        raise DataError(
+            f"{name} has no shards (an empty dataset): there is nothing to cache; check the "
+            "dataset's path, filter or factory"
+        )
+    shards = fingerprint.get("shards") if isinstance(fingerprint, dict) else None
+    if not isinstance(shards, list) or not all(
+        isinstance(s, dict) and isinstance(s.get("num_records"), int) for s in shards
+    ):
+        return None
+    if len(shards) != dataset.num_shards:
+        raise DataError(
+            f"{name} has num_shards={dataset.num_shards} but its fingerprint lists "
+            f"{len(shards)} shards; fix the dataset (the two must agree)"
+        )
+    rows = [int(s["num_records"]) for s in shards]
+    empty = [i for i, n in enumerate(rows) if n < 1]
+    if empty:
+        raise DataError(
+            f"{name}: shard(s) {', '.join(map(str, empty[:10]))} declare no records; every "
+            "shard needs at least one (fewer shards, or drop the empty ones); nothing was "
+            "computed"
+        )
+    return rows
 
 
 def _log_summary(report: BuildReport, ensemble: TeacherEnsemble, entries: list[CacheEntry]) -> None:

@@ -15,6 +15,7 @@ import numpy as np
 import torch
 
 from kdcache import targets
+from kdcache.build.report import VOCAB_KEY
 from kdcache.data.base import (
     ShardedDataset,
     dataset_layout,
@@ -22,7 +23,7 @@ from kdcache.data.base import (
     prefetch,
     read_shard_checked,
 )
-from kdcache.errors import ConfigError, TeacherOutputError
+from kdcache.errors import ConfigError, DataError, TeacherOutputError
 from kdcache.schema import TargetSpec
 from kdcache.stores.entry import CacheEntry
 from kdcache.targets.sparse import MAX_LOGITS_PER_PASS, concat_sparse, sparsify
@@ -39,6 +40,8 @@ def compute_shard(
     entries: Sequence[CacheEntry],
     shard_index: int,
     batch_size: int,
+    *,
+    expected_rows: int | None = None,
 ) -> dict[str, float]:
     """Run ``teachers`` over one input shard and commit one output shard per teacher.
 
@@ -62,14 +65,18 @@ def compute_shard(
         entries: The entry each teacher writes to.
         shard_index: The input shard (and output shard) index.
         batch_size: Rows (records) or at most sequences (tokens) per forward pass.
+        expected_rows: Rows the dataset's fingerprint declares for this shard; None: not
+            checked.
 
     Returns:
-        ``{"samples": rows x teachers, "seconds": wall time}`` (tokens: also
-        ``"tokens"``, target positions x teachers).
+        ``{"samples": rows x teachers, "seconds": wall time, "vocab_size/<name>": V per
+        teacher}`` (tokens: also ``"tokens"``, target positions x teachers).
 
     Raises:
-        TeacherOutputError: NaN/inf or wrong shape (fatal; names teacher and sample).
-        ConfigError: an empty shard for a sparse entry.
+        TeacherOutputError: NaN/inf or wrong shape, or a V that changes between batches
+            (fatal; names teacher and sample).
+        DataError: the shard reads more or fewer rows than the dataset declares, or none;
+            nothing of the shard is written.
     """
     start = time.perf_counter()
     if dataset_layout(dataset) == "tokens":
@@ -96,9 +103,38 @@ def compute_shard(
             for out in outputs:
                 out.add(batch["inputs"], batch.get("labels"), batch_ids)
     ids = np.concatenate(id_parts) if id_parts else np.zeros(0, np.int64)
+    _check_rows(dataset, shard_index, len(ids), expected_rows)
     for out in outputs:
         out.write(shard_index, ids, input_sha256=reader.digest)
-    return {"samples": float(len(ids) * len(teachers)), "seconds": time.perf_counter() - start}
+    return {
+        "samples": float(len(ids) * len(teachers)),
+        "seconds": time.perf_counter() - start,
+        **{f"{VOCAB_KEY}{out.teacher.name}": float(out.width) for out in outputs},
+    }
+
+
+def _check_rows(
+    dataset: ShardedDataset, shard_index: int, num_rows: int, expected: int | None
+) -> None:
+    """Refuse a shard that read no rows, or other rows than its dataset declares.
+
+    Raises:
+        DataError: names the dataset type, the shard and both counts.
+    """
+    name = type(dataset).__name__
+    if num_rows == 0:
+        raise DataError(
+            f"shard {shard_index} of {name} has no records; every shard needs at least one "
+            "(give the dataset fewer shards, or drop the empty one); nothing was written "
+            "for it, and shards committed before are kept"
+        )
+    if expected is not None and num_rows != expected:
+        raise DataError(
+            f"shard {shard_index} of {name} read {num_rows} records, but its fingerprint "
+            f"declares {expected}: the dataset returns other rows than it describes (fix its "
+            "read_shard or its fingerprint, or the files changed while it was read); nothing "
+            "was written for this shard"
+        )
 
 
 class _RecordOutputs:
@@ -123,6 +159,12 @@ class _RecordOutputs:
             )
         targets.check_finite(logits, teacher=teacher.name, sample_ids_B=torch.from_numpy(batch_ids))
         scaled = targets.scale_logits(logits, spec.temperature)
+        if self.width and int(scaled.shape[1]) != self.width:
+            raise TeacherOutputError(
+                f"teacher {teacher.name!r} returned V={int(scaled.shape[1])} classes for the "
+                f"batch starting at sample_id {int(batch_ids[0])}, V={self.width} for the "
+                "batches before: a teacher's output width must not change between batches"
+            )
         self.width = int(scaled.shape[1])
         if not spec.is_sparse:
             self.parts.append(scaled.numpy())

@@ -120,6 +120,9 @@ class TaskContext:
         teacher_keys: ``schema.content_key`` of each teacher's fingerprint, aligned with
             ``teachers`` (the driver computes them once, so that a worker never hashes a
             spec's weight files); None: computed where needed.
+        expected_rows: Rows of each input shard as the dataset's fingerprint declares them
+            (``fingerprint()["shards"][i]["num_records"]``); a shard that reads otherwise
+            is refused before its outputs are written. None: not checked.
 
     Raises:
         ConfigError: ``teachers``, ``entries`` and ``teacher_keys`` differ in length, or
@@ -131,6 +134,7 @@ class TaskContext:
     entries: Sequence[CacheEntry]
     batch_size: int
     teacher_keys: Sequence[str] | None = None
+    expected_rows: Sequence[int] | None = None
 
     def __post_init__(self) -> None:
         if len(self.teachers) != len(self.entries):
@@ -171,6 +175,7 @@ class TaskContext:
             tuple(self.entries[k] for k in indices),
             self.batch_size,
             None if self.teacher_keys is None else tuple(self.teacher_keys[k] for k in indices),
+            self.expected_rows,
         )
 
     def compute(self, task: ShardTask, loaded: LoadedTeachers | None = None) -> dict[str, float]:
@@ -196,6 +201,9 @@ class TaskContext:
             [self.entries[k] for k in task.teachers],
             task.shard_index,
             self.batch_size,
+            expected_rows=(
+                None if self.expected_rows is None else self.expected_rows[task.shard_index]
+            ),
         )
 
 
@@ -335,4 +343,5 @@ def account(report: BuildReport, worker: str, stats: Mapping[str, float], bar: P
     """Add one finished task's ``stats`` (from :meth:`TaskContext.compute`) to ``report``
     under ``worker`` and advance ``bar`` (with the task's samples, for samples/s)."""
     report.record(worker, stats)
+    report.check_vocab_sizes()
     bar.update(1, samples=int(stats["samples"]))

@@ -293,11 +293,18 @@ class CacheEntry:
 
     # -- writing (the commit protocol) -----------------------------------------------------
     def write_spec(self, spec: dict[str, Any]) -> None:
+        """Write ``spec.json`` unless it exists (nothing is written then: a cache hit
+        works on a read-only root).
+
+        Raises:
+            ConfigError: ``spec`` does not hash to this entry's key.
+        """
         if schema.content_key(spec) != self.key:
             raise ConfigError("spec does not hash to this entry's key")
+        if self.location.exists(schema.SPEC_FILE):
+            return
         self.location.makedirs()
-        if not self.location.exists(schema.SPEC_FILE):
-            self.location.write_atomic(schema.SPEC_FILE, _dumps(spec))
+        self.location.write_atomic(schema.SPEC_FILE, _dumps(spec))
 
     def write_shard(
         self,

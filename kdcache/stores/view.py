@@ -108,10 +108,17 @@ class EnsembleView:
         return sum(e.num_bytes for e in self.entries)
 
     def save(self) -> str:
-        """Write ``<root>/ensembles/<key>.json``; returns its URI."""
+        """Write ``<root>/ensembles/<key>.json``, unless it already holds these bytes (so
+        that a cache hit writes nothing: it works on a read-only root); returns its URI."""
         loc = self.root.child(schema.ENSEMBLES_DIR)
         name = f"{self.key}.json"
-        loc.write_atomic(name, _dumps(self.view_json()))
+        data = _dumps(self.view_json())
+        try:
+            same = loc.read_bytes(name) == data
+        except FileNotFoundError:
+            same = False
+        if not same:
+            loc.write_atomic(name, data)
         return loc.display(name)
 
     def read_shard(self, index: int, *, verify: bool = True) -> tuple[np.ndarray, np.ndarray]:

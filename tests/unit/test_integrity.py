@@ -11,11 +11,12 @@ import time
 
 import numpy as np
 import pytest
+import torch
 
 import kdcache
 from kdcache import schema
 from kdcache.cli import main as cli
-from kdcache.errors import CacheCorruptError, LeaseHeldError
+from kdcache.errors import CacheCorruptError, LeaseHeldError, TeacherOutputError
 from kdcache.stores.entry import CacheEntry
 from kdcache.stores.lease import Lease
 from kdcache.testing import linear_teacher, toy_dataset
@@ -349,3 +350,102 @@ def test_ids_duplicated_across_shards_are_refused_before_the_commit(root):
         )
     )
     assert not CacheEntry(root, key).is_complete  # no manifest
+
+
+# -- bad input to the teacher stage: a clear error before (or instead of) wasted work ------
+
+
+def _dataset_declaring(rows_declared, *, rows_read=None):
+    """An ArrayDataset whose fingerprint declares ``rows_declared`` per shard and whose
+    shard ``i`` reads ``rows_read[i]`` rows (default: as declared)."""
+    from kdcache.data.base import ArrayDataset
+
+    n = sum(rows_read or rows_declared)
+    rng = np.random.default_rng(0)
+
+    class Lying(ArrayDataset):
+        def __post_init__(self) -> None:
+            self.sample_ids = np.asarray(self.sample_ids, dtype=np.int64)
+            bounds = np.cumsum([0, *(rows_read or rows_declared)])
+            self._bounds = bounds
+            self.num_shards = len(rows_declared)
+
+        def fingerprint(self):
+            return {
+                "lying": True,
+                "shards": [{"num_records": int(r), "i": i} for i, r in enumerate(rows_declared)],
+            }
+
+    return Lying(np.arange(n), rng.standard_normal((n, 8)).astype(np.float32))
+
+
+def _local_build(ds, teachers, root):
+    return kdcache.build_cache(
+        ds, teachers, temperature=2.0, root=root, executor="local", progress=False
+    )
+
+
+def test_empty_dataset_and_declared_empty_shards_are_refused_before_any_work(root):
+    from kdcache.errors import DataError
+
+    with pytest.raises(DataError, match=r"no shards \(an empty dataset\)"):
+        _local_build(_dataset_declaring([]), linear_teacher(), root)
+    with pytest.raises(DataError, match=r"shard\(s\) 1 declare no records.*nothing was computed"):
+        _local_build(_dataset_declaring([5, 0, 5]), linear_teacher(), root)
+    assert not os.path.exists(os.path.join(root, "entries")) or not any(
+        f.startswith("shard-") for _, _, fs in os.walk(root) for f in fs
+    )
+
+
+def test_a_shard_reading_other_rows_than_declared_is_refused_and_others_kept(root):
+    from kdcache.errors import DataError
+
+    ds = _dataset_declaring([10, 10, 10], rows_read=[10, 9, 10])
+    with pytest.raises(DataError, match=r"shard 1 of Lying read 9 records, but its fingerprint "):
+        _local_build(ds, linear_teacher(), root)
+    (entry_dir,) = os.listdir(os.path.join(root, "entries"))
+    shards = sorted(os.listdir(os.path.join(root, "entries", entry_dir, "shards")))
+    assert "shard-00000.json" in shards and "shard-00001.json" not in shards  # 0 kept, 1 not
+
+
+def test_a_teacher_whose_width_changes_between_batches_is_an_error(root):
+    class Flaky(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.calls = 0
+
+        def forward(self, x):
+            self.calls += 1
+            return torch.zeros(x.shape[0], 5 if self.calls == 1 else 6)
+
+    teacher = kdcache.Teacher.from_module(Flaky(), name="flaky")
+    with pytest.raises(TeacherOutputError, match=r"'flaky' returned V=6 .* V=5 for the batches"):
+        kdcache.build_cache(
+            toy_dataset(num_records=40, num_shards=1), teacher, temperature=2.0, root=root,
+            executor=kdcache.ExecutorConfig(kind="local", batch_size=8), progress=False,
+        )  # fmt: skip
+
+
+def test_teachers_of_different_class_counts_stop_the_build_at_the_first_shard(root):
+    ds = toy_dataset(num_records=80, num_shards=8)
+    five, six = linear_teacher(num_classes=5), linear_teacher(num_classes=6, name="six")
+    with pytest.raises(TeacherOutputError, match=r"'linear-0': V=5, 'six': V=6"):
+        _local_build(ds, [five, six], root)
+    sidecars = [f for _, _, fs in os.walk(root) for f in fs if f.endswith(".json")]
+    assert sum(f.startswith("shard-") for f in sidecars) == 2  # shard 0 of each, not 8
+
+
+def test_a_cache_hit_writes_nothing_so_it_works_on_a_read_only_root(root, monkeypatch):
+    from kdcache.stores.fs import Location
+
+    ds = toy_dataset(num_records=40, num_shards=2)
+    teachers = [linear_teacher(seed=0), linear_teacher(seed=1)]
+    first = _local_build(ds, teachers, root)
+
+    def refuse(self, *args, **kwargs):
+        raise PermissionError(f"read-only file system: {self.uri}")
+
+    monkeypatch.setattr(Location, "write_atomic", refuse)
+    monkeypatch.setattr(Location, "makedirs", refuse)
+    again = _local_build(ds, teachers, root)
+    assert again.build_report.hit and again.key == first.key
