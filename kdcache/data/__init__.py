@@ -1,8 +1,27 @@
-"""Input datasets (sharded, with stable sample ids and per-shard fingerprints)."""
+"""Input datasets (sharded, with stable sample ids and per-shard fingerprints): in memory
+(:class:`ArrayDataset`, :class:`TokenDataset`) and file-backed plans read shard by shard
+(:class:`ParquetDataset`, :class:`ArrowDataset`, :class:`HFDiskDataset`, :func:`open_dataset`),
+with batch :class:`Transform` s named by import path."""
 
 from __future__ import annotations
 
-from kdcache.data.base import ArrayDataset, ShardedDataset
+from kdcache.data.base import (
+    ArrayDataset,
+    ShardBatches,
+    ShardedDataset,
+    StreamingDataset,
+    open_shard,
+    prefetch,
+    read_shard_checked,
+)
+from kdcache.data.files import (
+    DEFAULT_SHARD_BYTES,
+    ArrowDataset,
+    FileDataset,
+    HFDiskDataset,
+    ParquetDataset,
+    open_dataset,
+)
 from kdcache.data.tokens import (
     TokenDataset,
     encode_texts,
@@ -10,13 +29,28 @@ from kdcache.data.tokens import (
     target_positions,
     tokenizer_files_sha256,
 )
+from kdcache.data.transforms import Transform
+from kdcache.errors import InputChangedError
 
 __all__ = [
+    "DEFAULT_SHARD_BYTES",
     "ArrayDataset",
+    "ArrowDataset",
+    "FileDataset",
+    "HFDiskDataset",
+    "InputChangedError",
+    "ParquetDataset",
+    "ShardBatches",
     "ShardedDataset",
+    "StreamingDataset",
     "TokenDataset",
+    "Transform",
     "encode_texts",
+    "open_dataset",
+    "open_shard",
     "pad_batch",
+    "prefetch",
+    "read_shard_checked",
     "target_positions",
     "tokenizer_files_sha256",
 ]
