@@ -36,6 +36,7 @@ from kdcache import losses
 from kdcache.data.base import ArrayDataset
 from kdcache.errors import DataError, KDCacheError
 from kdcache.stream.dataset import ShardedStream
+from kdcache.teachers.spec import TeacherSpec
 from kdcache.train.distributed import cpu_ds_config
 from kdcache.train.export import save_safetensors
 from kdcache.train.loop import train_student
@@ -147,8 +148,7 @@ def _student_labels(
 ) -> tuple[np.ndarray, np.ndarray]:
     """The labelled images the students may use, and the labels with the rest masked (-100)."""
     n = len(y_train)
-    rng = np.random.default_rng(seed)
-    labelled = np.sort(rng.choice(n, size=student_labels, replace=False))
+    labelled = _labelled_ids(student_labels, n, seed)
     masked = np.full(n, losses.IGNORE_INDEX, dtype=np.int64)
     masked[labelled] = y_train[labelled]
     return labelled, masked
@@ -183,6 +183,131 @@ def heldout_dataset(
         num_shards=num_shards,
         preprocessing={**PREPROCESSING, "split": "test"},
     )
+
+
+#: Columns of the demo's Parquet splits.
+ID_COLUMN, IMAGE_COLUMN, LABEL_COLUMN = "sample_id", "image", "label"
+#: Key of the Parquet key-value metadata that records what a split file was written from.
+SOURCE_KEY = b"kdcache.demo.source"
+
+
+def write_parquet_split(
+    path: str, sample_ids: np.ndarray, images: np.ndarray, labels: np.ndarray, num_shards: int
+) -> str:
+    """Write one split as Parquet (once): ``sample_id`` int64, ``image`` 784 raw bytes
+    (``fixed_size_binary(784)``, row-major 28 x 28 uint8), ``label`` int64; one row group
+    per shard (``ceil(N / num_shards)`` rows), uncompressed (the pixels barely compress).
+
+    A file already there is reused, unread, when its metadata records the same source
+    (SHA-256 of ids, pixels and labels) and row-group size: then its bytes, size and
+    modification time are unchanged, and so is the cache key of everything built over
+    it. Otherwise it is rewritten atomically.
+
+    Returns:
+        ``path``.
+    """
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    n = len(sample_ids)
+    rows_per_group = -(-n // num_shards)
+    source = json.dumps(
+        {"sha256": _content_hash(sample_ids, images, labels), "rows_per_group": rows_per_group},
+        sort_keys=True,
+    ).encode()
+    if os.path.exists(path):
+        try:
+            meta = pq.read_metadata(path).metadata or {}
+        except (OSError, pa.ArrowInvalid):
+            meta = {}
+        if meta.get(SOURCE_KEY) == source:
+            return path
+    flat = np.ascontiguousarray(images, dtype=np.uint8).reshape(n, -1)
+    width = flat.shape[1]
+    table = pa.table(
+        {
+            ID_COLUMN: pa.array(np.asarray(sample_ids, dtype=np.int64)),
+            IMAGE_COLUMN: pa.FixedSizeBinaryArray.from_buffers(
+                pa.binary(width), n, [None, pa.py_buffer(flat.tobytes())]
+            ),
+            LABEL_COLUMN: pa.array(np.asarray(labels, dtype=np.int64)),
+        }
+    ).replace_schema_metadata({SOURCE_KEY: source})
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = f"{path}.tmp-{os.getpid()}"
+    pq.write_table(table, tmp, row_group_size=rows_per_group, compression="none")
+    os.replace(tmp, path)
+    log.info("data: wrote %s (%d rows, %d row groups)", path, n, -(-n // rows_per_group))
+    return path
+
+
+def keep_labels(
+    labels_B: np.ndarray,
+    sample_ids_B: np.ndarray,
+    *,
+    num_labels: int,
+    num_records: int,
+    seed: int,
+) -> np.ndarray:
+    """Label transform of the student's view of the training set: keep the labels of
+    ``num_labels`` of the ``num_records`` images (chosen by ``seed``, the same images as
+    the demo's in-process students), -100 for the rest.
+
+    Args:
+        labels_B: int64 [B] labels as stored.
+        sample_ids_B: int64 [B] ids (image indices 0..num_records-1).
+
+    Returns:
+        int64 [B] labels, -100 where unlabelled.
+    """
+    labelled = _labelled_ids(num_labels, num_records, seed)
+    out = np.asarray(labels_B, dtype=np.int64).copy()
+    out[~np.isin(sample_ids_B, labelled)] = losses.IGNORE_INDEX
+    return out
+
+
+def _labelled_ids(num_labels: int, num_records: int, seed: int) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    return np.sort(rng.choice(num_records, size=num_labels, replace=False))
+
+
+def split_path(s: Settings, split: str) -> str:
+    """WORK_DIR/data/<split>.parquet (``-subset<N>`` when ``--subset`` is given)."""
+    suffix = f"-subset{s.subset}" if s.subset else ""
+    return os.path.join(s.work_dir, "data", f"{split}{suffix}.parquet")
+
+
+def student_label_transform(s: Settings, num_records: int) -> dict[str, Any]:
+    """The label transform (:func:`keep_labels`) of the distilled student's dataset."""
+    return {
+        "fn": "pipelines.fashion_mnist:keep_labels",
+        "kwargs": {"num_labels": s.student_labels, "num_records": num_records, "seed": s.seed},
+    }
+
+
+def parquet_dataset(
+    path: str, num_shards: int, label_transform: dict[str, Any] | None = None
+) -> Any:
+    """The file-backed dataset over one split written by :func:`write_parquet_split`."""
+    from kdcache.data.files import ParquetDataset
+    from kdcache.data.transforms import Transform
+
+    n = pq_num_rows(path)
+    return ParquetDataset(
+        path,
+        id_column=ID_COLUMN,
+        input_columns=IMAGE_COLUMN,
+        input_shape=(28, 28),
+        label_column=LABEL_COLUMN,
+        rows_per_shard=-(-n // num_shards),
+        label_transform=None if label_transform is None else Transform(**label_transform),
+    )
+
+
+def pq_num_rows(path: str) -> int:
+    import pyarrow.parquet as pq
+
+    return int(pq.read_metadata(path).num_rows)
 
 
 def _content_hash(*arrays: np.ndarray | None) -> str:
@@ -382,10 +507,25 @@ def run(s: Settings) -> dict[str, Any]:
         )
     if not 1 <= s.num_shards <= n:
         raise kdcache.errors.ConfigError(f"--num-shards must be in 1..{n}, got {s.num_shards}")
+    # The teachers train from the IDX arrays in memory; both kdcache stages read the
+    # splits from Parquet, through the file-backed dataset, where they are used.
     train = ArrayDataset(
         np.arange(n), x_train, y_train, num_shards=s.num_shards, preprocessing=PREPROCESSING
     )
-    log.info("data: %d training images in %d shards, %d test images", n, s.num_shards, len(x_test))
+    train_path = write_parquet_split(
+        split_path(s, "train"), np.arange(n), x_train, y_train, s.num_shards
+    )
+    write_parquet_split(
+        split_path(s, "test"), TEST_ID_OFFSET + np.arange(len(x_test)), x_test, y_test, 1
+    )
+    train_files = parquet_dataset(train_path, s.num_shards)
+    log.info(
+        "data: %d training images in %d shards (%s), %d test images",
+        n,
+        train_files.num_shards,
+        train_path,
+        len(x_test),
+    )
 
     # -- teachers ----------------------------------------------------------------------
     t = time.perf_counter()
@@ -396,10 +536,16 @@ def run(s: Settings) -> dict[str, Any]:
     timings["teachers_s"] = time.perf_counter() - t
 
     # -- teacher stage on Ray ------------------------------------------------------------
+    # The teachers go to the actors as specs (a factory and a weights file): each actor
+    # loads them where it runs; the driver only hashes the files. Same key as build.yaml.
+    specs = [
+        TeacherSpec.checkpoint(t.name, "pipelines.models:build_model", p, kwargs=t.config)
+        for t, p in zip(teachers, paths, strict=True)
+    ]
     t = time.perf_counter()
     cache = kdcache.build_cache(
-        train,
-        ensemble,
+        train_files,
+        kdcache.TeacherEnsemble(specs, rule="mean_probs"),
         temperature=s.temperature,
         root=s.cache_root,
         executor=s.executor,
@@ -419,10 +565,8 @@ def run(s: Settings) -> dict[str, Any]:
     build_yaml = write_build_config(s, list(zip(teachers, paths, strict=True)))
 
     # -- student stage on DeepSpeed ---------------------------------------------------------
-    labelled, masked = _student_labels(y_train, s.student_labels, s.seed)
-    kd_data = ArrayDataset(
-        np.arange(n), x_train, masked, num_shards=s.num_shards, preprocessing=PREPROCESSING
-    )
+    labelled, _ = _student_labels(y_train, s.student_labels, s.seed)
+    kd_data = parquet_dataset(train_path, s.num_shards, student_label_transform(s, n))
     hard_data = train.subset(labelled, num_shards=1)
     batch = min(s.batch_size, s.student_labels)
     kd_stream = kdcache.SoftTargetDataset(cache, kd_data, batch_size=batch, seed=s.seed)
@@ -584,6 +728,21 @@ def sweep_students(s: Settings, train_yaml: str, steps: int) -> dict[str, Any]:
     return {"table": result.csv_path, "plot": result.plot_path, "best": result.best}
 
 
+def dataset_config(s: Settings, split: str) -> dict[str, Any]:
+    """A config's ``dataset`` mapping for one Parquet split of this run (by path and
+    columns, as :class:`kdcache.jobs.config.DatasetConfig` reads it)."""
+    path = os.path.abspath(split_path(s, split))
+    n = pq_num_rows(path)
+    return {
+        "path": path,
+        "id_column": ID_COLUMN,
+        "input_columns": IMAGE_COLUMN,
+        "input_shape": [28, 28],
+        "label_column": LABEL_COLUMN,
+        "rows_per_shard": -(-n // (s.num_shards if split == "train" else 1)),
+    }
+
+
 def write_build_config(s: Settings, teachers: list[tuple[kdcache.Teacher, str]]) -> str:
     """Write WORK_DIR/build.yaml: the teacher stage of this run as a ``kdcache build``
     config, so it can be rerun or submitted to a cluster without the demo."""
@@ -592,10 +751,7 @@ def write_build_config(s: Settings, teachers: list[tuple[kdcache.Teacher, str]])
     config = {
         "root": os.path.abspath(s.cache_root) if "://" not in s.cache_root else s.cache_root,
         "alias": "fashion-mnist-ensemble",
-        "dataset": {
-            "factory": "pipelines.fashion_mnist:train_dataset",
-            "kwargs": {"data_dir": s.data_dir, "num_shards": s.num_shards, "subset": s.subset},
-        },
+        "dataset": dataset_config(s, "train"),
         "teachers": [
             {
                 "name": t.name,
@@ -627,7 +783,7 @@ def write_train_config(s: Settings, cache_key: str, batch: int, steps: int, eval
     ``kdcache train WORK_DIR/train.yaml`` reproduces it without the demo."""
     import yaml
 
-    data = {"data_dir": s.data_dir, "subset": s.subset}
+    n = pq_num_rows(split_path(s, "train"))
     config = {
         "output_dir": os.path.abspath(os.path.join(s.work_dir, "train")),
         "student": {
@@ -639,15 +795,10 @@ def write_train_config(s: Settings, cache_key: str, batch: int, steps: int, eval
             "root": os.path.abspath(s.cache_root) if "://" not in s.cache_root else s.cache_root,
         },
         "dataset": {
-            "factory": "pipelines.fashion_mnist:student_dataset",
-            "kwargs": {
-                **data,
-                "num_shards": s.num_shards,
-                "student_labels": s.student_labels,
-                "seed": s.seed,
-            },
+            **dataset_config(s, "train"),
+            "label_transform": student_label_transform(s, n),
         },
-        "eval_dataset": {"factory": "pipelines.fashion_mnist:heldout_dataset", "kwargs": data},
+        "eval_dataset": dataset_config(s, "test"),
         "lr": s.lr,
         "loss": {"kind": "forward_kl", "temperature": s.temperature, "alpha": s.alpha},
         "stream": {"global_batch_size": batch},  # one rank: batch rows per step

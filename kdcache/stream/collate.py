@@ -84,7 +84,13 @@ def _concat_columns(parts: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]
 
 
 def _to_torch(batch: dict[str, np.ndarray]) -> dict[str, Any]:
-    return {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in batch.items()}
+    """Tensors of a batch's columns; read-only columns (views of a file-backed dataset's
+    Arrow buffers) are copied, never handed to torch as writable memory they are not."""
+    out = {}
+    for k, v in batch.items():
+        v = np.ascontiguousarray(v)
+        out[k] = torch.from_numpy(v if v.flags.writeable else v.copy())
+    return out
 
 
 def _take_sparse(t: SparseTargets, rows: np.ndarray) -> SparseTargets:

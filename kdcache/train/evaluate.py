@@ -89,7 +89,8 @@ def evaluate_classifier(
             cols = dataset.read_shard(shard)
             if "labels" not in cols:
                 raise ConfigError("the eval dataset has no labels; give one with labels")
-            inputs, labels = cols["inputs"], np.asarray(cols["labels"], dtype=np.int64)
+            # a copy: file-backed datasets give read-only views of their Arrow buffers
+            inputs, labels = cols["inputs"], np.array(cols["labels"], dtype=np.int64)
             for lo in range(0, len(labels), batch_size):
                 y = torch.from_numpy(labels[lo : lo + batch_size])
                 keep = y != -100
