@@ -11,31 +11,41 @@ from kdcache import losses, targets
 from kdcache._version import __version__
 from kdcache.build.stage import BuildReport, build_cache
 from kdcache.data.base import ArrayDataset, ShardedDataset
+from kdcache.data.files import ArrowDataset, HFDiskDataset, ParquetDataset, open_dataset
 from kdcache.data.tokens import TokenDataset
+from kdcache.data.transforms import Transform
 from kdcache.errors import KDCacheError
 from kdcache.executors.config import ExecutorConfig
 from kdcache.stores.catalog import open_cache
 from kdcache.stores.entry import CacheEntry
 from kdcache.stores.view import EnsembleView
 from kdcache.stream.dataset import ShardedStream, SoftTargetDataset
+from kdcache.teachers.spec import TeacherResources, TeacherSpec
 from kdcache.teachers.teacher import Teacher, TeacherEnsemble
 
 __all__ = [
     "ArrayDataset",
+    "ArrowDataset",
     "BuildReport",
     "CacheEntry",
     "EnsembleView",
     "ExecutorConfig",
+    "HFDiskDataset",
     "KDCacheError",
+    "ParquetDataset",
     "ShardedDataset",
     "ShardedStream",
     "SoftTargetDataset",
     "Teacher",
     "TeacherEnsemble",
+    "TeacherResources",
+    "TeacherSpec",
     "TokenDataset",
+    "Transform",
     "__version__",
     "build_cache",
     "losses",
     "open_cache",
+    "open_dataset",
     "targets",
 ]
