@@ -13,7 +13,7 @@ def test_quickstart_runs():
     with open(README) as f:
         text = f.read()
     blocks = re.findall(r"```python\n(.*?)```", text, flags=re.S)
-    (quickstart,) = [b for b in blocks if "kdcache.build_cache" in b]
+    (quickstart,) = [b for b in blocks if "kdcache.build_cache" in b and "toy_dataset" in b]
     code = quickstart.replace("root=root)", 'root=root, executor="local", progress=False)')
     assert code.count('executor="local"') == 2
     namespace: dict = {}
