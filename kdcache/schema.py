@@ -91,6 +91,21 @@ def is_sha256(value: Any) -> bool:
     return isinstance(value, str) and len(value) == 64 and all(c in _HEX for c in value)
 
 
+#: Algorithms of an input shard's digest (``ShardRecord.input_digest``), by the number of
+#: hex digits they give.
+INPUT_DIGEST_ALGORITHMS = {"xxh3_128": 32, "sha256": 64}
+
+
+def is_input_digest(value: Any) -> bool:
+    """Whether ``value`` is an input digest, ``"<algorithm>:<hex>"`` with an algorithm of
+    :data:`INPUT_DIGEST_ALGORITHMS` and its number of lowercase hex digits."""
+    if not isinstance(value, str):
+        return False
+    algorithm, sep, digits = value.partition(":")
+    width = INPUT_DIGEST_ALGORITHMS.get(algorithm)
+    return bool(sep) and width == len(digits) and all(c in _HEX for c in digits)
+
+
 def add_backend_name(name: str) -> None:
     """Accept ``name`` as a backend in target specs (see :data:`BACKENDS`).
 
@@ -319,9 +334,10 @@ class ShardRecord:
         max_sample_id: Largest ``sample_id`` in the file.
         sha256: Hex SHA-256 of the whole data file.
         num_bytes: Size of the data file in bytes.
-        input_sha256: Hex SHA-256 of the input shard the rows were computed from, as the
-            dataset read it (file-backed datasets: ids and input columns); None when the
-            dataset computes no digest. A reader that joins inputs checks it.
+        input_digest: Digest of the input shard the rows were computed from, as the
+            dataset read it (file-backed datasets: ids and input columns), as
+            ``"<algorithm>:<hex>"`` (:func:`is_input_digest`); None when the dataset
+            computes none. A reader that joins inputs checks it.
 
     The sidecar JSON also holds ``vocab_size`` (V) and, for sparse entries,
     ``num_entries`` (E, kept ids stored) and ``num_slots`` (S); readers ignore keys they
@@ -335,12 +351,12 @@ class ShardRecord:
     max_sample_id: int
     sha256: str
     num_bytes: int
-    input_sha256: str | None = None
+    input_digest: str | None = None
 
     def to_json(self) -> dict[str, Any]:
         out = dataclasses.asdict(self)
-        if out["input_sha256"] is None:
-            del out["input_sha256"]  # records of datasets without a digest stay as before
+        if out["input_digest"] is None:
+            del out["input_digest"]  # records of datasets without a digest stay as before
         return out
 
     @classmethod
@@ -369,9 +385,10 @@ class ShardRecord:
         sha = values["sha256"]
         if not isinstance(sha, str) or len(sha) != 64 or any(c not in _HEX for c in sha):
             raise CacheCorruptError(f"{where}: sha256 must be 64 hex digits, got {sha!r}")
-        if values["input_sha256"] is not None and not is_sha256(values["input_sha256"]):
+        if values["input_digest"] is not None and not is_input_digest(values["input_digest"]):
             raise CacheCorruptError(
-                f"{where}: input_sha256 must be 64 hex digits, got {values['input_sha256']!r}"
+                f"{where}: input_digest must be '<algorithm>:<hex digits>', got "
+                f"{values['input_digest']!r}"
             )
         name = values["file"]
         if (

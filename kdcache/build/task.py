@@ -56,7 +56,7 @@ def compute_shard(
     input batches are held. Every batch goes to each teacher in turn; each teacher's
     scaled logits [B, V] (or its sparse targets) are kept per batch and written as its
     output shard after the last batch, with the reader's digest of the input
-    (``input_sha256``, when the dataset computes one). Tokens (``layout = "tokens"``): the
+    (``input_digest``, when the dataset computes one). Tokens (``layout = "tokens"``): the
     whole shard is read once and each teacher runs over it in turn.
 
     Args:
@@ -84,7 +84,7 @@ def compute_shard(
         num_rows = 0
         for teacher, entry in zip(teachers, entries, strict=True):
             num_rows = _compute_token_shard(
-                shard, teacher, entry, shard_index, batch_size, input_sha256=digest
+                shard, teacher, entry, shard_index, batch_size, input_digest=digest
             )
         return {
             "samples": float(len(shard["sample_id"]) * len(teachers)),
@@ -105,7 +105,7 @@ def compute_shard(
     ids = np.concatenate(id_parts) if id_parts else np.zeros(0, np.int64)
     _check_rows(dataset, shard_index, len(ids), expected_rows)
     for out in outputs:
-        out.write(shard_index, ids, input_sha256=reader.digest)
+        out.write(shard_index, ids, input_digest=reader.digest)
     return {
         "samples": float(len(ids) * len(teachers)),
         "seconds": time.perf_counter() - start,
@@ -176,7 +176,7 @@ class _RecordOutputs:
             batch_labels = torch.from_numpy(np.asarray(labels))
         self.parts.append(sparsify(scaled, spec, labels_M=batch_labels, row_sample_ids_M=batch_ids))
 
-    def write(self, shard_index: int, ids: np.ndarray, *, input_sha256: str | None) -> None:
+    def write(self, shard_index: int, ids: np.ndarray, *, input_digest: str | None) -> None:
         """Commit the output shard (ids [N] int64, in input order)."""
         if self.spec.is_sparse:
             if not self.parts:
@@ -186,11 +186,11 @@ class _RecordOutputs:
                 ids,
                 concat_sparse(self.parts),
                 vocab_size=self.width,
-                input_sha256=input_sha256,
+                input_digest=input_digest,
             )
         else:
             values = np.concatenate(self.parts) if self.parts else np.zeros((0, 0), np.float32)
-            self.entry.write_shard(shard_index, ids, values, input_sha256=input_sha256)
+            self.entry.write_shard(shard_index, ids, values, input_digest=input_digest)
 
 
 def _teacher_vocab(teacher: Teacher | TeacherSpec) -> int | None:
@@ -205,7 +205,7 @@ def _compute_token_shard(
     shard_index: int,
     batch_size: int,
     *,
-    input_sha256: str | None = None,
+    input_digest: str | None = None,
 ) -> int:
     """Token path of :func:`compute_shard`: per-position targets for one teacher.
 
@@ -289,7 +289,7 @@ def _compute_token_shard(
         values,
         vocab_size=vocab or width,
         positions_N=all_pos,
-        input_sha256=input_sha256,
+        input_digest=input_digest,
     )
     return len(all_ids)
 

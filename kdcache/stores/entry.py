@@ -314,7 +314,7 @@ class CacheEntry:
         *,
         vocab_size: int | None = None,
         positions_N: np.ndarray | None = None,
-        input_sha256: str | None = None,
+        input_digest: str | None = None,
     ) -> ShardRecord:
         """Write and commit one shard: data file (atomic), then its sidecar (atomic).
 
@@ -333,9 +333,9 @@ class CacheEntry:
                 t + 1), strictly increasing within each sample's run. Stored as the row
                 column ``position`` (int32) with ``meta["token_level"] = true``; see
                 ``docs/format.md``, "Token-level entries".
-            input_sha256: The digest of the input shard the values were computed from
+            input_digest: The digest of the input shard the values were computed from
                 (:class:`kdcache.data.ShardBatches`), recorded in the sidecar as
-                ``input_sha256`` so that a reader can check that the inputs it joins are
+                ``input_digest`` so that a reader can check that the inputs it joins are
                 the ones the teacher saw. None: not recorded.
 
         Returns:
@@ -353,8 +353,11 @@ class CacheEntry:
         backend = get_backend(spec.backend)
         stem = schema.shard_stem(index)
         where = f"{self.key}/{stem}"
-        if input_sha256 is not None and not schema.is_sha256(input_sha256):
-            raise ConfigError(f"{where}: input_sha256 must be 64 hex digits, got {input_sha256!r}")
+        if input_digest is not None and not schema.is_input_digest(input_digest):
+            raise ConfigError(
+                f"{where}: input_digest must be '<algorithm>:<hex digits>' (e.g. "
+                f"'xxh3_128:' and 32 hex digits), got {input_digest!r}"
+            )
         ids = np.ascontiguousarray(np.asarray(sample_ids_N), dtype=np.int64)
         if ids.ndim != 1:
             raise TeacherOutputError(f"{where}: sample_ids must have shape [N], got {ids.shape}")
@@ -384,7 +387,7 @@ class CacheEntry:
             max_sample_id=int(ids.max()) if len(ids) else -1,
             sha256=sha256_hex(data),
             num_bytes=len(data),
-            input_sha256=input_sha256,
+            input_digest=input_digest,
         )
         record = {**rec.to_json(), **extra}
         self.shards_location.write_atomic(stem + ".json", _dumps(record))

@@ -81,7 +81,7 @@ def read_inputs(
     teachers saw.
 
     When the teacher stage recorded the input shard's digest (file-backed datasets:
-    ``input_sha256`` in each shard's commit record) and ``verify`` is on, the shard is
+    ``input_digest`` in each shard's commit record) and ``verify`` is on, the shard is
     read with its digest (:func:`kdcache.data.base.read_shard_checked`) and compared with
     every entry's record, so that soft targets are never joined to inputs that changed
     after the cache was built (same ids, other pixels).
@@ -97,8 +97,8 @@ def read_inputs(
     if verify:
         for e in view.entries:
             rec = e.manifest_record(index)
-            if rec.input_sha256 is not None:
-                recorded.append((e, rec.input_sha256))
+            if rec.input_digest is not None:
+                recorded.append((e, rec.input_digest))
     if not recorded:
         return dataset.read_shard(index)
     shard, digest = read_shard_checked(dataset, index)

@@ -73,7 +73,7 @@ def test_the_driver_reads_no_records_on_ray(local_ray, tmp_path, root, monkeypat
     )
     monkeypatch.undo()
     assert verify(cache).ok
-    assert all(rec.input_sha256 for e in cache.entries for rec in e.shards)
+    assert all(rec.input_digest for e in cache.entries for rec in e.shards)
     ids, scaled = cache.entries[0].read_shard(2)
     want = linear_teacher(seed=0).logits(torch.from_numpy(x[40:60])) / 2.0
     np.testing.assert_array_equal(ids, np.arange(540, 560))

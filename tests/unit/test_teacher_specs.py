@@ -427,7 +427,7 @@ class TinyStreaming:
                 h.update(batch["sample_id"].tobytes() + batch["inputs"].tobytes())
                 self.threads.add(threading.current_thread().name)
                 yield batch
-            reader.digest = h.hexdigest()
+            reader.digest = "sha256:" + h.hexdigest()
 
         reader._batches = batches()
         return reader
@@ -458,7 +458,7 @@ def test_streaming_compute_shard_writes_the_bytes_of_before(tmp_path):
         rec_new, _ = new.committed_shard(i)
         rec_old, _ = old.committed_shard(i)
         assert rec_new.sha256 == rec_old.sha256
-        assert rec_new.input_sha256 is None  # an ArrayDataset computes no digest
+        assert rec_new.input_digest is None  # an ArrayDataset computes no digest
 
 
 @pytest.mark.parametrize(("kind", "params"), [("dense", None), ("topk", {"k": 2, "labels": True})])
@@ -485,7 +485,7 @@ def test_a_streaming_dataset_is_read_once_per_shard_ahead_of_the_teachers(tmp_pa
             assert rec_g.sha256 == rec_w.sha256  # byte-identical to the whole-shard read
             reader = TinyStreaming(base).open_shard(i, 7)
             list(reader)
-            assert rec_g.input_sha256 == reader.digest is not None
+            assert rec_g.input_digest == reader.digest is not None
 
 
 def test_prefetch_depth_and_an_error_mid_shard(monkeypatch, root):
