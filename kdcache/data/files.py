@@ -1130,7 +1130,8 @@ class FileDataset:
         display = self._root.display(self._names[shard.file])
         if not len(ids):
             return
-        ordered = np.sort(ids)
+        # Sorted ids (the common case) are checked in one pass, without a sort.
+        ordered = ids if bool(np.all(ids[1:] > ids[:-1])) else np.sort(ids)
         dup = ordered[1:][ordered[1:] == ordered[:-1]]
         if len(dup):
             raise DataError(

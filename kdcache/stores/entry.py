@@ -363,7 +363,8 @@ class CacheEntry:
             raise TeacherOutputError(f"{where}: sample_ids must have shape [N], got {ids.shape}")
         positions = None
         if positions_N is None:
-            if len(np.unique(ids)) != len(ids):
+            # strictly increasing ids (the common case) are unique without a sort
+            if not bool(np.all(ids[1:] > ids[:-1])) and len(np.unique(ids)) != len(ids):
                 raise SampleIdMismatchError(f"shard {index}: duplicate sample_id values")
         else:
             positions = _check_token_rows(ids, positions_N, f"shard {index}")
