@@ -9,6 +9,21 @@ a Ray user would pass to ``ray job submit --working-dir . --``. So a job does ex
 what the same command does on a workstation, and ``ray job list/logs/stop`` show and
 control it.
 
+**Secrets never travel with a job.** Whatever a job carries is readable by anyone who can
+reach the cluster's Jobs API (``ray job list`` shows each job's entrypoint, metadata and
+``runtime_env``, with its ``env_vars``) and lands in the job's logs and in the uploaded
+package. :func:`job_spec` therefore refuses, before anything is sent, credentials in a URI
+(``s3://KEY:SECRET@bucket``, ``https://user:password@host``, ``?secret_key=...``) anywhere
+in the config, the overrides, ``pip`` or the runtime environment; environment variables
+whose names mark a secret (``AWS_SECRET_ACCESS_KEY``, ``AWS_SESSION_TOKEN``,
+``AWS_ACCESS_KEY_ID``, ``HF_TOKEN``, ``*_API_KEY``, ``*_PASSWORD``, see
+:func:`secret_name`); secret-named keys with a string value in the config (``token``,
+``hf_token``, ``api_key``); and a job server address with credentials in it. Messages
+show such a value redacted (:func:`redact`). A job gets its credentials from the cluster
+instead: the nodes' identity (an instance profile, IRSA, Workload Identity) or environment
+variables set on the nodes when the cluster starts (a Kubernetes Secret in the pods'
+``env``); see ``docs/security.md``.
+
 The config travels as a file in the working directory. A config inside the working
 directory that Ray uploads is named by its own relative path. One that is not uploaded
 (outside the working directory, or under a git-ignored path such as ``runs/``: Ray's
@@ -26,6 +41,7 @@ import asyncio
 import contextlib
 import logging
 import os
+import re
 import shlex
 import shutil
 import time
@@ -155,13 +171,213 @@ class JobResult:
         return self.status in TERMINAL
 
 
+# -- secrets ----------------------------------------------------------------------------
+
+#: Words of a name (split at ``_``, ``-``, ``.``; upper-cased) that mark a secret.
+_SECRET_WORDS = frozenset(
+    {"SECRET", "TOKEN", "PASSWORD", "PASSWD", "PASSPHRASE", "CREDENTIAL", "CREDENTIALS", "APIKEY"}
+)
+#: Consecutive words that do (``AWS_ACCESS_KEY_ID``, ``OPENAI_API_KEY``, ...).
+_SECRET_PAIRS = frozenset(
+    {
+        ("ACCESS", "KEY"),
+        ("API", "KEY"),
+        ("PRIVATE", "KEY"),
+        ("ACCOUNT", "KEY"),
+        ("STORAGE", "KEY"),
+        ("CONNECTION", "STRING"),
+    }
+)
+#: In config keys "token" is a word of language modelling (``eos_token``, ``pad_token``):
+#: there only these mark a secret.
+_TOKEN_OWNERS = frozenset({"AUTH", "ACCESS", "SESSION", "API", "HF", "HUB", "BEARER", "REFRESH"})
+
+_USERINFO = re.compile(r"(?P<scheme>[A-Za-z][A-Za-z0-9+.\-]*)://(?P<info>[^/\s@?#]+)@")
+_QUERY_PARAM = re.compile(r"(?P<sep>[?&;])(?P<name>[A-Za-z0-9_.\-]+)=(?P<value>[^&;\s#]*)")
+
+
+def _words(name: str) -> list[str]:
+    return [w for w in re.split(r"[_\-.]", name.upper()) if w]
+
+
+def secret_name(name: str, *, config_key: bool = False) -> bool:
+    """Whether an environment variable (or, with ``config_key``, a config key) is named
+    like a secret: a word such as SECRET, TOKEN, PASSWORD or CREDENTIALS, or a pair such
+    as ACCESS_KEY or API_KEY (``TOKENIZERS_PARALLELISM`` and ``MAX_TOKENS`` are not).
+
+    In config keys a bare ``token`` word only counts as the whole key or after AUTH,
+    ACCESS, SESSION, API, HF, HUB, BEARER or REFRESH (``eos_token`` is a vocabulary entry).
+
+    Example:
+        >>> secret_name("AWS_SECRET_ACCESS_KEY"), secret_name("TOKENIZERS_PARALLELISM")
+        (True, False)
+        >>> secret_name("eos_token", config_key=True), secret_name("hf_token", config_key=True)
+        (False, True)
+    """
+    words = _words(name)
+    for i, word in enumerate(words):
+        if word == "TOKEN" and config_key:
+            if len(words) == 1 or (i and words[i - 1] in _TOKEN_OWNERS):
+                return True
+            continue
+        if word in _SECRET_WORDS:
+            return True
+        if i and (words[i - 1], word) in _SECRET_PAIRS:
+            return True
+    return False
+
+
+def _secret_userinfo(scheme: str, info: str) -> bool:
+    # "user:password@" always; a bare "TOKEN@" too, except ssh's user name (git@github.com)
+    return ":" in info or "ssh" not in scheme.lower().split("+")
+
+
+def credentials_in(text: str) -> bool:
+    """Whether ``text`` holds credentials in a URI: ``scheme://user:password@host``,
+    ``https://TOKEN@host``, or a secret-named query option (``?secret_key=...``,
+    ``&session_token=...``, ``&sig=...``).
+
+    Example:
+        >>> credentials_in("s3://AKIA:wJalr@bucket/cache"), credentials_in("s3://bucket/c")
+        (True, False)
+    """
+    for m in _USERINFO.finditer(text):
+        if _secret_userinfo(m["scheme"], m["info"]):
+            return True
+    if "://" in text or text.startswith("?"):
+        for m in _QUERY_PARAM.finditer(text):
+            name = m["name"]
+            if m["value"] and (secret_name(name) or name.lower() in ("sig", "signature")):
+                return True
+    return False
+
+
+def redact(text: str) -> str:
+    """``text`` with the credentials of its URIs replaced by ``***`` (for messages).
+
+    Example:
+        >>> redact("s3://AKIA:wJalr@bucket/p?region=x&secret_key=abc")
+        's3://***@bucket/p?region=x&secret_key=***'
+    """
+
+    def info(m: re.Match[str]) -> str:
+        if _secret_userinfo(m["scheme"], m["info"]):
+            return f"{m['scheme']}://***@"
+        return m.group(0)
+
+    def query(m: re.Match[str]) -> str:
+        name = m["name"]
+        if secret_name(name) or name.lower() in ("sig", "signature"):
+            return f"{m['sep']}{name}=***"
+        return m.group(0)
+
+    out = _USERINFO.sub(info, text)
+    return _QUERY_PARAM.sub(query, out) if "://" in out else out
+
+
+_HOW = (
+    "a submitted job's entrypoint, metadata and runtime_env (with its env_vars) are "
+    "readable by anyone who can reach the cluster's Jobs API, and they reach the job's "
+    "logs; give the cluster its own credentials instead: the nodes' identity (an instance "
+    "profile, IRSA, Workload Identity) or environment variables set on the nodes when the "
+    "cluster starts (for KubeRay, a Kubernetes Secret in the pods' env); see "
+    "docs/security.md"
+)
+
+
+def _walk(value: Any, where: str) -> Iterator[tuple[str, str, Any]]:
+    """(dotted path, key, value) of every leaf of nested dicts and lists."""
+    if isinstance(value, dict):
+        for k, v in value.items():
+            yield from _walk(v, f"{where}.{k}" if where else str(k))
+    elif isinstance(value, list | tuple):
+        for i, v in enumerate(value):
+            yield from _walk(v, f"{where}.{i}" if where else str(i))
+    else:
+        yield where, where.rpartition(".")[2], value
+
+
+def _refuse_in_config(config: dict[str, Any], overrides: Sequence[str] = ()) -> None:
+    """Refuse credentials in a config (file data or resolved) or in ``key=value``
+    overrides, before the config is validated (whose messages would echo the value)."""
+    items = list(_walk(config, ""))
+    for item in overrides:
+        key, _, value = item.partition("=")
+        items.append((key, key.rpartition(".")[2], value))
+    for path, key, value in items:
+        if not isinstance(value, str):
+            continue
+        if credentials_in(value):
+            raise ConfigError(
+                f"the config's {path} holds credentials in a URI ({redact(value)}); remove "
+                f"them from the URI: {_HOW}"
+            )
+        if value and secret_name(key, config_key=True):
+            raise ConfigError(
+                f"expected no secrets in the config, found {path}, named like one; it would "
+                f"travel in the job's config file and command line: {_HOW}"
+            )
+
+
+def refuse_secrets(
+    config: dict[str, Any],
+    runtime_env: dict[str, Any],
+    *,
+    entrypoint: str = "",
+    metadata: dict[str, str] | None = None,
+) -> None:
+    """Refuse a job that would carry a secret (see the module docstring).
+
+    Args:
+        config: The resolved config (overrides applied), as :func:`stage_config` returns.
+        runtime_env: The job's runtime environment.
+        entrypoint: The job's command line.
+        metadata: The job's labels.
+
+    Raises:
+        ConfigError: naming where the secret is, with the value redacted, and the
+            supported way to give a job credentials.
+    """
+    _refuse_in_config(config)
+    env = runtime_env.get("env_vars") or {}
+    for name, value in env.items():
+        if secret_name(str(name)):
+            raise ConfigError(
+                f"expected no secrets in the job's environment, found {name} (--env or the "
+                f"runtime env's env_vars): {_HOW}"
+            )
+        if credentials_in(str(value)):
+            raise ConfigError(
+                f"the job's environment variable {name} holds credentials in a URI "
+                f"({redact(str(value))}): {_HOW}"
+            )
+    for path, _, value in _walk({k: v for k, v in runtime_env.items() if k != "env_vars"}, ""):
+        if isinstance(value, str) and credentials_in(value):
+            pip = (
+                "for a private package index, configure pip on the nodes (pip.conf, or "
+                "PIP_INDEX_URL in their environment); "
+                if path.startswith("pip")
+                else ""
+            )
+            raise ConfigError(
+                f"the job's runtime_env {path} holds credentials in a URI ({redact(value)}); "
+                f"{pip}{_HOW}"
+            )
+    for what, text in (
+        ("entrypoint", entrypoint),
+        *((f"metadata {k}", v) for k, v in (metadata or {}).items()),
+    ):
+        if credentials_in(text):
+            raise ConfigError(f"the job's {what} holds credentials ({redact(text)}): {_HOW}")
+
+
 def resolve_address(address: str | None) -> str:
     """The job server address: ``address``, else ``RAY_API_SERVER_ADDRESS`` or
     ``RAY_ADDRESS`` when it is an http(s) URL.
 
     Raises:
-        ConfigError: none is given, or the address is a GCS address (``host:6379``)
-            rather than the dashboard's job server.
+        ConfigError: none is given, the address is a GCS address (``host:6379``)
+            rather than the dashboard's job server, or it holds credentials.
     """
     if not address:
         env = os.environ.get("RAY_API_SERVER_ADDRESS") or os.environ.get("RAY_ADDRESS", "")
@@ -170,6 +386,13 @@ def resolve_address(address: str | None) -> str:
         raise ConfigError(
             "expected the Ray job server address, found none; pass --address "
             "http://HEAD:8265 (the dashboard port) or set RAY_API_SERVER_ADDRESS"
+        )
+    if credentials_in(address):
+        raise ConfigError(
+            f"the job server address {redact(address)} holds credentials, which would be "
+            "printed and logged; give the address alone and Ray's token through the "
+            "environment: RAY_AUTH_MODE=token with RAY_AUTH_TOKEN_PATH (a file) or "
+            "RAY_AUTH_TOKEN"
         )
     if not address.startswith(("http://", "https://", "ray://")):
         host, _, port = address.rpartition(":")
@@ -261,8 +484,9 @@ def job_spec(
         excludes: Extra gitignore-style patterns left out of the upload (added to
             :data:`DEFAULT_EXCLUDES`).
         pip: Packages the cluster installs for the job (runtime_env ``pip``).
-        env_vars: Environment variables for the job (credentials for ``s3://`` roots
-            are better given by the cluster's own identity than here).
+        env_vars: Environment variables for the job; never secrets (refused: see the
+            module docstring; credentials come from the cluster's own identity or the
+            nodes' environment).
         runtime_env: A base runtime environment (``ray job submit --runtime-env``
             style); the arguments above are merged into it.
         workers: Student stage only: Ray Train ranks (sets ``ray.enabled``,
@@ -281,8 +505,9 @@ def job_spec(
 
     Raises:
         ConfigError: a bad config (see :func:`stage_config`), a missing working
-            directory, ``workers`` for the teacher stage, or a config that Ray's upload
-            would leave out even when copied to ``.kdcache-jobs/``.
+            directory, ``workers`` for the teacher stage, a config that Ray's upload
+            would leave out even when copied to ``.kdcache-jobs/``, or a secret the job
+            would carry (:func:`refuse_secrets`; the message shows it redacted).
     """
     if workers < 0 or cpus_per_worker <= 0:
         raise ConfigError(
@@ -301,6 +526,10 @@ def job_spec(
             f"ray.use_gpu={'true' if use_gpu else 'false'}",
             f"ray.cpus_per_worker={cpus_per_worker}",
         ]
+    if os.path.exists(config_path):  # before validation, whose messages echo values
+        from kdcache.jobs.config import read_file
+
+        _refuse_in_config(read_file(config_path), overrides)
     data = stage_config(stage, config_path, overrides)
     # Inside a job, Ray is the cluster the job runs on (the job supervisor sets
     # RAY_ADDRESS); an address from the submitting machine means nothing there.
@@ -339,6 +568,8 @@ def job_spec(
         shipped[config_file] = os.path.abspath(config_path)
     command = "kdcache" if python is None else f"{python} -m kdcache.cli"
     entrypoint = shlex.join([*shlex.split(command), stage, config_file, *overrides])
+    metadata = {"kdcache_stage": stage, "kdcache_config": os.path.basename(config_path)}
+    refuse_secrets(data, rt, entrypoint=entrypoint, metadata=metadata)
     return JobSpec(
         stage=stage,
         config=data,
@@ -347,7 +578,7 @@ def job_spec(
         submission_id=job_id,
         entrypoint_num_cpus=entrypoint_num_cpus,
         entrypoint_num_gpus=entrypoint_num_gpus,
-        metadata={"kdcache_stage": stage, "kdcache_config": os.path.basename(config_path)},
+        metadata=metadata,
         config_file=config_file,
         shipped=shipped,
     )
@@ -380,13 +611,22 @@ def _placed(spec: JobSpec) -> Iterator[None]:
 
 def _client(address: str | None) -> Any:
     require("ray", "ray")
-    from ray.exceptions import RayError
+    from ray.exceptions import AuthenticationError, RayError
     from ray.job_submission import JobSubmissionClient
 
     url = resolve_address(address)
     try:
         return JobSubmissionClient(url)
-    except RayError as exc:  # AuthenticationError, among others
+    except AuthenticationError as exc:
+        raise JobServerError(
+            f"the Ray job server at {url} asks for its authentication token: expected "
+            f"RAY_AUTH_MODE=token with RAY_AUTH_TOKEN_PATH (a file holding the cluster's "
+            f"token) or RAY_AUTH_TOKEN here, found RAY_AUTH_MODE="
+            f"{os.environ.get('RAY_AUTH_MODE', '(unset)')}; for a head of "
+            'cluster/local_ray.sh run: eval "$(bash cluster/local_ray.sh env)" '
+            f"(Ray says: {str(exc).splitlines()[0]})"
+        ) from exc
+    except RayError as exc:
         raise JobServerError(f"the Ray job server at {url} refused the connection: {exc}") from exc
     except (ConnectionError, RuntimeError) as exc:
         raise JobServerError(

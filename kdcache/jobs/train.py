@@ -3,10 +3,13 @@ workers: stream, loss, checkpoints, export and the summary."""
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
+import logging
 import os
 import uuid
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -15,6 +18,7 @@ from kdcache.errors import ConfigError, require
 from kdcache.stores.fs import Location
 from kdcache.train.distributed import (
     cpu_ds_config,
+    data_parallel_normalizer,
     init_distributed,
     load_ds_config,
     prepare_ds_config,
@@ -24,6 +28,8 @@ from kdcache.train.export import save_safetensors
 from kdcache.train.loop import EvalCallback, TrainResult, train_student
 from kdcache.train.metrics import MetricsLogger, read_metrics
 from kdcache.train.report import _report_int8, plot_curves
+
+log = logging.getLogger(__name__)
 
 
 def local_output_dir(output_dir: str) -> str:
@@ -190,6 +196,9 @@ def train_from_config(
             **order,
         )
 
+    # Every term is averaged over the rows that count in the whole global batch (all ranks),
+    # not over this rank's share: with scarce labels, the ranks hold different numbers of
+    # labelled rows, and a mean per rank would make the model depend on the world size.
     def kd(logits: torch.Tensor, b: dict[str, torch.Tensor]) -> torch.Tensor:
         return losses.kd_loss(
             logits,
@@ -201,12 +210,13 @@ def train_from_config(
             beta=loss_cfg.beta,
             skew=loss_cfg.skew,
             scale_by_temperature_squared=loss_cfg.scale_by_temperature_squared,
+            normalizer=data_parallel_normalizer,
         )
 
     def hard_loss(logits: torch.Tensor, b: dict[str, torch.Tensor]) -> torch.Tensor:
         if "labels" not in b:
             raise ConfigError("loss.kind=cross_entropy needs a dataset with labels")
-        return losses.cross_entropy(logits, b["labels"])
+        return losses.cross_entropy(logits, b["labels"], normalizer=data_parallel_normalizer)
 
     eval_fn = None
     if eval_data is not None:
@@ -381,6 +391,51 @@ def _ray_train_loop(loop_config: dict[str, Any]) -> None:
     train_from_config(cfg, resume=resume, progress=False, on_eval=report)
 
 
+@contextlib.contextmanager
+def loopback_ray() -> Iterator[dict[str, Any]]:
+    """While a Ray that this process starts for itself runs: every server on 127.0.0.1.
+
+    A new local Ray (``ray.init()`` without an address) binds its GCS, raylet, object
+    manager and agents to the machine's address and all interfaces, except in Ray's
+    single-machine mode (``RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0``, the mode it uses on
+    macOS and Windows). The variable reaches the processes ``ray.init`` starts through the
+    environment; this process read it when it imported Ray, so its constant is set too.
+    Both are restored on exit.
+
+    Yields:
+        Keyword arguments for ``ray.init`` (``_node_ip_address="127.0.0.1"``).
+    """
+    name = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
+    saved_env = os.environ.get(name)
+    os.environ[name] = "0"
+    constants: Any = None
+    try:
+        from ray._private import ray_constants
+
+        constants = ray_constants
+    except ImportError:  # Ray moved it: the servers may listen beyond loopback
+        log.warning("cannot keep the local Ray on 127.0.0.1 (Ray's constants moved)")
+    saved = getattr(constants, "ENABLE_RAY_CLUSTER", None)
+    if constants is not None:
+        constants.ENABLE_RAY_CLUSTER = False
+    try:
+        yield {"_node_ip_address": "127.0.0.1"}
+    finally:
+        if constants is not None:
+            constants.ENABLE_RAY_CLUSTER = saved
+        if saved_env is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = saved_env
+
+
+def _starts_a_local_ray(address: str | None) -> bool:
+    """Whether ``ray.init(address=address)`` starts a new Ray rather than joining one."""
+    if address in (None, ""):
+        return not os.environ.get("RAY_ADDRESS")
+    return address == "local"
+
+
 def train_on_ray(cfg: Any, *, resume: bool = False) -> dict[str, Any]:
     """Run :func:`train_from_config` on ``cfg.ray.num_workers`` Ray Train workers.
 
@@ -399,21 +454,30 @@ def train_on_ray(cfg: Any, *, resume: bool = False) -> dict[str, Any]:
     Raises:
         MissingDependencyError: Ray is not installed (extra ``ray``).
     """
-    from kdcache.jobs.config import to_dict
-
     ray = require("ray", "ray")
+    require("ray.train", "raytrain")
+    started = False
+    with contextlib.ExitStack() as stack:
+        if not ray.is_initialized():
+            # log_to_driver: the workers' logs reach this driver, and through it
+            # `kdcache submit` / `kdcache logs` when the stage runs as a Ray job.
+            from kdcache import quiet
+
+            quiet.quiet_ray()  # no ANSI colour codes in the workers' lines in a log file
+            local: dict[str, Any] = {}
+            if _starts_a_local_ray(cfg.ray.address):  # a Ray of our own: loopback only
+                local = stack.enter_context(loopback_ray())
+            ray.init(address=cfg.ray.address, log_to_driver=True, **local)
+            started = True
+        return _fit(ray, cfg, resume, started)
+
+
+def _fit(ray: Any, cfg: Any, resume: bool, started: bool) -> dict[str, Any]:
     from ray.train import FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    started = False
-    if not ray.is_initialized():
-        # log_to_driver: the workers' logs reach this driver, and through it
-        # `kdcache submit` / `kdcache logs` when the stage runs as a Ray job.
-        from kdcache import quiet
+    from kdcache.jobs.config import to_dict
 
-        quiet.quiet_ray()  # no ANSI colour codes in the workers' lines in a log file
-        ray.init(address=cfg.ray.address, log_to_driver=True)
-        started = True
     out = os.path.abspath(cfg.output_dir)
     config = to_dict(cfg)
     config["output_dir"] = out

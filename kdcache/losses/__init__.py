@@ -23,6 +23,7 @@ from kdcache.losses.features import (
 from kdcache.losses.kd import (
     IGNORE_INDEX,
     MULTI_TEACHER_MODES,
+    Normalizer,
     cross_entropy,
     kd_loss,
     multi_teacher_loss,
@@ -35,6 +36,7 @@ __all__ = [
     "IGNORE_INDEX",
     "MULTI_TEACHER_MODES",
     "FitNetsRegressor",
+    "Normalizer",
     "Targets",
     "cross_entropy",
     "divergence",

@@ -1,5 +1,12 @@
 """Feature and relation distillation losses: FitNets hints and RKD distance and angle.
 
+FitNets is a mean over rows and takes a ``normalizer`` like the losses of
+:mod:`kdcache.losses.kd` (world-size independent with
+:func:`kdcache.train.data_parallel_normalizer`). The RKD losses are defined over the
+pairs and triplets *within* the batch they are given: under data parallelism each rank's
+term relates its own rows only, so they equal the one-process loss only at the same
+per-rank batch (gather the embeddings first for relations across ranks).
+
 Shape legend: B batch, D student feature width, E teacher feature width.
 """
 
@@ -9,7 +16,7 @@ import torch
 from torch.nn import functional as F  # noqa: N812 (the universal torch alias)
 
 from kdcache.errors import ConfigError
-from kdcache.losses.kd import _valid_rows
+from kdcache.losses.kd import Normalizer, _divisor, _valid_rows
 
 # --------------------------------------------------------------------------------------
 # Feature- and relation-based distillation
@@ -49,6 +56,7 @@ def fitnets_loss(
     *,
     distance: str = "mse",
     mask_B: torch.Tensor | None = None,
+    normalizer: Normalizer | None = None,
 ) -> torch.Tensor:
     """FitNets hint loss between projected student features and cached teacher features.
 
@@ -64,12 +72,15 @@ def fitnets_loss(
             D == E and no projection is wanted.
         distance: ``"mse"`` or ``"cosine"``.
         mask_B: Optional bool mask over the leading dims; positions that count.
+        normalizer: Maps this process's number of counted positions to the divisor of
+            their sum (None: that number); see :func:`kdcache.losses.kd_loss`.
 
     Returns:
         Scalar float32 tensor; 0 with finite gradients when no position counts.
 
     Raises:
-        ConfigError: unknown distance, or shapes that disagree.
+        ConfigError: unknown distance, shapes that disagree, or a normalizer that
+            returns a bad divisor.
 
     Source: Romero et al., "FitNets: Hints for Thin Deep Nets", ICLR 2015, sec. 2.2, eq. 3.
     """
@@ -93,7 +104,7 @@ def fitnets_loss(
         per_row = (projected - target).pow(2).mean(dim=-1)
     else:
         per_row = 1.0 - F.cosine_similarity(projected, target, dim=-1, eps=1e-8)
-    return per_row.sum() / max(per_row.shape[0], 1)
+    return per_row.sum() / _divisor(int(per_row.shape[0]), normalizer)
 
 
 def _pair_distances(x_BD: torch.Tensor) -> torch.Tensor:

@@ -3,11 +3,22 @@ losses and the hard-label cross-entropy, with tau^2 scaling applied explicitly.
 
 Shape legend: K teachers, B batch, T tokens, V classes or vocabulary, N rows (B or B * T),
 M rows that count (valid labels or positions).
+
+**Normalisation.** Each term is a sum over the rows that count in it (labelled rows for
+the cross-entropy, unmasked rows for the distillation term) divided by a *divisor*: by
+default this process's count of those rows (a mean over the batch it sees). Under data
+parallelism that mean depends on how the rows that count fall on the ranks: with 1,000
+labels in 60,000 rows, two ranks average their cross-entropy over, say, 14 and 19
+labelled rows, and DeepSpeed's mean of the two gradients is not the gradient of the mean
+over the 33. Every loss here therefore takes ``normalizer``: a function from this rank's
+count to the divisor. :func:`kdcache.train.data_parallel_normalizer` returns
+``global count / world size`` (a collective over the ranks), which makes each term's
+averaged gradient exactly that of one process holding the whole global batch.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -26,6 +37,12 @@ from kdcache.targets.sparse import SparseTargets
 
 IGNORE_INDEX = -100
 
+#: ``normalizer(count) -> divisor``: given this process's number of rows that count in a
+#: loss term, what the term's sum over them is divided by (see the module docstring).
+#: None stands for the count itself. It may be a collective (every rank calls it once per
+#: term, in the same order, also when its own count is 0).
+Normalizer = Callable[[int], float]
+
 
 #: Multi-teacher modes of :func:`multi_teacher_loss`.
 
@@ -36,6 +53,40 @@ MULTI_TEACHER_MODES = ("combined_target", "sum_of_losses")
 # --------------------------------------------------------------------------------------
 # Reduced losses
 # --------------------------------------------------------------------------------------
+
+
+def _divisor(count: int, normalizer: Normalizer | None) -> float:
+    """What a term's sum over its ``count`` counted rows is divided by.
+
+    ``normalizer(count)`` (or ``count``); 1 when that is 0, where every rank's sum is 0.
+
+    Raises:
+        ConfigError: the normalizer returned a negative or non-finite value.
+    """
+    value = float(count) if normalizer is None else float(normalizer(int(count)))
+    if not value >= 0.0 or value == float("inf"):
+        raise ConfigError(
+            f"the loss normalizer returned {value} for {count} row(s); expected a finite "
+            "divisor >= 0 (e.g. kdcache.train.data_parallel_normalizer: the global count "
+            "over the world size)"
+        )
+    return value if value > 0.0 else 1.0
+
+
+def _once(normalizer: Normalizer | None) -> Normalizer | None:
+    """``normalizer`` called at most once (the K terms of one multi-teacher loss count the
+    same rows, so one collective serves them all)."""
+    if normalizer is None:
+        return None
+    seen: dict[int, float] = {}
+
+    def once(count: int) -> float:
+        if not seen:
+            seen[count] = normalizer(count)
+        assert count in seen, "terms of one loss count the same rows"
+        return seen[count]
+
+    return once
 
 
 def _valid_rows(
@@ -60,6 +111,7 @@ def cross_entropy(
     ignore_index: int = IGNORE_INDEX,
     *,
     chunk_rows: int | None = None,
+    normalizer: Normalizer | None = None,
 ) -> torch.Tensor:
     """Hard-label cross-entropy at temperature 1, mean over labelled rows, float32.
 
@@ -72,12 +124,17 @@ def cross_entropy(
             ``ignore_index`` positions (padding, prompt, unlabelled rows) are excluded.
         ignore_index: Label value to skip.
         chunk_rows: Rows per chunk.
+        normalizer: Maps this process's number of labelled rows to the divisor of their
+            summed negative log-likelihood (None: that number, a mean over this batch);
+            pass :func:`kdcache.train.data_parallel_normalizer` on every rank for the
+            mean over all ranks' labelled rows (see the module docstring).
 
     Returns:
         Scalar float32 tensor; 0 (with a zero, finite gradient) when no row has a label.
 
     Raises:
-        ConfigError: labels of the wrong shape or outside [0, V).
+        ConfigError: labels of the wrong shape or outside [0, V), or a normalizer that
+            returns a negative or non-finite divisor.
     """
     student_NV = _flat_student(student_logits_BV)
     labels = torch.as_tensor(labels_B, device=student_NV.device)
@@ -93,6 +150,8 @@ def cross_entropy(
         raise ConfigError(
             f"labels must be in [0, {student_NV.shape[1]}) or equal ignore_index={ignore_index}"
         )
+    # before any early return: the normalizer may be a collective every rank must join
+    divisor = _divisor(int(rows_M.numel()), normalizer)
     if chunk_rows is None and student_NV.numel() <= _DIRECT_CE_MAX_ELEMENTS:
         # Small enough for one float32 copy: torch's fused kernel is several times faster
         # than the chunked path for classifier-sized batches (same value and gradient).
@@ -101,11 +160,11 @@ def cross_entropy(
         total = torch.nn.functional.cross_entropy(
             student_NV.float(), labels_N, ignore_index=ignore_index, reduction="sum"
         )
-        return total / int(rows_M.numel())
+        return total / divisor
     log_q_M1, _ = sparse_student_log_probs(
         student_NV, picked[:, None], temperature=1.0, rows_M=rows_M, chunk_rows=chunk_rows
     )
-    return -log_q_M1.sum() / max(int(rows_M.numel()), 1)
+    return -log_q_M1.sum() / divisor
 
 
 #: Above this many logits, cross_entropy takes the chunked path (no [N, V] float32 copy).
@@ -125,6 +184,7 @@ def _distill_term(
     mask: torch.Tensor | None,
     scale_by_temperature_squared: bool,
     chunk_rows: int | None,
+    normalizer: Normalizer | None,
 ) -> torch.Tensor:
     rows_M = _valid_rows(mask, student_logits.shape[:-1], student_logits.device)
     per_row = _rows_divergence(
@@ -137,9 +197,8 @@ def _distill_term(
         rows_M=rows_M,
         chunk_rows=chunk_rows,
     )
-    count = per_row.shape[0]
     scale = float(temperature) ** 2 if scale_by_temperature_squared else 1.0
-    return per_row.sum() * (scale / max(count, 1))
+    return per_row.sum() * (scale / _divisor(int(per_row.shape[0]), normalizer))
 
 
 def _check_alpha(alpha: float, labels: torch.Tensor | None) -> None:
@@ -163,6 +222,7 @@ def kd_loss(
     skew: float = 0.1,
     mask: torch.Tensor | None = None,
     chunk_rows: int | None = None,
+    normalizer: Normalizer | None = None,
 ) -> torch.Tensor:
     """Hinton-style loss: ``alpha * tau^2 * D(p_t, p_s) + (1 - alpha) * CE(y, s)``.
 
@@ -186,6 +246,11 @@ def kd_loss(
         beta: JSD weight. skew: skew-KL weight.
         mask: Optional bool [B] (or [B, T]): rows that count in the distillation term.
         chunk_rows: Row chunk for sparse targets and the cross-entropy.
+        normalizer: Maps this process's count of the rows a term counts to the divisor
+            of its sum, once per term (distillation, then cross-entropy); None: the count.
+            With several ranks pass :func:`kdcache.train.data_parallel_normalizer` on
+            every rank, so that both terms average over the global batch whatever the
+            split (see the module docstring).
 
     Returns:
         Scalar float32 tensor. D is summed over V and averaged over the counted rows
@@ -193,8 +258,8 @@ def kd_loss(
         rows is 0 with finite (zero) gradients.
 
     Raises:
-        ConfigError: alpha outside [0, 1], temperature <= 0, shapes differ, or labels
-            missing while alpha < 1.
+        ConfigError: alpha outside [0, 1], temperature <= 0, shapes differ, labels
+            missing while alpha < 1, or a normalizer that returns a bad divisor.
 
     Source: Hinton, Vinyals, Dean, "Distilling the Knowledge in a Neural Network", 2015, sec. 2.
     """
@@ -211,11 +276,18 @@ def kd_loss(
             mask=mask,
             scale_by_temperature_squared=scale_by_temperature_squared,
             chunk_rows=chunk_rows,
+            normalizer=normalizer,
         )
         loss = loss + alpha * kd
     if alpha < 1.0:
         assert labels_B is not None
-        ce = cross_entropy(student_logits_BV, labels_B, ignore_index, chunk_rows=chunk_rows)
+        ce = cross_entropy(
+            student_logits_BV,
+            labels_B,
+            ignore_index,
+            chunk_rows=chunk_rows,
+            normalizer=normalizer,
+        )
         loss = loss + (1.0 - alpha) * ce
     return loss
 
@@ -234,6 +306,7 @@ def token_kd_loss(
     skew: float = 0.1,
     scale_by_temperature_squared: bool = True,
     chunk_rows: int | None = None,
+    normalizer: Normalizer | None = None,
 ) -> torch.Tensor:
     """Token-level distillation for language models, normalised by valid positions.
 
@@ -250,8 +323,8 @@ def token_kd_loss(
         labels_BT: int64 next-token ids, shape [B, T]; ``ignore_index`` at padding and prompt.
         alpha: Weight of the distillation term in [0, 1].
         mask_BT: Optional extra bool mask, shape [B, T].
-        ignore_index, divergence, beta, skew, scale_by_temperature_squared, chunk_rows:
-            As :func:`kd_loss`.
+        ignore_index, divergence, beta, skew, scale_by_temperature_squared, chunk_rows,
+        normalizer: As :func:`kd_loss` (the counts are of valid positions).
 
     Returns:
         Scalar float32 tensor.
@@ -277,6 +350,7 @@ def token_kd_loss(
         skew=skew,
         mask=valid,
         chunk_rows=chunk_rows,
+        normalizer=normalizer,
     )
 
 
@@ -294,6 +368,7 @@ def multi_teacher_loss(
     mask: torch.Tensor | None = None,
     scale_by_temperature_squared: bool = True,
     chunk_rows: int | None = None,
+    normalizer: Normalizer | None = None,
 ) -> torch.Tensor:
     """Distil from K teachers, either to their combined target or teacher by teacher.
 
@@ -313,8 +388,9 @@ def multi_teacher_loss(
         mode: One of :data:`MULTI_TEACHER_MODES`.
         weights: K non-negative weights, normalised to sum 1; uniform when None.
         rule: Ensemble rule for ``combined_target``.
-        divergence, beta, skew, mask, scale_by_temperature_squared, chunk_rows: As
-            :func:`kd_loss`. Add a hard-label term yourself with :func:`cross_entropy`.
+        divergence, beta, skew, mask, scale_by_temperature_squared, chunk_rows,
+            normalizer: As :func:`kd_loss` (called once: the K terms count the same
+            rows). Add a hard-label term yourself with :func:`cross_entropy`.
 
     Returns:
         Scalar float32 tensor, averaged over the rows that count.
@@ -340,6 +416,7 @@ def multi_teacher_loss(
         mask=mask,
         scale_by_temperature_squared=scale_by_temperature_squared,
         chunk_rows=chunk_rows,
+        normalizer=_once(normalizer),
     )
     if mode == "sum_of_losses":
         total = torch.zeros((), device=student_logits_BV.device)
@@ -373,6 +450,7 @@ def token_distill_loss(
     weights: Sequence[float] | None = None,
     divergence: str = "forward_kl",
     vocab_size: int | None = None,
+    normalizer: Normalizer | None = None,
 ) -> torch.Tensor:
     """The student's loss on a token batch of :class:`kdcache.SoftTargetDataset`.
 
@@ -394,6 +472,9 @@ def token_distill_loss(
         weights: K teacher weights for a list of targets (uniform when None).
         divergence: See :data:`kdcache.losses.DIVERGENCES`.
         vocab_size: Real V (None: the logits' width).
+        normalizer: As :func:`kdcache.losses.kd_loss`: pass
+            :func:`kdcache.train.data_parallel_normalizer` on every rank so that both
+            terms average over the target positions of the global batch.
 
     Returns:
         Scalar float32 tensor.
@@ -407,7 +488,7 @@ def token_distill_loss(
     mask = batch["mask"].to(logits.device)
     tgt = batch.get("targets")
     if alpha == 0.0:
-        return losses.cross_entropy(logits, labels)
+        return losses.cross_entropy(logits, labels, normalizer=normalizer)
     if tgt is None:
         raise ConfigError(
             f"the batch has no teacher 'targets' (a hard-label stream) but alpha={alpha} "
@@ -423,6 +504,7 @@ def token_distill_loss(
             alpha=alpha,
             mask_BT=mask,
             divergence=divergence,
+            normalizer=normalizer,
         )
     kd = losses.multi_teacher_loss(
         logits,
@@ -432,7 +514,9 @@ def token_distill_loss(
         weights=weights,
         divergence=divergence,
         mask=mask & (labels != losses.IGNORE_INDEX),
+        normalizer=normalizer,
     )
     if alpha >= 1.0:
         return alpha * kd
-    return alpha * kd + (1.0 - alpha) * losses.cross_entropy(logits, labels)
+    ce = losses.cross_entropy(logits, labels, normalizer=normalizer)
+    return alpha * kd + (1.0 - alpha) * ce

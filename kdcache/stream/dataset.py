@@ -204,11 +204,21 @@ class ShardedStream(torch.utils.data.IterableDataset):
 
         Raises:
             ConfigError: the seed, lanes, window, shuffle or number of samples differ (the
-                order would differ), or the position is not at a global-batch boundary of
-                this stream (the global batch changed).
+                order would differ), or the global batch differs (the state's
+                ``global_batch_size``; for a state without it, a position that is not at
+                a global-batch boundary of this stream).
         """
         if int(state["seed"]) != self.seed:
             raise ConfigError(f"state was saved with seed {state['seed']}, stream has {self.seed}")
+        saved_batch = state.get("global_batch_size")
+        if saved_batch is not None and int(saved_batch) != self.global_batch_size:
+            raise ConfigError(
+                f"the stream state was saved with a global batch of {int(saved_batch)} "
+                f"samples per step (batch_size x world_size), this stream has "
+                f"{self.global_batch_size} ({self.batch_size} x {self.world_size}); resume "
+                f"with a global batch of {int(saved_batch)} (any world size that divides "
+                "it), or start a new run instead of resuming this one"
+            )
         mine = self.state_dict()
         for key in ("num_lanes", "shuffle_window", "shuffle", "num_samples"):
             if key in state and state[key] != mine[key]:

@@ -5,6 +5,7 @@ from __future__ import annotations
 from kdcache.train.distributed import (
     TOTAL_STEP_SCHEDULERS,
     cpu_ds_config,
+    data_parallel_normalizer,
     init_distributed,
     load_ds_config,
     prepare_ds_config,
@@ -20,6 +21,7 @@ __all__ = [
     "MetricsLogger",
     "TrainResult",
     "cpu_ds_config",
+    "data_parallel_normalizer",
     "evaluate_classifier",
     "evaluate_perplexity",
     "init_distributed",

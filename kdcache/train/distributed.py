@@ -1,5 +1,6 @@
 """torch.distributed and DeepSpeed set-up: process group, DeepSpeed configs (passed through
-with only kdcache's values filled in), means over ranks and gathered weights."""
+with only kdcache's values filled in), means over ranks, the loss normalizer that makes a
+loss world-size independent, and gathered weights."""
 
 from __future__ import annotations
 
@@ -23,12 +24,56 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
+#: Rendezvous hosts that mean "this machine only".
+LOOPBACK_HOSTS = ("127.0.0.1", "localhost")
+
+
+def _init_on_loopback(backend: str) -> None:
+    """The process group of a rendezvous on 127.0.0.1, listening there only.
+
+    torch's own ``env://`` rendezvous makes rank 0's TCPStore server listen on every
+    interface, whatever MASTER_ADDR says; here rank 0 binds the listening socket to
+    127.0.0.1 itself and hands it to the store. With gloo, its sockets are kept on the
+    loopback interface too (``GLOO_SOCKET_IFNAME=lo`` unless set: gloo otherwise binds the
+    address the host name resolves to).
+    """
+    import datetime
+
+    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    port = int(os.environ["MASTER_PORT"])
+    if backend == "gloo" and os.path.exists("/sys/class/net/lo"):
+        os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
+    timeout = datetime.timedelta(minutes=30)  # torch's default for process groups
+    if rank == 0:
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind(("127.0.0.1", port))
+        except OSError as exc:
+            sock.close()
+            raise ConfigError(
+                f"cannot listen on 127.0.0.1:{port} for the ranks' rendezvous (MASTER_PORT): "
+                f"{exc}; pick a free MASTER_PORT"
+            ) from exc
+        sock.listen(2048)
+        store = torch.distributed.TCPStore(
+            "127.0.0.1", port, world, True, timeout, master_listen_fd=sock.detach()
+        )
+    else:
+        store = torch.distributed.TCPStore("127.0.0.1", port, world, False, timeout)
+    torch.distributed.init_process_group(
+        backend, store=store, rank=rank, world_size=world, timeout=timeout
+    )
+
+
 def init_distributed() -> tuple[int, int]:
     """Initialise torch.distributed for DeepSpeed, also for a plain single-process run.
 
     Launchers (``deepspeed``, ``torchrun``, Ray Train) set RANK/WORLD_SIZE/MASTER_*; when
     they are absent this is a single rank on 127.0.0.1. Without CUDA the CPU accelerator
-    and the gloo backend are used.
+    and the gloo backend are used. A rendezvous on this machine (MASTER_ADDR 127.0.0.1 or
+    localhost, the single rank's included; not torchrun's agent store) listens on
+    127.0.0.1 only (torch's ``env://`` store would listen on every interface).
 
     Returns:
         ``(rank, world_size)``.
@@ -59,8 +104,16 @@ def init_distributed() -> tuple[int, int]:
                     os.environ[k] = v if v is not None else str(_free_port())
                     added.append(k)
         try:
-            # With a process group already there (Ray Train, torchrun) this only makes
-            # DeepSpeed's communication backend, as deepspeed.initialize would.
+            if (
+                not torch.distributed.is_initialized()
+                and os.environ.get("MASTER_ADDR") in LOOPBACK_HOSTS
+                and os.environ.get("MASTER_PORT", "").isdigit()
+                and os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True"
+            ):
+                _init_on_loopback(backend)
+            # With a process group already there (Ray Train, torchrun, the one above)
+            # this only makes DeepSpeed's communication backend, as deepspeed.initialize
+            # would.
             deepspeed.init_distributed(dist_backend=backend, verbose=False)
         finally:
             for k in added:
@@ -144,6 +197,43 @@ def prepare_ds_config(
 
 
 TOTAL_STEP_SCHEDULERS = ("WarmupDecayLR", "WarmupCosineLR")
+
+
+def data_parallel_normalizer(count: int) -> float:
+    """The divisor that turns a rank's loss sum into its share of the global-batch mean.
+
+    DeepSpeed (like DDP) averages the gradients of the W data-parallel ranks. A rank whose
+    loss term is ``sum_local / (N_global / W)``, with ``N_global`` the rows that count in
+    the term summed over the ranks, therefore contributes exactly its share of
+    ``sum_all / N_global``: the gradient one process would get from the whole global
+    batch, however the labelled (or unmasked) rows fall on the ranks. Pass it as
+    ``normalizer=`` to the losses of :mod:`kdcache.losses` on every rank.
+
+    It is a collective (one all-reduce of one number): every rank must call it the same
+    number of times in the same order, which the kdcache losses do (once per term, also
+    when a rank has no such row). With gradient accumulation each micro-step is averaged
+    over its own global micro-batch, as DeepSpeed averages the micro-steps.
+
+    Args:
+        count: This rank's number of rows that count in the term, >= 0.
+
+    Returns:
+        ``N_global / W`` as a float; ``count`` itself without a process group or with a
+        single rank (so a one-process run is unchanged, bit for bit).
+
+    Example:
+        >>> data_parallel_normalizer(7)  # no process group: the count itself
+        7.0
+    """
+    dist = torch.distributed
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return float(count)
+    device = torch.device("cpu")
+    if dist.get_backend() == "nccl":
+        device = torch.device("cuda", torch.cuda.current_device())
+    total = torch.tensor([float(count)], dtype=torch.float64, device=device)
+    dist.all_reduce(total)
+    return float(total.item()) / dist.get_world_size()
 
 
 def _mean_over_ranks(value: float, world: int) -> float:

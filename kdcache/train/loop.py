@@ -47,7 +47,9 @@ class TrainResult:
         start_step: Optimizer steps already done when this call started (0 unless resumed).
         samples: Samples seen by this rank in this call.
         wall_s: Wall time of this call's loop, seconds.
-        losses: Loss per optimizer step of this call (this rank's last micro-batch).
+        losses: Loss per optimizer step of this call (this rank's last micro-batch; with
+            :func:`kdcache.train.data_parallel_normalizer`, this rank's share, whose mean
+            over the ranks is the loss of the global batch).
         evals: ``(step, metrics)`` for each evaluation (also those before a resume).
         state_dict: The trained weights as float32 CPU tensors (gathered under ZeRO-3),
             on every rank.
@@ -89,14 +91,20 @@ def train_student(
     the step count and the evaluations so far. With ``resume=True`` the latest checkpoint
     in ``checkpoint_dir`` is loaded and the run continues with exactly the batches an
     uninterrupted run would have used (also on another world size with the same global
-    batch); on the CPU the losses are bit-identical.
+    batch); on the CPU the losses are bit-identical. A checkpoint saved with another
+    global batch (rows per micro-step over all ranks) or another optimizer batch (times
+    the gradient accumulation) is refused: the resumed run would silently be another one.
 
     Args:
         model: The student, float32 on the CPU (DeepSpeed moves and casts it as configured).
         stream: Re-iterable batches: dicts with at least ``inputs``; must have
             ``state_dict``/``load_state_dict`` when checkpointing.
         loss_fn: ``loss_fn(student_logits, batch) -> scalar``; e.g. a closure over
-            :func:`kdcache.losses.kd_loss`.
+            :func:`kdcache.losses.kd_loss`. DeepSpeed averages the ranks' gradients, so
+            with several ranks a loss that averages over the rows that count (labelled,
+            unmasked) must divide by the global count: pass
+            ``normalizer=kdcache.train.data_parallel_normalizer`` to the kdcache losses
+            (as ``kdcache train`` does), or the model depends on the world size.
         ds_config: DeepSpeed config dict or JSON path, passed through.
         max_steps: Optimizer steps of the whole run (micro-batches / gradient accumulation).
         eval_fn: Called on every rank (it may use collectives) with the bare module every
@@ -122,8 +130,9 @@ def train_student(
 
     Raises:
         ConfigError: max_steps < 1, the stream yields no batch, the stream was made for
-            another world size, or a checkpoint is asked for a stream without
-            ``state_dict``.
+            another world size, a checkpoint is asked for a stream without
+            ``state_dict``, or the checkpoint resumed from was saved with another global
+            batch size (stream or optimizer batch; the message names both).
         MissingDependencyError: DeepSpeed is not installed.
     """
     if max_steps < 1:
@@ -157,6 +166,7 @@ def train_student(
         path, client = engine.load_checkpoint(checkpoint_dir, tag=tag)
         if path is None:
             raise ConfigError(f"could not load checkpoint {tag} in {checkpoint_dir}")
+        _check_batch_sizes(client, stream, engine, world, os.path.join(checkpoint_dir, tag))
         stream.load_state_dict(client["stream"])  # type: ignore[attr-defined]
         result.steps = result.start_step = int(client["steps"])
         result.evals = [(int(s), dict(m)) for s, m in client.get("evals", [])]
@@ -171,6 +181,9 @@ def train_student(
             "stream": stream.state_dict(),  # type: ignore[attr-defined]
             "steps": step,
             "evals": [[s, m] for s, m in result.evals],
+            # what a resume must share (checked by _check_batch_sizes)
+            "global_batch_size": _stream_global_batch(stream, engine, world),
+            "train_batch_size": int(engine.train_batch_size()),
         }
         engine.save_checkpoint(checkpoint_dir, tag=f"step{step}", client_state=client)
         write_integrity_record(os.path.join(checkpoint_dir, f"step{step}"))
@@ -252,6 +265,44 @@ def train_student(
     result.state_dict = _gathered_state(engine)
     module.eval()
     return module, result
+
+
+def _stream_global_batch(stream: Any, engine: Any, world: int) -> int:
+    """Rows per micro-step over all ranks: the stream's, else the engine's micro-batch x W."""
+    g = getattr(stream, "global_batch_size", None)
+    if g is None:
+        g = int(engine.train_micro_batch_size_per_gpu()) * world
+    return int(g)
+
+
+def _check_batch_sizes(
+    client: dict[str, Any], stream: Any, engine: Any, world: int, where: str
+) -> None:
+    """Refuse to resume a checkpoint saved with another global or optimizer batch.
+
+    Raises:
+        ConfigError: naming the saved and the current size, and what to do.
+    """
+    new_run = "or start a new run (another output_dir, or without --resume)"
+    saved = client.get("global_batch_size")
+    if saved is None:  # a checkpoint from before the sizes were recorded
+        saved = (client.get("stream") or {}).get("global_batch_size")
+    now = _stream_global_batch(stream, engine, world)
+    if saved is not None and int(saved) != now:
+        raise ConfigError(
+            f"checkpoint {where} was saved with a global batch of {int(saved)} rows per "
+            f"micro-step (over all ranks), this run has {now}; a resume with another batch "
+            f"size would train another model from the saved step on: resume with "
+            f"stream.global_batch_size={int(saved)} (any world size that divides it), " + new_run
+        )
+    saved_train = client.get("train_batch_size")
+    now_train = int(engine.train_batch_size())
+    if saved_train is not None and int(saved_train) != now_train:
+        raise ConfigError(
+            f"checkpoint {where} was saved with an optimizer batch of {int(saved_train)} rows "
+            f"per step (micro-batch x gradient_accumulation_steps x ranks), this run has "
+            f"{now_train}; resume with the saved gradient_accumulation_steps, " + new_run
+        )
 
 
 #: The integrity record of a checkpoint: SHA-256 and size of each of its files.

@@ -278,8 +278,10 @@ def test_ray_train_two_workers_match_one_process(tmp_path, cache, capsys):
     env = {"RAY_ADDRESS": None, "RAY_AUTH_MODE": "disabled", "DS_ACCELERATOR": "cpu"}
     saved = {k: os.environ.pop(k, None) for k in env}
     os.environ.update({k: v for k, v in env.items() if v is not None})
+    sockets = _ListeningSockets()  # of this process and all below it, while Ray runs
     try:
-        _train(ray_cfg, "--ray", "--num-workers", "2", "ray.cpus_per_worker=0.5")
+        with sockets:
+            _train(ray_cfg, "--ray", "--num-workers", "2", "ray.cpus_per_worker=0.5")
     finally:
         for k, v in saved.items():
             if v is None:
@@ -292,6 +294,54 @@ def test_ray_train_two_workers_match_one_process(tmp_path, cache, capsys):
     b = read_metrics(os.path.join(ray_out, "metrics.csv"))["train/loss"]
     assert [s for s, _ in a] == [s for s, _ in b] == list(range(1, 7))
     np.testing.assert_allclose([v for _, v in a], [v for _, v in b], rtol=1e-4)
+    # the local Ray that `kdcache train --ray` started for itself (GCS, raylet, object
+    # manager, agents, workers) listened on 127.0.0.1 only. Known exception: the torch
+    # rendezvous store that Ray Train's rank 0 creates (tcp://127.0.0.1:PORT) listens on
+    # every interface, as torch's TCPStore does; Ray Train offers no pre-bound socket.
+    names = {name for name, _, _ in sockets.seen}
+    assert {"gcs_server", "raylet"} <= names, sockets.seen
+    beyond = sorted(
+        x for x in sockets.seen if x[1] not in LOOPBACK and not x[0].startswith("ray::RayTrain")
+    )
+    assert not beyond, beyond
+
+
+LOOPBACK = {"127.0.0.1", "::ffff:127.0.0.1", "::1"}
+
+
+class _ListeningSockets:
+    """Samples, in a thread, the listening sockets of this process and its descendants:
+    ``seen`` holds (process name, ip, port)."""
+
+    def __init__(self, every_s: float = 0.2) -> None:
+        import threading
+
+        self.every_s = every_s
+        self.seen: set[tuple[str, str, int]] = set()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        psutil = pytest.importorskip("psutil")
+        me = psutil.Process()
+        while not self._stop.is_set():
+            try:
+                procs = {p.pid: p for p in me.children(recursive=True)}
+                procs[me.pid] = me
+                for c in psutil.net_connections(kind="tcp"):
+                    if c.pid in procs and c.status == psutil.CONN_LISTEN:
+                        self.seen.add((procs[c.pid].name(), c.laddr.ip, c.laddr.port))
+            except psutil.Error:
+                pass
+            self._stop.wait(self.every_s)
+
+    def __enter__(self) -> _ListeningSockets:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
 
 
 @pytest.fixture
@@ -302,11 +352,14 @@ def local_ray(monkeypatch):
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
     monkeypatch.setenv("RAY_AUTH_MODE", "disabled")
     monkeypatch.setenv("DS_ACCELERATOR", "cpu")
-    ray.init(num_cpus=2, _node_ip_address="127.0.0.1", include_dashboard=False)
-    try:
-        yield ray
-    finally:
-        ray.shutdown()
+    from kdcache.jobs.train import loopback_ray
+
+    with loopback_ray() as local:  # every server of this Ray on 127.0.0.1
+        ray.init(num_cpus=2, include_dashboard=False, **local)
+        try:
+            yield ray
+        finally:
+            ray.shutdown()
 
 
 def test_ray_train_reports_each_evaluation_with_a_checkpoint(tmp_path, cache, local_ray):
@@ -376,3 +429,76 @@ def test_resume_checks_a_checkpoint_before_unpickling_it(tmp_path, cache, capsys
         os.remove(os.path.join(ckpts, tag, "kdcache-integrity.json"))
     assert cli(["train", cfg, "--resume", "--no-progress"]) == 2
     assert "no intact checkpoint" in capsys.readouterr().err
+
+
+def test_resume_with_another_batch_size_is_refused(tmp_path, cache, capsys):
+    """A resume must continue the same run: a checkpoint (or a stream state) saved with
+    another global batch, or another optimizer batch, is refused naming both sizes, also
+    where the saved position happens to be a multiple of the new batch (step 10 of 16 rows
+    is 160 samples, a multiple of 32: accepted silently before)."""
+    from kdcache.errors import ConfigError
+
+    cfg, _ = _config(tmp_path, cache, "batch", max_steps=10, checkpoint_every=5, eval_every=0)
+    _train(cfg)
+    capsys.readouterr()
+    assert cli(["train", cfg, "--resume", "--no-progress", "stream.global_batch_size=32"]) == 2
+    err = capsys.readouterr().err
+    assert "global batch of 16 rows" in err and "this run has 32" in err, err
+    assert "start a new run" in err and "Traceback" not in err
+    accum = "deepspeed.gradient_accumulation_steps=2"
+    assert cli(["train", cfg, "--resume", "--no-progress", accum]) == 2
+    err = capsys.readouterr().err
+    assert "optimizer batch of 16 rows" in err and "this run has 32" in err, err
+    _train(cfg, "--resume")  # the same sizes resume (here: already done at step 10)
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["start_step"] == 10
+
+    ds = toy_dataset(num_records=NUM_RECORDS, num_shards=NUM_SHARDS)
+    saved = ShardedStream(ds, batch_size=8, seed=1)
+    for _, _ in zip(range(4), saved, strict=False):
+        pass
+    state = saved.state_dict()
+    assert state["consumed"] == 32  # a multiple of 16 too
+    with pytest.raises(ConfigError, match=r"global batch of 8 samples .* has 16 \(16 x 1\)"):
+        ShardedStream(ds, batch_size=16, seed=1).load_state_dict(state)
+    # another world size with the same global batch is a resume, not another run
+    ShardedStream(ds, batch_size=4, seed=1, rank=1, world_size=2).load_state_dict(state)
+
+
+def _rendezvous_main(rank, world, port, out):
+    os.environ.update(
+        RANK=str(rank),
+        LOCAL_RANK=str(rank),
+        WORLD_SIZE=str(world),
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+        DS_ACCELERATOR="cpu",
+    )
+    import psutil
+
+    assert init_distributed() == (rank, world)
+    t = torch.ones(1)
+    torch.distributed.all_reduce(t)
+    listening = [
+        [c.laddr.ip, c.laddr.port]
+        for c in psutil.Process().net_connections(kind="tcp")
+        if c.status == psutil.CONN_LISTEN
+    ]
+    with open(os.path.join(out, f"rank{rank}.json"), "w") as f:
+        json.dump({"sum": t.item(), "listening": listening}, f)
+    torch.distributed.barrier()
+    torch.distributed.destroy_process_group()
+
+
+def test_the_ranks_rendezvous_listens_on_loopback_only(tmp_path):
+    """torch's env:// store listens on every interface; kdcache's rendezvous on 127.0.0.1
+    (MASTER_ADDR on this machine, and the single rank's own) listens there only."""
+    pytest.importorskip("psutil")
+    port = _free_port()
+    torch.multiprocessing.start_processes(
+        _rendezvous_main, args=(2, port, str(tmp_path)), nprocs=2, start_method="spawn"
+    )
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
+    assert [r["sum"] for r in ranks] == [2.0, 2.0]
+    assert port in [p for _, p in ranks[0]["listening"]]  # rank 0 holds the store
+    for r in ranks:
+        assert r["listening"] and all(ip in LOOPBACK for ip, _ in r["listening"]), r

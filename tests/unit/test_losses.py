@@ -620,3 +620,175 @@ def test_property_finite_grads_with_neg_inf_padded_slots(case, num_pad, kind):
         loss = losses.kd_loss(x, teacher, temperature=tau, divergence=kind)
         (g,) = torch.autograd.grad(loss, x)
         assert bool(torch.isfinite(loss)) and bool(torch.isfinite(g).all()), kind
+
+
+# ---------------------------------------------------------------- data parallelism
+
+
+def _data_parallel(loss_on, x, parts):
+    """W simulated data-parallel ranks, as DeepSpeed runs them: rank r computes
+    ``loss_on(x[part_r], part_r, normalizer)`` on its rows, the normalizer an all-reduce of
+    the counts call by call (two passes: gather the counts, then answer with the global sum
+    over W), and the gradients are averaged over the ranks. Returns (mean loss, mean grad)
+    and asserts that every rank made the same number of collectives."""
+    calls = []
+    for part in parts:
+        seen: list[int] = []
+        loss_on(x[part], part, lambda n, seen=seen: seen.append(n) or float(n))
+        calls.append(seen)
+    assert len({len(c) for c in calls}) == 1, calls  # a collective every rank joins
+    totals = [sum(c[i] for c in calls) for i in range(len(calls[0]))]
+    world = len(parts)
+    leaf = x.detach().clone().requires_grad_()
+    values = []
+    for part in parts:
+        answers = iter(totals)
+        loss = loss_on(leaf[part], part, lambda n, a=answers: next(a) / world)
+        (loss / world).backward()  # DeepSpeed: the mean of the ranks' gradients
+        values.append(num(loss))
+    assert leaf.grad is not None
+    return float(np.mean(values)), leaf.grad, calls
+
+
+def _one_process(loss_on, x):
+    leaf = x.detach().clone().requires_grad_()
+    loss = loss_on(leaf, slice(None), None)
+    (g,) = torch.autograd.grad(loss, leaf)
+    return num(loss), g
+
+
+#: Two ranks with an uneven share of labelled / unmasked rows (one has none at all).
+SPLITS = [[slice(0, 12), slice(12, 24)], [slice(0, 8), slice(8, 16), slice(16, 24)]]
+
+
+def _scarce_labels(b: int, v: int, labelled: list[int]) -> torch.Tensor:
+    y = torch.full((b,), -100)
+    y[labelled] = torch.tensor([i % v for i in labelled])
+    return y
+
+
+@pytest.mark.parametrize("parts", SPLITS)
+@pytest.mark.parametrize("sparse", [False, True])
+def test_kd_loss_with_the_global_normalizer_is_world_size_independent(parts, sparse):
+    """1,000 labels in 60,000 rows in miniature: 3 labelled rows of 24, all on rank 0 in
+    the three-rank split, and a distillation mask that is uneven too. With the normalizer,
+    W ranks give the one-process loss and gradient; without it (each rank's own mean)
+    they do not."""
+    tau, v = 2.0, 7
+    x, lp, z = dense_case(b=24, v=v, tau=tau, seed=3)
+    y = _scarce_labels(24, v, [1, 5, 17])
+    mask = torch.arange(24) % 5 != 0
+    mask[12:20] = False
+    teacher = targets.topk_targets(z / tau, 3) if sparse else lp
+
+    def loss_on(xs, part, normalizer):
+        t = teacher.rows(part) if sparse else teacher[part]
+        return losses.kd_loss(
+            xs,
+            t,
+            temperature=tau,
+            alpha=0.4,
+            labels_B=y[part],
+            mask=mask[part],
+            normalizer=normalizer,
+        )
+
+    want, want_g = _one_process(loss_on, x)
+    got, got_g, calls = _data_parallel(loss_on, x, parts)
+    assert [len(c) for c in calls] == [2] * len(parts)  # one collective per term
+    assert got == pytest.approx(want, rel=1e-6)
+    torch.testing.assert_close(got_g, want_g, rtol=1e-5, atol=1e-7)
+    # each rank's own mean (the behaviour without a normalizer) is another model
+    per_rank = _data_parallel(lambda xs, p, _n: loss_on(xs, p, None), x, parts)
+    assert (per_rank[1] - want_g).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("chunk_rows", [None, 5])
+def test_cross_entropy_and_fitnets_with_the_global_normalizer(chunk_rows):
+    x = rand(24, 9, seed=7)
+    y = _scarce_labels(24, 9, [2, 3, 20])
+
+    def ce(xs, part, normalizer):
+        return losses.cross_entropy(xs, y[part], chunk_rows=chunk_rows, normalizer=normalizer)
+
+    torch.manual_seed(0)
+    reg = losses.FitNetsRegressor(9, 4)
+    feats = rand(24, 4, seed=8)
+    mask = torch.zeros(24, dtype=torch.bool)
+    mask[[0, 1, 2, 13]] = True
+
+    def fit(xs, part, normalizer):
+        return losses.fitnets_loss(xs, feats[part], reg, mask_B=mask[part], normalizer=normalizer)
+
+    for fn in (ce, fit):
+        want, want_g = _one_process(fn, x)
+        for parts in SPLITS:
+            got, got_g, _ = _data_parallel(fn, x, parts)
+            assert got == pytest.approx(want, rel=1e-6)
+            torch.testing.assert_close(got_g, want_g, rtol=1e-5, atol=1e-7)
+
+
+def test_token_losses_with_the_global_normalizer_are_world_size_independent():
+    tau, b, t, v = 1.5, 6, 5, 11
+    x = rand(b, t, v, seed=9)
+    z = rand(b, t, v, seed=10, scale=3.0)
+    labels = torch.full((b, t), -100)
+    labels[0, 1:4] = torch.tensor([1, 2, 3])  # padding and prompts elsewhere
+    labels[4, :2] = torch.tensor([5, 6])
+    mask = labels != -100
+    dense = targets.log_probs(z / tau)
+    sampled = [targets.topk_targets(z.reshape(-1, v) / tau, 4, labels_B=labels.reshape(-1))] * 2
+
+    def token_kd(xs, part, normalizer):
+        return losses.token_kd_loss(
+            xs,
+            dense[part],
+            temperature=tau,
+            labels_BT=labels[part],
+            alpha=0.5,
+            normalizer=normalizer,
+        )
+
+    def rows(part):  # the B * T sparse rows of sequences `part`
+        return torch.arange(b * t).reshape(b, t)[part].reshape(-1)
+
+    def distill(xs, part, normalizer):
+        batch = {
+            "labels": labels[part],
+            "mask": mask[part],
+            "targets": [s.rows(rows(part)) for s in sampled],
+        }
+        return losses.token_distill_loss(
+            xs, batch, temperature=tau, alpha=0.7, normalizer=normalizer
+        )
+
+    def multi(xs, part, normalizer):
+        tl = [dense[part], dense[part] * 1.0]
+        return losses.multi_teacher_loss(
+            xs, tl, temperature=tau, mode="sum_of_losses", mask=mask[part], normalizer=normalizer
+        )
+
+    parts = [slice(0, 3), slice(3, 6)]
+    for fn, num_calls in ((token_kd, 2), (distill, 2), (multi, 1)):
+        want, want_g = _one_process(fn, x)
+        got, got_g, calls = _data_parallel(fn, x, parts)
+        assert [len(c) for c in calls] == [num_calls] * 2, fn.__name__  # K terms: one call
+        assert got == pytest.approx(want, rel=1e-6), fn.__name__
+        torch.testing.assert_close(got_g, want_g, rtol=1e-5, atol=1e-7)
+
+
+def test_normalizer_default_and_refusals():
+    s, lp, _ = dense_case(b=6, v=5)
+    y = torch.tensor([0, -100, 2, -100, -100, 4])
+    plain = losses.kd_loss(s, lp, temperature=2.0, alpha=0.5, labels_B=y)
+    counted = losses.kd_loss(s, lp, temperature=2.0, alpha=0.5, labels_B=y, normalizer=float)
+    assert torch.equal(plain, counted)  # None is the count itself, bit for bit
+    for bad in (-1.0, float("nan"), float("inf")):
+        with pytest.raises(ConfigError, match="divisor"):
+            losses.cross_entropy(s, y, normalizer=lambda n, bad=bad: bad)
+    # no labelled row anywhere: 0 with zero gradients, not a division by zero
+    none = torch.full((6,), -100)
+    x = s.clone().requires_grad_()
+    loss = losses.cross_entropy(x, none, normalizer=lambda n: 0.0)
+    (g,) = torch.autograd.grad(loss, x)
+    assert num(loss) == 0.0 and bool((g == 0).all())

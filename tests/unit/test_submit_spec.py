@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import doctest
 import json
 import os
 import shlex
@@ -239,3 +240,148 @@ def test_entrypoint_runs_the_shipped_config(tmp_path, monkeypatch, capsys):
         assert main(argv[1:]) == 0
     assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["hit"] is True
     assert not (tmp_path / SHIP_DIR).exists()
+
+
+# -- secrets: nothing a job carries (entrypoint, metadata, runtime_env: what the Jobs API
+# shows and the logs echo) may hold a credential; refused before anything is sent, with
+# the value redacted in the message.
+
+SECRET = "wJalrXUtnFEMIK7MDENGbPxRfiCYEXAMPLEKEY"
+
+
+def _refused(match, *args, **kwargs):
+    with pytest.raises(ConfigError, match=match) as info:
+        job_spec(*args, **kwargs)
+    message = str(info.value)
+    assert SECRET not in message, message  # the message never shows the secret
+    assert "docs/security.md" in message  # ... and says what to do instead
+    return message
+
+
+@pytest.mark.parametrize(
+    "name",
+    [
+        "AWS_SECRET_ACCESS_KEY",
+        "AWS_SESSION_TOKEN",
+        "AWS_ACCESS_KEY_ID",
+        "HF_TOKEN",
+        "WANDB_API_KEY",
+        "RAY_AUTH_TOKEN",
+        "DB_PASSWORD",
+        "AZURE_STORAGE_CONNECTION_STRING",
+    ],
+)
+def test_secret_env_vars_are_refused_from_env_and_runtime_env(tmp_path, name):
+    path = _write(tmp_path, "build.yaml", BUILD)
+    msg = _refused(name, "build", path, working_dir=str(tmp_path), env_vars={name: SECRET})
+    assert "Jobs API" in msg and "env_vars" in msg
+    base = {"env_vars": {name: SECRET}}
+    _refused(name, "build", path, working_dir=str(tmp_path), runtime_env=base)
+
+
+def test_ordinary_env_vars_pass():
+    from kdcache.jobs.submit import secret_name
+
+    for name in (
+        "AWS_REGION",
+        "AWS_PROFILE",
+        "AWS_DEFAULT_REGION",
+        "TOKENIZERS_PARALLELISM",
+        "MAX_TOKENS",
+        "OMP_NUM_THREADS",
+        "KDCACHE_JOB_CONFIG",
+    ):
+        assert not secret_name(name), name
+
+
+@pytest.mark.parametrize(
+    "uri",
+    [
+        f"s3://AKIAIOSFODNN7EXAMPLE:{SECRET}@bucket/cache",
+        f"s3://bucket/cache?region=us-east-1&secret_key={SECRET}&access_key=AKIA",
+        f"s3://bucket/cache?session_token={SECRET}",
+        f"abfs://container@account.dfs.core.windows.net/c?sig={SECRET}",
+        f"https://{SECRET}@storage.example.com/cache",
+    ],
+)
+def test_credentials_in_a_uri_are_refused_in_the_config_and_the_overrides(tmp_path, uri):
+    in_file = _write(tmp_path, "build.yaml", {**BUILD, "root": uri})
+    msg = _refused("root holds credentials", "build", in_file, working_dir=str(tmp_path))
+    assert "***" in msg  # redacted, not dropped: the user sees which URI
+    plain = _write(tmp_path, "plain.yaml", BUILD)
+    _refused("root holds credentials", "build", plain, [f"root={uri}"], working_dir=str(tmp_path))
+    train = _write(tmp_path, "train.yaml", TRAIN)
+    _refused(
+        "output_dir holds credentials",
+        "train",
+        train,
+        [f"output_dir={uri}"],
+        working_dir=str(tmp_path),
+    )
+    _refused(
+        "AWS_CONFIG holds credentials",
+        "build",
+        plain,
+        working_dir=str(tmp_path),
+        env_vars={"AWS_CONFIG": uri},
+    )
+
+
+def test_credentials_in_pip_and_runtime_env_and_secret_config_keys_are_refused(tmp_path):
+    path = _write(tmp_path, "build.yaml", BUILD)
+    index = f"--index-url=https://deploy:{SECRET}@pypi.example.com/simple"
+    _refused(
+        "runtime_env pip.0 holds credentials", "build", path, pip=[index], working_dir=str(tmp_path)
+    )
+    _refused(
+        "runtime_env py_modules.0 holds credentials",
+        "build",
+        path,
+        working_dir=str(tmp_path),
+        runtime_env={"py_modules": [f"s3://k:{SECRET}@bucket/mod.zip"]},
+    )
+    keyed = {**BUILD, "dataset": {"factory": "mypkg:load", "kwargs": {"hf_token": SECRET}}}
+    _refused(
+        "dataset.kwargs.hf_token",
+        "build",
+        _write(tmp_path, "k.yaml", keyed),
+        working_dir=str(tmp_path),
+    )
+
+
+def test_refusal_messages_name_what_and_what_to_do_and_ordinary_jobs_pass(tmp_path):
+    """What ``job_spec`` lets through holds nothing secret: everything the Jobs API would
+    show (entrypoint, metadata, runtime_env) is checked once more here."""
+    from kdcache.jobs.submit import credentials_in, redact
+
+    lm = {**BUILD, "dataset": {"factory": "mypkg:load", "kwargs": {"eos_token": "</s>"}}}
+    spec = job_spec(
+        "build",
+        _write(tmp_path, "lm.yaml", lm),
+        ["root=s3://bucket/cache?endpoint_override=127.0.0.1:9000&scheme=http&region=x"],
+        working_dir=str(tmp_path),
+        env_vars={"AWS_PROFILE": "kd", "TOKENIZERS_PARALLELISM": "false"},
+        pip=["git+ssh://git@github.com/org/pkg.git", "zarr>=3"],
+    )
+    shown = json.dumps([spec.entrypoint, spec.metadata, spec.runtime_env])
+    assert not credentials_in(shown)
+    assert "endpoint_override=127.0.0.1:9000" in spec.entrypoint  # ordinary options travel
+    assert redact(f"s3://k:{SECRET}@b/p?region=x&secret_key={SECRET}") == (
+        "s3://***@b/p?region=x&secret_key=***"
+    )
+
+
+def test_a_job_server_address_with_credentials_is_refused(monkeypatch):
+    monkeypatch.delenv("RAY_API_SERVER_ADDRESS", raising=False)
+    with pytest.raises(ConfigError, match="RAY_AUTH_TOKEN") as info:
+        resolve_address(f"http://admin:{SECRET}@head:8265")
+    assert SECRET not in str(info.value) and "http://***@head:8265" in str(info.value)
+    monkeypatch.setenv("RAY_API_SERVER_ADDRESS", f"https://{SECRET}@head:8265")
+    with pytest.raises(ConfigError, match="holds credentials"):
+        resolve_address(None)
+
+
+def test_doctests_run():
+    from kdcache.jobs import submit
+
+    assert doctest.testmod(submit).failed == 0
