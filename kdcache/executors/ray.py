@@ -35,6 +35,7 @@ they do not hold resources the run's pools need.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import time
@@ -58,6 +59,7 @@ from kdcache.executors.base import (
 )
 from kdcache.executors.config import ExecutorConfig
 from kdcache.executors.pools import PoolPlan, plan_pools, pool_sizes, unplaceable
+from kdcache.local_ray import loopback_ray, starts_a_local_ray
 from kdcache.teachers.teacher import Teacher
 
 log = logging.getLogger(__name__)
@@ -247,12 +249,18 @@ class RayExecutor(Executor):
             address = self.config.address
             quiet.quiet_ray()  # no ANSI colour codes in the actors' lines in a log file
             try:
-                ray.init(
-                    address=address,
-                    include_dashboard=False,
-                    log_to_driver=True,
-                    logging_level=logging.WARNING,
-                )
+                with contextlib.ExitStack() as stack:
+                    # A Ray of our own listens on 127.0.0.1 only; a cluster is joined as is.
+                    local = (
+                        stack.enter_context(loopback_ray()) if starts_a_local_ray(address) else {}
+                    )
+                    ray.init(
+                        address=address,
+                        include_dashboard=False,
+                        log_to_driver=True,
+                        logging_level=logging.WARNING,
+                        **local,
+                    )
             except (ConnectionError, ValueError) as exc:
                 where = address or os.environ.get("RAY_ADDRESS") or "a local Ray"
                 raise RetriableError(

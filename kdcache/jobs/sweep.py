@@ -52,6 +52,7 @@ from kdcache.jobs.config import (
     read_file,
     to_dict,
 )
+from kdcache.local_ray import loopback_ray
 from kdcache.validation import config_dataclass
 
 log = logging.getLogger(__name__)
@@ -462,10 +463,10 @@ def _connect(ray: Any, address: str | None) -> bool:
         return False
     kwargs: dict[str, Any] = {"include_dashboard": False, "log_to_driver": True}
     if address is None and not os.environ.get("RAY_ADDRESS"):
-        kwargs.update(address="local", _node_ip_address="127.0.0.1")  # a new local Ray
+        with loopback_ray() as local:  # a new local Ray, every server on 127.0.0.1
+            ray.init(address="local", logging_level=logging.WARNING, **kwargs, **local)
     else:
-        kwargs.update(address=address)
-    ray.init(logging_level=logging.WARNING, **kwargs)
+        ray.init(address=address, logging_level=logging.WARNING, **kwargs)
     return True
 
 

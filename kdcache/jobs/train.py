@@ -9,12 +9,12 @@ import json
 import logging
 import os
 import uuid
-from collections.abc import Iterator
 from typing import Any
 
 import torch
 
 from kdcache.errors import ConfigError, require
+from kdcache.local_ray import loopback_ray, starts_a_local_ray
 from kdcache.stores.fs import Location
 from kdcache.train.distributed import (
     cpu_ds_config,
@@ -391,51 +391,6 @@ def _ray_train_loop(loop_config: dict[str, Any]) -> None:
     train_from_config(cfg, resume=resume, progress=False, on_eval=report)
 
 
-@contextlib.contextmanager
-def loopback_ray() -> Iterator[dict[str, Any]]:
-    """While a Ray that this process starts for itself runs: every server on 127.0.0.1.
-
-    A new local Ray (``ray.init()`` without an address) binds its GCS, raylet, object
-    manager and agents to the machine's address and all interfaces, except in Ray's
-    single-machine mode (``RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0``, the mode it uses on
-    macOS and Windows). The variable reaches the processes ``ray.init`` starts through the
-    environment; this process read it when it imported Ray, so its constant is set too.
-    Both are restored on exit.
-
-    Yields:
-        Keyword arguments for ``ray.init`` (``_node_ip_address="127.0.0.1"``).
-    """
-    name = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
-    saved_env = os.environ.get(name)
-    os.environ[name] = "0"
-    constants: Any = None
-    try:
-        from ray._private import ray_constants
-
-        constants = ray_constants
-    except ImportError:  # Ray moved it: the servers may listen beyond loopback
-        log.warning("cannot keep the local Ray on 127.0.0.1 (Ray's constants moved)")
-    saved = getattr(constants, "ENABLE_RAY_CLUSTER", None)
-    if constants is not None:
-        constants.ENABLE_RAY_CLUSTER = False
-    try:
-        yield {"_node_ip_address": "127.0.0.1"}
-    finally:
-        if constants is not None:
-            constants.ENABLE_RAY_CLUSTER = saved
-        if saved_env is None:
-            os.environ.pop(name, None)
-        else:
-            os.environ[name] = saved_env
-
-
-def _starts_a_local_ray(address: str | None) -> bool:
-    """Whether ``ray.init(address=address)`` starts a new Ray rather than joining one."""
-    if address in (None, ""):
-        return not os.environ.get("RAY_ADDRESS")
-    return address == "local"
-
-
 def train_on_ray(cfg: Any, *, resume: bool = False) -> dict[str, Any]:
     """Run :func:`train_from_config` on ``cfg.ray.num_workers`` Ray Train workers.
 
@@ -465,7 +420,7 @@ def train_on_ray(cfg: Any, *, resume: bool = False) -> dict[str, Any]:
 
             quiet.quiet_ray()  # no ANSI colour codes in the workers' lines in a log file
             local: dict[str, Any] = {}
-            if _starts_a_local_ray(cfg.ray.address):  # a Ray of our own: loopback only
+            if starts_a_local_ray(cfg.ray.address):  # a Ray of our own: loopback only
                 local = stack.enter_context(loopback_ray())
             ray.init(address=cfg.ray.address, log_to_driver=True, **local)
             started = True

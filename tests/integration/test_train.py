@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 import yaml
+from netcheck import LOOPBACK, ListeningSockets
 
 import kdcache
 from kdcache import losses
@@ -278,7 +279,7 @@ def test_ray_train_two_workers_match_one_process(tmp_path, cache, capsys):
     env = {"RAY_ADDRESS": None, "RAY_AUTH_MODE": "disabled", "DS_ACCELERATOR": "cpu"}
     saved = {k: os.environ.pop(k, None) for k in env}
     os.environ.update({k: v for k, v in env.items() if v is not None})
-    sockets = _ListeningSockets()  # of this process and all below it, while Ray runs
+    sockets = ListeningSockets()  # of this process and all below it, while Ray runs
     try:
         with sockets:
             _train(ray_cfg, "--ray", "--num-workers", "2", "ray.cpus_per_worker=0.5")
@@ -304,44 +305,6 @@ def test_ray_train_two_workers_match_one_process(tmp_path, cache, capsys):
         x for x in sockets.seen if x[1] not in LOOPBACK and not x[0].startswith("ray::RayTrain")
     )
     assert not beyond, beyond
-
-
-LOOPBACK = {"127.0.0.1", "::ffff:127.0.0.1", "::1"}
-
-
-class _ListeningSockets:
-    """Samples, in a thread, the listening sockets of this process and its descendants:
-    ``seen`` holds (process name, ip, port)."""
-
-    def __init__(self, every_s: float = 0.2) -> None:
-        import threading
-
-        self.every_s = every_s
-        self.seen: set[tuple[str, str, int]] = set()
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-
-    def _run(self) -> None:
-        psutil = pytest.importorskip("psutil")
-        me = psutil.Process()
-        while not self._stop.is_set():
-            try:
-                procs = {p.pid: p for p in me.children(recursive=True)}
-                procs[me.pid] = me
-                for c in psutil.net_connections(kind="tcp"):
-                    if c.pid in procs and c.status == psutil.CONN_LISTEN:
-                        self.seen.add((procs[c.pid].name(), c.laddr.ip, c.laddr.port))
-            except psutil.Error:
-                pass
-            self._stop.wait(self.every_s)
-
-    def __enter__(self) -> _ListeningSockets:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self._thread.join()
 
 
 @pytest.fixture

@@ -34,6 +34,7 @@ LAYERS: tuple[tuple[str, ...], ...] = (
         "kdcache.schema",
         "kdcache.progress",
         "kdcache.quiet",
+        "kdcache.local_ray",
     ),
     ("kdcache.targets",),
     ("kdcache.losses",),  # losses may import targets, not the reverse
