@@ -187,6 +187,9 @@ def heldout_dataset(
 
 #: Columns of the demo's Parquet splits.
 ID_COLUMN, IMAGE_COLUMN, LABEL_COLUMN = "sample_id", "image", "label"
+#: Modification time of the demo's Parquet splits (2026-01-01T00:00:00Z, in ns): fixed,
+#: so that a fresh clone plans the same fingerprint (see :func:`write_parquet_split`).
+DATA_MTIME_NS = 1_767_225_600 * 1_000_000_000
 #: Key of the Parquet key-value metadata that records what a split file was written from.
 SOURCE_KEY = b"kdcache.demo.source"
 
@@ -201,7 +204,11 @@ def write_parquet_split(
     A file already there is reused, unread, when its metadata records the same source
     (SHA-256 of ids, pixels and labels) and row-group size: then its bytes, size and
     modification time are unchanged, and so is the cache key of everything built over
-    it. Otherwise it is rewritten atomically.
+    it. Otherwise it is rewritten atomically. Its modification time is set to
+    :data:`DATA_MTIME_NS`, as reproducible builds set ``SOURCE_DATE_EPOCH``: the file is a
+    pure function of the IDX files, so every machine that writes it gets the same plan
+    fingerprint and the same cache keys (the README's key), while a file edited later
+    gets a new time, and an edit that restores the time is caught by the shard digests.
 
     Returns:
         ``path``.
@@ -221,6 +228,8 @@ def write_parquet_split(
         except (OSError, pa.ArrowInvalid):
             meta = {}
         if meta.get(SOURCE_KEY) == source:
+            if os.stat(path).st_mtime_ns != DATA_MTIME_NS:
+                os.utime(path, ns=(DATA_MTIME_NS, DATA_MTIME_NS))
             return path
     flat = np.ascontiguousarray(images, dtype=np.uint8).reshape(n, -1)
     width = flat.shape[1]
@@ -236,6 +245,7 @@ def write_parquet_split(
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     tmp = f"{path}.tmp-{os.getpid()}"
     pq.write_table(table, tmp, row_group_size=rows_per_group, compression="none")
+    os.utime(tmp, ns=(DATA_MTIME_NS, DATA_MTIME_NS))
     os.replace(tmp, path)
     log.info("data: wrote %s (%d rows, %d row groups)", path, n, -(-n // rows_per_group))
     return path
