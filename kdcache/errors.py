@@ -10,6 +10,8 @@ Only :class:`RetriableError` is ever retried by the teacher stage.
 
 from __future__ import annotations
 
+import re
+
 
 class KDCacheError(Exception):
     """Root of every error kdcache raises on purpose."""
@@ -102,3 +104,15 @@ def require(module: str, extra: str):
             f"{module!r} is required for this feature but is not installed; "
             f"install it with: pip install 'kdcache[{extra}]'"
         ) from exc
+
+
+_USERINFO = re.compile(r"(://)[^/@\s'\"]*@")
+_SECRET_QUERY = re.compile(
+    r"((?:secret_key|access_key|session_token|token|sig|password)=)[^&\s'\"]+", re.I
+)
+
+
+def redact(text: str) -> str:
+    """``text`` with credentials in URIs masked (``s3://KEY:SECRET@b/p`` ->
+    ``s3://***@b/p``; ``?secret_key=...`` -> ``?secret_key=***``), for messages."""
+    return _SECRET_QUERY.sub(r"\1***", _USERINFO.sub(r"\1***@", text))

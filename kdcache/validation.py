@@ -19,7 +19,7 @@ import pydantic.dataclasses
 from pydantic import ConfigDict, ValidationError
 from typing_extensions import dataclass_transform
 
-from kdcache.errors import ConfigError
+from kdcache.errors import ConfigError, redact
 
 T = TypeVar("T")
 
@@ -116,7 +116,7 @@ def config_error(exc: ValidationError, cls: type) -> ConfigError:
         else f"{line[0]}: expected {' or '.join(dict.fromkeys(wanted[line]))}, got {line[1]}"
         for line in lines
     ]
-    text = list(dict.fromkeys(text))
+    text = list(dict.fromkeys(redact(t) for t in text))  # never echo a credential
     if len(text) == 1:
         return ConfigError(text[0])
     return ConfigError(

@@ -449,3 +449,21 @@ def test_a_cache_hit_writes_nothing_so_it_works_on_a_read_only_root(root, monkey
     monkeypatch.setattr(Location, "makedirs", refuse)
     again = _local_build(ds, teachers, root)
     assert again.build_report.hit and again.key == first.key
+
+
+def test_config_errors_never_echo_credentials():
+    from kdcache.errors import ConfigError, redact
+    from kdcache.jobs import config as cfg
+
+    bad = {
+        "output_dir": "memory://AKIAEXAMPLE:wJalrXUtnFEMI@bucket/run?secret_key=s3cr3t&x=1",
+        "student": {"factory": "a:b"},
+        "cache": {"uri": "k"},
+        "dataset": {"factory": "a:b"},
+    }
+    with pytest.raises(ConfigError) as info:
+        cfg.from_dict(cfg.TrainConfig, bad)
+    text = str(info.value)
+    assert "memory://***@bucket/run" in text
+    assert "wJalrXUtnFEMI" not in text and "AKIAEXAMPLE" not in text and "s3cr3t" not in text
+    assert redact("s3://b/p?token=abc&region=us") == "s3://b/p?token=***&region=us"
