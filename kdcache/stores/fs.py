@@ -137,6 +137,15 @@ class Location:
             raise FileNotFoundError(self.display(name))
         return int(info.size)
 
+    def stat(self, name: str) -> tuple[int, int | None] | None:
+        """``(size in bytes, modification time in ns or None)`` of a file, or None when it
+        does not exist (one metadata call; no bytes read)."""
+        info = self.fs.get_file_info(self._p(name))
+        if info.type == pafs.FileType.NotFound:
+            return None
+        mtime = info.mtime_ns
+        return int(info.size), None if mtime is None else int(mtime)
+
     def mtime(self, name: str) -> float:
         """Last modification of ``name``, seconds since the epoch (now when unknown)."""
         info = self.fs.get_file_info(self._p(name))

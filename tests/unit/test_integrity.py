@@ -467,3 +467,30 @@ def test_config_errors_never_echo_credentials():
     assert "memory://***@bucket/run" in text
     assert "wJalrXUtnFEMI" not in text and "AKIAEXAMPLE" not in text and "s3cr3t" not in text
     assert redact("s3://b/p?token=abc&region=us") == "s3://b/p?token=***&region=us"
+
+
+def test_shards_are_hashed_once_per_file_version_per_process(root, monkeypatch):
+    """A second epoch does not hash unchanged shards again; a shard rewritten since (new
+    size or modification time) is hashed, and an altered one is still refused."""
+    from kdcache.stores import entry as entry_mod
+
+    _, cache = _build(root)
+    calls = []
+    real = entry_mod.sha256_hex
+    monkeypatch.setattr(entry_mod, "sha256_hex", lambda data: calls.append(1) or real(data))
+    entry_mod._VERIFIED.clear()
+    cache.read_shard(0)
+    cache.read_shard(0)
+    cache.read_shard(1)
+    assert len(calls) == 2  # shard 0 once, shard 1 once
+    path = os.path.join(cache.location.path, "shards", "shard-00000.arrow")
+    with open(path, "rb") as f:
+        data = bytearray(f.read())
+    data[-20] ^= 0xFF
+    st = os.stat(path)
+    with open(path, "wb") as f:
+        f.write(bytes(data))
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns + 1_000))  # a rewrite: a new time
+    with pytest.raises(CacheCorruptError, match="truncated or altered"):
+        cache.read_shard(0)
+    assert len(calls) >= 3
