@@ -13,8 +13,8 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="estimate a build config's cache bytes, teacher time and actor memory",
         description="Plan the teacher stage of a build config: the dataset's shards, rows "
         "and bytes (from file metadata), the cache bytes per target kind and dtype "
-        "(measured on a calibration batch), each teacher's stage time and the peak memory "
-        "of one of its actors. Nothing is built or written.",
+        "(measured on a calibration batch), each teacher's stage time and an estimate of "
+        "the memory of one of its actors. Nothing is built or written.",
     )
     c.add_argument("config", help="build config file (.yaml, .toml or .json)")
     c.add_argument("overrides", nargs="*", help="dotted key=value overrides")

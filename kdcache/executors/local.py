@@ -6,6 +6,7 @@ executor (the task is the same).
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 from kdcache.build.report import BuildReport
@@ -18,6 +19,8 @@ from kdcache.executors.base import (
     progress_bar,
 )
 from kdcache.executors.config import ExecutorConfig
+
+log = logging.getLogger(__name__)
 
 
 class LocalExecutor(Executor):
@@ -46,6 +49,17 @@ class LocalExecutor(Executor):
         self, context: TaskContext, tasks: list[ShardTask], report: BuildReport, *, progress: bool
     ) -> None:
         self.loaded.retain(context.spec_keys())
+        placed = [
+            t.name
+            for t in context.teachers
+            if (r := getattr(t, "resources", None)) is not None and not r.is_default
+        ]
+        if placed:
+            log.info(
+                "the local executor runs every teacher in this process: the resources of "
+                "%s apply on Ray only",
+                ", ".join(repr(n) for n in placed),
+            )
         bar = progress_bar(len(tasks), progress)
         try:
             for task in tasks:

@@ -48,7 +48,7 @@ import torch
 
 from kdcache import quiet
 from kdcache.build.report import BuildReport
-from kdcache.errors import RetriableError, require
+from kdcache.errors import ConfigError, RetriableError, require
 from kdcache.executors.base import (
     Executor,
     LoadedTeachers,
@@ -339,6 +339,19 @@ class RayExecutor(Executor):
             if mine:
                 plans.append(plan)
                 pool_tasks.append(mine)
+        if self._started_ray:
+            # A Ray this executor started is this machine alone: no autoscaler will ever
+            # add what a pool asks for, so waiting would be forever.
+            for plan in plans:
+                missing = unplaceable(plan, cluster)
+                if missing:
+                    raise ConfigError(
+                        f"pool {plan.name!r}: one actor asks for {', '.join(missing)}, and "
+                        "this Ray was started here, on this machine alone, so it can never "
+                        "be placed; lower the teacher's TeacherResources (config: "
+                        "teachers[i].resources) or executor settings, or join a cluster "
+                        "that has it (executor.address / RAY_ADDRESS); nothing was computed"
+                    )
         sizes = pool_sizes(plans, [len(t) for t in pool_tasks], cluster)
         kept_before = {id(s.handle) for s in self._iter_slots()}
         all_slots = self._assign(plans, sizes)

@@ -3,7 +3,8 @@
 From a :class:`~kdcache.jobs.config.BuildConfig`, without building anything: the dataset's
 shards, rows and bytes on disk (from its plan: file metadata only); per target kind and
 storage dtype, the bytes the cache will take; per teacher, the teacher-stage time
-estimated from a timed calibration batch, and the peak memory of one of its actors. The
+estimated from a timed calibration batch, and an estimate of one actor's memory (its
+teachers' parameters, the batches it holds and one shard's outputs). The
 cache bytes are measured, not modelled: the calibration batch's soft targets are encoded
 by the real codec into a scratch entry and the bytes per row are scaled to the dataset.
 
@@ -57,7 +58,7 @@ class TeacherCost:
     seconds_per_row: float
     stage_seconds: float  # all rows on one actor
     num_actors: int | None
-    peak_actor_bytes: int
+    peak_actor_bytes: int  # estimated: parameters + batches held + a shard's outputs
 
 
 @dataclasses.dataclass
@@ -248,6 +249,14 @@ def plan_build(
                 f"takes {_human(dense.total_bytes)}, above --max-cache-bytes "
                 f"{_human(max_cache_bytes)}; consider targets.kind=topk (see the table)"
             )
+    widths = {c.name: c.vocab_size for c in costs}
+    if len(costs) > 1 and len(set(widths.values())) > 1:
+        warnings.append(
+            "the teachers output different numbers of classes ("
+            + ", ".join(f"{n!r}: V={v}" for n, v in widths.items())
+            + "); the build of one ensemble will stop at the first shard: build them "
+            "separately, or fix the teachers' heads"
+        )
     return Plan(
         num_shards=len(shard_rows),
         num_rows=num_rows,
@@ -286,7 +295,7 @@ def format_plan(plan: Plan) -> str:
         "",
         "cache bytes per teacher entry (the calibration batch encoded, scaled to all rows):",
     ]
-    rows: list[tuple[str, ...]] = [("kind", "params", "dtype", "bytes/row", "total", "")]
+    rows: list[tuple[str, ...]] = [("kind", "params", "dtype", "bytes/row", "total", "config")]
     for t in plan.targets:
         params = ", ".join(f"{k}={v}" for k, v in (t.params or {}).items()) or "-"
         rows.append(
@@ -296,12 +305,12 @@ def format_plan(plan: Plan) -> str:
                 t.storage_dtype,
                 f"{t.bytes_per_row:,.1f}",
                 _human(t.total_bytes),
-                "<- config" if t.configured else "",
+                "<- this config" if t.configured else "",
             )
         )
     lines += _table(rows)
     lines += ["", f"teachers (calibration: {plan.calibration_rows} rows of shard 0):"]
-    rows = [("teacher", "params", "V", "us/row", "stage, 1 actor", "actors", "peak/actor")]
+    rows = [("teacher", "params", "V", "us/row", "stage, 1 actor", "actors", "est. mem/actor")]
     for c in plan.teachers:
         stage = _duration(c.stage_seconds)
         if c.num_actors:

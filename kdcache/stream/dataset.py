@@ -135,6 +135,14 @@ class ShardedStream(torch.utils.data.IterableDataset):
                 self.num_samples,
                 self.global_batch_size,
             )
+        elif drop_last and self.order.global_length() < self.num_samples:
+            log.info(
+                "each epoch streams %d of %d samples in whole global batches of %d "
+                "(drop_last=True; with shuffle, which samples are left out changes every epoch)",
+                self.order.global_length(),
+                self.num_samples,
+                self.global_batch_size,
+            )
 
     def _make_layout(self) -> Layout:
         if self.layout_name == "tokens":

@@ -67,6 +67,17 @@ def check_same_dataset(view: EnsembleView, dataset: ShardedDataset) -> None:
         bad = [i for i, (x, y) in enumerate(zip(sa, sb, strict=True)) if x != y]
         if bad:
             where = f"shard {bad[0]} differs ({len(bad)} of {len(sa)} shards)"
+            x, y = sa[bad[0]], sb[bad[0]]
+            if isinstance(x, dict) and isinstance(y, dict):
+                fields = [k for k in sorted(set(x) | set(y)) if x.get(k) != y.get(k)]
+                what = ", ".join(f"{k} {x.get(k)!r} -> {y.get(k)!r}" for k in fields[:3])
+                named = f" of file {y['file']!r}" if "file" in y else ""
+                where += f": {what}{named}"
+                if "version" in fields and "size" not in fields:
+                    where += (
+                        " (the file was rewritten or touched since the build; a copy that "
+                        "keeps modification times, cp -p or rsync -t, keeps the key)"
+                    )
     raise SpecMismatchError(
         f"cache {first.key} was built over a different dataset: its dataset fingerprint is "
         f"{_digest(a)}, this dataset's is {_digest(b)} ({where}); build the cache for this "
@@ -106,9 +117,10 @@ def read_inputs(
         if digest is not None and digest != want:
             raise InputChangedError(
                 f"input shard {index} is not the one teacher {e.teacher_name!r} saw when "
-                f"cache {e.key} was built: its content digest is {digest[:12]}, the cache "
-                f"recorded {want[:12]}; the input files changed since the build. Restore "
-                "them, or rebuild the cache over the new files (a new key)"
+                f"cache {e.key} was built: its content digest is {digest}, the cache "
+                f"recorded {want}; the input files changed since the build (same sizes "
+                "and modification times, other bytes). Restore them, or rebuild the cache "
+                "over the new files (a new key)"
             )
     return shard
 

@@ -86,7 +86,7 @@ def test_plan_command_prints_a_table_and_warns_above_the_limit(build_yaml, capsy
     assert main(["plan", str(build_yaml), "--max-cache-bytes", "1000"]) == 0
     out = capsys.readouterr().out
     assert "4 shards, 400 rows" in out
-    assert "<- config" in out and "topk" in out
+    assert "<- this config" in out and "topk" in out
     assert "warning: teacher 'a': a dense float32 cache" in out
     dense = ["targets.kind=dense", "targets.params=null"]
     assert main(["plan", str(build_yaml), "--json", *dense]) == 0
@@ -100,3 +100,19 @@ def test_plan_bad_input_is_a_clear_error(build_yaml, capsys):
     assert "--calibration-rows must be >= 1" in capsys.readouterr().err
     assert main(["plan", str(build_yaml), "teachers.0.checkpoint=/nonexistent.safetensors"]) == 2
     assert "/nonexistent.safetensors" in capsys.readouterr().err
+
+
+def test_plan_warns_about_teachers_of_different_class_counts(build_yaml, tmp_path, capsys):
+    weights = tmp_path / "b.safetensors"
+    module = linear_module(8, 30)
+    save_file({k: v.contiguous() for k, v in module.state_dict().items()}, str(weights))
+    b = (
+        "teachers.1={name: b, factory: 'kdcache.testing:linear_module', "
+        f"kwargs: {{num_features: 8, num_classes: 30}}, checkpoint: '{weights}'}}"
+    )
+    data = yaml.safe_load(build_yaml.read_text())
+    data["teachers"].append({})
+    build_yaml.write_text(yaml.safe_dump(data))
+    assert main(["plan", str(build_yaml), b]) == 0
+    out = capsys.readouterr().out
+    assert "different numbers of classes ('a': V=40, 'b': V=30)" in out
