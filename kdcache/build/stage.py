@@ -26,7 +26,7 @@ from kdcache.executors import Executor, ExecutorConfig, TaskContext, get_executo
 from kdcache.schema import TargetSpec
 from kdcache.stores.entry import CacheEntry
 from kdcache.stores.lease import Lease, _LeaseKeeper
-from kdcache.stores.view import EnsembleView
+from kdcache.stores.view import EnsembleView, view_json
 from kdcache.teachers.spec import TeacherSpec
 from kdcache.teachers.teacher import Teacher, TeacherEnsemble
 
@@ -298,6 +298,40 @@ def planned_rows(dataset: ShardedDataset, fingerprint: dict[str, Any]) -> list[i
             "computed"
         )
     return rows
+
+
+def planned_key(
+    dataset: ShardedDataset,
+    teachers: Teacher | TeacherSpec | TeacherEnsemble | Sequence[Teacher | TeacherSpec],
+    *,
+    temperature: float,
+    storage_dtype: str = "float32",
+    backend: str = "arrow",
+    kind: str = "dense",
+    params: dict[str, Any] | None = None,
+) -> str:
+    """The key :func:`build_cache` with these arguments returns (an entry's for one
+    teacher, the ensemble view's for several), computed without building or writing
+    anything: from the fingerprints alone (a spec's weight files are hashed, memoised).
+
+    Raises:
+        ConfigError: as :func:`build_cache`, for bad target settings.
+    """
+    ensemble = _as_ensemble(teachers)
+    spec = TargetSpec(
+        temperature=temperature,
+        storage_dtype=storage_dtype,
+        backend=backend,
+        kind=kind,
+        params=params,
+    )
+    dataset_fp = dataset.fingerprint()
+    keys = [
+        schema.content_key(schema.entry_spec(dataset_fp, t.fingerprint(), spec)) for t in ensemble
+    ]
+    if len(keys) == 1:
+        return keys[0]
+    return schema.content_key(view_json(keys, ensemble.rule, ensemble.weights))
 
 
 def _log_summary(report: BuildReport, ensemble: TeacherEnsemble, entries: list[CacheEntry]) -> None:

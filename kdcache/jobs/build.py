@@ -3,7 +3,7 @@
 
 from __future__ import annotations
 
-from kdcache.build.stage import build_cache
+from kdcache.build.stage import build_cache, planned_key
 from kdcache.errors import ConfigError
 from kdcache.jobs.config import BuildConfig
 from kdcache.stores.entry import CacheEntry
@@ -19,7 +19,8 @@ def build_from_config(
     Builds the dataset and teachers the config names, calls :func:`build_cache`, and
     points ``config.alias`` (if set) at the result. An alias that already names another
     key (the config or its overrides changed what is built) is left alone unless
-    ``move_alias``: the cache is built and kept (a rerun is a hit), and the error says so.
+    ``move_alias``: the build is refused before any work (the key is computed from the
+    fingerprints first, :func:`kdcache.build.stage.planned_key`), and the error says so.
 
     Args:
         config: The job.
@@ -36,6 +37,25 @@ def build_from_config(
     dataset = config.dataset.build()
     teachers = [t.build() for t in config.teachers]
     ensemble = TeacherEnsemble(teachers, weights=config.ensemble.weights, rule=config.ensemble.rule)
+    if config.alias and not move_alias:
+        # Before any work: an alias that names another key refuses the build up front.
+        key = planned_key(
+            dataset,
+            ensemble,
+            temperature=config.targets.temperature,
+            storage_dtype=config.targets.storage_dtype,
+            backend=config.targets.backend,
+            kind=config.targets.kind,
+            params=config.targets.params,
+        )
+        old = alias_target(config.root, config.alias)
+        if old is not None and old != key:
+            raise ConfigError(
+                f"alias {config.alias!r} points at key {old}, but this build would make key "
+                f"{key} (the config or its overrides changed what is built); nothing was "
+                f"built. Pass --move-alias (move_alias=True) to build it and re-point "
+                f"{config.alias!r}, or set another alias"
+            )
     cache = build_cache(
         dataset,
         ensemble,

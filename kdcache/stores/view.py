@@ -18,6 +18,18 @@ from kdcache.stores.entry import CacheEntry, _dumps
 from kdcache.stores.fs import Location
 
 
+def view_json(entry_keys: list[str], rule: str, weights: list[float] | None) -> dict[str, Any]:
+    """The JSON of an ensemble view over ``entry_keys``; its content key is the view's key
+    (so the key of a build is known before anything is built)."""
+    return {
+        "format_version": schema.FORMAT_VERSION,
+        "kind": "ensemble",
+        "entries": list(entry_keys),
+        "rule": rule,
+        "weights": weights,
+    }
+
+
 class EnsembleView:
     """A read-time view over K entries that share a dataset and a temperature.
 
@@ -75,13 +87,7 @@ class EnsembleView:
         return schema.content_key(self.view_json())
 
     def view_json(self) -> dict[str, Any]:
-        return {
-            "format_version": schema.FORMAT_VERSION,
-            "kind": "ensemble",
-            "entries": [e.key for e in self.entries],
-            "rule": self.rule,
-            "weights": self.weights,
-        }
+        return view_json([e.key for e in self.entries], self.rule, self.weights)
 
     @property
     def root(self) -> Location:
