@@ -63,5 +63,23 @@ def run(args: argparse.Namespace, rest: list[str]) -> int:
 
         if torch.distributed.is_initialized() and torch.distributed.get_rank() != 0:
             return 0
+    _log_summary(summary)
     print(json.dumps(summary, default=str))
     return 0
+
+
+def _log_summary(summary: dict) -> None:
+    """One readable line per evaluated model before the JSON summary."""
+    import logging
+
+    log = logging.getLogger("kdcache.train")
+    for name, ev in (summary.get("evals") or {}).items():
+        if isinstance(ev, dict) and "accuracy" in ev:
+            log.info(
+                "%s student: accuracy %.4f, cross-entropy %.4f after %s steps; %s",
+                name,
+                float(ev["accuracy"]),
+                float(ev.get("cross_entropy", float("nan"))),
+                summary.get("steps"),
+                (summary.get("student") or {}).get("path", ""),
+            )

@@ -151,6 +151,13 @@ def train_student(
             "it after kdcache.train.init_distributed() (or pass rank= and world_size=)"
         )
     config = load_ds_config(ds_config)
+    if rank == 0:
+        log.info(
+            "%s: starting DeepSpeed on %d rank(s) (its first start on a machine compiles a "
+            "CPU op, about a minute)",
+            desc,
+            world,
+        )
     engine, _, _, _ = deepspeed.initialize(
         model=model, model_parameters=model.parameters(), config=config
     )
