@@ -110,3 +110,31 @@ def test_an_input_changed_after_the_build_is_refused_at_the_join(tmp_path, root)
     with pytest.raises(InputChangedError, match=r"input shard 3 is not the one teacher"):
         for _ in stream:
             pass
+
+
+def double(inputs):
+    return np.asarray(inputs, dtype=np.float32) * 2
+
+
+def test_a_transform_is_in_the_key_and_the_student_may_use_its_own(tmp_path, root):
+    from kdcache.data import Transform
+
+    path = str(tmp_path / "data.parquet")
+    x = _write(path)
+    teacher = linear_teacher()
+    plain = kdcache.build_cache(
+        _dataset(path), teacher, temperature=2.0, root=root, executor="local", progress=False
+    )
+    doubled = _dataset(path).with_transform(Transform("test_files_pipeline:double"))
+    other = kdcache.build_cache(
+        doubled, teacher, temperature=2.0, root=root, executor="local", progress=False
+    )
+    assert other.key != plain.key  # the preprocessing is part of what the teacher saw
+    ids, scaled = other.read_shard(0)
+    np.testing.assert_array_equal(ids, np.arange(500, 520))
+    want = teacher.logits(torch.from_numpy(x[:20] * 2)) / 2.0
+    np.testing.assert_allclose(scaled, want.numpy(), rtol=1e-6, atol=1e-6)
+    # the student reads the same files with its own transform and still joins
+    stream = kdcache.SoftTargetDataset(plain, doubled, batch_size=40, shuffle=False)
+    batch = next(iter(stream))
+    np.testing.assert_allclose(batch["inputs"].numpy(), x[:40] * 2)
