@@ -169,8 +169,7 @@ def _build(
     # Once per teacher: a spec's fingerprint hashes its weight files (memoised per process).
     teacher_fps = [teacher.fingerprint() for teacher in ensemble]
     entries = []
-    for teacher_fp in teacher_fps:
-        material = schema.entry_spec(dataset_fp, teacher_fp, spec)
+    for material in _key_materials(dataset_fp, teacher_fps, spec):
         entry = CacheEntry(root, schema.content_key(material))
         entry.write_spec(material)
         entries.append(entry)
@@ -300,6 +299,14 @@ def planned_rows(dataset: ShardedDataset, fingerprint: dict[str, Any]) -> list[i
     return rows
 
 
+def _key_materials(
+    dataset_fp: dict[str, Any], teacher_fps: list[dict[str, Any]], spec: TargetSpec
+) -> list[dict[str, Any]]:
+    """The key material of each teacher's entry (what its ``spec.json`` holds and its key
+    hashes): one definition for :func:`build_cache` and :func:`planned_key`."""
+    return [schema.entry_spec(dataset_fp, fp, spec) for fp in teacher_fps]
+
+
 def planned_key(
     dataset: ShardedDataset,
     teachers: Teacher | TeacherSpec | TeacherEnsemble | Sequence[Teacher | TeacherSpec],
@@ -325,10 +332,8 @@ def planned_key(
         kind=kind,
         params=params,
     )
-    dataset_fp = dataset.fingerprint()
-    keys = [
-        schema.content_key(schema.entry_spec(dataset_fp, t.fingerprint(), spec)) for t in ensemble
-    ]
+    materials = _key_materials(dataset.fingerprint(), [t.fingerprint() for t in ensemble], spec)
+    keys = [schema.content_key(m) for m in materials]
     if len(keys) == 1:
         return keys[0]
     return schema.content_key(view_json(keys, ensemble.rule, ensemble.weights))
