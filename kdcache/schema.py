@@ -24,7 +24,18 @@ from typing import Any
 
 from kdcache.errors import CacheCorruptError, ConfigError, FormatVersionError
 
-FORMAT_VERSION = 1
+#: The newest format this kdcache writes and reads (it reads every older one too).
+#: Version 2 added the sequence-major layout of token-level entries (bit-packed ids and
+#: counts, one row per sequence) and quantised values; it changed nothing for entries with
+#: one row per sample, which keep ``format_version`` 1 in their key material, so their
+#: keys and files stay valid (:func:`entry_format_version`).
+FORMAT_VERSION = 2
+#: The format of entries with one row per sample (classifiers): unchanged since version 1.
+SAMPLE_FORMAT_VERSION = 1
+#: The format of token-level entries: the sequence-major layout (docs/format.md).
+TOKEN_FORMAT_VERSION = 2
+#: The format of an ensemble view's JSON: unchanged since version 1.
+VIEW_FORMAT_VERSION = 1
 
 #: int64, the stable id of an input record; unique within a dataset.
 COL_SAMPLE_ID = "sample_id"
@@ -38,8 +49,27 @@ COL_OFFSETS = "offsets"
 COL_IDS = "ids"
 #: Ragged [E] of the storage dtype: scaled logits z / tau at the kept ids.
 COL_VALUES = "values"
-#: Ragged int32 [E]: draw counts (kind "sampled" only).
+#: Ragged int32 [E]: draw counts (kinds "sampled" and "sampled_counts").
 COL_COUNTS = "counts"
+#: Quantised values (``params.value_bits``): ragged uint8 or uint16 [E] codes, the value
+#: being ``value_max[n] - code * value_step[n]`` (float32 arithmetic).
+COL_VALUE_CODES = "value_codes"
+#: float32 [N]: the largest kept value of a quantised row, shifted so that the kept
+#: mass of the dequantised values is the exact one.
+COL_VALUE_MAX = "value_max"
+#: float32 [N]: the step between two codes of a quantised row.
+COL_VALUE_STEP = "value_step"
+
+# The sequence-major layout of token-level entries (format version 2): one row per
+# sequence; per-token and per-entry columns are ragged, each with its own offsets.
+#: int32 [M]: the first target position of the sequence (its rows' positions are
+#: ``first_position .. first_position + num_positions - 1``).
+COL_FIRST_POSITION = "first_position"
+#: int32 [M]: the sequence's target positions (token rows).
+COL_NUM_POSITIONS = "num_positions"
+#: Bit-packed [per sequence]: kept entries per token row (absent when every row keeps
+#: the same number, recorded as ``meta["row_length"]``).
+COL_ROW_LENGTH = "row_length"
 #: float32 [N]: logsumexp over the full vocabulary of z / tau.
 COL_LOG_PARTITION = "log_partition"
 #: float32 [N]: log of the mass outside the kept ids at tau (-inf: nothing left out).
@@ -54,7 +84,9 @@ COL_POSITION = "position"
 META_KEY = "kdcache"
 
 STORAGE_DTYPES = ("float32", "float16", "bfloat16")
-SPARSE_KINDS = ("topk", "topp", "sampled", "mixture")
+SPARSE_KINDS = ("topk", "topp", "sampled", "sampled_counts", "mixture")
+#: Kinds that store draw counts.
+COUNT_KINDS = ("sampled", "sampled_counts")
 TARGET_KINDS = ("dense", *SPARSE_KINDS)
 #: Names of the storage backends a spec may name. The built-in ones; a user's backend is
 #: added by :func:`kdcache.stores.backends.register_backend` (which calls
@@ -69,9 +101,12 @@ _REQUIRED_PARAMS = {
     "topk": ("k",),
     "topp": ("top_p", "max_k"),
     "sampled": ("num_samples",),
+    "sampled_counts": ("num_samples",),
     "mixture": (),
 }
-_OPTIONAL_PARAMS = ("min_k", "seed", "labels", "grid_temperatures", "members")
+_OPTIONAL_PARAMS = ("min_k", "seed", "labels", "grid_temperatures", "members", "value_bits")
+#: Bits a quantised value may take (``params.value_bits``).
+VALUE_BITS = range(2, 17)
 
 ENTRIES_DIR = "entries"
 ENSEMBLES_DIR = "ensembles"
@@ -177,15 +212,18 @@ class TargetSpec:
     Attributes:
         temperature: tau > 0; stored values are ``logits / tau``.
         kind: ``"dense"`` (all V scaled logits per row), or a sparse kind: ``"topk"``,
-            ``"topp"``, ``"sampled"`` (see :class:`kdcache.targets.SparseTargets`) or
-            ``"mixture"`` (a materialised sparse ensemble).
+            ``"topp"``, ``"sampled"``, ``"sampled_counts"`` (draw counts only, no values:
+            see :class:`kdcache.targets.SparseTargets`) or ``"mixture"`` (a materialised
+            sparse ensemble).
         storage_dtype: ``"float32"``, ``"float16"`` or ``"bfloat16"`` for the stored scaled
             logits; log-partitions are always float32 and math is always float32.
         backend: ``"arrow"`` (Arrow IPC, default), ``"parquet"`` or ``"zarr"`` (Zarr v3).
         params: Sparsification parameters, part of the key (they change the bytes); must
             be None for ``"dense"``. ``topk``: ``k``; ``topp``: ``top_p`` and ``max_k``
-            (optional ``min_k``); ``sampled``: ``num_samples`` (optional ``seed``); any
-            sparse kind: optional ``labels`` (True when each row also keeps its label),
+            (optional ``min_k``); ``sampled`` and ``sampled_counts``: ``num_samples``
+            (optional ``seed``); any sparse kind with values: optional ``value_bits``
+            (values quantised to that many bits per kept id, relative to the row's
+            largest; ``docs/format.md``), ``labels`` (True when each row also keeps its label),
             ``grid_temperatures`` (log-partitions stored at these tau too) and, for a
             mixture, ``members``. Held as a sorted tuple of pairs; :meth:`param` reads one.
 
@@ -213,6 +251,16 @@ class TargetSpec:
         if self.backend not in BACKENDS:
             raise ConfigError(f"backend must be one of {BACKENDS}, got {self.backend!r}")
         object.__setattr__(self, "params", _normalise_params(self.kind, self.params))
+        if self.kind == "sampled_counts" and self.storage_dtype != "float32":
+            raise ConfigError(
+                f"sampled_counts targets store no values, so no storage_dtype; leave it at "
+                f"'float32' (got {self.storage_dtype!r})"
+            )
+        if self.param("value_bits") is not None and self.storage_dtype != "float32":
+            raise ConfigError(
+                f"params.value_bits quantises the stored values itself; leave storage_dtype "
+                f"at 'float32' (got {self.storage_dtype!r})"
+            )
 
     def param(self, name: str, default: Any = None) -> Any:
         """One sparsification parameter (lists come back as tuples)."""
@@ -300,22 +348,52 @@ def _normalise_params(kind: str, params: Any) -> tuple[tuple[str, Any], ...] | N
             out[name] = temps
         elif name == "members":
             out[name] = tuple(str(m) for m in value)
+        elif name == "value_bits":
+            if isinstance(value, bool) or not isinstance(value, int) or value not in VALUE_BITS:
+                raise ConfigError(
+                    f"value_bits must be an int in {VALUE_BITS.start}..{VALUE_BITS.stop - 1} "
+                    f"(8 is the usual choice), got {value!r}"
+                )
+            out[name] = value
+    if kind == "sampled_counts":
+        refused = {
+            "value_bits": "it stores no values",
+            "labels": "a label never drawn has count 0 and adds nothing to p_hat",
+            "grid_temperatures": "draws made at one temperature are no sample at another",
+        }
+        for name, why in refused.items():
+            if name in out:
+                raise ConfigError(
+                    f"sampled_counts targets take no {name!r}: {why}; use kind 'sampled' "
+                    "(which keeps the drawn ids' exact values) or 'topk'"
+                )
     if "min_k" in out and out["min_k"] > out.get("max_k", out["min_k"]):
         raise ConfigError(f"min_k {out['min_k']} exceeds max_k {out['max_k']}")
     return tuple(sorted(out.items()))
+
+
+def entry_format_version(token_level: bool) -> int:
+    """The format version an entry is written in: :data:`TOKEN_FORMAT_VERSION` for
+    token-level entries (the sequence-major layout), :data:`SAMPLE_FORMAT_VERSION` for
+    entries with one row per sample (whose bytes no later version changed)."""
+    return TOKEN_FORMAT_VERSION if token_level else SAMPLE_FORMAT_VERSION
 
 
 def entry_spec(
     dataset_fingerprint: dict[str, Any],
     teacher_fingerprint: dict[str, Any],
     targets: TargetSpec,
+    *,
+    token_level: bool = False,
 ) -> dict[str, Any]:
     """The key material of one cache entry: everything that changes its bytes.
 
-    Nothing run-specific (cluster size, batch size, paths) belongs here.
+    Nothing run-specific (cluster size, batch size, paths) belongs here. The format
+    version is part of it (:func:`entry_format_version`): a token-level entry of format 2
+    and one of format 1 hold different bytes, so they have different keys.
     """
     return {
-        "format_version": FORMAT_VERSION,
+        "format_version": entry_format_version(token_level),
         "dataset": dataset_fingerprint,
         "teacher": teacher_fingerprint,
         "targets": targets.to_json(),

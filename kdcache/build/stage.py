@@ -169,7 +169,8 @@ def _build(
     # Once per teacher: a spec's fingerprint hashes its weight files (memoised per process).
     teacher_fps = [teacher.fingerprint() for teacher in ensemble]
     entries = []
-    for material in _key_materials(dataset_fp, teacher_fps, spec):
+    token_level = dataset_layout(dataset) == "tokens"
+    for material in _key_materials(dataset_fp, teacher_fps, spec, token_level=token_level):
         entry = CacheEntry(root, schema.content_key(material))
         entry.write_spec(material)
         entries.append(entry)
@@ -300,11 +301,15 @@ def planned_rows(dataset: ShardedDataset, fingerprint: dict[str, Any]) -> list[i
 
 
 def _key_materials(
-    dataset_fp: dict[str, Any], teacher_fps: list[dict[str, Any]], spec: TargetSpec
+    dataset_fp: dict[str, Any],
+    teacher_fps: list[dict[str, Any]],
+    spec: TargetSpec,
+    *,
+    token_level: bool,
 ) -> list[dict[str, Any]]:
     """The key material of each teacher's entry (what its ``spec.json`` holds and its key
     hashes): one definition for :func:`build_cache` and :func:`planned_key`."""
-    return [schema.entry_spec(dataset_fp, fp, spec) for fp in teacher_fps]
+    return [schema.entry_spec(dataset_fp, fp, spec, token_level=token_level) for fp in teacher_fps]
 
 
 def planned_key(
@@ -332,7 +337,12 @@ def planned_key(
         kind=kind,
         params=params,
     )
-    materials = _key_materials(dataset.fingerprint(), [t.fingerprint() for t in ensemble], spec)
+    materials = _key_materials(
+        dataset.fingerprint(),
+        [t.fingerprint() for t in ensemble],
+        spec,
+        token_level=dataset_layout(dataset) == "tokens",
+    )
     keys = [schema.content_key(m) for m in materials]
     if len(keys) == 1:
         return keys[0]

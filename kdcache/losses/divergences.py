@@ -361,6 +361,14 @@ def _rows_divergence(
                 f"sparse targets have {teacher.num_rows} rows but the student has {num_rows} "
                 f"rows (leading dims {tuple(student_logits.shape[:-1])} flattened)"
             )
+        if teacher.kind == "sampled_counts" and kind != "forward_kl":
+            raise ConfigError(
+                f"{kind} is refused for sampled_counts targets: they hold only the estimate "
+                "p_hat = counts / num_samples, which is unbiased for forward KL (linear in "
+                "the teacher's p) but not for divergences that are not linear in p (reverse "
+                "KL is even infinite where p_hat is 0); use divergence 'forward_kl', or "
+                "build kind 'sampled' (the drawn ids' exact values) or 'topk'"
+            )
         if teacher.kind == "sampled" and kind == "reverse_kl":
             raise ConfigError(
                 "reverse KL needs the teacher's probability wherever the student puts mass, "

@@ -11,6 +11,9 @@ for every backend. Every backend stores the same logical shard, :class:`ShardCol
   as one flat array [E] per column plus shared ``offsets`` int64 [N + 1]; row ``n`` owns
   entries ``offsets[n]:offsets[n + 1]``. Offsets, never padding: a row keeping 3 ids
   costs 3 entries whatever the slot count S.
+  A ragged column may instead have *its own* offsets [N + 1] (``entry_offsets``): the
+  sequence-major layout of token-level entries keeps per-token, per-entry and bit-packed
+  columns in one row per sequence, each with its own run lengths.
 * ``meta``: a small JSON object (kind, storage dtype, V, slots, grid temperatures).
 
 Backends (``docs/format.md`` lists every column, file by file):
@@ -50,6 +53,9 @@ from kdcache.schema import BACKENDS as BACKEND_NAMES
 from kdcache.schema import COL_OFFSETS, COL_SAMPLE_ID, META_KEY
 
 _ZARR_RAGGED_ATTR = "kdcache_ragged_columns"
+_ZARR_OWN_OFFSETS_ATTR = "kdcache_own_offsets"
+#: Field metadata (Arrow, Parquet) marking a ragged column with offsets of its own.
+_OWN_OFFSETS = "kdcache.own_offsets"
 
 
 @dataclass
@@ -62,7 +68,10 @@ class ShardColumns:
             float32, float16, or uint16 holding bfloat16 bits). Names are the column names.
         entries: Ragged columns by name: flat numpy arrays [E]; empty for dense targets.
         offsets_N1: int64 [N + 1] row starts into every ragged column (``offsets[0] = 0``,
-            non-decreasing, ``offsets[N] = E``); None when there are no ragged columns.
+            non-decreasing, ``offsets[N] = E``) that has no offsets of its own; None when
+            no ragged column uses them.
+        entry_offsets: Own offsets (int64 [N + 1], same rules) of the ragged columns that
+            have them, by column name.
         meta: JSON-able facts needed to decode (kind, storage dtype, V, ...).
     """
 
@@ -71,10 +80,20 @@ class ShardColumns:
     entries: dict[str, np.ndarray] = field(default_factory=dict)
     offsets_N1: np.ndarray | None = None  # noqa: N815 (shape suffix, house style)
     meta: dict[str, Any] = field(default_factory=dict)
+    entry_offsets: dict[str, np.ndarray] = field(default_factory=dict)
 
     @property
     def num_rows(self) -> int:
         return int(self.sample_ids_N.shape[0])
+
+    def offsets_of(self, name: str) -> np.ndarray:
+        """int64 [N + 1]: the offsets of ragged column ``name`` (its own, or the shared)."""
+        own = self.entry_offsets.get(name)
+        if own is not None:
+            return own
+        if self.offsets_N1 is None:
+            raise CacheCorruptError(f"ragged column {name!r} has no offsets")
+        return self.offsets_N1
 
     def check(self, where: str) -> None:
         """Raise :class:`CacheCorruptError` when shapes disagree (a decoded file is bad)."""
@@ -82,18 +101,23 @@ class ShardColumns:
         for name, col in self.rows.items():
             if col.ndim not in (1, 2) or col.shape[0] != n:
                 raise CacheCorruptError(f"{where}: column {name!r} has shape {col.shape}, N={n}")
-        if self.entries:
-            off = self.offsets_N1
-            if off is None or off.shape != (n + 1,) or (n + 1 and int(off[0]) != 0):
-                raise CacheCorruptError(f"{where}: bad offsets for {n} rows")
-            if len(off) > 1 and bool((np.diff(off) < 0).any()):
-                raise CacheCorruptError(f"{where}: offsets decrease")
-            for name, col in self.entries.items():
-                if col.shape != (int(off[-1]),):
-                    raise CacheCorruptError(
-                        f"{where}: ragged column {name!r} holds {col.shape} entries, "
-                        f"offsets say {int(off[-1])}"
-                    )
+        unknown = sorted(set(self.entry_offsets) - set(self.entries))
+        if unknown:
+            raise CacheCorruptError(f"{where}: offsets for no ragged column: {unknown}")
+        checked: set[int] = set()
+        for name, col in self.entries.items():
+            off = self.entry_offsets.get(name, self.offsets_N1)
+            if off is None or off.shape != (n + 1,) or int(off[0]) != 0:
+                raise CacheCorruptError(f"{where}: bad offsets of {name!r} for {n} rows")
+            if id(off) not in checked:  # shared offsets are checked once
+                if len(off) > 1 and bool((np.diff(off) < 0).any()):
+                    raise CacheCorruptError(f"{where}: offsets of {name!r} decrease")
+                checked.add(id(off))
+            if col.shape != (int(off[-1]),):
+                raise CacheCorruptError(
+                    f"{where}: ragged column {name!r} holds {col.shape} entries, "
+                    f"offsets say {int(off[-1])}"
+                )
 
 
 class ShardBackend(Protocol):
@@ -157,14 +181,27 @@ class ArrowIPCBackend:
         }
         for name, col in shard.rows.items():
             cols[name] = _arrow_row_column(col)
-        if shard.entries:
-            assert shard.offsets_N1 is not None
-            if int(shard.offsets_N1[-1]) >= 2**31:
-                raise ConfigError("a shard holds more than 2^31 sparse entries; use more shards")
-            off = pa.array(shard.offsets_N1.astype(np.int32))
-            for name, col in shard.entries.items():
-                cols[name] = pa.ListArray.from_arrays(off, pa.array(np.ascontiguousarray(col)))
-        table = pa.table(cols).replace_schema_metadata({META_KEY: _meta_bytes(shard.meta)})
+        shared: pa.Array | None = None
+        fields: list[pa.Field] = []
+        for name, col in shard.entries.items():
+            own = name in shard.entry_offsets
+            offsets = shard.offsets_of(name)
+            if int(offsets[-1]) >= 2**31:
+                raise ConfigError(f"ragged column {name!r} exceeds 2^31 entries; use more shards")
+            if own:
+                off = pa.array(offsets.astype(np.int32))
+            else:
+                if shared is None:
+                    shared = pa.array(offsets.astype(np.int32))
+                off = shared
+            cols[name] = pa.ListArray.from_arrays(off, pa.array(np.ascontiguousarray(col)))
+            if own:
+                fields.append(pa.field(name, cols[name].type, metadata={_OWN_OFFSETS: b"1"}))
+        table = pa.table(cols)
+        if fields:  # mark the columns with offsets of their own
+            marked = {f.name: f for f in fields}
+            table = table.cast(pa.schema([marked.get(f.name, f) for f in table.schema]), safe=False)
+        table = table.replace_schema_metadata({META_KEY: _meta_bytes(shard.meta)})
         sink = pa.BufferOutputStream()
         with pa.ipc.new_file(sink, table.schema) as writer:
             writer.write_table(table)
@@ -175,13 +212,17 @@ class ArrowIPCBackend:
             table = pa.ipc.open_file(pa.BufferReader(data)).read_all()
             meta = json.loads((table.schema.metadata or {}).get(META_KEY.encode(), b"{}"))
             out = ShardColumns(table.column(COL_SAMPLE_ID).to_numpy(), meta=meta)
-            for name in table.column_names:
+            for fld in table.schema:
+                name = fld.name
                 if name == COL_SAMPLE_ID:
                     continue
                 col = table.column(name).combine_chunks()
                 if pa.types.is_list(col.type):
-                    if out.offsets_N1 is None:
-                        out.offsets_N1 = col.offsets.to_numpy().astype(np.int64)
+                    offsets = col.offsets.to_numpy().astype(np.int64)
+                    if _OWN_OFFSETS.encode() in (fld.metadata or {}):
+                        out.entry_offsets[name] = offsets
+                    elif out.offsets_N1 is None:
+                        out.offsets_N1 = offsets
                     out.entries[name] = col.values.to_numpy(zero_copy_only=False)
                 else:
                     out.rows[name] = _numpy_row_column(col)
@@ -239,10 +280,9 @@ class ParquetBackend:
             meta = {_PARQUET_DTYPE: col.dtype.str, "kdcache.width": str(col.shape[1])}
             fields.append(pa.field(name, typ, metadata=meta))
         if shard.entries:
-            assert shard.offsets_N1 is not None
             for name, col in shard.entries.items():
                 col = np.ascontiguousarray(col)
-                byte_off = shard.offsets_N1 * col.dtype.itemsize
+                byte_off = shard.offsets_of(name) * col.dtype.itemsize
                 if int(byte_off[-1]) >= 2**31:
                     raise ConfigError(f"ragged column {name!r} exceeds 2 GiB; use more shards")
                 arr = pa.BinaryArray.from_buffers(
@@ -251,7 +291,10 @@ class ParquetBackend:
                     [None, pa.py_buffer(byte_off.astype(np.int32)), pa.py_buffer(col)],
                 )
                 arrays.append(arr)
-                fields.append(pa.field(name, pa.binary(), metadata={_PARQUET_DTYPE: col.dtype.str}))
+                fmeta = {_PARQUET_DTYPE: col.dtype.str}
+                if name in shard.entry_offsets:
+                    fmeta[_OWN_OFFSETS] = "1"
+                fields.append(pa.field(name, pa.binary(), metadata=fmeta))
         schema = pa.schema(fields, metadata={META_KEY: _meta_bytes(shard.meta)})
         table = pa.Table.from_arrays(arrays, schema=schema)
         sink = pa.BufferOutputStream()
@@ -303,7 +346,9 @@ class ParquetBackend:
                         else np.zeros(0, dtype)
                     )
                     out.entries[fld.name] = flat
-                    if out.offsets_N1 is None:
+                    if _OWN_OFFSETS.encode() in fmeta:
+                        out.entry_offsets[fld.name] = (offs - lo) // dtype.itemsize
+                    elif out.offsets_N1 is None:
                         out.offsets_N1 = (offs - lo) // dtype.itemsize
         except (pa.ArrowInvalid, KeyError, ValueError, OSError) as exc:
             raise CacheCorruptError(
@@ -336,6 +381,11 @@ def _chunk_rows(shape: tuple[int, ...], itemsize: int) -> tuple[int, ...]:
     return (-(-num_rows // num_chunks), *[max(s, 1) for s in shape[1:]])
 
 
+def _zarr_offsets_name(column: str) -> str:
+    """The Zarr array holding the own offsets of ragged column ``column``."""
+    return f"{column}__offsets"
+
+
 class ZarrBackend:
     """Zarr v3: one group per shard, packed into one uncompressed zip (``.zarr.zip``).
 
@@ -360,14 +410,24 @@ class ZarrBackend:
             MemoryStore(store_dict),
             mode="w",
             zarr_format=3,
-            attributes={META_KEY: shard.meta, _ZARR_RAGGED_ATTR: sorted(shard.entries)},
+            attributes={
+                META_KEY: shard.meta,
+                _ZARR_RAGGED_ATTR: sorted(shard.entries),
+                **(
+                    {_ZARR_OWN_OFFSETS_ATTR: sorted(shard.entry_offsets)}
+                    if shard.entry_offsets
+                    else {}
+                ),
+            },
         )
         arrays = {COL_SAMPLE_ID: np.ascontiguousarray(shard.sample_ids_N, dtype=np.int64)}
         arrays.update(shard.rows)
         if shard.entries:
-            assert shard.offsets_N1 is not None
-            arrays[COL_OFFSETS] = np.ascontiguousarray(shard.offsets_N1, dtype=np.int64)
+            if shard.offsets_N1 is not None:
+                arrays[COL_OFFSETS] = np.ascontiguousarray(shard.offsets_N1, dtype=np.int64)
             arrays.update(shard.entries)
+            for name, own in shard.entry_offsets.items():
+                arrays[_zarr_offsets_name(name)] = np.ascontiguousarray(own, dtype=np.int64)
         for name, col in arrays.items():
             col = np.ascontiguousarray(col)
             arr = group.create_array(
@@ -405,12 +465,15 @@ class ZarrBackend:
                 raise KeyError(COL_SAMPLE_ID)
             out = ShardColumns(np.asarray(group[COL_SAMPLE_ID][...]), meta=meta)
             ragged = set(group.attrs.get(_ZARR_RAGGED_ATTR, ()))
+            own = {_zarr_offsets_name(n): n for n in group.attrs.get(_ZARR_OWN_OFFSETS_ATTR, ())}
             for name in names:
                 if name == COL_SAMPLE_ID:
                     continue
                 values = np.asarray(group[name][...])
                 if name == COL_OFFSETS:
                     out.offsets_N1 = values.astype(np.int64)
+                elif name in own:
+                    out.entry_offsets[own[name]] = values.astype(np.int64)
                 elif name in ragged:
                     out.entries[name] = values
                 else:

@@ -234,17 +234,52 @@ def sparse_to_columns(
     lengths = valid.sum(axis=1)
     offsets = np.zeros(num_rows + 1, np.int64)
     np.cumsum(lengths, out=offsets[1:])
-    values = sparse.values_BS.float().numpy()[valid]
-    entries = {
-        schema.COL_IDS: ids_NS[valid].astype(np.int32),
-        schema.COL_VALUES: to_storage_dtype(values, spec.storage_dtype, where),
-    }
+    entries = {schema.COL_IDS: ids_NS[valid].astype(np.int32)}
+    rows: dict[str, np.ndarray] = {}
+    extra: dict[str, Any] = {}
     if sparse.counts_BS is not None:
-        entries[schema.COL_COUNTS] = sparse.counts_BS.numpy()[valid].astype(np.int32)
+        counts = sparse.counts_BS.numpy()[valid]
+        if len(counts) and int(counts.min()) < 0:
+            raise TeacherOutputError(f"{where}: a draw count is negative")
+        entries[schema.COL_COUNTS] = counts.astype(np.int32)
+    if spec.kind == "sampled_counts":
+        # p_hat = counts / num_samples is all there is: no values, no normaliser, no tail
+        if num_rows and bool(
+            (np.add.reduceat(counts, offsets[:-1]) <= 0).any() or (lengths == 0).any()
+        ):
+            raise TeacherOutputError(f"{where}: a row of sampled_counts targets has no draw")
+        meta = {
+            "kind": spec.kind,
+            "storage_dtype": spec.storage_dtype,
+            "vocab_size": vocab,
+            "num_slots": sparse.num_slots,
+            "grid_temperatures": [],
+        }
+        cols = ShardColumns(sample_ids_N, entries=entries, offsets_N1=offsets, meta=meta)
+        return cols, {
+            "vocab_size": vocab,
+            "num_entries": int(offsets[-1]),
+            "num_slots": sparse.num_slots,
+        }
+    values = sparse.values_BS.float().numpy()[valid]
+    value_bits = spec.param("value_bits")
+    if value_bits is None:
+        entries[schema.COL_VALUES] = to_storage_dtype(values, spec.storage_dtype, where)
+    else:
+        codes, vmax, step, kl = quantize_values(values, offsets, int(value_bits), where)
+        entries[schema.COL_VALUE_CODES] = codes
+        rows[schema.COL_VALUE_MAX] = vmax
+        rows[schema.COL_VALUE_STEP] = step
+        extra["quantization"] = {
+            "value_bits": int(value_bits),
+            "kl_nats_mean": float(kl.mean()) if len(kl) else 0.0,
+            "kl_nats_max": float(kl.max()) if len(kl) else 0.0,
+            "num_rows": int(num_rows),
+        }
     log_z = sparse.log_partition_B.float().numpy()
     if not bool(np.isfinite(log_z).all()):
         raise TeacherOutputError(f"{where}: a log-partition is NaN or infinite")
-    rows = {schema.COL_LOG_PARTITION: np.ascontiguousarray(log_z, dtype=np.float32)}
+    rows[schema.COL_LOG_PARTITION] = np.ascontiguousarray(log_z, dtype=np.float32)
     if sparse.tail_log_mass_B is not None:
         tail = sparse.tail_log_mass_B.float().numpy()
         if bool(np.isnan(tail).any() or (tail > 1e-6).any()):
@@ -262,9 +297,107 @@ def sparse_to_columns(
         "num_slots": sparse.num_slots,
         "grid_temperatures": list(sparse.grid_temperatures),
     }
+    if value_bits is not None:
+        meta["value_bits"] = int(value_bits)
     cols = ShardColumns(sample_ids_N, rows=rows, entries=entries, offsets_N1=offsets, meta=meta)
-    extra = {"vocab_size": vocab, "num_entries": int(offsets[-1]), "num_slots": sparse.num_slots}
+    extra.update(
+        {"vocab_size": vocab, "num_entries": int(offsets[-1]), "num_slots": sparse.num_slots}
+    )
     return cols, extra
+
+
+def quantize_values(
+    values_E: np.ndarray, offsets_N1: np.ndarray, value_bits: int, where: str
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Quantise each row's kept values to ``value_bits``-bit codes below the row's largest.
+
+    Row n's value ``v_i`` (a scaled logit ``z_i / tau``; the log-probability plus the
+    row's constant log-partition) is stored as ``code_i = round((v_max - v_i) / step)``
+    with ``step = (v_max - v_min) / (2**value_bits - 1)``: uniform codes of the
+    log-probability relative to the row's most likely kept id. The stored ``value_max``
+    is then shifted so that the dequantised values ``value_max - code * step`` (float32)
+    keep exactly the kept mass of the exact ones: with the exact tail mass beside them,
+    the reader's distribution sums to 1.
+
+    Args:
+        values_E: float32 [E], the kept values of N rows, back to back.
+        offsets_N1: int64 [N + 1], row n's values are ``values_E[offsets[n]:offsets[n+1]]``.
+        value_bits: Bits per code, 2..16.
+        where: Names the shard in messages.
+
+    Returns:
+        ``(codes [E] uint8 (value_bits <= 8) or uint16, value_max float32 [N],
+        value_step float32 [N], kl float64 [N])``; ``kl[n]`` is the quantisation error of
+        row n in nats: ``KL(p || p')`` over its kept ids, p from the float32 values and p'
+        from the stored codes, both renormalised over the kept ids (they keep the same
+        mass, so this bounds the KL of the full distributions, tail included, from
+        above): ``sum_i p_i (v_i - v'_i)``.
+
+    Raises:
+        TeacherOutputError: a value is NaN or infinite.
+    """
+    vals = np.asarray(values_E, dtype=np.float32)
+    if vals.size and not bool(np.isfinite(vals).all()):
+        raise TeacherOutputError(f"{where}: values hold NaN or inf; nothing was written")
+    offsets = np.asarray(offsets_N1, dtype=np.int64)
+    lengths = np.diff(offsets)
+    num_rows = len(lengths)
+    levels = (1 << int(value_bits)) - 1
+    row_of = np.repeat(np.arange(num_rows), lengths)
+    vmax = np.zeros(num_rows, np.float32)
+    vmin = np.zeros(num_rows, np.float32)
+    full = lengths > 0
+    if bool(full.any()):
+        starts = offsets[:-1][full]
+        vmax[full] = np.maximum.reduceat(vals, starts)
+        vmin[full] = np.minimum.reduceat(vals, starts)
+    step = ((vmax - vmin) / np.float32(levels)).astype(np.float32)
+    safe = np.where(step > 0, step, np.float32(1.0))
+    codes = np.rint((vmax[row_of] - vals) / safe[row_of])
+    codes = np.clip(np.where(step[row_of] > 0, codes, 0), 0, levels)
+    codes = codes.astype(np.uint8 if value_bits <= 8 else np.uint16)
+    # shift value_max so that the dequantised kept mass is the exact one (float64 sums)
+    v64 = vals.astype(np.float64)
+    deq = (vmax[row_of] - codes.astype(np.float32) * step[row_of]).astype(np.float64)
+    shift = np.zeros(num_rows)
+    if bool(full.any()):
+        ref = v64 - vmax.astype(np.float64)[row_of]  # <= 0: exp never overflows
+        got = deq - vmax.astype(np.float64)[row_of]
+        starts = offsets[:-1][full]
+        shift[full] = np.log(np.add.reduceat(np.exp(ref), starts)) - np.log(
+            np.add.reduceat(np.exp(got), starts)
+        )
+    vmax_stored = (vmax.astype(np.float64) + shift).astype(np.float32)
+    stored = (vmax_stored[row_of] - codes.astype(np.float32) * step[row_of]).astype(np.float64)
+    kl = np.zeros(num_rows)
+    if bool(full.any()):
+        # p restricted to the kept ids and renormalised there (both sides keep the same
+        # mass, so the tail adds nothing): KL = sum_i p_i (v_i - v'_i)
+        w = np.exp(v64 - vmax.astype(np.float64)[row_of])
+        starts = offsets[:-1][full]
+        kl[full] = np.add.reduceat(w * (v64 - stored), starts) / np.add.reduceat(w, starts)
+    return codes, vmax_stored, step, kl
+
+
+def dequantize_values(cols: ShardColumns, where: str) -> np.ndarray:
+    """float32 [E]: the values of quantised rows, ``value_max[n] - code * value_step[n]``.
+
+    Raises:
+        CacheCorruptError: a quantisation column is missing or not finite.
+    """
+    try:
+        codes = cols.entries[schema.COL_VALUE_CODES]
+        vmax = np.asarray(cols.rows[schema.COL_VALUE_MAX], dtype=np.float32)
+        step = np.asarray(cols.rows[schema.COL_VALUE_STEP], dtype=np.float32)
+    except KeyError as exc:
+        raise CacheCorruptError(f"{where}: quantised shard lacks {exc}") from None
+    if not (bool(np.isfinite(vmax).all()) and bool(np.isfinite(step).all())) or bool(
+        (step < 0).any()
+    ):
+        raise CacheCorruptError(f"{where}: quantisation scales are not finite and >= 0")
+    lengths = np.diff(cols.offsets_of(schema.COL_VALUE_CODES))
+    row_of = np.repeat(np.arange(len(lengths)), lengths)
+    return (vmax[row_of] - codes.astype(np.float32) * step[row_of]).astype(np.float32)
 
 
 def columns_to_dense(cols: ShardColumns) -> np.ndarray:
@@ -295,12 +428,26 @@ def columns_to_sparse(cols: ShardColumns, where: str) -> Any:
 
     meta = cols.meta
     num_rows = cols.num_rows
+    kind = str(meta.get("kind"))
     try:
         num_slots = int(meta["num_slots"])
-        offsets = cols.offsets_N1 if cols.offsets_N1 is not None else np.zeros(1, np.int64)
         flat_ids = cols.entries[schema.COL_IDS]
-        flat_values = cols.entries[schema.COL_VALUES]
-        log_z = cols.rows[schema.COL_LOG_PARTITION]
+        offsets = cols.offsets_of(schema.COL_IDS)
+        if kind == "sampled_counts":
+            counts_flat = np.asarray(cols.entries[schema.COL_COUNTS], dtype=np.float64)
+            sums = np.add.reduceat(counts_flat, offsets[:-1]) if num_rows else np.zeros(0)
+            lengths_ = np.diff(offsets)
+            if bool((counts_flat <= 0).any()) or bool((lengths_ == 0).any()):
+                raise CacheCorruptError(f"{where}: a sampled_counts row has a count below 1")
+            row_of = np.repeat(np.arange(num_rows), lengths_)
+            flat_values = np.log(counts_flat / sums[row_of]).astype(np.float32)
+            log_z = np.zeros(num_rows, np.float32)
+        elif schema.COL_VALUE_CODES in cols.entries:
+            flat_values = dequantize_values(cols, where)
+            log_z = cols.rows[schema.COL_LOG_PARTITION]
+        else:
+            flat_values = cols.entries[schema.COL_VALUES]
+            log_z = cols.rows[schema.COL_LOG_PARTITION]
     except KeyError as exc:
         raise CacheCorruptError(f"{where}: sparse shard lacks {exc}") from None
     lengths = np.diff(offsets) if num_rows else np.zeros(0, np.int64)
@@ -329,12 +476,14 @@ def columns_to_sparse(cols: ShardColumns, where: str) -> Any:
             columns[dst] = np.array(cols.rows[src], dtype=np.float32)
     ids = torch.from_numpy(columns["ids"])
     values = torch.from_numpy(np.array(columns["values"]))
-    if meta.get("storage_dtype") == "bfloat16":
+    if meta.get("storage_dtype") == "bfloat16" and schema.COL_VALUES in cols.entries:
         values = values.view(torch.bfloat16)  # uint16 bit patterns, reinterpreted
     values = values.masked_fill(ids < 0, float("-inf"))
     counts = columns.get("counts")
     grid = columns.get("log_partition_grid")
     tail = columns.get("tail_log_mass")
+    if kind == "sampled_counts":  # p_hat sums to 1 over the drawn ids: no tail
+        tail = np.full(num_rows, -np.inf, np.float32)
     return SparseTargets(
         ids_BS=ids,
         values_BS=values,

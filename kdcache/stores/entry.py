@@ -45,6 +45,7 @@ from kdcache.stores.codec import (
     sparse_to_columns,
 )
 from kdcache.stores.fs import Location, sha256_hex
+from kdcache.stores.sequence import compact_token_columns, expand_token_columns, is_sequence_layout
 
 log = logging.getLogger(__name__)
 
@@ -192,6 +193,44 @@ class CacheEntry:
     def dataset_fingerprint(self) -> dict[str, Any]:
         return dict(self.spec["dataset"])
 
+    def quantization_error(self) -> dict[str, float]:
+        """The error of quantised values (``params.value_bits``), over every row.
+
+        Each shard's commit record holds, measured when it was written, the per-row
+        ``KL(p || p')`` in nats between the teacher's distribution over the kept ids from
+        the float32 values (p) and from the stored codes (p'), both renormalised over the
+        kept ids (an upper bound on the KL of the full distributions, whose exact tails
+        agree); see :func:`kdcache.stores.codec.quantize_values`.
+
+        Returns:
+            ``{"kl_nats_mean": mean over rows, "kl_nats_max": largest row, "num_rows": N}``.
+
+        Raises:
+            ConfigError: the entry's values are not quantised.
+            CacheCorruptError: a commit record lacks the figures.
+        """
+        if self.target_spec.param("value_bits") is None:
+            raise ConfigError(f"entry {self.key} stores unquantised values (no value_bits)")
+        total = worst = 0.0
+        rows = 0
+        for rec in self.shards:
+            where = self.shards_location.display(rec.file)
+            stem = rec.file[: -len(get_backend(self.target_spec.backend).suffix)]
+            side = schema.read_json(
+                self.shards_location.read_bytes(stem + ".json"), where, "commit record"
+            )
+            q: Any = side.get("quantization")
+            try:
+                n = int(q["num_rows"])
+                total += float(q["kl_nats_mean"]) * n
+                worst = max(worst, float(q["kl_nats_max"]))
+                rows += n
+            except (TypeError, KeyError, ValueError):
+                raise CacheCorruptError(
+                    f"{where}: its commit record has no quantisation error"
+                ) from None
+        return {"kl_nats_mean": total / max(rows, 1), "kl_nats_max": worst, "num_rows": float(rows)}
+
     @cached_property
     def target_spec(self) -> schema.TargetSpec:
         """The entry's :class:`kdcache.schema.TargetSpec` (kind, dtype, backend, params)."""
@@ -244,6 +283,8 @@ class CacheEntry:
                 if memo is not None and self.shards_location.stat(rec.file) == before:
                     _VERIFIED.add(memo)
         cols = get_backend(self.target_spec.backend).decode(data, where)
+        if is_sequence_layout(cols):
+            cols = expand_token_columns(cols, where)
         if cols.num_rows != rec.num_rows:
             raise CacheCorruptError(
                 f"{where} holds {cols.num_rows} rows, manifest says {rec.num_rows}"
@@ -347,8 +388,10 @@ class CacheEntry:
             positions_N: Token-level shards only: int [N], the token position t of each
                 row within its sample (the row holds the teacher's distribution of token
                 t + 1), strictly increasing within each sample's run. Stored as the row
-                column ``position`` (int32) with ``meta["token_level"] = true``; see
-                ``docs/format.md``, "Token-level entries".
+                column ``position`` (int32) with ``meta["token_level"] = true`` and, in an
+                entry of format 2, written in the sequence-major layout
+                (:mod:`kdcache.stores.sequence`); see ``docs/format.md``, "Token-level
+                entries".
             input_digest: The digest of the input shard the values were computed from
                 (:class:`kdcache.data.ShardBatches`), recorded in the sidecar as
                 ``input_digest`` so that a reader can check that the inputs it joins are
@@ -393,6 +436,8 @@ class CacheEntry:
             cols.rows[schema.COL_POSITION] = positions
             cols.meta["token_level"] = True
             extra["num_samples"] = int(len(ids) and 1 + (ids[1:] != ids[:-1]).sum())
+            if int(self.spec.get("format_version", 1)) >= schema.TOKEN_FORMAT_VERSION:
+                cols = compact_token_columns(cols, where)
         data = backend.encode(cols)
         file = stem + backend.suffix
         self.shards_location.write_atomic(file, data)
@@ -526,7 +571,7 @@ class CacheEntry:
             )
         self._check_ids_across_shards(records)
         manifest = {
-            "format_version": schema.FORMAT_VERSION,
+            "format_version": self.spec["format_version"],
             "key": self.key,
             "spec": self.spec,
             "num_shards": num_shards,

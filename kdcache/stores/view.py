@@ -22,7 +22,7 @@ def view_json(entry_keys: list[str], rule: str, weights: list[float] | None) -> 
     """The JSON of an ensemble view over ``entry_keys``; its content key is the view's key
     (so the key of a build is known before anything is built)."""
     return {
-        "format_version": schema.FORMAT_VERSION,
+        "format_version": schema.VIEW_FORMAT_VERSION,
         "kind": "ensemble",
         "entries": list(entry_keys),
         "rule": rule,

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from kdcache.errors import ConfigError
-from kdcache.schema import RETEMPER_KINDS, SPARSE_KINDS, TargetSpec
+from kdcache.schema import COUNT_KINDS, RETEMPER_KINDS, SPARSE_KINDS, TargetSpec
 from kdcache.targets.dense import (
     _NEG_INF,
     ENSEMBLE_RULES,
@@ -57,9 +57,12 @@ class SparseTargets:
             or bfloat16 (upcast for math). For ``kind="mixture"`` these are the combined
             log-probabilities and ``log_partition_B`` is 0.
         log_partition_B: float32 ``logsumexp_v(z_v / tau)`` over the full vocabulary, [B].
-        kind: One of :data:`SPARSE_KINDS`: ``"topk"``, ``"topp"``, ``"sampled"`` or
-            ``"mixture"``.
-        counts_BS: int64 draw counts, shape [B, S], only for ``kind="sampled"``; the
+        kind: One of :data:`SPARSE_KINDS`: ``"topk"``, ``"topp"``, ``"sampled"``,
+            ``"sampled_counts"`` or ``"mixture"``. For ``"sampled_counts"`` (draw counts
+            only, :func:`counts_only`) the values are ``log(counts / num_samples)``, the
+            log-partition is 0 and the tail is empty (-inf): the targets *are* the
+            estimate p_hat.
+        counts_BS: int64 draw counts, shape [B, S], only for the sampled kinds; the
             unbiased estimate of the teacher distribution is ``counts / counts.sum(-1)``.
         grid_temperatures: Temperatures tau_g at which ``log_partition_grid_BG`` holds the
             full-vocabulary log-partition of ``z / tau_g``; empty when no grid was kept.
@@ -101,8 +104,8 @@ class SparseTargets:
                 f"log_partition_B must have shape [{self.ids_BS.shape[0]}], "
                 f"got {tuple(self.log_partition_B.shape)}"
             )
-        if (self.kind == "sampled") != (self.counts_BS is not None):
-            raise ConfigError("counts_BS is required for kind='sampled' and only for it")
+        if (self.kind in COUNT_KINDS) != (self.counts_BS is not None):
+            raise ConfigError(f"counts_BS is required for kinds {COUNT_KINDS} and only for them")
         if self.counts_BS is not None and (
             self.counts_BS.shape != self.ids_BS.shape or self.counts_BS.dtype != torch.int64
         ):
@@ -412,6 +415,48 @@ def sampled_targets(
     return SparseTargets(ids, values, log_z, "sampled", counts2, grid, grid_BG, tail)
 
 
+def counts_only(targets: SparseTargets) -> SparseTargets:
+    """Sampled targets reduced to their draw counts: the Sparse Logit Sampling estimate.
+
+    ``p_hat_i = counts_i / num_samples`` is all that is kept: values become
+    ``log p_hat`` (pads -inf), the log-partition 0 and the tail empty (-inf), so
+    :meth:`SparseTargets.log_probs` is ``log p_hat``. Forward KL against p_hat (cross-
+    entropy up to a constant) has the same expectation as against the teacher's p, since
+    it is linear in the target: the gradient is unbiased. Nothing else is: reverse KL,
+    JSD and skew divergences are not linear in p (and reverse KL is infinite where
+    p_hat is 0), and draws made at one temperature are no sample at another, so the
+    losses refuse those (:func:`kdcache.losses.divergence`).
+
+    Args:
+        targets: ``kind="sampled"`` targets (label slots with count 0 are dropped).
+
+    Returns:
+        SparseTargets with ``kind="sampled_counts"``, the same ids and counts.
+
+    Raises:
+        ConfigError: the targets are not ``kind="sampled"``.
+
+    Source: Anshumann et al., "Sparse Logit Sampling: Accelerating Knowledge Distillation
+    in LLMs", ACL 2025 (random-sampling KD storing counts only).
+    """
+    if targets.kind != "sampled" or targets.counts_BS is None:
+        raise ConfigError(f"counts_only needs kind='sampled' targets, got {targets.kind!r}")
+    counts = targets.counts_BS
+    ids = targets.ids_BS.masked_fill(counts <= 0, PAD_ID)
+    counts = counts.clamp(min=0)
+    total = counts.sum(dim=-1, keepdim=True).clamp(min=1)
+    values = torch.log(counts.float() / total.float()).masked_fill(ids < 0, _NEG_INF)
+    num_rows = targets.num_rows
+    return SparseTargets(
+        ids_BS=ids,
+        values_BS=values,
+        log_partition_B=torch.zeros(num_rows),
+        kind="sampled_counts",
+        counts_BS=counts.masked_fill(ids < 0, 0),
+        tail_log_mass_B=torch.full((num_rows,), _NEG_INF),
+    )
+
+
 def retemper_sparse(
     targets: SparseTargets, from_temperature: float, to_temperature: float
 ) -> SparseTargets:
@@ -509,6 +554,8 @@ def combine_sparse_ensemble(
         )
     if rule not in ENSEMBLE_RULES:
         raise ConfigError(f"unknown ensemble rule {rule!r}; expected one of {ENSEMBLE_RULES}")
+    # sampled_counts targets are distributions (p_hat) with no tail: their mean is the
+    # estimate of the teachers' mean, unbiased, so they combine like top-k
     if any(t.kind == "sampled" for t in targets_K):
         raise ConfigError(
             "sampled targets do not combine into one sparse target; use "
@@ -622,6 +669,15 @@ def sparsify(
             labels_B=labels,
             **grid,
         )
+    if spec.kind == "sampled_counts":
+        # the very draws of kind "sampled" with the same seed, values dropped
+        sampled = sparsify(
+            scaled_MV,
+            TargetSpec(spec.temperature, "sampled", params=dict(spec.params or ())),
+            row_sample_ids_M=row_sample_ids_M,
+        )
+        assert isinstance(sampled, SparseTargets)
+        return counts_only(sampled)
     if spec.kind == "sampled":
         n = int(spec.param("num_samples"))
         seed = int(spec.param("seed", 0))
