@@ -424,7 +424,7 @@ def columns_to_sparse(cols: ShardColumns, where: str) -> Any:
     Raises:
         CacheCorruptError: a row holds more entries than S, or a column is missing.
     """
-    from kdcache.targets.sparse import PAD_ID, SparseTargets
+    from kdcache.targets.sparse import PAD_ID, SparseTargets, count_log_probs
 
     meta = cols.meta
     num_rows = cols.num_rows
@@ -434,13 +434,10 @@ def columns_to_sparse(cols: ShardColumns, where: str) -> Any:
         flat_ids = cols.entries[schema.COL_IDS]
         offsets = cols.offsets_of(schema.COL_IDS)
         if kind == "sampled_counts":
-            counts_flat = np.asarray(cols.entries[schema.COL_COUNTS], dtype=np.float64)
-            sums = np.add.reduceat(counts_flat, offsets[:-1]) if num_rows else np.zeros(0)
-            lengths_ = np.diff(offsets)
-            if bool((counts_flat <= 0).any()) or bool((lengths_ == 0).any()):
+            counts_flat = np.asarray(cols.entries[schema.COL_COUNTS])
+            if bool((counts_flat <= 0).any()) or bool((np.diff(offsets) == 0).any()):
                 raise CacheCorruptError(f"{where}: a sampled_counts row has a count below 1")
-            row_of = np.repeat(np.arange(num_rows), lengths_)
-            flat_values = np.log(counts_flat / sums[row_of]).astype(np.float32)
+            flat_values = np.zeros(len(flat_ids), np.float32)  # log p_hat, set below
             log_z = np.zeros(num_rows, np.float32)
         elif schema.COL_VALUE_CODES in cols.entries:
             flat_values = dequantize_values(cols, where)
@@ -480,6 +477,9 @@ def columns_to_sparse(cols: ShardColumns, where: str) -> Any:
         values = values.view(torch.bfloat16)  # uint16 bit patterns, reinterpreted
     values = values.masked_fill(ids < 0, float("-inf"))
     counts = columns.get("counts")
+    if kind == "sampled_counts":
+        assert counts is not None
+        values = count_log_probs(torch.from_numpy(counts))
     grid = columns.get("log_partition_grid")
     tail = columns.get("tail_log_mass")
     if kind == "sampled_counts":  # p_hat sums to 1 over the drawn ids: no tail

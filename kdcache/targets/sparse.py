@@ -415,6 +415,14 @@ def sampled_targets(
     return SparseTargets(ids, values, log_z, "sampled", counts2, grid, grid_BG, tail)
 
 
+def count_log_probs(counts_BS: torch.Tensor) -> torch.Tensor:
+    """float32 [B, S]: ``log(counts / counts.sum(-1))``, -inf where a count is 0; the one
+    definition of ``log p_hat`` for counts-only targets (built or read back)."""
+    total = counts_BS.sum(dim=-1, keepdim=True).clamp(min=1)
+    values = torch.log(counts_BS.float() / total.float())
+    return values.masked_fill(counts_BS <= 0, _NEG_INF)
+
+
 def counts_only(targets: SparseTargets) -> SparseTargets:
     """Sampled targets reduced to their draw counts: the Sparse Logit Sampling estimate.
 
@@ -444,8 +452,7 @@ def counts_only(targets: SparseTargets) -> SparseTargets:
     counts = targets.counts_BS
     ids = targets.ids_BS.masked_fill(counts <= 0, PAD_ID)
     counts = counts.clamp(min=0)
-    total = counts.sum(dim=-1, keepdim=True).clamp(min=1)
-    values = torch.log(counts.float() / total.float()).masked_fill(ids < 0, _NEG_INF)
+    values = count_log_probs(counts)
     num_rows = targets.num_rows
     return SparseTargets(
         ids_BS=ids,

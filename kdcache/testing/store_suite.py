@@ -226,6 +226,47 @@ class StoreSuite:
         assert [s["sample_id"] for s in described["samples"]] == written[0][0][:2].tolist()
         assert all(0.0 < p <= 1.0 for s in described["samples"] for p in s["top_probs"])
 
+    @pytest.mark.parametrize(
+        "token_kind, params",
+        [
+            ("topk", {"k": 6, "value_bits": 8}),
+            ("sampled", {"num_samples": 10, "labels": True}),
+            ("sampled_counts", {"num_samples": 10}),
+        ],
+    )
+    def test_token_level_sequence_layout(self, store_root, backend, token_kind, params):
+        """A token-level entry of format 2 (the sequence-major layout: ragged columns with
+        offsets of their own, bit-packed bytes) reads back what was written."""
+        spec = TargetSpec(2.0, kind=token_kind, backend=backend, params=params)
+        material = schema.entry_spec(
+            {"tokens": "conformance"}, {"weights_sha256": backend}, spec, token_level=True
+        )
+        entry = CacheEntry(store_root, schema.content_key(material))
+        entry.write_spec(material)
+        rng = np.random.default_rng(5)
+        lengths = [5, 1, 9]
+        ids = np.repeat(np.array([3, 11, 7], np.int64), lengths)
+        positions = np.concatenate([np.arange(2, 2 + n) for n in lengths])
+        scaled = torch.from_numpy(rng.standard_normal((len(ids), VOCAB)).astype(np.float32) * 3)
+        labels = torch.from_numpy(rng.integers(0, VOCAB, len(ids)))
+        rows = targets.sparsify(scaled, spec, labels_M=labels, row_sample_ids_M=ids)
+        entry.write_shard(0, ids, rows, vocab_size=VOCAB, positions_N=positions)
+        entry.commit(1, {})
+        opened = reopen(entry)
+        cols = opened.read_columns(0)
+        np.testing.assert_array_equal(cols.sample_ids_N, ids)
+        np.testing.assert_array_equal(cols.rows[schema.COL_POSITION], positions)
+        got_ids, got = opened.read_sparse_shard(0)
+        np.testing.assert_array_equal(got_ids, ids)
+        want = rows
+        if params.get("value_bits"):  # lossy values: compare ids and the exact parts
+            assert isinstance(got, targets.SparseTargets)
+            np.testing.assert_array_equal(got.ids_BS.numpy(), want.ids_BS.numpy())
+            np.testing.assert_array_equal(got.log_partition_B.numpy(), want.log_partition_B.numpy())
+            assert opened.quantization_error()["kl_nats_max"] < 1e-3
+        else:
+            assert_same_rows(token_kind, got, want)
+
     def test_rewrite_is_byte_identical(self, store_root, backend, kind):
         entry = make_entry(store_root, backend, kind)
         fill(entry, kind)
