@@ -12,6 +12,7 @@ from kdcache._version import __version__
 from kdcache.build.stage import BuildReport, build_cache
 from kdcache.data.base import ArrayDataset, ShardedDataset
 from kdcache.data.files import ArrowDataset, HFDiskDataset, ParquetDataset, open_dataset
+from kdcache.data.text import TextDataset
 from kdcache.data.tokens import TokenDataset
 from kdcache.data.transforms import Transform
 from kdcache.errors import KDCacheError
@@ -40,6 +41,7 @@ __all__ = [
     "TeacherEnsemble",
     "TeacherResources",
     "TeacherSpec",
+    "TextDataset",
     "TokenDataset",
     "Transform",
     "__version__",

@@ -218,6 +218,11 @@ def _compute_token_shard(
 
     Returns:
         Rows (target positions) written.
+
+    Raises:
+        ConfigError: a sequence is longer than the teacher's context (its config's
+            ``n_positions`` / ``max_position_embeddings``, :func:`_teacher_context`),
+            checked before any forward pass; names the sample and the setting to change.
     """
     from kdcache.data.tokens import target_positions
 
@@ -230,6 +235,17 @@ def _compute_token_shard(
     pad_id = 0 if pad_id is None else int(pad_id)
     vocab = _teacher_vocab(teacher)
     lengths = np.diff(offs)
+    context = _teacher_context(teacher)
+    if context is not None and len(lengths) and int(lengths.max()) > context:
+        j = int(np.argmax(lengths))
+        raise ConfigError(
+            f"sequence sample_id {int(ids[j])} of shard {shard_index} has {int(lengths[j])} "
+            f"tokens, more than teacher {teacher.name!r} takes (its context is {context} "
+            "positions, config n_positions / max_position_embeddings); make the dataset's "
+            f"sequences at most {context} tokens: TextDataset(max_tokens={context}, "
+            "truncation='right'), or max_tokens of encode_texts; nothing of this shard "
+            "was written"
+        )
     row_ids: list[np.ndarray] = []
     row_pos: list[np.ndarray] = []
     outs: list[Any] = []
@@ -292,6 +308,18 @@ def _compute_token_shard(
         input_digest=input_digest,
     )
     return len(all_ids)
+
+
+def _teacher_context(teacher: Teacher | TeacherSpec) -> int | None:
+    """Longest sequence a teacher takes: ``n_positions`` or ``max_position_embeddings`` of
+    its config (top level or, for :meth:`Teacher.from_hf`, ``hf_config``); None if none."""
+    config = teacher.config or {}
+    for where in (config, config.get("hf_config") or {}):
+        for key in ("n_positions", "max_position_embeddings"):
+            value = where.get(key) if isinstance(where, dict) else None
+            if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+                return value
+    return None
 
 
 def check_teacher_vocabularies(ensemble: TeacherEnsemble, dataset: Any) -> int | None:

@@ -1,6 +1,7 @@
 """Input datasets (sharded, with stable sample ids and per-shard fingerprints): in memory
 (:class:`ArrayDataset`, :class:`TokenDataset`) and file-backed plans read shard by shard
-(:class:`ParquetDataset`, :class:`ArrowDataset`, :class:`HFDiskDataset`, :func:`open_dataset`),
+(:class:`ParquetDataset`, :class:`ArrowDataset`, :class:`HFDiskDataset`, :func:`open_dataset`;
+:class:`TextDataset`, token sequences tokenised from text files where each shard is read),
 with batch :class:`Transform` s named by import path."""
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from kdcache.data.files import (
     ParquetDataset,
     open_dataset,
 )
+from kdcache.data.text import TextDataset
 from kdcache.data.tokens import (
     TokenDataset,
     encode_texts,
@@ -43,6 +45,7 @@ __all__ = [
     "ShardBatches",
     "ShardedDataset",
     "StreamingDataset",
+    "TextDataset",
     "TokenDataset",
     "Transform",
     "encode_texts",

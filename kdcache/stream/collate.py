@@ -259,7 +259,11 @@ class TokenLayout:
         self.pad_token_id = int(getattr(dataset, "pad_token_id", 0))
 
     def load(self, shard: int) -> tuple[dict[str, np.ndarray], list[TokenShard]]:
-        inp = self.dataset.read_shard(shard)
+        inp = (
+            self.dataset.read_shard(shard)
+            if self.view is None
+            else read_inputs(self.view, self.dataset, shard, verify=self.verify)
+        )
         teachers: list[TokenShard] = []
         if self.view is not None:
             teachers = [

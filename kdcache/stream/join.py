@@ -191,7 +191,8 @@ def read_token_shard(
         index: Shard index.
         dataset: The input sequences (a ``"tokens"`` dataset).
         verify: Check the file's size and checksum against the manifest.
-        inputs: Input shard ``index`` if already read (it is read otherwise).
+        inputs: Input shard ``index`` if already read (by :func:`read_inputs`, which
+            checks its content digest); read here with :func:`read_inputs` otherwise.
 
     Returns:
         A :class:`TokenShard`.
@@ -203,9 +204,13 @@ def read_token_shard(
             positions (a sequence of another length, or a shifted alignment); names the
             shard and the sample_id.
         CacheCorruptError: see :meth:`kdcache.stores.CacheEntry.read_columns`.
+        InputChangedError: read here (``inputs`` None), the input shard's content digest
+            differs from the one recorded when the entry was built.
     """
     cols = entry.read_columns(index, verify=verify)
     where = f"cache {entry.key} shard {index}"
+    if inputs is None:  # read here: checked against the digest the teacher stage recorded
+        inputs = read_inputs(as_view(entry), dataset, index, verify=verify)
     if schema.COL_POSITION not in cols.rows:
         raise ConfigError(
             f"{where} is not token-level (no {schema.COL_POSITION!r} column); it was built "
