@@ -6,8 +6,9 @@ Run it as ``kdcache demo fortunes-lm`` or ``python -m pipelines.lm_fortunes``.
    training and validation by a hash of the id, and train a byte-level BPE tokenizer
    (Hugging Face tokenizers) on the training records.
 2. Train (or reuse) an ensemble of GPT-2-style teachers of different sizes and seeds on
-   the training text, saved with ``save_pretrained`` next to the tokenizer, and load them
-   back with ``kdcache.Teacher.from_hf`` (tokenizer files in the fingerprint).
+   the training text, saved with ``save_pretrained`` next to the tokenizer, and describe
+   them as ``kdcache.TeacherSpec.hf`` (tokenizer files in the fingerprint), loaded where
+   they run, as ``kdcache build`` does.
 3. Teacher stage (Ray by default): per-token targets of every teacher over the training
    sequences, cached twice: top-k with the exact log-partition and tail, and sampled ids
    with counts (Anshumann et al. 2025). A rerun is a cache hit.
@@ -18,6 +19,9 @@ Run it as ``kdcache demo fortunes-lm`` or ``python -m pipelines.lm_fortunes``.
    generated for training prompts, with those texts' per-token targets (Kim and Rush 2016).
 5. Report: validation perplexity of every model, cache bytes per token for each
    sparsification, and the wall time of each stage (terminal table and JSON).
+6. Configs: the teacher stages and the students as ``kdcache build`` / ``kdcache train``
+   files in the work directory (``build.yaml``, ``train.yaml``, ...; see ``docs/lm.md``),
+   which reproduce them: the same cache keys, the same students.
 """
 
 from __future__ import annotations
@@ -231,19 +235,64 @@ def gpt2(arch: dict[str, Any], vocab_size: int, n_positions: int) -> torch.nn.Mo
 
 def prepare_data(s: Settings) -> dict[str, Any]:
     """Records, split, tokenizer (trained on the training split) and token datasets."""
-    records = read_fortunes(s.fortunes_dir)
-    if s.subset:
-        records = records[: s.subset]
+    return load_data(
+        fortunes_dir=s.fortunes_dir,
+        work_dir=s.work_dir,
+        subset=s.subset,
+        vocab_size=s.vocab_size,
+        max_tokens=s.max_tokens,
+        num_shards=s.num_shards,
+    )
+
+
+def data_kwargs(s: Settings) -> dict[str, Any]:
+    """The keyword arguments of :func:`fortunes_dataset` for this run's data."""
+    return {
+        "fortunes_dir": os.path.abspath(s.fortunes_dir),
+        "work_dir": os.path.abspath(s.work_dir),
+        "subset": s.subset or 0,
+        "vocab_size": s.vocab_size,
+        "max_tokens": s.max_tokens,
+        "num_shards": s.num_shards,
+    }
+
+
+def fortunes_dataset(split: str, **kwargs: Any) -> TokenDataset:
+    """One split (``"train"`` or ``"validation"``) of the demo's token data, for configs
+    (``dataset: {factory: "pipelines.lm_fortunes:fortunes_dataset", kwargs: {...}}``):
+    the same records, tokenizer and sequences as the demo (the same fingerprint, so the
+    same cache keys). ``kwargs``: those of :func:`load_data`."""
+    splits = {"train": "train", "validation": "val"}
+    if split not in splits:
+        raise ValueError(f"split must be one of {sorted(splits)}, got {split!r}")
+    dataset: TokenDataset = load_data(**kwargs)[splits[split]]
+    return dataset
+
+
+def load_data(
+    *,
+    fortunes_dir: str,
+    work_dir: str,
+    subset: int | None,
+    vocab_size: int,
+    max_tokens: int,
+    num_shards: int,
+) -> dict[str, Any]:
+    """Records, split, tokenizer (trained on the training split, or reused from
+    ``WORK_DIR/tokenizer/``) and the training and validation token datasets."""
+    records = read_fortunes(fortunes_dir)
+    if subset:
+        records = records[:subset]
     ids = np.array([r[0] for r in records], np.int64)
     is_val = split_by_id(ids, 0.05)
     train_recs = [r for r, v in zip(records, is_val, strict=True) if not v]
     val_recs = [r for r, v in zip(records, is_val, strict=True) if v]
-    tok_dir = os.path.join(s.work_dir, "tokenizer", f"bpe{s.vocab_size}-{_hash(ids.tolist())}")
+    tok_dir = os.path.join(work_dir, "tokenizer", f"bpe{vocab_size}-{_hash(ids.tolist())}")
     tokenizers = require("tokenizers", "hf")
     if os.path.exists(os.path.join(tok_dir, "tokenizer.json")):
         tok = tokenizers.Tokenizer.from_file(os.path.join(tok_dir, "tokenizer.json"))
     else:
-        tok = train_bpe_tokenizer([t for _, t in train_recs], s.vocab_size)
+        tok = train_bpe_tokenizer([t for _, t in train_recs], vocab_size)
         save_tokenizer(tok, tok_dir, pad_token=PAD, eos_token=EOS)
     vocab = tok.get_vocab_size()
     prep = {
@@ -251,9 +300,9 @@ def prepare_data(s: Settings) -> dict[str, Any]:
         "tokenizer_files_sha256": tokenizer_files_sha256(tok_dir),
         "vocab_size": vocab,
     }
-    common = dict(max_tokens=s.max_tokens, eos_token_id=EOS_ID, pad_token_id=PAD_ID)
+    common = dict(max_tokens=max_tokens, eos_token_id=EOS_ID, pad_token_id=PAD_ID)
     train = encode_texts(
-        tok, train_recs, num_shards=s.num_shards, preprocessing={**prep, "split": "train"}, **common
+        tok, train_recs, num_shards=num_shards, preprocessing={**prep, "split": "train"}, **common
     )
     val = encode_texts(
         tok, val_recs, num_shards=1, preprocessing={**prep, "split": "validation"}, **common
@@ -291,6 +340,16 @@ def train_or_load_teacher(spec: dict[str, Any], data: dict[str, Any], s: Setting
     model.save_pretrained(path)
     save_tokenizer(data["tokenizer"], path, pad_token=PAD, eos_token=EOS)
     return path
+
+
+def teacher_specs(paths: list[str]) -> list[kdcache.TeacherSpec]:
+    """The teachers of :data:`TEACHERS` (model directories ``paths``, in that order) as
+    the specs that ``teachers: [{name, hf, task: causal-lm}]`` of build.yaml makes: the
+    same fingerprints, so the same cache keys as ``kdcache build``."""
+    return [
+        kdcache.TeacherSpec.hf(spec["name"], p, task="causal-lm")
+        for p, spec in zip(paths, TEACHERS, strict=True)
+    ]
 
 
 def _build(
@@ -352,11 +411,11 @@ def run(s: Settings) -> dict[str, Any]:
     tic = time.perf_counter()
     paths = [train_or_load_teacher(spec, data, s) for spec in TEACHERS]
     timings["teachers (train)"] = time.perf_counter() - tic
-    teachers = [
-        kdcache.Teacher.from_hf(p, task="causal-lm", name=spec["name"])
-        for p, spec in zip(paths, TEACHERS, strict=True)
-    ]
-    ensemble = kdcache.TeacherEnsemble(teachers, rule="mean_probs")
+    # The teacher stage gets the teachers as specs (a model directory each), loaded where
+    # they run, as `kdcache build` does with `hf:` teachers: the same keys as build.yaml.
+    specs = teacher_specs(paths)
+    ensemble = kdcache.TeacherEnsemble(specs, rule="mean_probs")
+    teachers = [t.load() for t in specs]  # for perplexities and generation here
 
     # one executor for every build of the job: its Ray actors are started once
     executor = get_executor(s.executor)
@@ -394,9 +453,10 @@ def run(s: Settings) -> dict[str, Any]:
             {"name": t.name, "role": "teacher", "num_parameters": t.num_parameters, **ppl}
         )
     ens = evaluate_perplexity(_ensemble_logits(teachers), val, vocab_size=vocab)
-    models.append(
-        {"name": "ensemble", "role": "ensemble", "num_parameters": ensemble.num_parameters, **ens}
-    )
+    num_params = sum(t.num_parameters for t in teachers)
+    models.append({"name": "ensemble", "role": "ensemble", "num_parameters": num_params, **ens})
+    student_dir = write_student_config(s, vocab)
+    configs = write_configs(s, paths, caches, data["tok_dir"], student_dir)
 
     runs: list[tuple[str, Any, Any]] = [
         ("student-hard", None, train),
@@ -410,7 +470,7 @@ def run(s: Settings) -> dict[str, Any]:
         if cache is not None:
             check_student_vocabulary(cache, vocab_size=vocab, tokenizer_sha256=student_sha)
         torch.manual_seed(s.seed)
-        model = gpt2(STUDENT, vocab, s.max_tokens + (s.new_tokens if s.seq_kd else 0))
+        model = gpt2(STUDENT, vocab, student_n_positions(s))
         module = HFLogits(model, PAD_ID, vocab)
         order = {"batch_size": s.batch_size, "seed": s.seed}
         stream = (
@@ -469,12 +529,127 @@ def run(s: Settings) -> dict[str, Any]:
         "models": models,
         "caches": cache_rows,
         "student_steps": s.student_steps,
+        "configs": configs,
         "timings_s": timings,
     }
     os.makedirs(os.path.dirname(os.path.abspath(s.report)), exist_ok=True)
     with open(s.report, "w") as f:
         json.dump(report, f, indent=2)
     return report
+
+
+def _abs(uri: str) -> str:
+    return uri if "://" in uri else os.path.abspath(uri)
+
+
+def student_n_positions(s: Settings) -> int:
+    """The student's context: the training sequences, plus the generated tokens of
+    ``--seq-kd``."""
+    return s.max_tokens + (s.new_tokens if s.seq_kd else 0)
+
+
+def write_student_config(s: Settings, vocab: int) -> str:
+    """Write WORK_DIR/student/config.json: the student's GPT-2 config, which
+    ``student: {hf_config: ...}`` of a train config builds (the same initial weights
+    under the same seed as :func:`gpt2`). Returns the directory."""
+    directory = os.path.join(s.work_dir, "student")
+    cfg = gpt2(STUDENT, vocab, student_n_positions(s)).config
+    cfg.save_pretrained(directory)
+    return directory
+
+
+def write_configs(
+    s: Settings, paths: list[str], caches: dict[str, Any], tok_dir: str, student_dir: str
+) -> dict[str, str]:
+    """Write this run's stages as ``kdcache build`` / ``kdcache train`` configs into
+    WORK_DIR: ``build.yaml`` (the top-k cache), ``build-sampled.yaml``, and
+    ``train.yaml`` (the top-k student), ``train-sampled.yaml`` and ``train-hard.yaml``.
+    ``kdcache build`` on a build config is a cache hit on this run's entries (the same
+    keys); ``kdcache train`` on a train config trains the same student (initial
+    weights, sample order, loss, optimizer and steps) to the same validation
+    perplexity. Returns ``{name: path}``."""
+    import yaml
+
+    dataset = {
+        "factory": "pipelines.lm_fortunes:fortunes_dataset",
+        "kwargs": {"split": "train", **data_kwargs(s)},
+    }
+    eval_dataset = {**dataset, "kwargs": {**dataset["kwargs"], "split": "validation"}}
+    teachers = [
+        {"name": spec["name"], "hf": os.path.abspath(p), "task": "causal-lm"}
+        for p, spec in zip(paths, TEACHERS, strict=True)
+    ]
+    executor = {
+        "kind": s.executor.kind,
+        "address": s.executor.address,
+        "num_actors": s.executor.num_actors,
+        "batch_size": s.executor.batch_size,
+    }
+    targets = {
+        "topk": {"kind": "topk", "params": {"k": s.top_k}},
+        "sampled": {"kind": "sampled", "params": {"num_samples": s.num_samples, "seed": s.seed}},
+    }
+    written: dict[str, str] = {}
+
+    def dump(name: str, title: str, command: str, config: dict[str, Any]) -> None:
+        path = os.path.join(s.work_dir, name)
+        with open(path, "w") as f:
+            f.write(f"# {title} of `kdcache demo fortunes-lm`.\n")
+            f.write(f"# Rerun it with: kdcache {command} {os.path.abspath(path)}\n")
+            yaml.safe_dump(config, f, sort_keys=False)
+        written[name] = path
+
+    for kind, name in (("topk", "build.yaml"), ("sampled", "build-sampled.yaml")):
+        dump(
+            name,
+            f"The {kind} teacher stage",
+            "build",
+            {
+                "root": _abs(s.cache_root),
+                "alias": f"fortunes-lm-{kind}",
+                "dataset": dataset,
+                "teachers": teachers,
+                "ensemble": {"rule": "mean_probs"},
+                "targets": {
+                    "temperature": s.temperature,
+                    **targets[kind],
+                    "storage_dtype": s.storage_dtype,
+                },
+                "executor": executor,
+            },
+        )
+    for role, name in (
+        ("topk", "train.yaml"),
+        ("sampled", "train-sampled.yaml"),
+        ("hard", "train-hard.yaml"),
+    ):
+        config: dict[str, Any] = {
+            "output_dir": os.path.abspath(os.path.join(s.work_dir, "students", role)),
+            "student": {
+                "hf_config": os.path.abspath(student_dir),
+                "tokenizer": os.path.abspath(tok_dir),
+            },
+            "dataset": dataset,
+            "eval_dataset": eval_dataset,
+        }
+        if role != "hard":
+            config["cache"] = {"uri": caches[role].key, "root": _abs(s.cache_root)}
+        config.update(
+            {
+                "deepspeed": ds_config(s.lr, s.batch_size, s.student_steps),
+                "loss": {
+                    "kind": "forward_kl",
+                    "temperature": s.temperature,
+                    "alpha": 0.0 if role == "hard" else s.alpha,
+                },
+                "stream": {"global_batch_size": s.batch_size},  # one rank: a batch a step
+                "max_steps": s.student_steps,
+                "seed": s.seed,
+                "tensorboard": False,
+            }
+        )
+        dump(name, f"The student-{role}", "train", config)
+    return written
 
 
 def _ensemble_logits(teachers: list[kdcache.Teacher]) -> Any:
@@ -508,7 +683,7 @@ def sequence_kd_data(
         pad_token_id=PAD_ID,
     )
     return generate_continuations(
-        [t.logits for t in teachers],
+        teachers,  # Teachers themselves: Hugging Face ones decode with their KV cache
         prompts,
         max_new_tokens=s.new_tokens,
         greedy=False,

@@ -83,3 +83,12 @@ def _log_summary(summary: dict) -> None:
                 summary.get("steps"),
                 (summary.get("student") or {}).get("path", ""),
             )
+        elif isinstance(ev, dict) and "perplexity" in ev:  # a causal-LM student
+            log.info(
+                "%s student: validation perplexity %.2f (nll %.4f) after %s steps; %s",
+                name,
+                float(ev["perplexity"]),
+                float(ev.get("nll", float("nan"))),
+                summary.get("steps"),
+                (summary.get("student") or {}).get("path", ""),
+            )

@@ -4,8 +4,9 @@
 from __future__ import annotations
 
 from kdcache.build.stage import build_cache, planned_key
+from kdcache.data.base import dataset_layout
 from kdcache.errors import ConfigError
-from kdcache.jobs.config import BuildConfig
+from kdcache.jobs.config import BuildConfig, check_teachers_for_layout
 from kdcache.stores.entry import CacheEntry
 from kdcache.stores.view import EnsembleView
 from kdcache.teachers.teacher import TeacherEnsemble
@@ -28,13 +29,15 @@ def build_from_config(
         move_alias: Re-point ``config.alias`` when it names another key.
 
     Raises:
-        ConfigError: the config names something that cannot be imported or loaded; or
+        ConfigError: the config names something that cannot be imported or loaded; a
+            Hugging Face teacher that is not a causal LM over a token dataset; or
             ``config.alias`` names another key and ``move_alias`` is False.
         Everything :func:`build_cache` raises.
     """
     from kdcache.stores.catalog import alias_target, write_alias
 
     dataset = config.dataset.build()
+    check_teachers_for_layout(config.teachers, dataset_layout(dataset), "the dataset")
     teachers = [t.build() for t in config.teachers]
     ensemble = TeacherEnsemble(teachers, weights=config.ensemble.weights, rule=config.ensemble.rule)
     if config.alias and not move_alias:

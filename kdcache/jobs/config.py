@@ -341,6 +341,150 @@ class TransformConfig:
 #: The file formats a :class:`DatasetConfig` names (see :func:`kdcache.data.files.open_dataset`).
 DATASET_FORMATS = ("auto", "parquet", "arrow", "hf")
 
+#: The file formats of a token dataset from text (:class:`TextDatasetConfig`).
+TEXT_FORMATS = ("auto", "text", "jsonl", "parquet")
+
+#: What a text record longer than ``max_tokens`` gets (:class:`TextDatasetConfig`).
+TEXT_TRUNCATIONS = ("error", "right")
+
+
+@config_dataclass
+class TextDatasetConfig:
+    """A token dataset tokenized from text files: ``dataset: {text: {...}}``, built as
+    ``kdcache.data.text.TextDataset(paths, **options)`` (layout ``"tokens"``: ragged
+    sequences, one cached row per target position).
+
+    Example (YAML)::
+
+        dataset:
+          text:
+            paths: [data/fortunes.txt]
+            tokenizer: runs/lm-fortunes/tokenizer   # tokenizer.json or a model directory
+            max_tokens: 512
+            num_shards: 8
+
+    Every option but ``paths`` and ``tokenizer`` is passed only when given (None: the
+    default of ``TextDataset``, which owns them), so a config says only what it changes.
+
+    Attributes:
+        paths: Text, JSON Lines or Parquet files (at least one), read where they are used.
+        tokenizer: A ``tokenizer.json`` file or a directory written by ``save_pretrained``
+            holding one; its files' SHA-256 goes into the dataset's fingerprint.
+        format: One of :data:`TEXT_FORMATS` (``auto``: by extension).
+        text_field, prompt_field, completion_field, messages_field: The record's field(s)
+            of JSON Lines and Parquet files (a text; or a prompt and its completion, no
+            targets on the prompt; or chat messages).
+        record_separator: What separates records of a text file (``"\n"``: one a line).
+        id_field: A field holding a stable int64 id per record (None: derived from the
+            file and the record's position).
+        max_tokens: Longest sequence, in tokens (>= 2).
+        truncation: One of :data:`TEXT_TRUNCATIONS`: refuse a longer record, or cut it.
+        add_eos: Append the tokenizer's end-of-text token to each record.
+        num_shards: Shards of the dataset (>= 1).
+
+    Raises:
+        ConfigError: no paths, an unknown format or truncation, or a number out of range;
+            the message names the key.
+    """
+
+    paths: list[str]
+    tokenizer: str
+    format: str | None = None
+    text_field: str | None = None
+    prompt_field: str | None = None
+    completion_field: str | None = None
+    messages_field: str | None = None
+    record_separator: str | None = None
+    id_field: str | None = None
+    max_tokens: int | None = None
+    truncation: str | None = None
+    add_eos: bool | None = None
+    num_shards: int | None = None
+
+    def __post_init__(self) -> None:
+        if not self.paths or not all(self.paths):
+            raise ConfigError(
+                f"text.paths: expected at least one file (text, JSON Lines or Parquet), got "
+                f"{self.paths!r}"
+            )
+        if not self.tokenizer:
+            raise ConfigError(
+                "text.tokenizer: expected a tokenizer.json file or a model directory holding "
+                "one, got an empty string"
+            )
+        if self.format is not None and self.format not in TEXT_FORMATS:
+            raise ConfigError(f"text.format must be one of {TEXT_FORMATS}, got {self.format!r}")
+        if self.truncation is not None and self.truncation not in TEXT_TRUNCATIONS:
+            raise ConfigError(
+                f"text.truncation must be one of {TEXT_TRUNCATIONS}, got {self.truncation!r}"
+            )
+        if self.max_tokens is not None and self.max_tokens < 2:
+            raise ConfigError(
+                f"text.max_tokens must be >= 2 (a causal-LM sample needs two tokens), got "
+                f"{self.max_tokens}"
+            )
+        if self.num_shards is not None and self.num_shards < 1:
+            raise ConfigError(f"text.num_shards must be >= 1, got {self.num_shards}")
+
+    def options(self) -> dict[str, Any]:
+        """The keyword arguments of ``TextDataset`` this config gives (``tokenizer`` and
+        every option that is not None)."""
+        return {
+            f.name: getattr(self, f.name)
+            for f in dataclasses.fields(self)
+            if f.name != "paths" and getattr(self, f.name) is not None
+        }
+
+    def check_tokenizer(self, where: str = "dataset.text.tokenizer") -> None:
+        """Refuse a tokenizer that is not there.
+
+        Raises:
+            ConfigError: ``tokenizer`` is neither a file nor a directory with a
+                ``tokenizer.json`` (or another tokenizer file); names ``where``.
+        """
+        tokenizer_file_error(self.tokenizer, where)
+
+    def build(self) -> Any:
+        """The ``TextDataset`` (its files are read where it is used; the tokenizer here).
+
+        Raises:
+            ConfigError: the tokenizer is missing (names the key), or ``TextDataset``
+                refuses an option.
+            MissingDependencyError: ``kdcache.data.text`` needs a package not installed.
+        """
+        self.check_tokenizer()
+        from kdcache.data.text import TextDataset
+
+        return TextDataset(list(self.paths), **self.options())
+
+
+def tokenizer_file_error(path: str, where: str) -> None:
+    """Refuse ``path`` unless it is a tokenizer file or a directory holding one.
+
+    Args:
+        path: A ``tokenizer.json`` file, or a directory written by ``save_pretrained``.
+        where: The config key, for the message.
+
+    Raises:
+        ConfigError: the path does not exist, or is a directory without a tokenizer file.
+    """
+    from kdcache.data.tokens import _TOKENIZER_FILES
+
+    if os.path.isfile(path):
+        return
+    if os.path.isdir(path):
+        if any(os.path.isfile(os.path.join(path, f)) for f in _TOKENIZER_FILES):
+            return
+        raise ConfigError(
+            f"{where}: {path} holds no tokenizer file (expected one of "
+            f"{', '.join(_TOKENIZER_FILES)}); save the tokenizer there with save_pretrained, "
+            "or name its tokenizer.json"
+        )
+    raise ConfigError(
+        f"{where}: {path} does not exist; expected a tokenizer.json file or a model "
+        "directory holding one"
+    )
+
 
 @config_dataclass
 class DatasetConfig:
@@ -374,10 +518,12 @@ class DatasetConfig:
             batches); None: the dataset's default.
         factory: Instead of ``path``: import path of a function returning a
             :class:`kdcache.ShardedDataset`. kwargs: its keyword arguments.
+        text: Instead of ``path`` or ``factory``: a token dataset tokenized from text
+            files (:class:`TextDatasetConfig`), for causal-LM teachers and students.
 
     Raises:
-        ConfigError: neither or both of ``path`` and ``factory``; file options beside a
-            factory; an unknown format.
+        ConfigError: not exactly one of ``path``, ``factory`` and ``text``; file options
+            beside a factory or text; an unknown format.
     """
 
     path: str | None = None
@@ -391,13 +537,28 @@ class DatasetConfig:
     rows_per_shard: int | None = None
     factory: str | None = None
     kwargs: dict[str, Any] = dataclasses.field(default_factory=dict)
+    text: TextDatasetConfig | None = None
 
     def __post_init__(self) -> None:
-        if (self.path is None) == (self.factory is None):
+        sources = [k for k in ("path", "factory", "text") if getattr(self, k) is not None]
+        if len(sources) != 1:
             raise ConfigError(
-                "dataset: give path (files, read where they are used) or factory (a Python "
-                f"function returning a ShardedDataset), not {'both' if self.path else 'neither'}"
+                "dataset: give one of path (files, read where they are used), factory (a "
+                "Python function returning a ShardedDataset) or text (a token dataset from "
+                f"text files), got {' and '.join(sources) if sources else 'none'}"
             )
+        if self.text is not None:
+            given = [
+                f.name
+                for f in dataclasses.fields(self)
+                if f.name != "text" and getattr(self, f.name) not in (None, {}, "auto")
+            ]
+            if given:
+                raise ConfigError(
+                    f"dataset: {', '.join(given)} beside text: a token dataset takes its "
+                    "options inside text (dataset.text.max_tokens, ...)"
+                )
+            return
         if self.format not in DATASET_FORMATS:
             raise ConfigError(
                 f"dataset.format must be one of {DATASET_FORMATS}, got {self.format!r}"
@@ -450,6 +611,8 @@ class DatasetConfig:
         """
         from kdcache.data.base import ShardedDataset
 
+        if self.text is not None:
+            return self.text.build()
         if self.path is not None:
             from kdcache.data.files import open_dataset
 
@@ -589,6 +752,33 @@ class TeacherConfig:
         )
 
 
+def check_teachers_for_layout(teachers: list[TeacherConfig], layout: str, what: str) -> None:
+    """Refuse Hugging Face teachers that are not language models over a token dataset
+    (layout ``"tokens"``: every teacher gives next-token logits [B, T, V], so an ``hf``
+    teacher needs ``task: causal-lm``). Other kinds of teacher are not checked here (a
+    factory may build either; the teacher stage checks the shapes of their outputs), nor
+    are record datasets.
+
+    Args:
+        teachers: The config's teachers.
+        layout: The dataset's layout, ``"records"`` or ``"tokens"``.
+        what: How the dataset is named in the message (``dataset.text``).
+
+    Raises:
+        ConfigError: naming ``teachers.N.task``, the teacher and what to set.
+    """
+    if layout != "tokens":
+        return
+    for i, t in enumerate(teachers):
+        if t.hf is not None and t.task != "causal-lm":
+            raise ConfigError(
+                f"teachers.{i}.task: {what} is a token dataset, which needs causal-lm "
+                f"teachers, but teacher {t.name!r} has task {t.task!r}"
+                + (" (the default of hf teachers)" if t.task == "sequence-classification" else "")
+                + f"; set teachers.{i}.task=causal-lm, or use a record dataset"
+            )
+
+
 @config_dataclass
 class EnsembleConfig:
     """How the teachers combine at read time (see :func:`kdcache.targets.combine_ensemble`)."""
@@ -681,6 +871,8 @@ class BuildConfig:
                 f"ensemble.weights has {len(self.ensemble.weights)} values for "
                 f"{len(names)} teachers"
             )
+        if self.dataset.text is not None:
+            check_teachers_for_layout(self.teachers, "tokens", "dataset.text")
         if self.alias is not None:  # before the build, not after all its compute
             from kdcache.stores.catalog import check_alias_name
 
@@ -764,17 +956,124 @@ def _lr_beside_deepspeed(lr: float, deepspeed: dict[str, Any] | str) -> str:
 
 @config_dataclass
 class StudentConfig:
-    """The student: ``factory(**kwargs) -> nn.Module`` mapping inputs [B, ...] to logits
-    [B, V]. The same pair goes into the exported safetensors metadata, so the student
-    loads back with ``kdcache.Teacher.from_checkpoint(factory, path, config=kwargs)``."""
+    """The student, one of:
 
-    factory: str
+    * ``factory(**kwargs) -> nn.Module``, mapping inputs [B, ...] to logits [B, V] (or,
+      on a token dataset, input ids [B, T] int64 to logits [B, T, V]). The same pair goes
+      into the exported safetensors metadata, so the student loads back with
+      ``kdcache.Teacher.from_checkpoint(factory, path, config=kwargs)``. A factory that
+      returns a transformers model is trained and exported as ``hf_config`` is.
+    * ``hf_config``: a Hugging Face causal LM made from a ``config.json`` (the file, or
+      the directory holding it), with fresh weights drawn under ``TrainConfig.seed``;
+    * ``hf``: a Hugging Face causal LM loaded from a directory written by
+      ``save_pretrained`` (its weights are the starting point).
+
+    A Hugging Face student is trained through :class:`kdcache.teachers.loaders.HFLogits`
+    (attention mask from the pad id, logits trimmed to the tokenizer's V) and exported
+    with ``save_pretrained`` and its tokenizer into ``output_dir``, so that
+    ``transformers.AutoModelForCausalLM.from_pretrained(output_dir)`` loads it.
+
+    Attributes:
+        factory, kwargs: The factory's import path and keyword arguments.
+        hf_config: A ``config.json`` file, or a directory holding one.
+        hf: A model directory (``config.json`` and weights).
+        tokenizer: The student's tokenizer (a ``tokenizer.json`` file or a directory):
+            its V, its pad id, and the files exported beside the weights. None: the
+            tokenizer of the ``hf`` or ``hf_config`` directory, else the dataset's
+            (``dataset.text.tokenizer``).
+
+    Raises:
+        ConfigError: not exactly one of ``factory``, ``hf_config`` and ``hf``; ``kwargs``
+            without a factory.
+    """
+
+    factory: str | None = None
     kwargs: dict[str, Any] = dataclasses.field(default_factory=dict)
+    hf_config: str | None = None
+    hf: str | None = None
+    tokenizer: str | None = None
+
+    def __post_init__(self) -> None:
+        sources = [k for k in ("factory", "hf_config", "hf") if getattr(self, k) is not None]
+        if len(sources) != 1:
+            raise ConfigError(
+                "student: give one of factory (a Python function returning the module), "
+                "hf_config (a Hugging Face config.json: a new causal LM) or hf (a Hugging "
+                f"Face model directory), got {' and '.join(sources) if sources else 'none'}"
+            )
+        if self.kwargs and self.factory is None:
+            raise ConfigError(
+                f"student.kwargs apply to a factory, not to {sources[0]}; drop them (a Hugging "
+                "Face student's architecture is its config.json)"
+            )
+
+    @property
+    def is_hf(self) -> bool:
+        """Whether the config names a Hugging Face model (``hf`` or ``hf_config``)."""
+        return self.factory is None
 
     def build(self) -> Any:
-        return call_factory(
-            import_object(self.factory), self.kwargs, f"student (factory {self.factory!r})"
-        )
+        """The student module: the factory's, or the Hugging Face causal LM (bare, not
+        yet wrapped; see :func:`kdcache.jobs.train.lm_student`).
+
+        Raises:
+            ConfigError: the factory fails; ``hf_config`` or ``hf`` is missing or not a
+                causal-LM config (the message names the key).
+            MissingDependencyError: transformers is not installed (extra ``hf``).
+        """
+        if self.factory is not None:
+            return call_factory(
+                import_object(self.factory), self.kwargs, f"student (factory {self.factory!r})"
+            )
+        import torch
+
+        from kdcache import quiet
+        from kdcache.errors import require
+
+        transformers = require("transformers", "hf")
+        key, path = ("hf", self.hf) if self.hf is not None else ("hf_config", self.hf_config)
+        assert path is not None
+        config_file = os.path.join(path, "config.json") if os.path.isdir(path) else path
+        if not os.path.isfile(config_file):
+            raise ConfigError(
+                f"student.{key}: {config_file} does not exist; expected "
+                + (
+                    "a directory written by save_pretrained"
+                    if key == "hf"
+                    else "a Hugging Face config.json (or the directory holding it)"
+                )
+            )
+        try:
+            with quiet.hf_loading():
+                hf_cfg = transformers.AutoConfig.from_pretrained(config_file)
+                if self.hf is not None:
+                    return transformers.AutoModelForCausalLM.from_pretrained(
+                        self.hf, local_files_only=True, dtype=torch.float32
+                    )
+                return transformers.AutoModelForCausalLM.from_config(hf_cfg)
+        except (ValueError, OSError, KeyError) as exc:
+            raise ConfigError(
+                f"student.{key}: {path} does not hold a causal LM transformers can build: {exc}"
+            ) from exc
+
+    def tokenizer_path(self, dataset: DatasetConfig | None = None) -> str | None:
+        """The student's tokenizer: :attr:`tokenizer`, else the ``hf`` / ``hf_config``
+        directory when it holds a tokenizer file, else ``dataset.text.tokenizer``.
+
+        Raises:
+            ConfigError: ``tokenizer`` is given but missing (names ``student.tokenizer``).
+        """
+        from kdcache.data.tokens import tokenizer_files_sha256
+
+        if self.tokenizer is not None:
+            tokenizer_file_error(self.tokenizer, "student.tokenizer")
+            return self.tokenizer
+        for path in (self.hf, self.hf_config):
+            if path and os.path.isdir(path) and tokenizer_files_sha256(path) is not None:
+                return path
+        if dataset is not None and dataset.text is not None:
+            return dataset.text.tokenizer
+        return None
 
 
 @config_dataclass
@@ -931,8 +1230,15 @@ class TrainConfig:
             remote one is written through a local staging directory and the finished
             artefacts are uploaded (see :func:`kdcache.jobs.train.train_from_config`).
         student, cache, dataset: What to train, from which soft targets, on which inputs
-            (the dataset the cache was built from; its labels may differ).
-        eval_dataset: Held-out data with labels (accuracy and cross-entropy).
+            (the dataset the cache was built from; its labels may differ). ``cache`` may
+            be left out for a student of the hard labels alone (``loss.alpha: 0`` or
+            ``loss.kind: cross_entropy``). A token dataset (``dataset.text``, or a
+            factory's dataset of layout ``"tokens"``) trains a causal LM: padded token
+            batches, :func:`kdcache.losses.token_distill_loss`, validation perplexity,
+            and a Hugging Face student exported with ``save_pretrained`` (see
+            ``docs/lm.md``).
+        eval_dataset: Held-out data with labels (accuracy and cross-entropy), or a token
+            dataset (validation perplexity, :func:`kdcache.train.evaluate.evaluate_perplexity`).
         deepspeed: The DeepSpeed config (mapping or JSON path), passed through; kdcache
             fills only the micro-batch and a scheduler's total step count when absent.
             None: a CPU AdamW config at ``lr``.
@@ -954,8 +1260,8 @@ class TrainConfig:
 
     output_dir: str
     student: StudentConfig
-    cache: CacheRefConfig
     dataset: DatasetConfig
+    cache: CacheRefConfig | None = None
     eval_dataset: DatasetConfig | None = None
     deepspeed: dict[str, Any] | str | None = None
     lr: float | None = None
@@ -976,6 +1282,13 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         check_output_dir(self.output_dir)
+        if self.cache is None and self.loss.kind != "cross_entropy" and self.loss.alpha != 0:
+            raise ConfigError(
+                f"cache: required for a distilled student (loss.kind={self.loss.kind}, "
+                f"loss.alpha={self.loss.alpha}); name the soft targets (cache: {{uri: KEY, "
+                "root: ROOT}}), or train on the hard labels alone with loss.alpha=0 or "
+                "loss.kind=cross_entropy"
+            )
         if self.epochs is not None and self.max_steps is not None:
             raise ConfigError(
                 f"give epochs ({self.epochs}) or max_steps ({self.max_steps}), not both: drop "

@@ -98,34 +98,53 @@ def _candidate_specs(spec: TargetSpec, vocab_size: int) -> list[TargetSpec]:
 
 
 def _encoded_bytes(
-    scaled_BV: Any, ids_B: np.ndarray, labels_B: np.ndarray | None, spec: TargetSpec
+    scaled_BV: Any,
+    ids_B: np.ndarray,
+    labels_B: np.ndarray | None,
+    spec: TargetSpec,
+    positions_B: np.ndarray | None = None,
 ) -> tuple[float, float]:
     """(bytes per row, bytes per shard file) of ``spec``'s shards for these scaled logits,
     measured by writing two real shards (all rows, and half of them) into a scratch entry:
-    the slope is the per-row cost, the intercept the file's framing."""
+    the slope is the per-row cost, the intercept the file's framing. With ``positions_B``
+    the rows are token-level (``ids_B`` the sequence of each row), written in the
+    token-level layout a build writes."""
     n = len(ids_B)
     if n < 2:
-        return float(_encoded_file_bytes(scaled_BV, ids_B, labels_B, spec)), 0.0
+        return float(_encoded_file_bytes(scaled_BV, ids_B, labels_B, spec, positions_B)), 0.0
     half = n // 2
-    full = _encoded_file_bytes(scaled_BV, ids_B, labels_B, spec)
+    full = _encoded_file_bytes(scaled_BV, ids_B, labels_B, spec, positions_B)
     part = _encoded_file_bytes(
-        scaled_BV[:half], ids_B[:half], None if labels_B is None else labels_B[:half], spec
+        scaled_BV[:half],
+        ids_B[:half],
+        None if labels_B is None else labels_B[:half],
+        spec,
+        None if positions_B is None else positions_B[:half],
     )
     per_row = max(0.0, (full - part) / (n - half))
     return per_row, max(0.0, full - per_row * n)
 
 
 def _encoded_file_bytes(
-    scaled_BV: Any, ids_B: np.ndarray, labels_B: np.ndarray | None, spec: TargetSpec
+    scaled_BV: Any,
+    ids_B: np.ndarray,
+    labels_B: np.ndarray | None,
+    spec: TargetSpec,
+    positions_B: np.ndarray | None = None,
 ) -> int:
     """Bytes of one shard file of ``spec`` holding these scaled logits (written for real
-    into a scratch entry)."""
+    into a scratch entry; token-level when ``positions_B`` is given)."""
     import torch
 
     from kdcache.stores.entry import CacheEntry
     from kdcache.targets.sparse import sparsify
 
-    material = schema.entry_spec({"plan": "calibration"}, {"plan": "calibration"}, spec)
+    material = schema.entry_spec(
+        {"plan": "calibration"},
+        {"plan": "calibration"},
+        spec,
+        token_level=positions_B is not None,
+    )
     with tempfile.TemporaryDirectory(prefix="kdcache-plan-") as root:
         entry = CacheEntry(root, schema.content_key(material))
         entry.write_spec(material)
@@ -137,7 +156,7 @@ def _encoded_file_bytes(
             values: Any = sparsify(scaled_BV, spec, labels_M=labels, row_sample_ids_M=ids_B)
         else:
             values = scaled_BV.numpy()
-        rec = entry.write_shard(0, ids_B, values, vocab_size=width)
+        rec = entry.write_shard(0, ids_B, values, vocab_size=width, positions_N=positions_B)
     return rec.num_bytes
 
 
@@ -176,14 +195,24 @@ def plan_build(
     input_bytes = None if not files else int(sum(int(f.get("size", 0)) for f in files))
     num_rows = int(sum(shard_rows))
     warnings: list[str] = []
-    if dataset_layout(dataset) != "records":
-        warnings.append(
-            "token datasets are planned per sequence; bytes per target position are not "
-            "estimated here"
-        )
-    reader = open_shard(dataset, 0, max(1, min(calibration_rows, shard_rows[0] or 1)))
-    batch = next(iter(reader))
-    ids = np.asarray(batch["sample_id"], dtype=np.int64)
+    tokens = dataset_layout(dataset) == "tokens"
+    row_positions: np.ndarray | None = None
+    if tokens:
+        # Rows are target positions (one cached row each), not sequences.
+        batch, positions = _token_calibration(dataset, calibration_rows)
+        # one row per position, encoded in a scratch entry as a build writes them
+        ids = np.asarray(batch["row_sample_id"], dtype=np.int64)
+        row_positions = positions[1].numpy()
+        sequences = max(1, len(batch["sample_id"]))
+        total_positions = getattr(dataset, "num_targets", None)
+        if total_positions is None:  # scaled from the calibration sequences
+            total_positions = round(len(ids) / sequences * num_rows)
+        seq_rows, num_rows = num_rows, int(total_positions)
+        shard_rows = [round(r * num_rows / max(1, seq_rows)) for r in shard_rows]
+    else:
+        reader = open_shard(dataset, 0, max(1, min(calibration_rows, shard_rows[0] or 1)))
+        batch = next(iter(reader))
+        ids = np.asarray(batch["sample_id"], dtype=np.int64)
     rows = len(ids)
     input_bytes_per_row = float(np.asarray(batch["inputs"]).nbytes) / max(1, rows)
     batch_size = config.executor.batch_size
@@ -193,15 +222,19 @@ def plan_build(
     for tc in config.teachers:
         built = tc.build()
         teacher = _load(built)
-        logits = teacher.logits(batch["inputs"][: min(8, rows)])  # warm-up
+        logits = teacher.logits(batch["inputs"][: min(8, len(batch["inputs"]))])  # warm-up
         started = time.perf_counter()
         logits = teacher.logits(batch["inputs"])
         per_row = (time.perf_counter() - started) / max(1, rows)
+        if tokens:  # [B, T, V] -> the target positions' rows [M, V]
+            logits = logits[positions[0], positions[1]]
         scaled = targets.scale_logits(logits, spec.temperature)
         width = int(scaled.shape[1])
         if not target_costs:
             for cand in _candidate_specs(spec, width):
-                per, framing = _encoded_bytes(scaled, ids, batch.get("labels"), cand)
+                per, framing = _encoded_bytes(
+                    scaled, ids, batch.get("labels"), cand, row_positions if tokens else None
+                )
                 target_costs.append(
                     TargetCost(
                         kind=cand.kind,
@@ -268,6 +301,44 @@ def plan_build(
         teachers=costs,
         warnings=warnings,
     )
+
+
+def _token_calibration(dataset: Any, calibration_rows: int) -> tuple[dict[str, Any], Any]:
+    """The calibration batch of a token dataset: sequences of shard 0 until they hold
+    ``calibration_rows`` target positions (at least one sequence).
+
+    Returns:
+        ``(batch, (b_M, t_M))``: ``batch`` has ``inputs`` int64 [B, T] (right-padded),
+        ``sample_id`` [B], ``row_sample_id`` int64 [M] (the sequence of each target
+        position, the rows a token-level entry stores), and the positions' indices into
+        the teacher's [B, T, V] logits.
+    """
+    import torch
+
+    from kdcache.data.tokens import pad_batch, target_positions
+
+    shard = dataset.read_shard(0)
+    offsets, toks = shard["token_offsets"], shard["tokens"]
+    prompts = shard.get("prompt_lengths")
+    seqs, b_idx, t_idx, row_ids, total = [], [], [], [], 0
+    for i, sid in enumerate(np.asarray(shard["sample_id"], dtype=np.int64)):
+        seq = np.asarray(toks[int(offsets[i]) : int(offsets[i + 1])])
+        pos = target_positions(len(seq), 0 if prompts is None else int(prompts[i]))
+        seqs.append(seq)
+        b_idx.append(np.full(len(pos), len(seqs) - 1, np.int64))
+        t_idx.append(pos)
+        row_ids.append(np.full(len(pos), sid, np.int64))
+        total += len(pos)
+        if total >= calibration_rows:
+            break
+    pad = int(getattr(dataset, "pad_token_id", 0))
+    batch = {
+        "inputs": pad_batch(seqs, pad),
+        "sample_id": np.asarray(shard["sample_id"][: len(seqs)], dtype=np.int64),
+        "row_sample_id": np.concatenate(row_ids),
+    }
+    positions = (torch.from_numpy(np.concatenate(b_idx)), torch.from_numpy(np.concatenate(t_idx)))
+    return batch, positions
 
 
 def _human(num_bytes: float) -> str:

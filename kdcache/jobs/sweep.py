@@ -381,10 +381,13 @@ def check_cache(trials: Sequence[Trial]) -> Any:
     """
     from kdcache.stores.catalog import open_cache
 
-    refs = {(t.config.cache.uri, t.config.cache.root) for t in trials}
+    if any(t.config.cache is None for t in trials):
+        raise ConfigError("train.cache: a sweep trains students from one cache; give train.cache")
+    refs = {(c.uri, c.root) for t in trials if (c := t.config.cache) is not None}
     if len(refs) != 1:
         raise ConfigError(f"a sweep trains from one cache; the trials name {sorted(refs, key=str)}")
     first = trials[0].config
+    assert first.cache is not None
     cache = open_cache(first.cache.uri, root=first.cache.root)
     soft = [t.config for t in trials if t.config.loss.kind != "cross_entropy"]
     wanted = [c.loss.temperature for c in soft if c.loss.temperature is not None]

@@ -13,9 +13,12 @@ from typing import Any
 
 import torch
 
+from kdcache.data.base import dataset_layout
 from kdcache.errors import ConfigError, require
 from kdcache.local_ray import loopback_ray, starts_a_local_ray
 from kdcache.stores.fs import Location
+from kdcache.stores.view import as_view
+from kdcache.teachers.loaders import HFLogits
 from kdcache.train.distributed import (
     cpu_ds_config,
     data_parallel_normalizer,
@@ -23,9 +26,9 @@ from kdcache.train.distributed import (
     load_ds_config,
     prepare_ds_config,
 )
-from kdcache.train.evaluate import evaluate_classifier
-from kdcache.train.export import save_safetensors
-from kdcache.train.loop import EvalCallback, TrainResult, train_student
+from kdcache.train.evaluate import evaluate_classifier, evaluate_perplexity
+from kdcache.train.export import save_pretrained_student, save_safetensors
+from kdcache.train.loop import EvalCallback, LossFn, TrainResult, train_student
 from kdcache.train.metrics import MetricsLogger, read_metrics
 from kdcache.train.report import _report_int8, plot_curves
 
@@ -115,6 +118,218 @@ def _latest_step(checkpoint_dir: str) -> int | None:
     return int(tag[4:]) if tag.startswith("step") and tag[4:].isdigit() else None
 
 
+def token_eval_data(dataset: Any) -> Any:
+    """A token dataset as an in-memory :class:`kdcache.data.tokens.TokenDataset`, which
+    :func:`kdcache.train.evaluate.evaluate_perplexity` takes: itself when it is one,
+    else every shard read once (a validation set: it is held in memory whole).
+
+    Args:
+        dataset: A ``ShardedDataset`` of layout ``"tokens"`` (e.g. a
+            ``kdcache.data.text.TextDataset``).
+
+    Returns:
+        The same sequences, ids, prompt lengths and pad id, in shard order.
+    """
+    import numpy as np
+
+    from kdcache.data.tokens import TokenDataset
+
+    if isinstance(dataset, TokenDataset):
+        return dataset
+    ids, seqs, prompts = [], [], []
+    for index in range(dataset.num_shards):
+        shard = dataset.read_shard(index)
+        offsets = shard["token_offsets"]
+        ids.append(np.asarray(shard["sample_id"], dtype=np.int64))
+        prompts.append(np.asarray(shard["prompt_lengths"], dtype=np.int64))
+        seqs += [shard["tokens"][offsets[i] : offsets[i + 1]] for i in range(len(offsets) - 1)]
+    return TokenDataset.from_sequences(
+        np.concatenate(ids),
+        seqs,
+        prompt_lengths=np.concatenate(prompts),
+        num_shards=1,
+        pad_token_id=int(getattr(dataset, "pad_token_id", 0)),
+    )
+
+
+def _load_tokenizer(path: str) -> Any:
+    """A transformers tokenizer from a model directory or a ``tokenizer.json`` file."""
+    from kdcache import quiet
+
+    transformers = require("transformers", "hf")
+    with quiet.hf_loading():
+        if os.path.isdir(path):
+            return transformers.AutoTokenizer.from_pretrained(path, local_files_only=True)
+        return transformers.PreTrainedTokenizerFast(tokenizer_file=path)
+
+
+def _is_hf_model(model: Any) -> bool:
+    try:
+        from transformers import PreTrainedModel
+    except ImportError:  # no transformers: no Hugging Face model either
+        return False
+    return isinstance(model, PreTrainedModel)
+
+
+@dataclasses.dataclass
+class LMStudent:
+    """The causal-LM student of a token-level ``kdcache train`` job: its tokenizer and
+    how the module the config names is wrapped for the trainer.
+
+    A transformers model (``student.hf_config``, ``student.hf``, or a factory returning
+    one) is wrapped in :class:`kdcache.teachers.loaders.HFLogits` (input ids [B, T]
+    int64 -> float32 logits [B, T, V], attention mask ``ids != pad``, columns beyond the
+    tokenizer's V dropped), as the teachers are; any other module is used as it is.
+
+    Attributes:
+        tokenizer: The student's transformers tokenizer, or None (a factory's module
+            without one).
+        tokenizer_key: The config key that named it (for messages).
+        vocab_size: V: the tokenizer's length, else the teachers', else None.
+        tokenizer_sha256: SHA-256 of the tokenizer files (a directory), else None.
+        pad_token_id: The tokenizer's pad id, or None (then the model config's).
+    """
+
+    tokenizer: Any
+    tokenizer_key: str | None
+    vocab_size: int | None
+    tokenizer_sha256: str | None
+    pad_token_id: int | None
+
+    @classmethod
+    def resolve(cls, cfg: Any, cache: Any) -> LMStudent:
+        """The student's tokenizer and V for ``cfg``; checked against the teachers'.
+
+        Args:
+            cfg: The :class:`kdcache.jobs.config.TrainConfig`.
+            cache: The entry or view distilled from, or None (hard labels alone).
+
+        Raises:
+            ConfigError: a Hugging Face student without a tokenizer; the tokenizer is
+                missing; or its V or files differ from the teachers' (names the key).
+        """
+        from kdcache.data.tokens import tokenizer_files_sha256
+        from kdcache.stream.join import check_student_vocabulary
+
+        student = cfg.student
+        path = student.tokenizer_path(cfg.dataset)
+        if path is None:
+            if student.is_hf:
+                raise ConfigError(
+                    "student.tokenizer: a Hugging Face student needs its tokenizer (its V, "
+                    "its pad id and the files exported beside the weights); give "
+                    "student.tokenizer (a tokenizer.json or a model directory), or a "
+                    "dataset.text whose tokenizer it shares"
+                )
+            vocab = None
+            if cache is not None:
+                vocab = int(as_view(cache).entries[0].vocab_size)
+            return cls(None, None, vocab, None, None)
+        if student.tokenizer is not None:
+            key = "student.tokenizer"
+        elif path in (student.hf, student.hf_config):
+            key = "student.hf" if path == student.hf else "student.hf_config"
+        else:
+            key = "dataset.text.tokenizer"
+        from kdcache.jobs.config import tokenizer_file_error
+
+        tokenizer_file_error(path, key)
+        tokenizer = _load_tokenizer(path)
+        sha = tokenizer_files_sha256(path) if os.path.isdir(path) else None
+        vocab = len(tokenizer)
+        if cache is not None:
+            try:
+                check_student_vocabulary(cache, vocab_size=vocab, tokenizer_sha256=sha)
+            except ConfigError as exc:
+                raise ConfigError(
+                    f"{key}: the student's tokenizer ({path}) does not fit the teachers of "
+                    f"the cache: {exc}"
+                ) from None
+        return cls(tokenizer, key, vocab, sha, tokenizer.pad_token_id)
+
+    def is_hf(self, module: torch.nn.Module) -> bool:
+        """Whether ``module`` (as :meth:`build` returned it) wraps a transformers model."""
+        return isinstance(module, HFLogits) and _is_hf_model(module.model)
+
+    def build(self, student: Any) -> torch.nn.Module:
+        """The module to train: ``student.build()``, a transformers model wrapped in
+        ``HFLogits``.
+
+        Raises:
+            ConfigError: a transformers model without a tokenizer, or whose logits are
+                narrower than the tokenizer's V.
+        """
+        model = student.build()
+        if not _is_hf_model(model):
+            return model
+        if self.tokenizer is None:
+            raise ConfigError(
+                f"student.tokenizer: the factory {student.factory!r} returned a transformers "
+                "model, which is exported with its tokenizer; give student.tokenizer"
+            )
+        width = model.get_output_embeddings().weight.shape[0]
+        if self.vocab_size is not None and width < self.vocab_size:
+            where = "student.hf_config" if student.hf_config is not None else "student"
+            raise ConfigError(
+                f"{where}: the model has {width} logits but its tokenizer ({self.tokenizer_key}) "
+                f"has {self.vocab_size} tokens; set vocab_size >= {self.vocab_size} in the "
+                "model config"
+            )
+        pad = self.pad_token_id
+        if pad is None:
+            pad = getattr(model.config, "pad_token_id", None)
+        return HFLogits(model, pad, self.vocab_size)
+
+    def losses(self, loss: Any, temperature: float) -> tuple[LossFn, LossFn]:
+        """(distilled, hard-label) loss functions of token batches:
+        :func:`kdcache.losses.token_distill_loss` with ``loss.alpha`` and
+        ``loss.kind`` as the divergence, and with ``alpha = 0`` (next-token
+        cross-entropy); both average over the global batch's target positions.
+
+        Raises:
+            ConfigError: ``loss.beta``, ``loss.skew`` or ``loss.scale_by_temperature_squared``
+                changed from their defaults (token-level losses do not take them).
+        """
+        from kdcache import losses
+        from kdcache.jobs.config import LossConfig
+
+        default = LossConfig()
+        changed = [
+            k
+            for k in ("beta", "skew", "scale_by_temperature_squared")
+            if getattr(loss, k) != getattr(default, k)
+        ]
+        if changed:
+            raise ConfigError(
+                f"loss.{changed[0]}: not taken by the token-level loss "
+                "(kdcache.losses.token_distill_loss); drop it for a token dataset"
+            )
+        vocab = self.vocab_size
+
+        def distilled(logits: torch.Tensor, b: dict[str, Any]) -> torch.Tensor:
+            return losses.token_distill_loss(
+                logits,
+                b,
+                temperature=temperature,
+                alpha=loss.alpha,
+                divergence=loss.kind,
+                vocab_size=vocab,
+                normalizer=data_parallel_normalizer,
+            )
+
+        def hard(logits: torch.Tensor, b: dict[str, Any]) -> torch.Tensor:
+            return losses.token_distill_loss(
+                logits,
+                b,
+                temperature=temperature,
+                alpha=0.0,
+                vocab_size=vocab,
+                normalizer=data_parallel_normalizer,
+            )
+
+        return distilled, hard
+
+
 def train_from_config(
     cfg: Any,
     *,
@@ -157,7 +372,6 @@ def train_from_config(
     from kdcache._version import __version__
     from kdcache.jobs.config import DEFAULT_LR, to_dict
     from kdcache.stores.catalog import open_cache
-    from kdcache.stores.view import as_view
     from kdcache.stream.dataset import ShardedStream, SoftTargetDataset
 
     rank, world = init_distributed()
@@ -170,11 +384,31 @@ def train_from_config(
     out = local_output_dir(cfg.output_dir)
     os.makedirs(out, exist_ok=True)
     dataset = cfg.dataset.build()
+    tokens = dataset_layout(dataset) == "tokens"
     eval_data = cfg.eval_dataset.build() if cfg.eval_dataset is not None else None
-    cache = open_cache(cfg.cache.uri, root=cfg.cache.root)
-    view = as_view(cache)
+    if tokens and eval_data is not None:
+        if dataset_layout(eval_data) != "tokens":
+            raise ConfigError(
+                "eval_dataset: the training dataset is a token dataset, so validation is "
+                "perplexity on a token dataset too; give eval_dataset a token dataset "
+                "(text: ...)"
+            )
+        eval_data = token_eval_data(eval_data)
+    cache = view = None
+    if cfg.cache is not None:
+        cache = open_cache(cfg.cache.uri, root=cfg.cache.root)
+        view = as_view(cache)
     loss_cfg = cfg.loss
-    temperature = view.temperature if loss_cfg.temperature is None else loss_cfg.temperature
+    if loss_cfg.temperature is not None:
+        temperature = loss_cfg.temperature
+    else:
+        temperature = view.temperature if view is not None else 1.0
+    lm = LMStudent.resolve(cfg, cache) if tokens else None
+    if lm is not None and cfg.quantize_int8:
+        raise ConfigError(
+            "quantize_int8 reports a classifier's accuracy; it is not offered for a "
+            "causal-LM student (a token dataset): drop quantize_int8"
+        )
     order = {
         "batch_size": per_rank,
         "seed": cfg.seed,
@@ -187,6 +421,7 @@ def train_from_config(
     def make_stream(hard: bool) -> ShardedStream:
         if hard:
             return ShardedStream(dataset, **order)
+        assert cache is not None and view is not None
         return SoftTargetDataset(
             cache,
             dataset,
@@ -218,8 +453,16 @@ def train_from_config(
             raise ConfigError("loss.kind=cross_entropy needs a dataset with labels")
         return losses.cross_entropy(logits, b["labels"], normalizer=data_parallel_normalizer)
 
+    kd_fn, hard_fn = (kd, hard_loss) if lm is None else lm.losses(loss_cfg, temperature)
+
     eval_fn = None
-    if eval_data is not None:
+    if eval_data is not None and lm is not None:
+
+        def eval_fn(module: torch.nn.Module) -> dict[str, float]:
+            m = evaluate_perplexity(module, eval_data, vocab_size=lm.vocab_size)
+            return {"perplexity": m["perplexity"], "nll": m["nll"]}
+
+    elif eval_data is not None:
 
         def eval_fn(module: torch.nn.Module) -> dict[str, float]:
             m = evaluate_classifier(module, eval_data, rank=rank, world_size=world)
@@ -237,9 +480,9 @@ def train_from_config(
         total = max(1, math.ceil((cfg.epochs or 1.0) * len(probe) / accum))
     ds_config = prepare_ds_config(base_ds, micro_batch_size=per_rank, total_steps=total)
 
-    only_hard = loss_cfg.kind == "cross_entropy"
+    only_hard = loss_cfg.kind == "cross_entropy" or cache is None
     runs = [("hard labels" if only_hard else "distilled", "", only_hard)]
-    if cfg.compare_hard_labels and loss_cfg.kind != "cross_entropy":
+    if cfg.compare_hard_labels and not only_hard:
         runs.append(("hard labels", "hard", True))
     results: dict[str, TrainResult] = {}
     for label, sub, hard in runs:
@@ -252,12 +495,12 @@ def train_from_config(
             resume_from_step=_latest_step(ckpt) if resume else None,
         )
         torch.manual_seed(cfg.seed)  # the same initial student for every run
-        model = cfg.student.build()
+        model = cfg.student.build() if lm is None else lm.build(cfg.student)
         try:
             _, results[label] = train_student(
                 model,
                 make_stream(hard),
-                hard_loss if hard else kd,
+                hard_fn if hard else kd_fn,
                 ds_config=ds_config,
                 max_steps=total,
                 eval_fn=eval_fn,
@@ -279,8 +522,10 @@ def train_from_config(
         "start_step": main.start_step,
         "world_size": world,
         "global_batch_size": cfg.stream.global_batch_size,
-        "cache": {
-            "uri": cfg.cache.uri,
+        "cache": None
+        if cache is None or view is None
+        else {
+            "uri": cfg.cache.uri if cfg.cache is not None else None,
             "key": cache.key,
             "entries": [e.key for e in view.entries],
             "teachers": [e.teacher_name for e in view.entries],
@@ -290,23 +535,35 @@ def train_from_config(
     }
     if rank != 0:
         return summary
-    student = cfg.student.build()
+    student = cfg.student.build() if lm is None else lm.build(cfg.student)
     student.load_state_dict(main.state_dict)
     student.eval()
-    path = os.path.join(out, "student.safetensors")
+    cache_facts = summary["cache"] or {}
     meta = {
-        "student": {"factory": cfg.student.factory, "kwargs": cfg.student.kwargs},
-        "cache_key": cache.key,
-        "cache_entries": summary["cache"]["entries"],
-        "cache_temperature": view.temperature,
+        "student": {
+            k: v
+            for k, v in dataclasses.asdict(cfg.student).items()
+            if v is not None and (v != {} or k != "kwargs" or cfg.student.factory is not None)
+        },
+        "cache_key": cache_facts.get("key"),
+        "cache_entries": cache_facts.get("entries", []),
+        "teachers": cache_facts.get("teachers", []),
+        "cache_temperature": cache_facts.get("temperature"),
         "steps": main.steps,
         "eval": summary["evals"][runs[0][0]],
         "config": to_dict(cfg),
         "versions": {"kdcache": __version__, "torch": torch.__version__},
     }
-    summary["student"] = {"path": path, "bytes": save_safetensors(student, path, meta)}
+    if lm is not None and lm.is_hf(student):
+        meta["vocab_size"] = lm.vocab_size
+        meta["tokenizer_sha256"] = lm.tokenizer_sha256
+        nbytes = save_pretrained_student(student.model, lm.tokenizer, out, meta)
+        summary["student"] = {"path": out, "format": "transformers", "bytes": nbytes}
+    else:
+        path = os.path.join(out, "student.safetensors")
+        summary["student"] = {"path": path, "bytes": save_safetensors(student, path, meta)}
     if cfg.quantize_int8:
-        summary["quantized"] = _report_int8(student, eval_data, out, path)
+        summary["quantized"] = _report_int8(student, eval_data, out, summary["student"]["path"])
     plot_runs = {
         label: read_metrics(os.path.join(out, sub, "metrics.csv")) for label, sub, _ in runs
     }

@@ -259,6 +259,7 @@ class StoreSuite:
         got_ids, got = opened.read_sparse_shard(0)
         np.testing.assert_array_equal(got_ids, ids)
         want = rows
+        assert isinstance(want, targets.SparseTargets)
         if params.get("value_bits"):  # lossy values: compare ids and the exact parts
             assert isinstance(got, targets.SparseTargets)
             np.testing.assert_array_equal(got.ids_BS.numpy(), want.ids_BS.numpy())

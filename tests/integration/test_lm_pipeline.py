@@ -77,12 +77,7 @@ def test_lm_demo_end_to_end_then_cache_hit(tmp_path):
 
     s = lm.parse_args(["--work-dir", str(tmp_path), *ARGS, "--executor", "local"])
     data = lm.prepare_data(s)
-    teachers = [
-        kdcache.Teacher.from_hf(
-            lm.train_or_load_teacher(t, data, s), task="causal-lm", name=t["name"]
-        )
-        for t in lm.TEACHERS
-    ]
-    again = lm._build(s, data["train"], kdcache.TeacherEnsemble(teachers), "topk", {"k": s.top_k})
+    specs = lm.teacher_specs([lm.train_or_load_teacher(t, data, s) for t in lm.TEACHERS])
+    again = lm._build(s, data["train"], kdcache.TeacherEnsemble(specs), "topk", {"k": s.top_k})
     assert again.build_report.hit
     assert again.key == caches["top-k"]["key"]
