@@ -11,7 +11,11 @@ from kdcache.train.distributed import (
     prepare_ds_config,
 )
 from kdcache.train.evaluate import evaluate_classifier, evaluate_perplexity
-from kdcache.train.export import read_safetensors_metadata, save_safetensors
+from kdcache.train.export import (
+    read_safetensors_metadata,
+    save_pretrained_student,
+    save_safetensors,
+)
 from kdcache.train.loop import LossFn, TrainResult, train_student
 from kdcache.train.metrics import MetricsLogger, read_metrics
 
@@ -29,6 +33,7 @@ __all__ = [
     "prepare_ds_config",
     "read_metrics",
     "read_safetensors_metadata",
+    "save_pretrained_student",
     "save_safetensors",
     "train_student",
 ]
