@@ -104,7 +104,17 @@ _REQUIRED_PARAMS = {
     "sampled_counts": ("num_samples",),
     "mixture": (),
 }
-_OPTIONAL_PARAMS = ("min_k", "seed", "labels", "grid_temperatures", "members", "value_bits")
+_OPTIONAL_PARAMS = (
+    "min_k",
+    "seed",
+    "labels",
+    "grid_temperatures",
+    "members",
+    "value_bits",
+    "compression",
+)
+#: Lossless compressions a sparse entry's files may use (``params.compression``).
+COMPRESSIONS = ("zstd",)
 #: Bits a quantised value may take (``params.value_bits``).
 VALUE_BITS = range(2, 17)
 
@@ -223,7 +233,8 @@ class TargetSpec:
             (optional ``min_k``); ``sampled`` and ``sampled_counts``: ``num_samples``
             (optional ``seed``); any sparse kind with values: optional ``value_bits``
             (values quantised to that many bits per kept id, relative to the row's
-            largest; ``docs/format.md``), ``labels`` (True when each row also keeps its label),
+            largest; ``docs/format.md``), ``compression`` (``"zstd"``: the files' buffers
+            compressed losslessly), ``labels`` (True when each row also keeps its label),
             ``grid_temperatures`` (log-partitions stored at these tau too) and, for a
             mixture, ``members``. Held as a sorted tuple of pairs; :meth:`param` reads one.
 
@@ -348,6 +359,12 @@ def _normalise_params(kind: str, params: Any) -> tuple[tuple[str, Any], ...] | N
             out[name] = temps
         elif name == "members":
             out[name] = tuple(str(m) for m in value)
+        elif name == "compression":
+            if value not in COMPRESSIONS:
+                raise ConfigError(
+                    f"compression must be one of {COMPRESSIONS} (or left out), got {value!r}"
+                )
+            out[name] = value
         elif name == "value_bits":
             if isinstance(value, bool) or not isinstance(value, int) or value not in VALUE_BITS:
                 raise ConfigError(

@@ -203,7 +203,8 @@ class ArrowIPCBackend:
             table = table.cast(pa.schema([marked.get(f.name, f) for f in table.schema]), safe=False)
         table = table.replace_schema_metadata({META_KEY: _meta_bytes(shard.meta)})
         sink = pa.BufferOutputStream()
-        with pa.ipc.new_file(sink, table.schema) as writer:
+        options = pa.ipc.IpcWriteOptions(compression=shard.meta.get("compression"))
+        with pa.ipc.new_file(sink, table.schema, options=options) as writer:
             writer.write_table(table)
         return sink.getvalue().to_pybytes()
 
@@ -301,7 +302,7 @@ class ParquetBackend:
         pq.write_table(
             table,
             sink,
-            compression="none",
+            compression=shard.meta.get("compression") or "none",
             use_dictionary=False,
             write_statistics=False,
             row_group_size=max(n, 1),
@@ -428,6 +429,11 @@ class ZarrBackend:
             arrays.update(shard.entries)
             for name, own in shard.entry_offsets.items():
                 arrays[_zarr_offsets_name(name)] = np.ascontiguousarray(own, dtype=np.int64)
+        compressors: Any = None
+        if shard.meta.get("compression") == "zstd":
+            from zarr.codecs import ZstdCodec
+
+            compressors = [ZstdCodec(level=3)]
         for name, col in arrays.items():
             col = np.ascontiguousarray(col)
             arr = group.create_array(
@@ -435,7 +441,7 @@ class ZarrBackend:
                 shape=col.shape,
                 dtype=col.dtype,
                 chunks=_chunk_rows(col.shape, col.dtype.itemsize),
-                compressors=None,
+                compressors=compressors,
                 fill_value=0,
             )
             if col.size:

@@ -255,6 +255,8 @@ def sparse_to_columns(
             "num_slots": sparse.num_slots,
             "grid_temperatures": [],
         }
+        if spec.param("compression") is not None:
+            meta["compression"] = str(spec.param("compression"))
         cols = ShardColumns(sample_ids_N, entries=entries, offsets_N1=offsets, meta=meta)
         return cols, {
             "vocab_size": vocab,
@@ -299,6 +301,8 @@ def sparse_to_columns(
     }
     if value_bits is not None:
         meta["value_bits"] = int(value_bits)
+    if spec.param("compression") is not None:
+        meta["compression"] = str(spec.param("compression"))
     cols = ShardColumns(sample_ids_N, rows=rows, entries=entries, offsets_N1=offsets, meta=meta)
     extra.update(
         {"vocab_size": vocab, "num_entries": int(offsets[-1]), "num_slots": sparse.num_slots}

@@ -103,6 +103,8 @@ SPECS = [
     TargetSpec(1.0, "sampled", "float32", params={"num_samples": 16, "seed": 3}),
     TargetSpec(1.0, "sampled", "bfloat16", params={"num_samples": 4, "labels": True}),
     TargetSpec(1.0, "sampled_counts", params={"num_samples": 16, "seed": 3}),
+    TargetSpec(1.0, "sampled_counts", params={"num_samples": 16, "compression": "zstd"}),
+    TargetSpec(1.0, "topk", "bfloat16", params={"k": 8, "compression": "zstd"}),
 ]
 
 
@@ -333,6 +335,20 @@ def test_quantised_values_error_is_measured_and_small(tmp_path) -> None:
     assert torch.allclose(total, torch.ones_like(total), atol=1e-6)
     with pytest.raises(ConfigError, match="unquantised"):
         _entry(tmp_path, exact_spec, True, "other").quantization_error()
+
+
+def test_zstd_compression_is_lossless_smaller_and_in_the_key(tmp_path) -> None:
+    plain = TargetSpec(1.0, "topk", "bfloat16", params={"k": 16})
+    packed = TargetSpec(1.0, "topk", "bfloat16", params={"k": 16, "compression": "zstd"})
+    a, b = _entry(tmp_path, plain, True), _entry(tmp_path, packed, True)
+    assert a.key != b.key
+    _write(a, plain)
+    _write(b, packed)
+    assert b.num_bytes < a.num_bytes
+    ta, tb = a.read_sparse_shard(0)[1], b.read_sparse_shard(0)[1]
+    assert torch.equal(ta.ids_BS, tb.ids_BS) and torch.equal(ta.values_BS, tb.values_BS)
+    with pytest.raises(ConfigError, match="compression must be one of"):
+        TargetSpec(1.0, "topk", params={"k": 4, "compression": "gzip"})
 
 
 def test_value_bits_are_checked() -> None:
