@@ -7,12 +7,21 @@ Targets are built before timing (in training they are read from the cache). Time
 the best of n rounds, the cases interleaved within each round, on one CPU thread by
 default, so that load from other processes hits every case alike.
 
+Next to those, ``kd_loss`` itself against the plain-torch expression of the same value,
+``F.kl_div(log_softmax(s / tau), log_softmax(t / tau), log_target=True,
+reduction="batchmean") * tau^2 * alpha + (1 - alpha) * F.cross_entropy(s, y)``, forward and
+backward (the teacher's log-probabilities made once, outside the timing, for both), at the
+classifier shape of ``bench_student.py`` (256 rows x 10 classes, tau = 4, alpha = 0.9:
+``ratios.kd_loss_over_torch``) and at a language-model shape (4,096 rows x 2,048
+vocabulary: ``ratios.kd_loss_over_torch_lm``); the goal is <= 1.1. Each timing of the
+small shape is the mean of a burst of calls (one call is ~0.2 ms).
+
 Peak memory is the extra resident memory a loss needs (forward and backward, including
 the [N, V] gradient), measured on CPU from the kernel's resident high-water mark (reset
 through /proc/self/clear_refs, with glibc's mmap threshold pinned so freed buffers go
 back to the system), or from the CUDA allocator with ``--device cuda``.
 
-    python bench/bench_losses.py --quick            # under a minute on 2 cores
+    python bench/bench_losses.py --quick            # about a minute on 2 cores
     python bench/bench_losses.py --json out.json    # {"name", "figures", "ratios"}
 """
 
@@ -129,6 +138,48 @@ def make_cases(num_rows: int, vocab: int, k: int, device: str, seed: int):
     }
 
 
+#: (name, rows, classes, calls per timing) of the kd_loss-over-torch comparison.
+TORCH_SHAPES = (("kd_loss_over_torch", 256, 10, 50), ("kd_loss_over_torch_lm", 4096, 2048, 1))
+TORCH_TAU, TORCH_ALPHA = 4.0, 0.9
+
+
+def torch_cases(num_rows: int, vocab: int, calls: int, device: str, seed: int):
+    """kd_loss and the plain-torch expression of the same value, forward and backward.
+
+    Returns ({"kd_loss": fn, "torch": fn}, (kd_loss value, torch value)); each fn runs
+    ``calls`` forward+backward passes.
+    """
+    F = torch.nn.functional
+    g = torch.Generator().manual_seed(seed)
+    tau, alpha = TORCH_TAU, TORCH_ALPHA
+    teacher_logits = (torch.randn(num_rows, vocab, generator=g) * 3.0).to(device)
+    student = (torch.randn(num_rows, vocab, generator=g) * 2.0).to(device).requires_grad_()
+    labels = torch.randint(0, vocab, (num_rows,), generator=g).to(device)
+    teacher = targets.log_probs(teacher_logits / tau)  # what the cache holds
+
+    def ours() -> torch.Tensor:
+        return losses.kd_loss(student, teacher, temperature=tau, alpha=alpha, labels_B=labels)
+
+    def plain() -> torch.Tensor:
+        # the teacher's log-probabilities as they come from the cache, for both sides
+        kl = F.kl_div(
+            F.log_softmax(student / tau, dim=-1), teacher, log_target=True, reduction="batchmean"
+        )
+        return kl * tau**2 * alpha + (1 - alpha) * F.cross_entropy(student, labels)
+
+    def timed(loss_fn: Callable[[], torch.Tensor]) -> Callable[[], None]:
+        def fn() -> None:
+            for _ in range(calls):
+                student.grad = None
+                loss_fn().backward()
+            student.grad = None
+
+        return fn
+
+    values = (float(ours().detach()), float(plain().detach()))
+    return {"kd_loss": timed(ours), "torch": timed(plain)}, values
+
+
 def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="fewer rows and repeats (< 1 min)")
@@ -150,6 +201,24 @@ def main(argv: list[str] | None = None) -> dict:
         torch.set_num_threads(args.threads)
     # Times first, with the allocator as training would see it; then memory, with glibc's
     # mmap threshold pinned so that freed buffers leave the resident set.
+    figures: dict[str, float] = {}
+    ratios: dict[str, float] = {}
+    torch_rows = []
+    for key, rows, vocab, calls in TORCH_SHAPES:
+        cases, (ours_value, plain_value) = torch_cases(rows, vocab, calls, args.device, seed=rows)
+        if abs(ours_value - plain_value) > 1e-5 * abs(plain_value):
+            raise AssertionError(
+                f"kd_loss {ours_value} and the torch expression {plain_value} differ at "
+                f"{rows}x{vocab}: the comparison is of two different losses"
+            )
+        ms = time_ms(cases, max(repeats, 7) * (3 if calls > 1 else 1), args.device)
+        per_call = {name: v / calls for name, v in ms.items()}
+        ratios[key] = round(per_call["kd_loss"] / per_call["torch"], 3)
+        for name, v in per_call.items():
+            figures[f"{key}/{rows}x{vocab}/{name}_ms"] = round(v, 4)
+        torch_rows.append((key, rows, vocab, per_call, ours_value, plain_value))
+        del cases
+        gc.collect()
     times = {}
     for vocab in args.vocab:
         times[vocab] = time_ms(
@@ -158,8 +227,6 @@ def main(argv: list[str] | None = None) -> dict:
         gc.collect()
     pinned = _pin_malloc() if args.device == "cpu" else True
 
-    figures: dict[str, float] = {}
-    ratios: dict[str, float] = {}
     rows_out = []
     for vocab in args.vocab:
         cases = make_cases(num_rows, vocab, args.k, args.device, seed=vocab)
@@ -195,6 +262,19 @@ def main(argv: list[str] | None = None) -> dict:
     print("-" * len(header))
     for vocab, name, ms, mib, tr, mr in rows_out:
         print(f"{vocab:>7}  {name:<20} {ms:>11.1f} {mib:>9.1f} {tr:>11.3f} {mr:>10.3f}")
+    print()
+    header = (
+        f"{'shape':>11}  {'kd_loss ms':>11} {'torch ms':>10} {'kd_loss/torch':>14}  "
+        f"{'values (kd_loss, torch)'}"
+    )
+    print(header)
+    print("-" * len(header))
+    for key, rows, vocab, per_call, ours_value, plain_value in torch_rows:
+        shape = f"{rows}x{vocab}"
+        print(
+            f"{shape:>11}  {per_call['kd_loss']:>11.4f} {per_call['torch']:>10.4f} "
+            f"{ratios[key]:>14.3f}  ({ours_value:.6f}, {plain_value:.6f})  {key}"
+        )
     result = {"name": "bench_losses", "figures": figures, "ratios": ratios}
     if args.json:
         with open(args.json, "w") as fh:

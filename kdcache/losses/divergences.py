@@ -279,13 +279,13 @@ def sparse_student_log_probs(
 
 
 def _kl_sum(log_a: torch.Tensor, log_b: torch.Tensor) -> torch.Tensor:
-    """sum a (log a - log b) over the last dim, with 0 log 0 = 0 and NaN-free gradients."""
+    """sum a (log a - log b) over the last dim, with 0 log 0 = 0 and NaN-free gradients.
+
+    The log-ratio is 0 where a = 0 (so is the product, and where's backward sends exact
+    zeros into the subtraction there: no 0 * inf); a NaN in ``log_a`` stays NaN.
+    """
     a = log_a.exp()
-    pos = a > 0
-    zero = torch.zeros((), device=a.device)
-    la = torch.where(pos, log_a, zero)
-    lb = torch.where(pos, log_b, zero)
-    return torch.where(pos, a * (la - lb), zero).sum(dim=-1)
+    return (a * torch.where(a > 0, log_a - log_b, 0.0)).sum(dim=-1)
 
 
 def _log_mix(log_a: torch.Tensor, log_b: torch.Tensor, wa: float, wb: float) -> torch.Tensor:
@@ -336,7 +336,192 @@ def _flat_student(student_logits: torch.Tensor) -> torch.Tensor:
         raise ConfigError(
             f"student logits must be [B, V] or [B, T, V], got {tuple(student_logits.shape)}"
         )
+    if student_logits.dim() == 2:
+        return student_logits
     return student_logits.reshape(-1, student_logits.shape[-1])
+
+
+# --------------------------------------------------------------------------------------
+# Dense forward KL, fused with the hard-label term: the hot path of kd_loss
+# --------------------------------------------------------------------------------------
+
+
+#: A weight of a reduced term: a number, or a 0-dim float32 tensor on the logits' device
+#: (a count that never left it).
+Weight = float | torch.Tensor
+
+
+class _DenseForwardKL(torch.autograd.Function):
+    """Forward KL to dense targets, optionally with the hard-label NLL, as one node.
+
+    ``apply(logits [N, V], teacher log p [N, V], tau, keep [N, 1] | None, labels [N, 1] |
+    None, keep_labels [N, 1] | None, w_kl, w_nll)``: with ``w_kl`` None, the float32 [N]
+    KL per row (no labels); else the float32 scalar ``w_kl * sum_kept KL + w_nll *
+    sum_labelled NLL``. q = softmax(logits / tau); the NLL is -log softmax(logits) at the
+    label (temperature 1). A row left out of a term adds 0 to it and gets exactly zero
+    gradient from it, whatever it holds (NaN included).
+
+    The value is that of :func:`_kl_sum` on ``log_softmax(logits / tau)``: ``sum_{p > 0}
+    p (log p - log q)`` (0 log 0 = 0; +inf where the teacher has mass and the student
+    none; NaN where a row's inputs hold a NaN); the gradient ``(q sum_v p - p) / tau``, plus
+    ``softmax(logits) - onehot(label)`` for the NLL. One autograd node instead of about
+    fifteen; each direction makes two float32 [N, V] buffers and works in place on them
+    (the forward keeps only [N] statistics, the backward recomputes q and p from the
+    inputs); nothing waits for the device.
+    """
+
+    @staticmethod
+    def forward(
+        ctx: Any,
+        logits_NV: torch.Tensor,
+        teacher_NV: torch.Tensor,
+        tau: float,
+        keep_N1: torch.Tensor | None,
+        labels_N1: torch.Tensor | None,
+        keep_labels_N1: torch.Tensor | None,
+        w_kl: Weight | None,
+        w_nll: Weight,
+    ) -> torch.Tensor:
+        f32 = torch.float32
+        s_NV = logits_NV if logits_NV.dtype == f32 else logits_NV.float()
+        t_NV = teacher_NV if teacher_NV.dtype == f32 else teacher_NV.float()
+        # Shift by the row max; a row with no finite max is NaN, as in log_softmax.
+        m_N1 = s_NV.amax(dim=1, keepdim=True)
+        a_NV = s_NV - m_N1
+        b_NV = torch.exp(a_NV)
+        nll = lse1_N1 = None
+        if labels_N1 is not None:
+            lse1_N1 = b_NV.sum(dim=1, keepdim=True).log_().add_(m_N1)
+            try:
+                nll_N1 = lse1_N1 - s_NV.gather(1, labels_N1)
+            except (RuntimeError, IndexError) as err:  # raised on the CPU; a GPU asserts
+                raise ConfigError(
+                    f"labels must be in [0, {s_NV.shape[1]}) or equal the ignore index"
+                ) from err
+            if keep_labels_N1 is not None:
+                nll_N1 = torch.where(keep_labels_N1, nll_N1, 0.0)
+            nll = nll_N1.sum()
+        log_z_N1 = torch.exp(a_NV.div_(tau), out=b_NV).sum(dim=1, keepdim=True).log_()
+        log_q_NV = a_NV.sub_(log_z_N1)  # log_softmax(logits / tau)
+        p_NV = torch.exp(t_NV, out=b_NV)
+        mass_N1 = p_NV.sum(dim=1, keepdim=True)
+        # A term with p = 0 is 0 * (+-inf or NaN) = NaN exactly where the teacher has no
+        # mass (log p = -inf) or p underflows where the student has none: nansum drops
+        # those (0 log 0 = 0), and the row's log-partition and mass bring back a NaN of
+        # its inputs (0 * NaN).
+        kl_N1 = torch.sub(t_NV, log_q_NV, out=a_NV).mul_(p_NV).nansum(dim=1, keepdim=True)
+        kl_N1.addcmul_(log_z_N1, mass_N1, value=0.0)
+        del a_NV, b_NV
+        if keep_N1 is not None:
+            kl_N1 = torch.where(keep_N1, kl_N1, 0.0)
+        ctx.save_for_backward(
+            logits_NV, teacher_NV, keep_N1, labels_N1, keep_labels_N1, m_N1, log_z_N1, mass_N1
+        )
+        ctx.lse1_N1, ctx.tau, ctx.w_kl, ctx.w_nll = lse1_N1, tau, w_kl, w_nll
+        if w_kl is None:
+            return kl_N1.reshape(-1)
+        loss = kl_N1.sum() * w_kl
+        return loss if nll is None else loss + nll * w_nll
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        logits_NV, teacher_NV, keep_N1, labels_N1, keep_labels_N1, m_N1, log_z_N1, mass_N1 = (
+            ctx.saved_tensors
+        )
+        lse1_N1, tau, w_kl, w_nll = ctx.lse1_N1, ctx.tau, ctx.w_kl, ctx.w_nll
+        nones = (None,) * 7
+        if not ctx.needs_input_grad[0]:
+            return (None, *nones)
+        f32 = torch.float32
+        s_NV = logits_NV if logits_NV.dtype == f32 else logits_NV.float()
+        t_NV = teacher_NV if teacher_NV.dtype == f32 else teacher_NV.float()
+        grad = grad.float()
+        # KL: (q * sum_v p - p) * c, c = the row's gradient over tau
+        c = grad.reshape(-1, 1) / tau if w_kl is None else grad * (w_kl / tau)
+        g_NV = torch.sub(s_NV, m_N1).div_(tau).sub_(log_z_N1).exp_().mul_(mass_N1 * c)
+        w_NV = torch.exp(t_NV)
+        g_NV.addcmul_(w_NV, c, value=-1.0)
+        if keep_N1 is not None:
+            g_NV.masked_fill_(~keep_N1, 0.0)
+        if labels_N1 is not None:
+            # NLL: (softmax(logits) - onehot(label)) * c, c = the gradient times w_nll
+            c = grad * w_nll
+            h_NV = torch.sub(s_NV, lse1_N1, out=w_NV).exp_().mul_(c)
+            h_NV.scatter_add_(1, labels_N1, (-c).expand(labels_N1.shape))
+            if keep_labels_N1 is not None:
+                h_NV.masked_fill_(~keep_labels_N1, 0.0)
+            g_NV.add_(h_NV)
+        return (g_NV if logits_NV.dtype == f32 else g_NV.to(logits_NV.dtype), *nones)
+
+
+def dense_forward_kl_rows(
+    student_logits_NV: torch.Tensor, teacher_log_probs_NV: torch.Tensor, *, temperature: float
+) -> torch.Tensor:
+    """Per-row forward KL(p_t || p_s) to dense targets, fused (see :class:`_DenseForwardKL`).
+
+    Args:
+        student_logits_NV: Raw student logits, shape [N, V], any float dtype (math in
+            float32; the gradient has the logits' dtype).
+        teacher_log_probs_NV: Teacher log-probabilities at tau, shape [N, V], any float
+            dtype; -inf where the teacher has no mass. Not differentiated.
+        temperature: tau > 0 applied to the student logits.
+
+    Returns:
+        float32 [N], as ``_kl_sum(teacher, log_softmax(student / tau))``.
+    """
+    return _DenseForwardKL.apply(
+        student_logits_NV, teacher_log_probs_NV, temperature, None, None, None, None, 0.0
+    )
+
+
+def dense_forward_kl_loss(
+    student_logits_NV: torch.Tensor,
+    teacher_log_probs_NV: torch.Tensor,
+    *,
+    temperature: float,
+    kl_weight: Weight,
+    keep_N1: torch.Tensor | None = None,
+    labels_N1: torch.Tensor | None = None,
+    keep_labels_N1: torch.Tensor | None = None,
+    nll_weight: Weight = 0.0,
+) -> torch.Tensor:
+    """``kl_weight * sum_kept KL(p_t || p_s) + nll_weight * sum_labelled NLL``, fused.
+
+    The dense path of :func:`kdcache.losses.kd_loss`: one autograd node, no host
+    synchronisation (it runs on an accelerator as it is).
+
+    Args:
+        student_logits_NV: Raw student logits, shape [N, V], any float dtype (math in
+            float32; the gradient has the logits' dtype).
+        teacher_log_probs_NV: Teacher log-probabilities at tau, shape [N, V], any float
+            dtype; -inf where the teacher has no mass. Not differentiated.
+        temperature: tau > 0 applied to the student logits for the KL (the NLL is at 1).
+        kl_weight: Weight of the KL sum (a number or a 0-dim float32 tensor).
+        keep_N1: bool [N, 1], rows whose KL counts (None: all).
+        labels_N1: int64 [N, 1] class ids in [0, V) (None: no NLL term). A row without a
+            label holds any valid id and is False in ``keep_labels_N1``.
+        keep_labels_N1: bool [N, 1], rows whose NLL counts (None: all).
+        nll_weight: Weight of the NLL sum.
+
+    Returns:
+        Scalar float32 tensor.
+
+    Raises:
+        ConfigError: a label outside [0, V), found by the gather that reads it on the
+            CPU (on an accelerator the gather's device-side assertion fails instead: a
+            host check would synchronise every step).
+    """
+    return _DenseForwardKL.apply(
+        student_logits_NV,
+        teacher_log_probs_NV,
+        temperature,
+        keep_N1,
+        labels_N1,
+        keep_labels_N1,
+        kl_weight,
+        nll_weight,
+    )
 
 
 def _rows_divergence(
@@ -412,6 +597,8 @@ def _rows_divergence(
             f"{tuple(teacher.shape)} must have the same shape [..., V]"
         )
     teacher_NV = teacher.reshape(-1, vocab)
+    if kind == "forward_kl" and rows_M is None and not teacher_NV.requires_grad:
+        return dense_forward_kl_rows(student_NV, teacher_NV, temperature=tau)
     if rows_M is not None:
         student_NV = student_NV[rows_M]
         teacher_NV = teacher_NV[rows_M.to(teacher_NV.device)]

@@ -28,8 +28,11 @@ from kdcache import targets as _targets
 from kdcache.errors import ConfigError
 from kdcache.losses.divergences import (
     Targets,
+    Weight,
+    _check_temperature,
     _flat_student,
     _rows_divergence,
+    dense_forward_kl_loss,
     sparse_student_log_probs,
 )
 from kdcache.targets.dense import _weights
@@ -89,10 +92,26 @@ def _once(normalizer: Normalizer | None) -> Normalizer | None:
     return once
 
 
-def _valid_rows(
+def _reduce(
+    total: torch.Tensor, count: int | torch.Tensor, scale: float, normalizer: Normalizer | None
+) -> torch.Tensor:
+    """``total * scale / divisor(count)``; a count still on the device stays there unless a
+    normalizer needs it as a number (one host sync per term, in the normalizer's nature)."""
+    if isinstance(count, int):
+        return total * (scale / _divisor(count, normalizer))
+    if normalizer is None:
+        divisor = count.clamp(min=1)
+    else:
+        # a tensor too, so that normalizer=float and None agree bit for bit
+        value = _divisor(int(count), normalizer)
+        divisor = torch.tensor(value, dtype=torch.float32, device=total.device)
+    return (total if scale == 1.0 else total * scale) / divisor
+
+
+def _keep_rows(
     mask: torch.Tensor | None, leading: torch.Size, device: torch.device
 ) -> torch.Tensor | None:
-    """int64 [M] indices of rows that count, or None for all rows."""
+    """bool [N, 1]: the rows that count, or None for all rows."""
     if mask is None:
         return None
     mask_t = torch.as_tensor(mask, device=device)
@@ -102,7 +121,109 @@ def _valid_rows(
         raise ConfigError(
             f"mask shape {tuple(mask_t.shape)} must equal the logits' leading dims {tuple(leading)}"
         )
-    return mask_t.reshape(-1).nonzero().flatten()
+    return mask_t.reshape(-1, 1)
+
+
+def _valid_rows(
+    mask: torch.Tensor | None, leading: torch.Size, device: torch.device
+) -> torch.Tensor | None:
+    """int64 [M] indices of rows that count, or None for all rows (a host sync)."""
+    keep_N1 = _keep_rows(mask, leading, device)
+    return None if keep_N1 is None else keep_N1.nonzero()[:, 0]
+
+
+def _labelled_rows(
+    labels: torch.Tensor, leading: torch.Size, vocab: int, ignore_index: int, device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(int64 [N, 1] labels, 0 in unlabelled rows; bool [N, 1] labelled), on ``device``.
+
+    Labels outside [0, V) are refused here when they sit on the CPU and the logits do not
+    (no device sync); on the logits' own device the gather that reads them refuses them.
+    """
+    labels_t = labels if isinstance(labels, torch.Tensor) else torch.as_tensor(labels)
+    if tuple(labels_t.shape) != tuple(leading):
+        raise ConfigError(
+            f"labels shape {tuple(labels_t.shape)} must equal the logits' leading dims "
+            f"{tuple(leading)}"
+        )
+    if labels_t.device.type == "cpu" and device.type != "cpu":
+        bad = (labels_t != ignore_index) & ((labels_t < 0) | (labels_t >= vocab))
+        if bool(bad.any()):
+            raise ConfigError(
+                f"labels must be in [0, {vocab}) or equal ignore_index={ignore_index}"
+            )
+    if labels_t.device != device or labels_t.dtype != torch.int64:
+        labels_t = labels_t.to(device=device, dtype=torch.int64)
+    labels_N1 = labels_t.reshape(-1, 1)
+    keep_N1 = labels_N1 != ignore_index
+    return torch.where(keep_N1, labels_N1, 0), keep_N1
+
+
+def _weight(scale: float, count: int | torch.Tensor, normalizer: Normalizer | None) -> Weight:
+    """``scale / divisor(count)``: a number for a count known here, else a 0-dim tensor on
+    the count's device (a normalizer needs the count as a number: one host sync per term,
+    in the normalizer's nature)."""
+    if isinstance(count, int):
+        return scale / _divisor(count, normalizer)
+    if normalizer is None:
+        return scale / count.clamp(min=1)
+    # a tensor too, so that normalizer=float and None agree bit for bit
+    value = _divisor(int(count), normalizer)
+    return scale / torch.tensor(value, dtype=torch.float32, device=count.device)
+
+
+def _dense_forward_kl_loss(
+    student_logits: torch.Tensor,
+    teacher: torch.Tensor,
+    *,
+    temperature: float,
+    kl_scale: float,
+    mask: torch.Tensor | None,
+    labels: torch.Tensor | None,
+    nll_scale: float,
+    ignore_index: int,
+    normalizer: Normalizer | None,
+) -> torch.Tensor:
+    """The fused dense path: ``kl_scale * mean_kept KL + nll_scale * mean_labelled NLL``,
+    each mean over its divisor (the normalizer is called for the KL, then the NLL)."""
+    tau = _check_temperature(temperature)
+    student_NV = _flat_student(student_logits)
+    if teacher.shape != student_logits.shape:
+        raise ConfigError(
+            f"student logits {tuple(student_logits.shape)} and teacher log-probabilities "
+            f"{tuple(teacher.shape)} must have the same shape [..., V]"
+        )
+    leading, device = student_logits.shape[:-1], student_NV.device
+    keep_N1 = _keep_rows(mask, leading, device)
+    count: int | torch.Tensor = student_NV.shape[0] if keep_N1 is None else keep_N1.sum()
+    kl_weight = _weight(kl_scale, count, normalizer)
+    labels_N1 = keep_labels_N1 = None
+    nll_weight: Weight = 0.0
+    if labels is not None:
+        labels_N1, keep_labels_N1 = _labelled_rows(
+            labels, leading, student_NV.shape[1], ignore_index, device
+        )
+        nll_weight = _weight(nll_scale, keep_labels_N1.sum(), normalizer)
+    return dense_forward_kl_loss(
+        student_NV,
+        teacher if teacher.dim() == 2 else teacher.reshape(student_NV.shape),
+        temperature=tau,
+        kl_weight=kl_weight,
+        keep_N1=keep_N1,
+        labels_N1=labels_N1,
+        keep_labels_N1=keep_labels_N1,
+        nll_weight=nll_weight,
+    )
+
+
+def _fused(teacher: Targets, divergence: str) -> bool:
+    """Whether the fused dense forward-KL path applies (not to a teacher that needs a
+    gradient: the fused node differentiates the student only)."""
+    return (
+        divergence == "forward_kl"
+        and isinstance(teacher, torch.Tensor)
+        and not teacher.requires_grad
+    )
 
 
 def cross_entropy(
@@ -144,23 +265,27 @@ def cross_entropy(
             f"{tuple(student_logits_BV.shape[:-1])}"
         )
     labels_N = labels.reshape(-1).long()
-    rows_M = (labels_N != ignore_index).nonzero().flatten()
-    picked = labels_N[rows_M]
-    if picked.numel() and (int(picked.min()) < 0 or int(picked.max()) >= student_NV.shape[1]):
-        raise ConfigError(
-            f"labels must be in [0, {student_NV.shape[1]}) or equal ignore_index={ignore_index}"
-        )
-    # before any early return: the normalizer may be a collective every rank must join
-    divisor = _divisor(int(rows_M.numel()), normalizer)
+    bad_labels = ConfigError(
+        f"labels must be in [0, {student_NV.shape[1]}) or equal ignore_index={ignore_index}"
+    )
     if chunk_rows is None and student_NV.numel() <= _DIRECT_CE_MAX_ELEMENTS:
         # Small enough for one float32 copy: torch's fused kernel is several times faster
-        # than the chunked path for classifier-sized batches (same value and gradient).
-        if not rows_M.numel():
-            return student_NV.float().sum() * 0.0
-        total = torch.nn.functional.cross_entropy(
-            student_NV.float(), labels_N, ignore_index=ignore_index, reduction="sum"
-        )
-        return total / divisor
+        # than the chunked path for classifier-sized batches (same value and gradient),
+        # and nothing here waits for the device (without a normalizer). With no label
+        # the sum is 0 with a zero gradient.
+        try:
+            total = torch.nn.functional.cross_entropy(
+                student_NV.float(), labels_N, ignore_index=ignore_index, reduction="sum"
+            )
+        except (IndexError, RuntimeError) as err:  # raised on the CPU; a GPU asserts
+            raise bad_labels from err
+        return _reduce(total, (labels_N != ignore_index).sum(), 1.0, normalizer)
+    rows_M = (labels_N != ignore_index).nonzero().flatten()
+    picked = labels_N[rows_M]
+    if picked.numel() and bool(((picked < 0) | (picked >= student_NV.shape[1])).any()):
+        raise bad_labels
+    # before any early return: the normalizer may be a collective every rank must join
+    divisor = _divisor(int(rows_M.numel()), normalizer)
     log_q_M1, _ = sparse_student_log_probs(
         student_NV, picked[:, None], temperature=1.0, rows_M=rows_M, chunk_rows=chunk_rows
     )
@@ -186,6 +311,20 @@ def _distill_term(
     chunk_rows: int | None,
     normalizer: Normalizer | None,
 ) -> torch.Tensor:
+    scale = float(temperature) ** 2 if scale_by_temperature_squared else 1.0
+    if _fused(teacher, divergence):
+        assert isinstance(teacher, torch.Tensor)
+        return _dense_forward_kl_loss(
+            student_logits,
+            teacher,
+            temperature=temperature,
+            kl_scale=scale,
+            mask=mask,
+            labels=None,
+            nll_scale=0.0,
+            ignore_index=IGNORE_INDEX,
+            normalizer=normalizer,
+        )
     rows_M = _valid_rows(mask, student_logits.shape[:-1], student_logits.device)
     per_row = _rows_divergence(
         student_logits,
@@ -197,7 +336,6 @@ def _distill_term(
         rows_M=rows_M,
         chunk_rows=chunk_rows,
     )
-    scale = float(temperature) ** 2 if scale_by_temperature_squared else 1.0
     return per_row.sum() * (scale / _divisor(int(per_row.shape[0]), normalizer))
 
 
@@ -230,6 +368,13 @@ def kd_loss(
     the rows where ``mask`` is True (all rows when None), *not* the label mask: an
     unlabelled sample still has a teacher. For token-level language-model losses, where
     padding and prompt positions carry ``ignore_index``, use :func:`token_kd_loss`.
+
+    Dense forward KL (the default) takes a fused path: both terms in one autograd node
+    (:func:`kdcache.losses.divergences.dense_forward_kl_loss`), the same value and
+    gradient, and nothing read back to the host unless a ``normalizer`` asks for a count.
+    It is differentiable once (no double backward) and w.r.t. the student only; a teacher
+    that requires grad takes the general path. Rows left out (mask, ``ignore_index``) get
+    exactly zero gradient whatever they hold; a NaN in a row that counts makes the loss NaN.
 
     Args:
         student_logits_BV: Raw student logits, shape [B, V] or [B, T, V], any float dtype
@@ -264,6 +409,22 @@ def kd_loss(
     Source: Hinton, Vinyals, Dean, "Distilling the Knowledge in a Neural Network", 2015, sec. 2.
     """
     _check_alpha(alpha, labels_B)
+    if alpha > 0 and _fused(teacher_log_probs_BV, divergence):
+        # Dense forward KL: one fused node for both terms, no host sync without a
+        # normalizer (the same value and gradient as the general path below).
+        assert isinstance(teacher_log_probs_BV, torch.Tensor)
+        scale = float(temperature) ** 2 if scale_by_temperature_squared else 1.0
+        return _dense_forward_kl_loss(
+            student_logits_BV,
+            teacher_log_probs_BV,
+            temperature=temperature,
+            kl_scale=alpha * scale,
+            mask=mask,
+            labels=labels_B if alpha < 1.0 else None,
+            nll_scale=1.0 - alpha,
+            ignore_index=ignore_index,
+            normalizer=normalizer,
+        )
     loss = torch.zeros((), device=student_logits_BV.device)
     if alpha > 0:
         kd = _distill_term(

@@ -792,3 +792,204 @@ def test_normalizer_default_and_refusals():
     loss = losses.cross_entropy(x, none, normalizer=lambda n: 0.0)
     (g,) = torch.autograd.grad(loss, x)
     assert num(loss) == 0.0 and bool((g == 0).all())
+
+
+# ---------------------------------------------------------------- the fused dense path
+
+
+def _reference_kd_f64(s, lp, tau, alpha, labels, mask, kl_div=None, ce_div=None):
+    """alpha tau^2 sum_kept KL / max(kept, 1) + (1 - alpha) sum_labelled CE / max(labelled, 1),
+    in float64 through torch autograd on the textbook formula (log_softmax and a guarded
+    0 log 0): the loss and its gradient w.r.t. the logits."""
+    x = s.detach().double().requires_grad_()
+    v = lp.shape[-1]
+    t = lp.double().reshape(-1, v)
+    keep = torch.ones(t.shape[0], dtype=torch.bool) if mask is None else mask.reshape(-1)
+    used = keep if alpha == 1 else keep | (labels.reshape(-1) != -100)
+    # rows in neither term may hold garbage: keep it out of the reference's gradient
+    x_NV = torch.where(used[:, None], x.reshape(-1, v), 0.0)
+    t = torch.where(keep[:, None], t, -math.log(v))
+    log_q = torch.log_softmax(x_NV / tau, dim=-1)
+    p = t.exp()
+    diff = torch.where(p > 0, t - torch.where(p > 0, log_q, 0.0), 0.0)
+    kl_N = (p * diff).sum(dim=-1)
+    kl_sum = kl_N[keep].sum()
+    loss = alpha * tau**2 * kl_sum / (kl_div or max(int(keep.sum()), 1))
+    if alpha < 1:
+        y = labels.reshape(-1)
+        rows = (y != -100).nonzero().flatten()
+        nll = -torch.log_softmax(x_NV, dim=-1)[rows, y[rows]].sum()
+        loss = loss + (1 - alpha) * nll / (ce_div or max(len(rows), 1))
+    (g,) = torch.autograd.grad(loss, x)
+    return num(loss), g
+
+
+def _kd(x, lp, tau, alpha, labels, mask, **kw):
+    leaf = x.detach().clone().requires_grad_()
+    loss = losses.kd_loss(leaf, lp, temperature=tau, alpha=alpha, labels_B=labels, mask=mask, **kw)
+    (g,) = torch.autograd.grad(loss, leaf)
+    return loss, g
+
+
+@pytest.mark.parametrize("alpha", [1.0, 0.6, 0.0])
+@pytest.mark.parametrize("with_mask", [False, True])
+def test_fused_kd_loss_masked_rows_and_ignored_labels_match_float64(alpha, with_mask):
+    tau, v = 2.5, 17
+    s, lp, _ = dense_case(b=9, v=v, tau=tau, seed=21)
+    lp[2, :4] = NEG_INF  # no teacher mass on some ids
+    lp = torch.log_softmax(lp, dim=-1)
+    s[4, 5] = NEG_INF  # no student mass where the teacher has none either
+    lp[4, 5] = NEG_INF
+    lp[4] = torch.log_softmax(lp[4], dim=-1)
+    labels = torch.tensor([3, -100, 0, 16, -100, 7, 7, -100, 1])
+    mask = torch.tensor([True, True, False, True, False, True, False, True, True])
+    mask = mask if with_mask else None
+    if with_mask:  # rows left out hold garbage: never read into the loss or its gradient
+        lp[6] = float("nan")
+        s[6] = float("nan") if alpha > 0 else s[6]  # (alpha = 0: plain cross_entropy)
+        labels[6] = -100
+    loss, g = _kd(s, lp, tau, alpha, labels if alpha < 1 else None, mask)
+    want, want_g = _reference_kd_f64(s, lp, tau, alpha, labels, mask)
+    assert loss.dtype == torch.float32 and loss.shape == ()
+    assert num(loss) == pytest.approx(want, rel=2e-6, abs=1e-7)
+    assert bool(torch.isfinite(g).all())
+    torch.testing.assert_close(g.double(), want_g, rtol=1e-5, atol=1e-7)
+    if with_mask:
+        assert bool((g[6] == 0).all())
+
+
+def test_fused_token_kd_loss_matches_float64_and_all_ignored_rows_give_zero():
+    tau, b, t, v = 1.5, 3, 4, 11
+    s = rand(b, t, v, seed=31)
+    lp = targets.log_probs(rand(b, t, v, seed=32, scale=3.0) / tau)
+    labels = torch.full((b, t), -100)
+    labels[0, 1:] = torch.tensor([2, 9, 10])
+    labels[2, :2] = torch.tensor([0, 4])
+    leaf = s.clone().requires_grad_()
+    loss = losses.token_kd_loss(leaf, lp, temperature=tau, labels_BT=labels, alpha=0.3)
+    (g,) = torch.autograd.grad(loss, leaf)
+    valid = labels != -100
+    want, want_g = _reference_kd_f64(s, lp, tau, 0.3, labels, valid)
+    assert num(loss) == pytest.approx(want, rel=2e-6)
+    torch.testing.assert_close(g.double(), want_g, rtol=1e-5, atol=1e-7)
+    assert bool((g[~valid] == 0).all()) and bool((g[valid] != 0).any())
+    # no valid position at all: 0 with zero gradients, garbage in the teacher or not
+    none = torch.full((b, t), -100)
+    x = s.clone().requires_grad_()
+    nan_teacher = torch.full((b, t, v), float("nan"))
+    for alpha in (1.0, 0.5):
+        out = losses.token_kd_loss(x, nan_teacher, temperature=tau, labels_BT=none, alpha=alpha)
+        (gx,) = torch.autograd.grad(out, x)
+        assert num(out) == 0.0 and bool((gx == 0).all())
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_fused_kd_loss_with_low_precision_student_logits(dtype):
+    tau, alpha = 2.0, 0.7
+    s, lp, _ = dense_case(b=6, v=19, tau=tau, seed=41)
+    s = s.to(dtype)  # the reference sees the same rounded logits, upcast
+    labels = torch.tensor([1, 18, -100, 0, 5, 5])
+    mask = torch.tensor([True, False, True, True, True, False])
+    leaf = s.clone().requires_grad_()
+    loss = losses.kd_loss(leaf, lp, temperature=tau, alpha=alpha, labels_B=labels, mask=mask)
+    (g,) = torch.autograd.grad(loss, leaf)
+    want, want_g = _reference_kd_f64(s.float(), lp, tau, alpha, labels, mask)
+    assert loss.dtype == torch.float32 and g.dtype == dtype
+    assert num(loss) == pytest.approx(want, rel=2e-6)
+    # the gradient is rounded to the logits' dtype once, at the end
+    torch.testing.assert_close(g, want_g.to(dtype), rtol=1e-2, atol=1e-4)
+    # a low-precision teacher is upcast too
+    loss_bf16 = losses.kd_loss(s, lp.to(dtype), temperature=tau)
+    want_bf16, _ = _reference_kd_f64(s.float(), lp.to(dtype).float(), tau, 1.0, None, None)
+    assert num(loss_bf16) == pytest.approx(want_bf16, rel=2e-6)
+
+
+def test_fused_kd_loss_normalizer_counts_each_term_once_in_order():
+    tau, alpha = 2.0, 0.4
+    s, lp, _ = dense_case(b=8, v=6, tau=tau, seed=51)
+    labels = torch.tensor([0, -100, -100, 5, 2, -100, -100, -100])
+    mask = torch.tensor([True, True, False, True, False, True, True, False])
+    seen: list[int] = []
+
+    def normalizer(count: int) -> float:
+        seen.append(count)
+        return 2.5 * count  # e.g. a global count over a world size
+
+    loss, g = _kd(s, lp, tau, alpha, labels, mask, normalizer=normalizer)
+    assert seen == [5, 3]  # distillation rows, then labelled rows
+    want, want_g = _reference_kd_f64(s, lp, tau, alpha, labels, mask, kl_div=12.5, ce_div=7.5)
+    assert num(loss) == pytest.approx(want, rel=2e-6)
+    torch.testing.assert_close(g.double(), want_g, rtol=1e-5, atol=1e-7)
+    # a rank with no counted row still calls it (a collective), and divides nothing by 0
+    seen.clear()
+    empty = torch.zeros(8, dtype=torch.bool)
+    none = torch.full((8,), -100)
+    zero, gz = _kd(s, lp, tau, alpha, none, empty, normalizer=normalizer)
+    assert seen == [0, 0] and num(zero) == 0.0 and bool((gz == 0).all())
+
+
+def test_fused_kd_loss_refuses_bad_labels_and_keeps_nan_visible():
+    s, lp, _ = dense_case(b=4, v=5)
+    with pytest.raises(ConfigError, match="labels"):
+        losses.kd_loss(s, lp, temperature=2.0, alpha=0.5, labels_B=torch.tensor([0, 5, 1, 1]))
+    with pytest.raises(ConfigError, match="labels"):
+        losses.kd_loss(s, lp, temperature=2.0, alpha=0.5, labels_B=torch.tensor([0, -3, 1, 1]))
+    with pytest.raises(ConfigError, match="labels shape"):
+        losses.kd_loss(s, lp, temperature=2.0, alpha=0.5, labels_B=torch.tensor([0, 1]))
+    # a NaN in a row that counts is not dropped as if it were zero mass
+    bad_student, bad_teacher = s.clone(), lp.clone()
+    bad_student[1, 2] = float("nan")
+    bad_teacher[3, 0] = float("nan")
+    per_row = losses.forward_kl(bad_student, bad_teacher, temperature=2.0)
+    assert per_row.isnan().tolist() == [False, True, False, True]
+    # the teacher's zero mass where the student has none either is 0 log 0 = 0; mass the
+    # student cannot reach is an infinite divergence
+    x, t = s.clone(), lp.clone()
+    x[0, 1], t[0, 1] = NEG_INF, NEG_INF
+    t[0] = torch.log_softmax(t[0], dim=-1)
+    x[2, 3] = NEG_INF
+    d = losses.forward_kl(x, t, temperature=2.0)
+    assert bool(torch.isfinite(d[:2]).all()) and d[2] == float("inf")
+    want = losses.divergence(x, t, temperature=2.0, kind="skew_kl", skew=0.0)
+    torch.testing.assert_close(d, want)
+
+
+def test_fused_dense_path_equals_the_general_path_for_a_teacher_with_grad():
+    """A teacher that needs a gradient takes the general path (the fused node
+    differentiates the student only); both give the same loss and student gradient."""
+    tau = 3.0
+    s, lp, _ = dense_case(b=5, v=8, tau=tau, seed=61)
+    labels = torch.tensor([1, -100, 7, 0, 3])
+    mask = torch.tensor([True, False, True, True, True])
+    fused, g_fused = _kd(s, lp, tau, 0.5, labels, mask)
+    teacher = lp.clone().requires_grad_()
+    general, g_general = _kd(s, teacher, tau, 0.5, labels, mask)
+    assert num(fused) == pytest.approx(num(general), rel=1e-6)
+    torch.testing.assert_close(g_fused, g_general, rtol=1e-5, atol=1e-7)
+
+
+def test_fused_kd_loss_reads_nothing_back_to_the_host(monkeypatch):
+    """The proxy, on the CPU, for "no per-step device synchronisation": without a
+    normalizer, kd_loss and token_kd_loss (forward and backward) never turn a tensor
+    into a Python number or ask for data-dependent shapes (nonzero)."""
+    tau, b, t, v = 2.0, 2, 5, 7
+    s = rand(b, t, v, seed=71).requires_grad_()
+    lp = targets.log_probs(rand(b, t, v, seed=72) / tau)
+    labels = torch.tensor([[1, 2, -100, 4, 0], [-100, -100, 6, 6, 3]])
+    mask = labels != -100
+    calls: list[str] = []
+    for name in ("item", "tolist", "nonzero", "__bool__", "__int__", "__float__", "__index__"):
+        original = getattr(torch.Tensor, name)
+
+        def spy(self, *args, _name=name, _original=original, **kwargs):
+            calls.append(_name)
+            return _original(self, *args, **kwargs)
+
+        monkeypatch.setattr(torch.Tensor, name, spy)
+    losses.kd_loss(s, lp, temperature=tau, alpha=0.5, labels_B=labels, mask=mask).backward()
+    losses.token_kd_loss(s, lp, temperature=tau, labels_BT=labels, alpha=0.8).backward()
+    assert calls == []
+    # the spies see it when it happens: the general path gathers the masked rows
+    losses.kd_loss(s, lp, temperature=tau, divergence="jsd", mask=mask)
+    monkeypatch.undo()
+    assert "nonzero" in calls
