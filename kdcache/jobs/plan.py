@@ -79,8 +79,10 @@ class Plan:
         return dataclasses.asdict(self)
 
 
-def _candidate_specs(spec: TargetSpec, vocab_size: int) -> list[TargetSpec]:
-    """The config's spec first, then dense float32/float16 and top-k at a few k < V."""
+def _candidate_specs(spec: TargetSpec, vocab_size: int, tokens: bool = False) -> list[TargetSpec]:
+    """The config's spec first, then dense float32/float16 and top-k at a few k < V; for
+    token datasets also the compact choices (top-64 with 8-bit values, 16 counts-only
+    draws)."""
     out = [spec]
     t = spec.temperature
     for dtype in ("float32", "float16"):
@@ -88,6 +90,10 @@ def _candidate_specs(spec: TargetSpec, vocab_size: int) -> list[TargetSpec]:
     for k in (8, 32, 128):
         if k < vocab_size:
             out.append(TargetSpec(temperature=t, kind="topk", params={"k": k}))
+    if tokens:
+        if 64 < vocab_size:
+            out.append(TargetSpec(t, kind="topk", params={"k": 64, "value_bits": 8}))
+        out.append(TargetSpec(t, kind="sampled_counts", params={"num_samples": 16}))
     seen, unique = set(), []
     for s in out:
         key = schema.canonical_json(s.to_json())
@@ -231,7 +237,7 @@ def plan_build(
         scaled = targets.scale_logits(logits, spec.temperature)
         width = int(scaled.shape[1])
         if not target_costs:
-            for cand in _candidate_specs(spec, width):
+            for cand in _candidate_specs(spec, width, tokens):
                 per, framing = _encoded_bytes(
                     scaled, ids, batch.get("labels"), cand, row_positions if tokens else None
                 )
