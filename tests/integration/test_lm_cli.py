@@ -286,3 +286,28 @@ def test_a_student_tokenizer_unlike_the_teachers_is_refused_and_hard_labels_need
     assert summary["cache"] is None and summary["steps"] == 2
     model = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path / "out"))
     assert model.config.kdcache["cache_key"] is None and model.config.kdcache["teachers"] == []
+
+
+def test_plan_estimates_a_token_entry_within_ten_percent(lm_files, tmp_path, capsys):
+    """``kdcache plan`` encodes its calibration rows in the layout a build writes (the
+    sequence-major layout of format 2), so its estimate matches the built entry."""
+    from kdcache.jobs.config import BuildConfig, load
+    from kdcache.jobs.plan import plan_build
+
+    build = {
+        "root": str(tmp_path / "cache"),
+        "dataset": _dataset(lm_files, "train", "factory"),
+        "teachers": [{"name": "tiny-gpt", "hf": lm_files["teacher"], "task": "causal-lm"}],
+        "targets": {"temperature": 1.0, "kind": "topk", "params": {"k": 8}},
+        "executor": {"kind": "local", "batch_size": 16},
+    }
+    path = lm_files["dir"] / "build-plan.yaml"
+    path.write_text(yaml.safe_dump(build))
+    plan = plan_build(load(BuildConfig, str(path)))
+    (configured,) = [c for c in plan.targets if c.configured]
+    assert main(["build", str(path), "--no-progress"]) == 0
+    built = _last_json(capsys.readouterr().out)
+    assert abs(configured.total_bytes - built["bytes"]) <= 0.1 * built["bytes"], (
+        configured.total_bytes,
+        built["bytes"],
+    )
