@@ -12,11 +12,16 @@ batch and the same number of steps (one epoch):
 * ``online``: the same distillation with the 3 teachers (MLPs 784-512-256-10) run in the
   loop on every batch, as without a cache.
 
-Each round trains each case once, interleaved, so load from other processes hits every
-case alike; each case keeps its best epoch time. The teacher stage that fills the cache
-runs once before timing (its time is reported, not counted).
+Each round trains each case once at each torch thread count (``--threads``, default 1
+and 2), interleaved, so load from other processes hits every case alike; each (case,
+threads) keeps its best epoch time. The teacher stage that fills the cache runs once
+before timing (its time is reported, not counted).
 
-    python bench/bench_student.py --quick            # about a minute on 2 cores
+Names in ``--json``: ``ratios.cached_over_hard_t<N>`` and ``ratios.read_over_hard_t<N>``
+(epoch time over the hard-label epoch's at N torch threads; the goal is <= 1.05),
+``ratios.online_over_cached_t<N>``; the epoch times are ``figures.<case>_epoch_s_t<N>``.
+
+    python bench/bench_student.py --quick            # a few minutes on 2 cores
     python bench/bench_student.py --json out.json    # {"name", "figures", "ratios"}
 """
 
@@ -72,12 +77,17 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--samples", type=int, default=None)
     ap.add_argument("--rounds", type=int, default=None)
     ap.add_argument("--batch-size", type=int, default=256)
-    ap.add_argument("--threads", type=int, default=1, help="torch threads (1: least noise)")
+    ap.add_argument(
+        "--threads", default="1,2", help="torch thread counts, comma-separated (default 1,2)"
+    )
+    ap.add_argument(
+        "--no-online", action="store_true", help="leave out the slow online-teacher case"
+    )
     ap.add_argument("--json", default=None, metavar="PATH")
     args = ap.parse_args(argv)
     n = args.samples or (16384 if args.quick else 65536)
     rounds = args.rounds or 3
-    torch.set_num_threads(args.threads)
+    thread_counts = [int(t) for t in str(args.threads).split(",")]
     logging.basicConfig(level=logging.WARNING)
     logging.getLogger("DeepSpeed").setLevel(logging.ERROR)
 
@@ -127,42 +137,57 @@ def main(argv: list[str] | None = None) -> dict:
                 ),
             ),
         }
-        best = dict.fromkeys(cases, float("inf"))
+        if args.no_online:
+            del cases["online"]
+        best = {(k, th): float("inf") for th in thread_counts for k in cases}
         steps = 0
         for _ in range(rounds):
-            for name, (make_stream, loss_fn) in cases.items():
-                stream = make_stream()
-                steps = len(stream)
-                _, result = train_student(
-                    _mlp([128], seed=1),
-                    stream,
-                    loss_fn,
-                    ds_config=cpu_ds_config(lr=1e-3, micro_batch_size=args.batch_size),
-                    max_steps=steps,
-                    progress=False,
-                )
-                best[name] = min(best[name], result.wall_s)
+            for th in thread_counts:
+                torch.set_num_threads(th)
+                for name, (make_stream, loss_fn) in cases.items():
+                    stream = make_stream()
+                    steps = len(stream)
+                    _, result = train_student(
+                        _mlp([128], seed=1),
+                        stream,
+                        loss_fn,
+                        ds_config=cpu_ds_config(lr=1e-3, micro_batch_size=args.batch_size),
+                        max_steps=steps,
+                        progress=False,
+                    )
+                    best[name, th] = min(best[name, th], result.wall_s)
         cache_bytes = cache.num_bytes
-    figures = {
+    figures: dict[str, float] = {
         "samples": n,
         "steps_per_epoch": steps,
         "batch_size": args.batch_size,
         "rounds": rounds,
-        "threads": args.threads,
         "teacher_stage_s": teacher_stage_s,
         "cache_bytes": cache_bytes,
-        **{f"{k}_epoch_s": v for k, v in best.items()},
+        **{f"{k}_epoch_s_t{th}": v for (k, th), v in best.items()},
     }
-    ratios = {
-        "read_over_hard": best["read"] / best["hard"],
-        "cached_over_hard": best["cached"] / best["hard"],
-        "online_over_cached": best["online"] / best["cached"],
-    }
-    rows = [
-        ("case", "epoch s", "samples/s", "vs hard"),
-        *[(k, f"{v:.3f}", f"{n / v:,.0f}", f"{v / best['hard']:.3f}x") for k, v in best.items()],
-    ]
-    widths = [max(len(r[i]) for r in rows) for i in range(4)]
+    ratios: dict[str, float] = {}
+    for th in thread_counts:
+        hard = best["hard", th]
+        ratios[f"read_over_hard_t{th}"] = best["read", th] / hard
+        ratios[f"cached_over_hard_t{th}"] = best["cached", th] / hard
+        if "online" in cases:
+            ratios[f"online_over_cached_t{th}"] = best["online", th] / best["cached", th]
+    head = (
+        "case",
+        *[f"t{th} epoch s" for th in thread_counts],
+        *[f"t{th} vs hard" for th in thread_counts],
+    )
+    rows = [head]
+    for k in cases:
+        rows.append(
+            (
+                k,
+                *[f"{best[k, th]:.3f}" for th in thread_counts],
+                *[f"{best[k, th] / best['hard', th]:.3f}x" for th in thread_counts],
+            )
+        )
+    widths = [max(len(r[i]) for r in rows) for i in range(len(head))]
     for i, r in enumerate(rows):
         print(
             "  ".join(
@@ -172,13 +197,14 @@ def main(argv: list[str] | None = None) -> dict:
         )
         if i == 0:
             print("  ".join("-" * w for w in widths))
+    print()
+    for name, value in ratios.items():
+        goal = "  (goal <= 1.05)" if "_over_hard_" in name else ""
+        print(f"  {name:24s} {value:7.3f}{goal}")
     print(
-        f"\nreading the cache (hard-label loss) over hard labels: "
-        f"{ratios['read_over_hard']:.3f}x (goal < 1.05)\n"
-        f"distilling from the cache over hard labels: {ratios['cached_over_hard']:.3f}x   "
-        f"online over cached (speed-up of the cache): {ratios['online_over_cached']:.2f}x\n"
-        f"{n:,} samples, {steps} steps of {args.batch_size}, best of {rounds} rounds, "
-        f"{args.threads} thread(s); teacher stage (once) {teacher_stage_s:.2f} s"
+        f"{n:,} samples, {steps} steps of {args.batch_size}, best of {rounds} rounds at "
+        f"{', '.join(map(str, thread_counts))} torch thread(s); teacher stage (once) "
+        f"{teacher_stage_s:.2f} s"
     )
     result = {"name": "bench_student", "figures": figures, "ratios": ratios}
     if args.json:

@@ -1,9 +1,14 @@
 """Collation: the only layout-specific part of the student stream.
 
-A layout has two steps. ``load(shard)`` runs in the stream's prefetch thread (or a
+A layout has three steps. ``load(shard)`` runs in the stream's prefetch thread (or a
 loader worker): it reads one input shard and, with a cache, its cache shard(s), joined by
-``sample_id`` (:mod:`kdcache.stream.join`). ``collate(loaded, shard_B, row_B)`` builds
-one batch from sample ``row_B[i]`` of loaded shard ``shard_B[i]``, in that order.
+``sample_id`` (:mod:`kdcache.stream.join`), with numpy and pyarrow only. ``finish(raw)``
+does the shard's torch work once (re-tempering, the ensemble combination): in the
+prefetch thread where torch runs a single thread there, else in the thread that consumes
+the batches, so that the prefetch thread never starts a torch thread team of its own
+that would fight the training thread's for the cores. ``collate(loaded, shard_B, row_B)``
+builds one batch from sample ``row_B[i]`` of finished shard ``shard_B[i]``, in that order.
+Where ``finish`` runs changes no value: it is the same call on the same shard.
 
 Batches, by layout (all tensors; B samples on this rank):
 
@@ -47,6 +52,8 @@ class Layout(Protocol):
     """How one kind of sample is read and batched (see the module docstring)."""
 
     def load(self, shard: int) -> Any: ...
+
+    def finish(self, raw: Any) -> Any: ...
 
     def collate(self, loaded: dict[int, Any], shard_B: np.ndarray, row_B: np.ndarray) -> Any: ...
 
@@ -110,6 +117,10 @@ class RecordLayout:
     def load(self, shard: int) -> dict[str, np.ndarray]:
         return self.dataset.read_shard(shard)
 
+    def finish(self, raw: Any) -> Any:
+        """The shard as loaded (no torch work)."""
+        return raw
+
     def collate(self, loaded: dict[int, Any], shard_B: np.ndarray, row_B: np.ndarray) -> Any:
         return _to_torch(gather_rows(loaded, shard_B, row_B, _take_columns, _concat_columns))
 
@@ -130,8 +141,15 @@ class DenseLayout(RecordLayout):
         perm = input_order(ids, inputs["sample_id"], f"shard {shard}")
         return inputs, scaled_KNV if perm is None else scaled_KNV[:, perm]
 
-    def load(self, shard: int) -> dict[str, np.ndarray]:
-        inputs, scaled_KNV = self._joined(shard)
+    def load(self, shard: int) -> Any:
+        """``(inputs, scaled_KNV)``: the joined shard, the K teachers' stored ``z / tau``
+        float32 [K, n, V], before re-tempering and combination (see :meth:`finish`)."""
+        return self._joined(shard)
+
+    def finish(self, raw: Any) -> dict[str, np.ndarray]:
+        """Re-temper and combine a loaded shard: its columns and ``teacher_log_probs``
+        float32 [n, V] (log-probabilities at the stream's temperature)."""
+        inputs, scaled_KNV = raw
         scaled = torch.from_numpy(scaled_KNV)
         if self.temperature != self.view.temperature:
             scaled = targets.retemper(scaled, self.view.temperature, self.temperature)
@@ -143,11 +161,15 @@ class FeatureLayout(DenseLayout):
     """Records joined to feature entries (:meth:`kdcache.Teacher.feature`): the stored
     values times the cache's temperature, i.e. the raw features."""
 
-    def load(self, shard: int) -> dict[str, np.ndarray]:
+    def load(self, shard: int) -> Any:
         inputs, scaled_KNV = self._joined(shard)
         feats = np.asarray(scaled_KNV, dtype=np.float32) * np.float32(self.view.temperature)
         feats = feats[0] if len(feats) == 1 else np.ascontiguousarray(feats.transpose(1, 0, 2))
         return {**inputs, "teacher_features": feats}
+
+    def finish(self, raw: Any) -> Any:
+        """The shard as loaded (numpy only, done in :meth:`load`)."""
+        return raw
 
 
 def _combine_sparse(
@@ -176,10 +198,18 @@ class SparseLayout:
         self.view, self.temperature = view, float(temperature)
         self.verify, self.combine = verify, combine
 
-    def load(self, shard: int) -> tuple[dict[str, np.ndarray], list[SparseTargets]]:
+    def load(self, shard: int) -> Any:
+        """``(inputs, per_teacher, perm)``: the shard's columns, its K teachers' targets as
+        stored, and the permutation that puts them in input order (None: already are)."""
         inputs = read_inputs(self.view, self.dataset, shard, verify=self.verify)
         ids, per_teacher = self.view.read_sparse_shard(shard, verify=self.verify)
         perm = input_order(ids, inputs["sample_id"], f"shard {shard}")
+        return inputs, per_teacher, perm
+
+    def finish(self, raw: Any) -> tuple[dict[str, np.ndarray], list[SparseTargets]]:
+        """``(inputs, per_teacher)``: the targets in input order, re-tempered to the
+        stream's temperature."""
+        inputs, per_teacher, perm = raw
         if perm is not None:
             per_teacher = [_take_sparse(t, perm) for t in per_teacher]
         if self.temperature != self.view.temperature:
@@ -271,6 +301,10 @@ class TokenLayout:
                 for e in self.view.entries
             ]
         return inp, teachers
+
+    def finish(self, raw: Any) -> Any:
+        """The shard as loaded (its targets are combined per batch, in :meth:`collate`)."""
+        return raw
 
     def collate(self, loaded: dict[int, Any], shard_B: np.ndarray, row_B: np.ndarray) -> Any:
         seqs, sids, b_idx, t_idx = [], [], [], []

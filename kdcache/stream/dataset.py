@@ -17,6 +17,12 @@ resume point); the DataLoader's in-order round robin hands them back as steps 0,
 Each worker also prefetches shards in a background thread, which alone keeps the
 student fed when the store keeps up, so ``num_workers=0`` is the default.
 
+**Threads.** The prefetch thread reads with numpy and pyarrow; a shard's torch work (the
+layout's ``finish``: re-tempering, the ensemble combination) runs there only where torch
+runs one thread there, else once per shard in the consuming thread at the shard's first
+need. With several torch threads the training thread already keeps every core busy, and
+a second torch thread team in the prefetch thread would oversubscribe them.
+
 **Resume.** The stream position is a count of global positions, so a run resumed from
 ``state_dict()`` (even on another world size, with the same global batch and lanes)
 continues with exactly the samples an uninterrupted run would have seen.
@@ -249,6 +255,15 @@ class ShardedStream(torch.utils.data.IterableDataset):
     def _load(self, shard: int) -> Any:
         return self.layout.load(shard)
 
+    def _load_ahead(self, shard: int) -> tuple[bool, Any]:
+        """In the prefetch thread: ``(True, finished shard)`` where torch runs one thread
+        here, else ``(False, loaded shard)`` for the consumer to finish (a torch thread
+        team of this thread's own would fight the training thread's for the cores)."""
+        raw = self._load(shard)
+        if torch.get_num_threads() == 1:
+            return True, self.layout.finish(raw)
+        return False, raw
+
     def _start(self) -> tuple[int, int]:
         """(epoch, first step) to read from, rolling over a finished epoch."""
         if self.consumed >= self.global_length() and self.consumed:
@@ -292,6 +307,7 @@ class ShardedStream(torch.utils.data.IterableDataset):
             return
         first_need = [t for _, t in load_order]  # non-decreasing
         futures: dict[int, cf.Future] = {}
+        ready: dict[int, Any] = {}  # finished shards, until their last use
         submitted = 0
         with cf.ThreadPoolExecutor(max_workers=1, thread_name_prefix="kdcache-prefetch") as pool:
             for t, (shard_B, row_B) in enumerate(steps):
@@ -299,14 +315,18 @@ class ShardedStream(torch.utils.data.IterableDataset):
                 target = bisect.bisect_right(first_need, t) + self.prefetch_shards
                 while submitted < min(target, len(load_order)):
                     s = load_order[submitted][0]
-                    futures[s] = pool.submit(self._load, s)
+                    futures[s] = pool.submit(self._load_ahead, s)
                     submitted += 1
                 here = dict.fromkeys(shard_B.tolist())
-                loaded = {s: futures[s].result() for s in here}
+                for s in here:
+                    if s not in ready:  # first need: finish it here if the thread did not
+                        finished, value = futures.pop(s).result()
+                        ready[s] = value if finished else self.layout.finish(value)
+                loaded = {s: ready[s] for s in here}
                 yield self.layout.collate(loaded, shard_B, row_B)
                 for s in here:
                     if last_use[s] == t:
-                        del futures[s]  # free the shard
+                        del ready[s]  # free the shard
 
 
 class SoftTargetDataset(ShardedStream):

@@ -236,6 +236,41 @@ def data_parallel_normalizer(count: int) -> float:
     return float(total.item()) / dist.get_world_size()
 
 
+def skip_single_rank_allreduce(engine: Any) -> bool:
+    """Turn off a DeepSpeed engine's gradient all-reduce where it is the identity.
+
+    After each backward DeepSpeed all-reduces the gradients over the data-parallel ranks:
+    a flatten, a pass through the communication backend and an unflatten copied back.
+    Over one rank in float32 without ZeRO that changes no value, so it is switched off
+    (``engine.enable_backward_allreduce``); the gradients, and so every weight, are
+    bit-identical. Anything else keeps it: several ranks, ZeRO (its optimizer partitions
+    the gradients in that step), fp16/bf16, a communication dtype other than the
+    gradients' float32, or a gradient pre-divide factor other than 1 (its divide and
+    multiply round).
+
+    Args:
+        engine: The engine ``deepspeed.initialize`` returned.
+
+    Returns:
+        True where the all-reduce was switched off.
+    """
+    keeps = (
+        not getattr(engine, "enable_backward_allreduce", False)
+        or int(getattr(engine, "dp_world_size", 0)) != 1
+        or (torch.distributed.is_initialized() and torch.distributed.get_world_size() != 1)
+        or engine.zero_optimization_stage() != 0
+        or engine.fp16_enabled()
+        or engine.bfloat16_enabled()
+        or engine.communication_data_type != torch.float32
+        or float(engine.gradient_predivide_factor()) != 1.0
+        or any(p.dtype != torch.float32 for p in engine.module.parameters() if p.requires_grad)
+    )
+    if keeps:
+        return False
+    engine.enable_backward_allreduce = False
+    return True
+
+
 def _mean_over_ranks(value: float, world: int) -> float:
     if world == 1:
         return value

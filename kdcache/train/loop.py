@@ -8,6 +8,7 @@ machine without CUDA, DeepSpeed runs with its CPU accelerator and the gloo backe
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import logging
@@ -26,6 +27,7 @@ from kdcache.train.distributed import (
     _mean_over_ranks,
     init_distributed,
     load_ds_config,
+    skip_single_rank_allreduce,
 )
 from kdcache.train.metrics import MetricsLogger
 
@@ -161,6 +163,8 @@ def train_student(
     engine, _, _, _ = deepspeed.initialize(
         model=model, model_parameters=model.parameters(), config=config
     )
+    skip_single_rank_allreduce(engine)  # over one rank it copies and changes nothing
+    device = torch.device(getattr(engine, "device", "cpu"))
     result = TrainResult()
     if (
         resume
@@ -220,6 +224,11 @@ def train_student(
         max_steps, desc=desc, unit="step", enabled=progress and rank == 0, initial=result.steps
     )
     counted = result.samples
+    # the loss is read on the host each step only where something shows it; else the
+    # steps' losses stay on the device and are read together, every _LOSS_READ_EVERY
+    # steps and at the end (no host sync per step)
+    per_step_value = metrics is not None or bar.mode != "off"
+    pending: list[torch.Tensor] = []
     start = time.perf_counter()
     engine.train()
     micro = 0
@@ -227,6 +236,7 @@ def train_student(
         got_batch = False
         for batch in stream:
             got_batch = True
+            batch = to_device(batch, device)
             logits = engine(batch["inputs"])
             loss = loss_fn(logits, batch)
             engine.backward(loss)
@@ -236,14 +246,22 @@ def train_student(
             if micro % accum:
                 continue
             result.steps += 1
-            value = float(loss.detach())
-            result.losses.append(value)
-            if metrics is not None:
-                metrics.log(
-                    result.steps,
-                    {"train/loss": _mean_over_ranks(value, world), "train/lr": engine.get_lr()[0]},
-                )
-            bar.update(1, samples=(result.samples - counted) * world, loss=value)
+            if per_step_value:
+                value = float(loss.detach())
+                result.losses.append(value)
+                if metrics is not None:
+                    metrics.log(
+                        result.steps,
+                        {
+                            "train/loss": _mean_over_ranks(value, world),
+                            "train/lr": engine.get_lr()[0],
+                        },
+                    )
+                bar.update(1, samples=(result.samples - counted) * world, loss=value)
+            else:
+                pending.append(loss.detach())
+                if len(pending) >= _LOSS_READ_EVERY:
+                    _read_losses(pending, result.losses)
             counted = result.samples
             evaluated = eval_fn is not None and eval_every and result.steps % eval_every == 0
             if evaluated:
@@ -259,6 +277,7 @@ def train_student(
                 "the training stream yielded no batch; is the dataset smaller "
                 "than one global batch?"
             )
+    _read_losses(pending, result.losses)
     bar.close()
     result.wall_s = time.perf_counter() - start
     module = engine.module
@@ -272,6 +291,53 @@ def train_student(
     result.state_dict = _gathered_state(engine)
     module.eval()
     return module, result
+
+
+#: Steps whose losses stay on the device before they are read (one host sync for all).
+_LOSS_READ_EVERY = 1024
+
+
+def _read_losses(pending: list[torch.Tensor], into: list[float]) -> None:
+    """Append the values of ``pending`` (0-d loss tensors of one dtype) and empty it."""
+    if pending:
+        into.extend(float(v) for v in torch.stack(pending).cpu().tolist())
+        pending.clear()
+
+
+def to_device(batch: Any, device: torch.device) -> Any:
+    """A batch with every tensor on ``device``, through containers and dataclasses.
+
+    Tensors already there are returned as they are (on the CPU this is the batch itself).
+    Toward a CUDA device, host tensors are pinned first and copied without blocking, so
+    the copy overlaps the host's work and no step waits on the device.
+
+    Args:
+        batch: Tensors, or dicts, lists, tuples and dataclass instances
+            (:class:`kdcache.targets.SparseTargets`) of them; anything else is kept.
+        device: Where the engine's module is.
+
+    Returns:
+        A batch of the same structure.
+    """
+    if isinstance(batch, torch.Tensor):
+        if batch.device == device:
+            return batch
+        if device.type == "cuda" and batch.device.type == "cpu":
+            return batch.pin_memory().to(device, non_blocking=True)
+        return batch.to(device)
+    if isinstance(batch, dict):
+        return {k: to_device(v, device) for k, v in batch.items()}
+    if isinstance(batch, (list, tuple)):
+        return type(batch)(to_device(v, device) for v in batch)
+    if dataclasses.is_dataclass(batch) and not isinstance(batch, type):
+        moved = {
+            f.name: to_device(getattr(batch, f.name), device)
+            for f in dataclasses.fields(batch)
+            if isinstance(getattr(batch, f.name), torch.Tensor)
+        }
+        if any(moved[k] is not getattr(batch, k) for k in moved):
+            return dataclasses.replace(batch, **moved)
+    return batch
 
 
 def _stream_global_batch(stream: Any, engine: Any, world: int) -> int:
