@@ -455,16 +455,24 @@ def columns_to_sparse(cols: ShardColumns, where: str) -> Any:
     if len(lengths) and int(lengths.max()) > num_slots:
         raise CacheCorruptError(f"{where}: a row holds {int(lengths.max())} > S={num_slots}")
 
-    def pad(flat: np.ndarray, fill: int, dtype: Any) -> np.ndarray:
-        if len(lengths) and bool((lengths == num_slots).all()):
+    full = len(lengths) > 0 and bool((lengths == num_slots).all())
+    kept = None if full else np.arange(num_slots)[None, :] < lengths[:, None]
+
+    def pad(flat: np.ndarray, fill: Any, dtype: Any) -> np.ndarray:
+        # one copy (the file's arrays may be read-only), pads filled in numpy: no torch
+        # work in the reader's thread
+        if kept is None:
             return np.array(flat, dtype=dtype).reshape(num_rows, num_slots)
         out = np.full((num_rows, num_slots), fill, dtype=dtype)
-        out[np.arange(num_slots)[None, :] < lengths[:, None]] = flat
+        out[kept] = flat
         return out
 
+    bf16_bits = meta.get("storage_dtype") == "bfloat16" and schema.COL_VALUES in cols.entries
+    # a pad's value is -inf: its float, or bfloat16's bit pattern 0xFF80
+    value_fill: Any = np.uint16(0xFF80) if bf16_bits else -np.inf
     columns = {
         "ids": pad(flat_ids, PAD_ID, np.int64),
-        "values": pad(flat_values, 0, flat_values.dtype),
+        "values": pad(flat_values, value_fill, flat_values.dtype),
         "log_partition": np.array(log_z, dtype=np.float32),
     }
     if schema.COL_COUNTS in cols.entries:
@@ -476,10 +484,9 @@ def columns_to_sparse(cols: ShardColumns, where: str) -> Any:
         if src in cols.rows:
             columns[dst] = np.array(cols.rows[src], dtype=np.float32)
     ids = torch.from_numpy(columns["ids"])
-    values = torch.from_numpy(np.array(columns["values"]))
-    if meta.get("storage_dtype") == "bfloat16" and schema.COL_VALUES in cols.entries:
+    values = torch.from_numpy(columns["values"])
+    if bf16_bits:
         values = values.view(torch.bfloat16)  # uint16 bit patterns, reinterpreted
-    values = values.masked_fill(ids < 0, float("-inf"))
     counts = columns.get("counts")
     if kind == "sampled_counts":
         assert counts is not None
