@@ -1,4 +1,5 @@
-"""Distillation losses: pure tensor math (divergences, KD and token-level KD, feature losses)."""
+"""Distillation losses: pure tensor math (divergences, KD and token-level KD, decoupled KD,
+feature losses)."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ from kdcache.losses.divergences import (
     sparse_student_log_probs,
     total_variation,
 )
+from kdcache.losses.dkd import DKD_SPARSE_KINDS, dkd_loss
 from kdcache.losses.features import (
     FitNetsRegressor,
     fitnets_loss,
@@ -33,6 +35,7 @@ from kdcache.losses.kd import (
 
 __all__ = [
     "DIVERGENCES",
+    "DKD_SPARSE_KINDS",
     "IGNORE_INDEX",
     "MULTI_TEACHER_MODES",
     "FitNetsRegressor",
@@ -40,6 +43,7 @@ __all__ = [
     "Targets",
     "cross_entropy",
     "divergence",
+    "dkd_loss",
     "fitnets_loss",
     "forward_kl",
     "jsd",
