@@ -1,18 +1,29 @@
-"""Teacher-stage throughput: what caching and Ray cost, and what a second actor buys.
+"""Teacher-stage throughput: what caching and Ray cost, what a second actor buys, what a
+kept executor saves, and how the stage compares with a Ray Data pipeline.
 
 Compared side by side in one run, on the same data and teachers (the Fashion-MNIST demo's
-three architectures, untrained: speed does not depend on the weights):
+three architectures, untrained: speed does not depend on the weights), interleaved so that
+drift (other jobs on the machine) hits every variant alike:
 
 * ``plain``: a loop in this process that runs the teachers over every shard and keeps
   the scaled logits in memory (no cache, no Ray), with as many torch threads as one
   actor gets.
 * ``local``: ``build_cache(executor="local")``: the same loop plus hashing, Arrow
   encoding and the commit protocol.
-* ``ray x1`` / ``ray x2``: ``build_cache(executor="ray")`` with one and two actors of one
-  CPU each (Ray already running, so its start-up is not counted; actor start-up is).
+* ``ray x1`` / ``ray x2``: ``build_cache`` through a ``RayExecutor`` of one and two
+  actors of one CPU each that was used once before (its actors kept: Ray's and the
+  actors' start-up are not counted; ``ray x1 cold`` is a fresh executor, actors started).
+* ``raydata``: the same work as a Ray Data pipeline, ``from_arrow`` over the same shards,
+  ``map_batches`` with an actor pool (as many actors as ``ray x2``, each loading the same
+  teachers), ``write_parquet``; against ``ray x2 cold``, a fresh executor (both start
+  their actors).
+* ``512``: a 512-image build through the local executor, and a second build through the
+  same ``RayExecutor`` object (two actors, kept).
 
-Ratios: ``local / plain`` and ``ray x1 / plain`` (time, goal < 1.05), and
-``ray x1 / ray x2`` (speed-up of the second actor; at most 2 on a 2-core machine).
+Ratios: ``ray1_busy_over_plain`` (time the actor spent on shards over the plain loop,
+goal <= 1.05), ``ray2_speed_over_ray1`` (throughput of two kept actors over one, goal
+>= 1.8 on 2 cores), ``ray_build_over_local_512`` (goal <= 1.5), ``stage_over_raydata``
+(wall time, goal <= 1.0); also ``local_over_plain`` and ``ray1_cold_over_plain``.
 
     python bench/bench_teacher_stage.py --quick [--json PATH]
 """
@@ -21,6 +32,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import shutil
 import tempfile
@@ -31,7 +43,8 @@ import torch
 
 import kdcache
 from kdcache import targets
-from kdcache.executors import ExecutorConfig
+from kdcache.executors import Executor, ExecutorConfig, LocalExecutor, RayExecutor
+from kdcache.local_ray import loopback_ray
 from pipelines.fashion_mnist import TEACHERS
 from pipelines.models import build_model
 
@@ -51,7 +64,8 @@ def make_teachers() -> list[kdcache.Teacher]:
     return out
 
 
-VARIANTS = ("plain", "local", "ray x1", "ray x2")
+VARIANTS = ("plain", "local", "ray x1 cold", "ray x1", "ray x2", "ray x2 cold", "raydata")
+TEMPERATURE = 4.0
 
 
 def plain_loop(ds: kdcache.ArrayDataset, teachers: list[kdcache.Teacher], batch: int) -> float:
@@ -62,7 +76,7 @@ def plain_loop(ds: kdcache.ArrayDataset, teachers: list[kdcache.Teacher], batch:
             parts = []
             for lo in range(0, len(shard["sample_id"]), batch):
                 logits = t.logits(shard["inputs"][lo : lo + batch])
-                parts.append(targets.scale_logits(logits, 4.0).numpy())
+                parts.append(targets.scale_logits(logits, TEMPERATURE).numpy())
             np.concatenate(parts)  # one shard's outputs, as the cache holds them
     return time.perf_counter() - start
 
@@ -70,27 +84,72 @@ def plain_loop(ds: kdcache.ArrayDataset, teachers: list[kdcache.Teacher], batch:
 def timed_build(
     ds: kdcache.ArrayDataset,
     teachers: list[kdcache.Teacher],
-    executor: str,
-    num_actors: int | None,
-    batch: int,
+    executor: str | ExecutorConfig | Executor,
 ) -> tuple[float, float]:
-    """(wall seconds, summed seconds the actors spent on shards) of one fresh build."""
+    """(wall seconds, summed seconds the workers spent on shards) of one build into a
+    fresh root (a real build, never a hit)."""
     root = tempfile.mkdtemp(prefix="kdcache-bench-")
     try:
         start = time.perf_counter()
         cache = kdcache.build_cache(
-            ds,
-            teachers,
-            temperature=4.0,
-            root=root,
-            executor=ExecutorConfig(kind=executor, num_actors=num_actors, batch_size=batch),
-            progress=False,
+            ds, teachers, temperature=TEMPERATURE, root=root, executor=executor, progress=False
         )
         wall = time.perf_counter() - start
         busy = sum(a["seconds"] for a in cache.build_report.per_actor.values())
         return wall, busy
     finally:
         shutil.rmtree(root, ignore_errors=True)
+
+
+class RayDataTeachers:
+    """The Ray Data actor: loads the teachers once, scales their logits per batch."""
+
+    def __init__(self, teachers: list[kdcache.Teacher]) -> None:
+        torch.set_num_threads(1)  # what one actor with one CPU gets, as in the stage
+        self.teachers = teachers
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        out = {"sample_id": batch["sample_id"]}
+        for t in self.teachers:
+            logits = t.logits(batch["inputs"])
+            out[f"logits_{t.name}"] = targets.scale_logits(logits, TEMPERATURE).numpy()
+        return out
+
+
+def timed_raydata(
+    ds: kdcache.ArrayDataset, teachers: list[kdcache.Teacher], num_actors: int, batch: int
+) -> tuple[float, float]:
+    """(wall seconds, same) of the Ray Data pipeline over the same shards, into Parquet."""
+    import pyarrow as pa
+    import ray.data
+    from ray.data.extensions import ArrowTensorArray
+
+    tables = []
+    for i in range(ds.num_shards):
+        shard = ds.read_shard(i)
+        tables.append(
+            pa.table(
+                {
+                    "sample_id": shard["sample_id"],
+                    "inputs": ArrowTensorArray.from_numpy(np.ascontiguousarray(shard["inputs"])),
+                }
+            )
+        )
+    out = tempfile.mkdtemp(prefix="kdcache-bench-raydata-")
+    try:
+        start = time.perf_counter()
+        ray.data.from_arrow(tables).map_batches(
+            RayDataTeachers,
+            fn_constructor_kwargs={"teachers": teachers},
+            batch_size=batch,
+            batch_format="numpy",
+            compute=ray.data.ActorPoolStrategy(size=num_actors),
+            num_cpus=1,
+        ).write_parquet(out)
+        wall = time.perf_counter() - start
+        return wall, wall
+    finally:
+        shutil.rmtree(out, ignore_errors=True)
 
 
 def main() -> None:
@@ -107,24 +166,54 @@ def main() -> None:
     batch = 512
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # local benchmark cluster only
     import ray
+    import ray.data
 
-    # address="local": a fresh cluster even if another one runs on this machine
-    ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level="ERROR")
+    # address="local": a fresh cluster even if another one runs on this machine; on
+    # 127.0.0.1 only
+    with loopback_ray() as local:
+        ray.init(
+            address="local",
+            num_cpus=2,
+            include_dashboard=False,
+            logging_level="ERROR",
+            **local,
+        )
+    ray.data.DataContext.get_current().enable_progress_bars = False
+    logging.getLogger("ray.data").setLevel(logging.ERROR)
     torch.set_num_threads(1)  # what one actor with one CPU gets
     ds = make_inputs(num, num_shards=8)
+    small = make_inputs(512, num_shards=8)
     teachers = make_teachers()
     runs: dict[str, list[tuple[float, float]]] = {k: [] for k in VARIANTS}
+    runs_512: dict[str, list[float]] = {"local": [], "ray": []}
+    local_ex = LocalExecutor(batch_size=batch)
+    # Kept actors hold their CPUs, so one RayExecutor at a time lives (2 CPUs here).
     try:
         plain_loop(ds, teachers, batch)  # warm-up
+        timed_build(small, teachers, local_ex)
         for _ in range(repeats):  # interleaved, so drift hits every variant alike
             t = plain_loop(ds, teachers, batch)
             runs["plain"].append((t, t))
-            runs["local"].append(timed_build(ds, teachers, "local", None, batch))
-            runs["ray x1"].append(timed_build(ds, teachers, "ray", 1, batch))
-            runs["ray x2"].append(timed_build(ds, teachers, "ray", 2, batch))
+            runs["local"].append(timed_build(ds, teachers, local_ex))
+            one = ExecutorConfig(kind="ray", num_actors=1, batch_size=batch)
+            runs["ray x1 cold"].append(timed_build(ds, teachers, one))
+            with RayExecutor(one) as ray1:
+                timed_build(small, teachers, ray1)  # the first build starts the actor
+                runs["ray x1"].append(timed_build(ds, teachers, ray1))
+            two = ExecutorConfig(kind="ray", num_actors=2, batch_size=batch)
+            with RayExecutor(two) as ray2:
+                timed_build(small, teachers, ray2)  # the first build starts the actors
+                for _ in range(3):  # second and later builds through the same object
+                    runs_512["local"].append(timed_build(small, teachers, local_ex)[0])
+                    runs_512["ray"].append(timed_build(small, teachers, ray2)[0])
+                runs["ray x2"].append(timed_build(ds, teachers, ray2))
+            runs["ray x2 cold"].append(timed_build(ds, teachers, two))
+            runs["raydata"].append(timed_raydata(ds, teachers, 2, batch))
     finally:
+        local_ex.close()
         ray.shutdown()
     best = {k: min(v) for k, v in runs.items()}  # the run with the best wall time
+    best_512 = {k: min(v) for k, v in runs_512.items()}
     plain = best["plain"][0]
     work = num * len(teachers)
     print(
@@ -132,29 +221,38 @@ def main() -> None:
         f"batch {batch}, best of {repeats}"
     )
     print(
-        f"{'variant':<8} {'wall s':>7} {'samples/s':>10} {'wall/plain':>10} "
+        f"{'variant':<12} {'wall s':>7} {'samples/s':>10} {'wall/plain':>10} "
         f"{'busy s':>7} {'busy/plain':>10}"
     )
     for k, (wall, busy) in best.items():
         print(
-            f"{k:<8} {wall:>7.2f} {work / wall:>10,.0f} {wall / plain:>10.3f} "
+            f"{k:<12} {wall:>7.2f} {work / wall:>10,.0f} {wall / plain:>10.3f} "
             f"{busy:>7.2f} {busy / plain:>10.3f}"
         )
     print(
-        "wall: the whole call, actor start-up included; busy: time summed over actors spent "
-        "on shards (read, teachers, encode, hash, commit)"
+        "wall: the whole call (cold: actor start-up included; raydata: its actor pool's "
+        "start-up included); busy: time summed over actors spent on shards (read, "
+        "teachers, encode, hash, commit)"
+    )
+    print(
+        f"512 images, 8 shards: local executor {best_512['local']:.3f} s, a second build "
+        f"through the same RayExecutor (2 actors kept) {best_512['ray']:.3f} s "
+        f"(best of {len(runs_512['ray'])})"
     )
     ratios = {
-        "local_over_plain_time": best["local"][0] / plain,
-        "ray1_over_plain_time": best["ray x1"][0] / plain,
-        "ray1_busy_over_plain_time": best["ray x1"][1] / plain,
-        "ray2_speedup_over_ray1": best["ray x1"][0] / best["ray x2"][0],
+        "ray1_busy_over_plain": best["ray x1"][1] / plain,
+        "ray2_speed_over_ray1": best["ray x1"][0] / best["ray x2"][0],
+        "ray_build_over_local_512": best_512["ray"] / best_512["local"],
+        "stage_over_raydata": best["ray x2 cold"][0] / best["raydata"][0],
+        "local_over_plain": best["local"][0] / plain,
+        "ray1_cold_over_plain": best["ray x1 cold"][0] / plain,
     }
     for k, v in ratios.items():
         print(f"{k}: {v:.3f}")
     if a.json:
-        figures = {f"{k}_wall_s": v[0] for k, v in best.items()}
-        figures.update({f"{k}_busy_s": v[1] for k, v in best.items()})
+        figures = {f"{k.replace(' ', '_')}_wall_s": v[0] for k, v in best.items()}
+        figures.update({f"{k.replace(' ', '_')}_busy_s": v[1] for k, v in best.items()})
+        figures.update({f"build_512_{k}_wall_s": v for k, v in best_512.items()})
         with open(a.json, "w") as f:
             json.dump(
                 {"name": "bench_teacher_stage", "figures": figures, "ratios": ratios}, f, indent=2

@@ -9,9 +9,11 @@ Ray is imported only here, and only when a :class:`RayExecutor` is made, so
 default pool, sized by the :class:`ExecutorConfig`; a teacher with its own
 :class:`~kdcache.teachers.TeacherResources` (or a group of teachers) gets a pool whose
 actors ask Ray for those CPUs, GPUs and memory. Each pool is shipped a context with only
-its own teachers (specs, or small in-memory teachers) and the dataset, once per actor,
-through the object store; an actor loads its specs on first use and keeps them across
-builds while their fingerprint is the same.
+its own teachers and the dataset, once per actor and build, through the object store. An
+actor loads its specs on first use; a small in-memory teacher is put in the object store
+once per executor and fetched once per actor. Both are kept on the actor across builds
+while a build still has them, by name and fingerprint, so a second build sends only its
+dataset.
 
 **Scheduling.** All pools run together, over the shards, in one ``ray.wait`` loop: each
 pool has its actors, its free list and its queue of (shard, the pool's teachers still to
@@ -28,7 +30,8 @@ the build has failed).
 
 **Kept actors.** One :class:`RayExecutor` keeps its actors (and the Ray it started or
 joined) between runs, by pool resources: a second ``build_cache`` through the same
-object with pools of the same resources starts no new actors. Kept actors that a run
+object with pools of the same resources starts no new actors and loads or ships no
+teacher again. Kept actors that a run
 does not need (other resources, or more than it uses) are stopped at its start, so that
 they do not hold resources the run's pools need.
 """
@@ -60,6 +63,7 @@ from kdcache.executors.base import (
 from kdcache.executors.config import ExecutorConfig
 from kdcache.executors.pools import PoolPlan, plan_pools, pool_sizes, unplaceable
 from kdcache.local_ray import loopback_ray, starts_a_local_ray
+from kdcache.teachers.spec import TeacherSpec
 from kdcache.teachers.teacher import Teacher
 
 log = logging.getLogger(__name__)
@@ -71,27 +75,41 @@ WAIT_LOG_S = 60.0
 
 class TeacherActor:
     """The body of one Ray actor: runs one pool's shard tasks and keeps the teachers it
-    loaded from specs between builds.
+    holds between builds.
+
+    Teachers are kept by their identity (name and fingerprint key,
+    :meth:`TaskContext.key`): those loaded from specs (:class:`LoadedTeachers`) and the
+    in-memory :class:`~kdcache.Teacher` objects the driver shipped (fetched from the object
+    store once per actor). A build whose context no longer has a teacher lets it go.
 
     Args:
-        num_threads: torch CPU threads (the CPUs the actor requested, at least 1).
+        num_threads: torch CPU threads (the CPUs the actor requested, at least 1), so that
+            an actor never runs more threads than Ray gave it CPUs.
         use_gpu: Move the teachers to the actor's CUDA device (when one is visible).
     """
 
     def __init__(self, num_threads: int, use_gpu: bool) -> None:
         torch.set_num_threads(num_threads)
+        with contextlib.suppress(RuntimeError):  # already set: this process ran torch ops
+            torch.set_num_interop_threads(num_threads)
         self._use_gpu = use_gpu and torch.cuda.is_available()
         self._context: TaskContext | None = None
         self._context_key: str | None = None
         self._loaded = LoadedTeachers("cuda" if self._use_gpu else None)
+        self._shipped: dict[str, Teacher] = {}  # in-memory teachers, by key
+        #: In-memory teachers fetched from the object store (each once while kept).
+        self._num_fetches = 0
 
     def info(self) -> dict[str, Any]:
         """Who this actor is and what it holds (cheap; also the executor's "is it up").
 
         Returns:
-            ``{"pid": int, "node_id": str, "teachers": [names loaded], "num_loads": int}``:
-            ``teachers`` lists the teachers loaded from specs (kept between builds) and
-            those of the current build's context; ``num_loads`` counts spec loads.
+            ``{"pid": int, "node_id": str, "teachers": [names loaded], "num_loads": int,
+            "shipped": [names], "num_fetches": int, "num_threads": int}``: ``teachers``
+            lists the teachers loaded from specs (kept between builds) and the in-memory
+            teachers of the current build; ``num_loads`` counts spec loads; ``shipped``
+            lists the in-memory teachers kept (between builds too) and ``num_fetches``
+            counts their fetches from the object store; ``num_threads`` is torch's.
         """
         import ray
 
@@ -103,15 +121,21 @@ class TeacherActor:
             "node_id": str(ray.get_runtime_context().get_node_id()),
             "teachers": names,
             "num_loads": self._loaded.num_loads,
+            "shipped": [t.name for t in self._shipped.values()],
+            "num_fetches": self._num_fetches,
+            "num_threads": torch.get_num_threads(),
         }
 
-    def run(self, context_ref: list[Any], task: ShardTask) -> dict[str, float]:
-        """Run one task of the build whose context is ``context_ref[0]``.
+    def run(self, shipment: list[Any], task: ShardTask) -> dict[str, float]:
+        """Run one task of the build whose context is in ``shipment``.
 
-        The context is fetched from the object store on the first task of a build and
-        kept for the next ones; teachers loaded from specs that the new context no longer
-        has are let go. The reference comes wrapped in a list so that Ray passes it as
-        is, and the driver, which keeps it alive, stays its owner.
+        ``shipment`` is ``[context_ref, {key: teacher_ref}]`` (:func:`_ship`): the
+        build's context without its in-memory teachers, and one object reference per
+        in-memory teacher. On the first task of a build the context is fetched and kept
+        for the next ones; an in-memory teacher is fetched only if this actor does not
+        hold it already, and teachers the new context no longer has are let go. The
+        references come wrapped in a list so that Ray passes them as they are, and the
+        driver, which keeps them alive, stays their owner.
 
         Returns:
             The task's stats (:meth:`TaskContext.compute`).
@@ -121,24 +145,62 @@ class TeacherActor:
         """
         import ray
 
-        (ref,) = context_ref
+        ref, teacher_refs = shipment
         if ref.hex() != self._context_key:
             self.release()
-            context = ray.get(ref)
-            self._loaded.retain(context.spec_keys())
-            if self._use_gpu:
-                for teacher in context.teachers:
-                    if isinstance(teacher, Teacher):
+            light: _Shipped = ray.get(ref)
+            keys = light.keys
+            self._loaded.retain(keys)
+            for key in [k for k in self._shipped if k not in keys]:
+                del self._shipped[key]
+            teachers: list[Teacher | TeacherSpec] = []
+            for item, key in zip(light.teachers, keys, strict=True):
+                if item is not None:
+                    teachers.append(item)
+                    continue
+                teacher = self._shipped.get(key)
+                if teacher is None:
+                    teacher = ray.get(teacher_refs[key])
+                    if self._use_gpu:
                         teacher.to("cuda")
-            self._context, self._context_key = context, ref.hex()
+                    self._shipped[key] = teacher
+                    self._num_fetches += 1
+                teachers.append(teacher)
+            self._context, self._context_key = light.context(teachers), ref.hex()
         assert self._context is not None
         return self._context.compute(task, self._loaded)
 
     def release(self) -> None:
-        """Drop the build's context (its dataset and in-memory teachers), keeping the
-        process and the teachers loaded from specs."""
+        """Drop the build's context (its dataset), keeping the process and the teachers
+        it holds."""
         self._context = None
         self._context_key = None
+
+
+@dataclass(frozen=True)
+class _Shipped:
+    """A pool's :class:`TaskContext` as it travels: its in-memory teachers left out
+    (None; each is shipped once per executor by reference, :func:`_ship`), its specs as
+    they are, and every teacher's identity (:meth:`TaskContext.key`)."""
+
+    dataset: Any
+    teachers: tuple[TeacherSpec | None, ...]
+    entries: tuple[Any, ...]
+    batch_size: int
+    teacher_keys: Sequence[str] | None
+    expected_rows: Sequence[int] | None
+    keys: list[str]
+
+    def context(self, teachers: Sequence[Teacher | TeacherSpec]) -> TaskContext:
+        """The :class:`TaskContext` again, with the actor's ``teachers`` in the gaps."""
+        return TaskContext(
+            self.dataset,
+            tuple(teachers),
+            self.entries,
+            self.batch_size,
+            self.teacher_keys,
+            self.expected_rows,
+        )
 
 
 _remote_actor_class: Any = None
@@ -166,7 +228,7 @@ class _PoolRun:
 
     plan: PoolPlan
     slots: list[_Slot]  # the kept list, mutated in place
-    context_ref: list[Any]
+    shipment: list[Any]  # [context ref, {key: in-memory teacher ref}] (TeacherActor.run)
     queue: deque[tuple[ShardTask, int]]
     free: list[int] = field(default_factory=list)
 
@@ -215,6 +277,9 @@ class RayExecutor(Executor):
         self._kept: dict[tuple[float, float, int | None], list[list[_Slot]]] = {}
         self._last_pools: dict[str, tuple[Any, ...]] = {}
         self._session: tuple[str, str] | None = None  # the Ray the actors live in
+        # In-memory teachers in the object store, by TaskContext.key: put once, kept
+        # while the runs that follow still have them (the actors keep their copies too).
+        self._teacher_refs: dict[str, Any] = {}
         self._started_ray = False
 
     @property
@@ -239,6 +304,7 @@ class RayExecutor(Executor):
         finally:
             self._kept.clear()
             self._last_pools.clear()
+            self._teacher_refs.clear()
             self._session = None
             self._started_ray = False
 
@@ -274,6 +340,7 @@ class RayExecutor(Executor):
             # A Ray other than the one of the last run (it was shut down since): the old
             # actors went with it.
             self._kept.clear()
+            self._teacher_refs.clear()
             self._session = session
             self._started_ray = started
         return ray
@@ -325,6 +392,11 @@ class RayExecutor(Executor):
         self, context: TaskContext, tasks: list[ShardTask], report: BuildReport, *, progress: bool
     ) -> None:
         ray = self._connect()
+        in_memory = {
+            context.key(k) for k, t in enumerate(context.teachers) if isinstance(t, Teacher)
+        }
+        for key in [k for k in self._teacher_refs if k not in in_memory]:
+            del self._teacher_refs[key]
         cluster = ray.cluster_resources()
         # The pools, each with its own tasks (teacher indices local to its context).
         plans: list[PoolPlan] = []
@@ -361,7 +433,7 @@ class RayExecutor(Executor):
                 _PoolRun(
                     plan,
                     slots,
-                    [ray.put(context.subset(plan.teachers))],
+                    self._ship(context.subset(plan.teachers)),
                     deque((t, 0) for t in mine),
                 )
             )
@@ -388,6 +460,31 @@ class RayExecutor(Executor):
                 )
         self._last_pools = {r.plan.name: tuple(s.handle for s in r.slots) for r in runs}
         self._schedule(ray, runs, report, progress=progress)
+
+    def _ship(self, context: TaskContext) -> list[Any]:
+        """What a pool's actors are sent with each task: ``[context_ref, {key:
+        teacher_ref}]``. The context (dataset, entries, specs) is put in the object store
+        once per run; each in-memory teacher once per executor (a later run with the same
+        teacher, by name and fingerprint, sends the same reference, and an actor that
+        holds it fetches nothing)."""
+        ray = self._ray
+        keys = [context.key(k) for k in range(len(context.teachers))]
+        refs = {}
+        for teacher, key in zip(context.teachers, keys, strict=True):
+            if isinstance(teacher, Teacher):
+                if key not in self._teacher_refs:
+                    self._teacher_refs[key] = ray.put(teacher)
+                refs[key] = self._teacher_refs[key]
+        light = _Shipped(
+            context.dataset,
+            tuple(None if isinstance(t, Teacher) else t for t in context.teachers),
+            tuple(context.entries),
+            context.batch_size,
+            context.teacher_keys,
+            context.expected_rows,
+            keys,
+        )
+        return [ray.put(light), refs]
 
     def _iter_slots(self) -> list[_Slot]:
         return [s for sets in self._kept.values() for slots in sets for s in slots]
@@ -417,7 +514,7 @@ class RayExecutor(Executor):
                     while run.queue and run.free:
                         a = run.free.pop()
                         todo, attempt = run.queue.popleft()
-                        ref = run.slots[a].handle.run.remote(run.context_ref, todo)
+                        ref = run.slots[a].handle.run.remote(run.shipment, todo)
                         in_flight[ref] = (p, a, todo, attempt)
                         busy.add((p, a))
                 done, _ = ray.wait(list(in_flight), num_returns=1, timeout=WAIT_LOG_S)

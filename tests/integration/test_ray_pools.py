@@ -217,7 +217,15 @@ def test_a_failing_pool_stops_the_build_and_the_other_pools_commits_are_kept(loc
                 break
             assert time.monotonic() < deadline, "the busy actor was not killed"
             time.sleep(0.2)
-    assert elapsed < 8 * 1.0  # did not wait for the slow teacher's eight shards
+    # did not wait for the slow teacher's eight shards (a behaviour, not a timing: the
+    # slow entry holds fewer than all of them)
+    slow_entry = CacheEntry(
+        root,
+        schema.content_key(
+            schema.entry_spec(ds.fingerprint(), slow.fingerprint(), TargetSpec(2.0))
+        ),
+    )
+    assert sum(slow_entry.committed_shard(i) is not None for i in range(8)) < 8, elapsed
 
     # the good pool committed all its shards, not held back by the others
     committed = [good_entry.committed_shard(i) is not None for i in range(8)]
