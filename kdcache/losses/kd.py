@@ -522,7 +522,7 @@ def multi_teacher_loss(
     temperature: float,
     mode: str = "combined_target",
     weights: Sequence[float] | None = None,
-    rule: str = "mean_probs",
+    rule: str | _targets.EnsembleRule = "mean_probs",
     divergence: str = "forward_kl",
     beta: float = 0.5,
     skew: float = 0.1,
@@ -530,6 +530,8 @@ def multi_teacher_loss(
     scale_by_temperature_squared: bool = True,
     chunk_rows: int | None = None,
     normalizer: Normalizer | None = None,
+    labels_B: torch.Tensor | None = None,
+    route_keys_B: Any = None,
 ) -> torch.Tensor:
     """Distil from K teachers, either to their combined target or teacher by teacher.
 
@@ -548,17 +550,24 @@ def multi_teacher_loss(
         temperature: tau > 0.
         mode: One of :data:`MULTI_TEACHER_MODES`.
         weights: K non-negative weights, normalised to sum 1; uniform when None.
-        rule: Ensemble rule for ``combined_target``.
+        rule: Ensemble rule for ``combined_target``: a name or an
+            :class:`kdcache.targets.EnsembleRule`; ``sum_of_losses`` takes only the
+            static rules (their weights).
         divergence, beta, skew, mask, scale_by_temperature_squared, chunk_rows,
             normalizer: As :func:`kd_loss` (called once: the K terms count the same
             rows). Add a hard-label term yourself with :func:`cross_entropy`.
+        labels_B: Labels for ``rule="best_on_label"``, shaped like the teachers' rows
+            ([B], [B, T]; for sparse teachers [rows]), -100 where there is none.
+        route_keys_B: Each row's key for ``rule="route"`` (see
+            :func:`kdcache.targets.combine_ensemble`).
 
     Returns:
         Scalar float32 tensor, averaged over the rows that count.
 
     Raises:
         ConfigError: unknown mode, no teachers, mixed dense and sparse teachers in
-            ``combined_target``, or bad weights.
+            ``combined_target``, bad weights, a per-sample rule with ``sum_of_losses``,
+            or what the combination refuses.
 
     Source: Hinton et al. 2015, sec. 1 (ensembles as targets); sum of per-teacher losses
     as in multi-teacher KD (e.g. You et al., "Learning from Multiple Teacher Networks",
@@ -568,7 +577,13 @@ def multi_teacher_loss(
         raise ConfigError(f"unknown mode {mode!r}; expected one of {MULTI_TEACHER_MODES}")
     if not teachers_K:
         raise ConfigError("multi_teacher_loss needs at least one teacher")
-    w_K = _weights(len(teachers_K), weights)
+    spec = _targets.as_ensemble_rule(rule, weights=weights)
+    if mode == "sum_of_losses" and spec.rule not in _targets.ENSEMBLE_RULES:
+        raise ConfigError(
+            f"mode='sum_of_losses' weighs whole teachers; rule {spec.rule!r} weighs rows: "
+            "use mode='combined_target'"
+        )
+    w_K = _weights(len(teachers_K), spec.weights)
     common = dict(
         temperature=temperature,
         divergence=divergence,
@@ -589,11 +604,16 @@ def multi_teacher_loss(
     combined: Targets
     if all(sparse):
         combined = _targets.combine_sparse_ensemble(
-            [t for t in teachers_K if isinstance(t, SparseTargets)], rule=rule, weights=weights
+            [t for t in teachers_K if isinstance(t, SparseTargets)],
+            rule=spec,
+            labels_B=None if labels_B is None else torch.as_tensor(labels_B).reshape(-1),
+            route_keys_B=route_keys_B,
         )
     elif not any(sparse):
         dense = torch.stack([t for t in teachers_K if isinstance(t, torch.Tensor)])
-        combined = _targets.combine_ensemble(dense, rule=rule, weights=weights)
+        combined = _targets.combine_ensemble(
+            dense, rule=spec, labels_B=labels_B, route_keys_B=route_keys_B
+        )
     else:
         raise ConfigError(
             "combined_target needs all teachers dense or all sparse; use "

@@ -16,17 +16,42 @@ from kdcache.errors import (
 )
 from kdcache.stores.entry import CacheEntry, _dumps
 from kdcache.stores.fs import Location
+from kdcache.targets.dense import EnsembleRule, as_ensemble_rule
+
+#: The fields of a view's JSON that are not the rule's.
+_VIEW_FIELDS = ("format_version", "kind", "entries")
 
 
-def view_json(entry_keys: list[str], rule: str, weights: list[float] | None) -> dict[str, Any]:
+def view_json(
+    entry_keys: list[str],
+    rule: str | EnsembleRule,
+    weights: Sequence[float] | None = None,
+) -> dict[str, Any]:
     """The JSON of an ensemble view over ``entry_keys``; its content key is the view's key
-    (so the key of a build is known before anything is built)."""
+    (so the key of a build is known before anything is built).
+
+    The rule is part of the view's JSON (:meth:`kdcache.targets.EnsembleRule.to_json`):
+    another rule over the same entries is another view, never another entry. The two
+    static rules keep the historical form ``{format_version, kind, entries, rule,
+    weights}``, so their view keys do not change; the other rules add only their own
+    parameters (``routes`` and ``route_column``, ``fallback``, ``entropy_temperature``).
+
+    Args:
+        entry_keys: The member entries' keys, in teacher order.
+        rule: A rule name or an :class:`kdcache.targets.EnsembleRule`.
+        weights: With a rule name, its K static weights (None: uniform).
+
+    Raises:
+        ConfigError: what :class:`kdcache.targets.EnsembleRule` refuses, or weights or
+            routes that do not fit the number of entries.
+    """
+    spec = as_ensemble_rule(rule, weights=weights)
+    spec.check_num_teachers(len(entry_keys))
     return {
         "format_version": schema.VIEW_FORMAT_VERSION,
         "kind": "ensemble",
         "entries": list(entry_keys),
-        "rule": rule,
-        "weights": weights,
+        **spec.to_json(),
     }
 
 
@@ -34,34 +59,42 @@ class EnsembleView:
     """A read-time view over K entries that share a dataset and a temperature.
 
     The combination rule is applied by the reader (:class:`kdcache.SoftTargetDataset`) via
-    :func:`kdcache.targets.combine_ensemble`; nothing is materialised.
+    :func:`kdcache.targets.combine_ensemble` (dense) or
+    :func:`kdcache.targets.combine_sparse_ensemble` (sparse); nothing is materialised.
+    Per-sample rules need the batch's labels (``best_on_label``) or the input column
+    ``route_column`` (``route``); :attr:`ensemble_rule` says which.
 
     Args:
         entries: The member entries (complete), in teacher order.
-        rule: ``"mean_probs"`` or ``"mean_logprobs"``.
-        weights: K non-negative weights, or None for uniform.
+        rule: A name in :data:`kdcache.targets.ALL_ENSEMBLE_RULES` or an
+            :class:`kdcache.targets.EnsembleRule` (which then holds the weights).
+        weights: K non-negative weights, or None for uniform (with a rule name only).
 
     Raises:
+        ConfigError: an unknown rule or a bad parameter, weights or routes that do not fit
+            K entries, or a ``route`` rule without ``route_column`` (the reader needs it).
         SpecMismatchError: members disagree on dataset, temperature or vocabulary.
     """
 
     def __init__(
         self,
         entries: Sequence[CacheEntry],
-        rule: str = "mean_probs",
+        rule: str | EnsembleRule = "mean_probs",
         weights: Sequence[float] | None = None,
     ) -> None:
-        from kdcache.targets.dense import ENSEMBLE_RULES
-
         if not entries:
             raise ConfigError("an ensemble view needs at least one entry")
-        if rule not in ENSEMBLE_RULES:
-            raise ConfigError(f"unknown ensemble rule {rule!r}; expected one of {ENSEMBLE_RULES}")
         if weights is not None and len(weights) != len(entries):
             raise ConfigError(f"{len(weights)} weights for {len(entries)} entries")
+        spec = as_ensemble_rule(rule, weights=weights)
+        spec.check_num_teachers(len(entries))
+        if spec.rule == "route" and spec.route_column is None:
+            raise ConfigError(
+                "an ensemble view with rule 'route' needs route_column, the input column "
+                "holding each sample's key (e.g. 'domain', or 'labels' to route by class)"
+            )
         self.entries = list(entries)
-        self.rule = rule
-        self.weights = None if weights is None else [float(w) for w in weights]
+        self.ensemble_rule = spec
         first = self.entries[0]
         for e in self.entries[1:]:
             if e.dataset_fingerprint != first.dataset_fingerprint:
@@ -82,12 +115,38 @@ class EnsembleView:
                     f"{first.target_spec.kind!r}; an ensemble view is all dense or all sparse"
                 )
 
+    @classmethod
+    def from_json(cls, entries: Sequence[CacheEntry], data: dict[str, Any]) -> EnsembleView:
+        """The view that :func:`view_json` wrote, over its (opened) ``entries``.
+
+        Args:
+            entries: The entries ``data["entries"]`` names, in that order.
+            data: A view's JSON.
+
+        Raises:
+            ConfigError: an unknown field in the rule, or what the constructor refuses.
+        """
+        rule = {k: v for k, v in data.items() if k not in _VIEW_FIELDS}
+        rule.setdefault("rule", "mean_probs")
+        return cls(entries, EnsembleRule.from_json(rule))
+
+    @property
+    def rule(self) -> str:
+        """The rule's name (see :attr:`ensemble_rule` for its parameters)."""
+        return self.ensemble_rule.rule
+
+    @property
+    def weights(self) -> list[float] | None:
+        """The K static weights, or None (uniform)."""
+        w = self.ensemble_rule.weights
+        return None if w is None else list(w)
+
     @property
     def key(self) -> str:
         return schema.content_key(self.view_json())
 
     def view_json(self) -> dict[str, Any]:
-        return view_json([e.key for e in self.entries], self.rule, self.weights)
+        return view_json([e.key for e in self.entries], self.ensemble_rule)
 
     @property
     def root(self) -> Location:

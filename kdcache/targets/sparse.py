@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -21,8 +21,13 @@ from kdcache.schema import COUNT_KINDS, RETEMPER_KINDS, SPARSE_KINDS, TargetSpec
 from kdcache.targets.dense import (
     _NEG_INF,
     ENSEMBLE_RULES,
+    EnsembleRule,
     _check_temperature,
+    _label_fallback_check,
+    _labels,
+    _rule_weights,
     _weights,
+    as_ensemble_rule,
     check_finite,
 )
 
@@ -515,11 +520,187 @@ def retemper_sparse(
     )
 
 
+#: Sparse kinds whose kept ids include each row's most probable ones (or hold the whole
+#: target, ``sampled_counts``), so a row's max probability and an entropy bound are known.
+_STAT_KINDS = ("topk", "topp", "sampled_counts")
+
+
+def sparse_entropy_bound(targets: SparseTargets) -> torch.Tensor:
+    """A lower bound, in nats, on each row's entropy, exact when the tail is empty.
+
+    ``H = -sum_kept p log p - sum_tail p log p``. The kept part is exact. Every id outside
+    a top-k or top-p set has a probability ``p_i <= c = min(m, max_kept p)``, with ``m``
+    the (exact) tail mass, so ``-sum_tail p_i log p_i >= -m log c``: the bound is
+    ``H_kept - m log c`` (``c = m`` for a row without kept ids). It is exact when ``m = 0``
+    (k = V, or ``sampled_counts``, whose target ``p_hat`` has no tail) and when the tail
+    is one id of mass ``c``; otherwise it is below the true entropy by at most
+    ``m log((V - n) c / m)`` (n kept ids; the uniform tail has the most entropy). The
+    true entropy is not known from what a sparse entry stores; the bound needs no
+    vocabulary size, and a teacher with a large tail therefore reads as more confident
+    than it is by at most that gap.
+
+    Args:
+        targets: SparseTargets of kind ``"topk"``, ``"topp"`` or ``"sampled_counts"``.
+
+    Returns:
+        float32 [B], >= 0.
+
+    Raises:
+        ConfigError: another kind (``sampled``: the drawn ids may miss the most probable
+            one; ``mixture``: its kept values are themselves bounds).
+    """
+    _check_stat_kind(targets, "an entropy bound")
+    lp = targets.log_probs()
+    p = lp.exp()
+    h_kept = -(p * lp.masked_fill(p == 0, 0.0)).sum(dim=-1)
+    log_m = targets.tail_log_mass().float()
+    m = log_m.exp()
+    log_max = lp.max(dim=-1).values if targets.num_slots else torch.full_like(log_m, _NEG_INF)
+    log_c = torch.minimum(log_m, torch.where(torch.isfinite(log_max), log_max, log_m))
+    tail = torch.where(m > 0, -m * log_c, torch.zeros_like(m))
+    return (h_kept + tail).clamp(min=0.0)
+
+
+def _check_stat_kind(targets: SparseTargets, what: str) -> None:
+    if targets.kind not in _STAT_KINDS:
+        why = (
+            "its drawn ids may miss the most probable one; mix sampled teachers' losses "
+            "with kdcache.losses.multi_teacher_loss(mode='sum_of_losses') instead"
+            if targets.kind == "sampled"
+            else "its kept values are bounds of the mixture; combine the member entries "
+            "with the rule instead"
+        )
+        raise ConfigError(
+            f"{what} needs sparse targets of kind {_STAT_KINDS}, got {targets.kind!r}: {why}"
+        )
+
+
+def _sparse_label_ce(
+    targets_K: Sequence[SparseTargets], labels: torch.Tensor, has: torch.Tensor
+) -> torch.Tensor:
+    """float32 [K, B]: ``-log p_k(y_b)`` from the kept ids; +inf where a teacher's tail is
+    empty and it did not keep the label (p = 0 exactly); refused where it is unknown."""
+    out = []
+    for k, t in enumerate(targets_K):
+        _check_stat_kind(t, "rule 'best_on_label'")
+        hit = (t.ids_BS == labels[:, None]) & t.valid_BS
+        kept = hit.any(dim=-1)
+        lp = t.log_probs().masked_fill(~hit, _NEG_INF).max(dim=-1).values
+        empty_tail = ~torch.isfinite(t.tail_log_mass())
+        unknown = has & ~kept & ~empty_tail
+        if bool(unknown.any()):
+            row = int(unknown.nonzero()[0])
+            raise ConfigError(
+                f"rule 'best_on_label': teacher {k} did not keep the label "
+                f"{int(labels[row])} of row {row} ({int(unknown.sum())} such rows), so its "
+                "probability there is unknown (somewhere in its tail); build the entries "
+                "with params labels: true (the label is then always kept)"
+            )
+        out.append(torch.where(kept, -lp, torch.full_like(lp, float("inf"))))
+    return torch.stack(out)
+
+
+def sparse_ensemble_weights(
+    targets_K: Sequence[SparseTargets],
+    *,
+    rule: str | EnsembleRule = "mean_probs",
+    weights: Sequence[float] | None = None,
+    labels_B: Any = None,
+    route_keys_B: Any = None,
+    routes: Mapping[Any, Any] | None = None,
+    fallback: str | None = None,
+    entropy_temperature: float | None = None,
+    ignore_index: int = -100,
+) -> torch.Tensor:
+    """Each row's teacher weights under ``rule``, for sparse targets.
+
+    As :func:`kdcache.targets.ensemble_weights`, with the per-teacher statistics taken
+    from the kept ids: the max probability exactly (the kept set holds the most probable
+    ids), the entropy as the lower bound of :func:`sparse_entropy_bound`, and the label's
+    cross-entropy exactly (the label must be kept, or the tail empty).
+
+    Args:
+        targets_K: K SparseTargets with B rows each.
+        rule, weights, labels_B, route_keys_B, routes, fallback, entropy_temperature,
+            ignore_index: As :func:`combine_sparse_ensemble`.
+
+    Returns:
+        float32 [K, B], summing to 1 over K on every row.
+
+    Raises:
+        ConfigError: as :func:`combine_sparse_ensemble`.
+    """
+    spec = as_ensemble_rule(
+        rule,
+        weights=weights,
+        routes=routes,
+        fallback=fallback,
+        entropy_temperature=entropy_temperature,
+    )
+    _check_sparse_members(targets_K, spec)
+    return _sparse_rule_weights(spec, targets_K, labels_B, route_keys_B, ignore_index)
+
+
+def _check_sparse_members(targets_K: Sequence[SparseTargets], spec: EnsembleRule) -> None:
+    if not targets_K:
+        raise ConfigError("combine_sparse_ensemble needs at least one teacher")
+    num_rows = targets_K[0].num_rows
+    if any(t.num_rows != num_rows for t in targets_K):
+        raise ConfigError(f"teachers disagree on rows: {[t.num_rows for t in targets_K]}")
+    spec.check_num_teachers(len(targets_K))
+
+
+def _sparse_rule_weights(
+    spec: EnsembleRule,
+    targets_K: Sequence[SparseTargets],
+    labels_B: Any,
+    route_keys_B: Any,
+    ignore_index: int,
+) -> torch.Tensor:
+    num_teachers, rows = len(targets_K), (targets_K[0].num_rows,)
+    if spec.rule in ENSEMBLE_RULES:
+        return _weights(num_teachers, spec.weights)[:, None].expand(num_teachers, rows[0])
+    stats: dict[str, Any] = {}
+    if spec.rule == "confidence_max":
+        for t in targets_K:
+            _check_stat_kind(t, "rule 'confidence_max'")
+        stats["max_log_prob_KB"] = torch.stack(
+            [
+                t.log_probs().max(dim=-1).values
+                if t.num_slots
+                else torch.full((t.num_rows,), _NEG_INF)
+                for t in targets_K
+            ]
+        )
+    elif spec.rule == "confidence_entropy":
+        stats["entropy_KB"] = torch.stack([sparse_entropy_bound(t) for t in targets_K])
+    elif spec.rule == "best_on_label":
+        lab, has = _labels(labels_B, rows, ignore_index)
+        _label_fallback_check(spec, has)
+        if spec.fallback == "mean_logprobs":
+            raise ConfigError(
+                "rule 'best_on_label' with fallback 'mean_logprobs' needs every teacher's "
+                "full distribution on unlabelled rows; for sparse teachers use "
+                "fallback='mean_probs' or 'error'"
+            )
+        stats["label_ce_KB"] = _sparse_label_ce(targets_K, lab, has)
+        stats["has_label_B"] = has
+    else:
+        stats["route_keys_B"] = route_keys_B
+    return _rule_weights(spec, num_teachers, rows, **stats)
+
+
 def combine_sparse_ensemble(
     targets_K: Sequence[SparseTargets],
     *,
-    rule: str = "mean_probs",
+    rule: str | EnsembleRule = "mean_probs",
     weights: Sequence[float] | None = None,
+    labels_B: Any = None,
+    route_keys_B: Any = None,
+    routes: Mapping[Any, Any] | None = None,
+    fallback: str | None = None,
+    entropy_temperature: float | None = None,
+    ignore_index: int = -100,
 ) -> SparseTargets:
     """Combine K sparse teachers (same rows, same temperature) into one mixture target.
 
@@ -531,17 +712,37 @@ def combine_sparse_ensemble(
     every teacher kept the id and a lower bound otherwise, and the total mass is exactly 1.
     With identical supports (for instance k = V) the mixture is exact.
 
-    ``"mean_logprobs"`` is refused: a geometric mean needs every teacher's probability at
-    every id, and its renormaliser runs over the full vocabulary. Sampled targets are
-    refused too: mix their *losses* instead (:func:`kdcache.losses.multi_teacher_loss`
-    with ``mode="sum_of_losses"``; forward KL is linear in the target, so that stays an
-    unbiased estimate).
+    The per-sample rules (see :func:`kdcache.targets.combine_ensemble` for their formulas
+    and sources) mix the same way with per-row weights ``w_k(b)``:
+
+    * ``"route"`` and ``"best_on_label"`` pick one teacher per row (weight 1): the row is
+      that teacher's target, exact. ``best_on_label`` needs the label's probability: a
+      teacher that did not keep the label (and has a tail) is refused, naming the row:
+      build with ``params.labels: true``. Its ``fallback`` may not be ``mean_logprobs``.
+    * ``"confidence_max"`` is exact (top-k and top-p sets hold each row's most probable
+      id; a ``sampled_counts`` target is ``p_hat`` itself).
+    * ``"confidence_entropy"`` uses a *lower bound* of each teacher's entropy
+      (:func:`sparse_entropy_bound`), exact when the tails are empty (k = V): the true
+      entropy is not known from the kept ids and the tail mass.
+
+    The confidence rules and ``best_on_label`` refuse ``sampled`` and ``mixture`` inputs
+    (their kept values do not give the statistic); ``route`` takes every kind the mixture
+    takes. ``"mean_logprobs"`` is refused: a geometric mean needs every teacher's
+    probability at every id, and its renormaliser runs over the full vocabulary. Sampled
+    targets are refused too: mix their *losses* instead
+    (:func:`kdcache.losses.multi_teacher_loss` with ``mode="sum_of_losses"``; forward KL
+    is linear in the target, so that stays an unbiased estimate).
 
     Args:
-        targets_K: K SparseTargets of kind ``"topk"``, ``"topp"`` or ``"mixture"``, each with
-            B rows, all at the same temperature.
-        rule: Only ``"mean_probs"``.
+        targets_K: K SparseTargets of kind ``"topk"``, ``"topp"``, ``"sampled_counts"`` or
+            ``"mixture"``, each with B rows, all at the same temperature.
+        rule: A name in :data:`kdcache.targets.ALL_ENSEMBLE_RULES` other than
+            ``"mean_logprobs"``, or an :class:`kdcache.targets.EnsembleRule`.
         weights: K non-negative weights, normalised to sum 1; uniform when None.
+        labels_B: ``best_on_label`` only: int [B], ``ignore_index`` where a row has none.
+        route_keys_B: ``route`` only: each row's key, ints or strings, [B].
+        routes, fallback, entropy_temperature, ignore_index: As
+            :func:`kdcache.targets.combine_ensemble`.
 
     Returns:
         SparseTargets with ``kind="mixture"``: ``values_BS`` are the combined
@@ -549,18 +750,24 @@ def combine_sparse_ensemble(
 
     Raises:
         ConfigError: no teachers, different row counts, a sampled teacher, a
-            ``"mean_logprobs"`` rule, or bad weights.
+            ``"mean_logprobs"`` rule, bad weights, or what the per-sample rules refuse
+            (see above and :func:`kdcache.targets.combine_ensemble`).
     """
+    spec = as_ensemble_rule(
+        rule,
+        weights=weights,
+        routes=routes,
+        fallback=fallback,
+        entropy_temperature=entropy_temperature,
+    )
     if not targets_K:
         raise ConfigError("combine_sparse_ensemble needs at least one teacher")
-    if rule == "mean_logprobs":
+    if spec.rule == "mean_logprobs":
         raise ConfigError(
             "rule 'mean_logprobs' needs every teacher's full distribution; for sparse "
             "teachers use 'mean_probs', or keep teachers apart with "
             "kdcache.losses.multi_teacher_loss(mode='sum_of_losses')"
         )
-    if rule not in ENSEMBLE_RULES:
-        raise ConfigError(f"unknown ensemble rule {rule!r}; expected one of {ENSEMBLE_RULES}")
     # sampled_counts targets are distributions (p_hat) with no tail: their mean is the
     # estimate of the teachers' mean, unbiased, so they combine like top-k
     if any(t.kind == "sampled" for t in targets_K):
@@ -568,20 +775,22 @@ def combine_sparse_ensemble(
             "sampled targets do not combine into one sparse target; use "
             "kdcache.losses.multi_teacher_loss(mode='sum_of_losses') to mix their losses"
         )
+    _check_sparse_members(targets_K, spec)
+    if spec.rule in ENSEMBLE_RULES:
+        # python-float logs, as always: static views keep their bytes
+        w_K = _weights(len(targets_K), spec.weights)
+        log_w = [torch.tensor(math.log(float(w)) if float(w) > 0 else _NEG_INF) for w in w_K]
+        return _mix_sparse(targets_K, log_w)
+    w_KB = _sparse_rule_weights(spec, targets_K, labels_B, route_keys_B, ignore_index)
+    return _mix_sparse(targets_K, list(torch.log(w_KB)[:, :, None]))
+
+
+def _mix_sparse(targets_K: Sequence[SparseTargets], log_w_K: list[torch.Tensor]) -> SparseTargets:
+    """The union mixture ``sum_k w_k p_k`` of K sparse teachers; ``log_w_K[k]`` is a
+    scalar or [B, 1] log-weight (-inf: the teacher contributes nothing there)."""
     num_rows = targets_K[0].num_rows
-    if any(t.num_rows != num_rows for t in targets_K):
-        raise ConfigError(f"teachers disagree on rows: {[t.num_rows for t in targets_K]}")
-    w_K = _weights(len(targets_K), weights)
     ids = torch.cat([t.ids_BS for t in targets_K], dim=1)
-    logp = torch.cat(
-        [
-            t.log_probs() + math.log(float(w))
-            if float(w) > 0
-            else torch.full_like(t.log_probs(), _NEG_INF)
-            for t, w in zip(targets_K, w_K, strict=True)
-        ],
-        dim=1,
-    )
+    logp = torch.cat([t.log_probs() + lw for t, lw in zip(targets_K, log_w_K, strict=True)], dim=1)
     # A teacher with weight 0 contributes nothing: treat its slots as pads.
     ids = torch.where(logp > _NEG_INF, ids, torch.full_like(ids, PAD_ID))
     order = ids.argsort(dim=1, stable=True)
@@ -607,11 +816,7 @@ def combine_sparse_ensemble(
     num_kept = int((out_ids >= 0).sum(dim=1).max()) if num_rows else 0
     keep = max(num_kept, 1)
     # The combined tail is exactly sum_k w_k tail_k (see above), summed in log space.
-    tails = [
-        t.tail_log_mass() + math.log(float(w))
-        for t, w in zip(targets_K, w_K, strict=True)
-        if float(w) > 0
-    ]
+    tails = [t.tail_log_mass() + lw.reshape(-1) for t, lw in zip(targets_K, log_w_K, strict=True)]
     return SparseTargets(
         ids_BS=out_ids[:, :keep].contiguous(),
         values_BS=out_vals[:, :keep].contiguous(),
