@@ -21,6 +21,7 @@ from kdcache.stores.catalog import open_cache
 from kdcache.stores.entry import CacheEntry
 from kdcache.stores.view import EnsembleView
 from kdcache.stream.dataset import ShardedStream, SoftTargetDataset
+from kdcache.targets.dense import EnsembleRule
 from kdcache.teachers.spec import TeacherResources, TeacherSpec
 from kdcache.teachers.teacher import Teacher, TeacherEnsemble
 
@@ -29,6 +30,7 @@ __all__ = [
     "ArrowDataset",
     "BuildReport",
     "CacheEntry",
+    "EnsembleRule",
     "EnsembleView",
     "ExecutorConfig",
     "HFDiskDataset",

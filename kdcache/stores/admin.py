@@ -67,13 +67,21 @@ def describe(cache: CacheEntry | EnsembleView, *, num_samples: int = 3) -> dict[
     }
     if first.is_sparse:
         out["sparse"] = {"kind": first.target_spec.kind, **dict(first.target_spec.params or ())}
+    # A rule that needs per-row inputs (labels, route keys) is applied by the reader, which
+    # has them; the samples shown here combine the teachers by their (weighted) mean.
+    rule = view.ensemble_rule
+    shown = rule if not (rule.needs_labels or rule.needs_route_keys) else "mean_probs"
+    if shown != rule and num_samples > 0:
+        out["samples_rule"] = "mean_probs (the view's rule needs the inputs' columns)"
     if num_samples > 0 and view.num_shards and view.is_sparse:
         ids, parts = view.read_sparse_shard(0)
         rows = [t.rows(slice(0, num_samples)) for t in parts]
         combined = (
             rows[0]
             if len(rows) == 1 or rows[0].kind == "sampled"
-            else targets.combine_sparse_ensemble(rows, weights=view.weights)
+            else targets.combine_sparse_ensemble(
+                rows, rule=shown, weights=None if shown == rule else view.weights
+            )
         )
         k = min(3, combined.num_slots)
         top = combined.log_probs().topk(k, dim=-1)
@@ -89,7 +97,9 @@ def describe(cache: CacheEntry | EnsembleView, *, num_samples: int = 3) -> dict[
     elif num_samples > 0 and view.num_shards:
         ids, scaled = view.read_shard(0)
         logp = targets.combine_ensemble(
-            torch.from_numpy(scaled[:, :num_samples]), rule=view.rule, weights=view.weights
+            torch.from_numpy(scaled[:, :num_samples]),
+            rule=shown,
+            weights=None if shown == rule else view.weights,
         )
         k = min(3, logp.shape[-1])
         top = logp.exp().topk(k, dim=-1)

@@ -204,7 +204,7 @@ def _open_view(ensembles: Location, name: str, *, check: bool = True) -> Ensembl
         return _UncheckedView(entries)  # type: ignore[return-value]
     where = ensembles.display(name)
     try:
-        return EnsembleView(entries, view.get("rule", "mean_probs"), view.get("weights"))
+        return EnsembleView.from_json(entries, view)
     except ConfigError as exc:
         raise CacheCorruptError(f"{where}: {exc}") from None
 

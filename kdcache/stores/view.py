@@ -130,6 +130,17 @@ class EnsembleView:
         rule.setdefault("rule", "mean_probs")
         return cls(entries, EnsembleRule.from_json(rule))
 
+    def with_rule(
+        self, rule: str | EnsembleRule, weights: Sequence[float] | None = None
+    ) -> EnsembleView:
+        """The same entries combined by another rule: nothing is recomputed (call
+        :meth:`save` to keep the new view under its own key).
+
+        Raises:
+            ConfigError: as the constructor.
+        """
+        return EnsembleView(self.entries, rule, weights)
+
     @property
     def rule(self) -> str:
         """The rule's name (see :attr:`ensemble_rule` for its parameters)."""

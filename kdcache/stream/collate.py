@@ -42,6 +42,7 @@ import torch
 from kdcache import targets
 from kdcache.data.base import ShardedDataset
 from kdcache.data.tokens import pad_batch, target_positions
+from kdcache.errors import ConfigError
 from kdcache.losses import IGNORE_INDEX
 from kdcache.stores.view import EnsembleView
 from kdcache.stream.join import TokenShard, input_order, read_inputs, read_token_shard
@@ -108,6 +109,35 @@ def _concat_sparse(parts: list[SparseTargets]) -> SparseTargets:
     return concat_sparse(parts)
 
 
+def _rule_columns(view: EnsembleView, columns: dict[str, Any]) -> dict[str, Any]:
+    """The per-row inputs the view's rule needs, as keywords of the combine functions:
+    ``labels_B`` (``best_on_label``) and ``route_keys_B`` (``route``), taken from the
+    joined rows' columns.
+
+    Raises:
+        ConfigError: a column the rule needs is not among the rows' columns.
+    """
+    rule = view.ensemble_rule
+    out: dict[str, Any] = {}
+    if rule.needs_labels:
+        if "labels" not in columns:
+            raise ConfigError(
+                f"ensemble rule {rule.rule!r} needs labels, and the dataset's rows have none "
+                "(give the dataset a label column, or use another rule)"
+            )
+        out["labels_B"] = columns["labels"]
+    if rule.needs_route_keys:
+        name = rule.route_column
+        if name is None or name not in columns:
+            raise ConfigError(
+                f"ensemble rule 'route' reads the column {name!r}, which the dataset's rows "
+                f"do not have (they have {sorted(columns)}); name an input column in "
+                "route_column"
+            )
+        out["route_keys_B"] = np.asarray(columns[name])
+    return out
+
+
 class RecordLayout:
     """Records of a ``"records"`` dataset, no soft targets (hard labels)."""
 
@@ -153,7 +183,9 @@ class DenseLayout(RecordLayout):
         scaled = torch.from_numpy(scaled_KNV)
         if self.temperature != self.view.temperature:
             scaled = targets.retemper(scaled, self.view.temperature, self.temperature)
-        log_probs = targets.combine_ensemble(scaled, rule=self.view.rule, weights=self.view.weights)
+        log_probs = targets.combine_ensemble(
+            scaled, rule=self.view.ensemble_rule, **_rule_columns(self.view, inputs)
+        )
         return {**inputs, "teacher_log_probs": log_probs.numpy()}
 
 
@@ -173,12 +205,17 @@ class FeatureLayout(DenseLayout):
 
 
 def _combine_sparse(
-    per_teacher: list[SparseTargets], view: EnsembleView, combine: bool
+    per_teacher: list[SparseTargets],
+    view: EnsembleView,
+    combine: bool,
+    rule_columns: dict[str, Any] | None = None,
 ) -> SparseTargets | list[SparseTargets]:
     if len(per_teacher) == 1:
         return per_teacher[0]
     if combine and all(t.kind != "sampled" for t in per_teacher):
-        return targets.combine_sparse_ensemble(per_teacher, rule=view.rule, weights=view.weights)
+        return targets.combine_sparse_ensemble(
+            per_teacher, rule=view.ensemble_rule, **(rule_columns or {})
+        )
     return per_teacher
 
 
@@ -221,7 +258,9 @@ class SparseLayout:
 
     def collate(self, loaded: dict[int, Any], shard_B: np.ndarray, row_B: np.ndarray) -> Any:
         cols = {s: v[0] for s, v in loaded.items()}
-        batch = _to_torch(gather_rows(cols, shard_B, row_B, _take_columns, _concat_columns))
+        rows = gather_rows(cols, shard_B, row_B, _take_columns, _concat_columns)
+        rule_columns = _rule_columns(self.view, rows) if len(self.view.entries) > 1 else {}
+        batch = _to_torch(rows)
         per_teacher = [
             gather_rows(
                 {s: v[1][k] for s, v in loaded.items()},
@@ -232,7 +271,7 @@ class SparseLayout:
             )
             for k in range(len(self.view.entries))
         ]
-        batch["targets"] = _combine_sparse(per_teacher, self.view, self.combine)
+        batch["targets"] = _combine_sparse(per_teacher, self.view, self.combine, rule_columns)
         return batch
 
 
@@ -351,19 +390,43 @@ class TokenLayout:
                     ts: TokenShard = loaded[s][1][k]
                     run.append(np.arange(ts.row_offsets[j], ts.row_offsets[j + 1]))
             per_teacher.append(parts[0] if len(parts) == 1 else _concat_token_rows(parts))
-        batch["targets"] = self._combine(per_teacher, bb * width + tt, num_b, width)
+        flat_M = bb * width + tt
+        rule_columns: dict[str, Any] = {}
+        if len(self.view.entries) > 1:
+            # per target row: its next token as the label, its sequence's route key
+            columns: dict[str, Any] = {"labels": labels.reshape(-1)[flat_M]}
+            name = self.view.ensemble_rule.route_column
+            if self.view.ensemble_rule.needs_route_keys and name is not None:
+                if not all(name in loaded[s][0] for s in set(shard_B.tolist())):
+                    columns.pop(name, None)
+                else:
+                    keys = np.asarray(
+                        [loaded[s][0][name][j] for s, j in pairs]  # one per sequence
+                    )
+                    columns[name] = keys[bb.numpy()]
+            rule_columns = _rule_columns(self.view, columns)
+        batch["targets"] = self._combine(per_teacher, flat_M, num_b, width, rule_columns)
         return batch
 
-    def _combine(self, per_teacher: list[Any], flat_M: torch.Tensor, num_b: int, width: int) -> Any:
+    def _combine(
+        self,
+        per_teacher: list[Any],
+        flat_M: torch.Tensor,
+        num_b: int,
+        width: int,
+        rule_columns: dict[str, Any] | None = None,
+    ) -> Any:
         assert self.view is not None
         num_rows = num_b * width
         if isinstance(per_teacher[0], torch.Tensor):  # dense: scaled logits [M, V]
             lp = torch.stack([torch.log_softmax(t.float(), dim=-1) for t in per_teacher])
-            comb = targets.combine_ensemble(lp, rule=self.view.rule, weights=self.view.weights)
+            comb = targets.combine_ensemble(
+                lp, rule=self.view.ensemble_rule, **(rule_columns or {})
+            )
             full = torch.zeros((num_rows, comb.shape[-1]))
             full[flat_M] = comb
             return full.reshape(num_b, width, -1)
-        mixed = _combine_sparse(per_teacher, self.view, self.combine)
+        mixed = _combine_sparse(per_teacher, self.view, self.combine, rule_columns)
         if isinstance(mixed, list):
             return [scatter_sparse(t, flat_M, num_rows) for t in mixed]
         return scatter_sparse(mixed, flat_M, num_rows)

@@ -543,11 +543,6 @@ def test_multi_teacher_loss_with_a_per_sample_rule():
         )
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="kdcache.stores.catalog._open_view passes only rule and weights; it should call "
-    "EnsembleView.from_json(entries, view) so that a view keeps its rule's parameters",
-)
 def test_open_cache_keeps_the_rule_of_a_saved_view(root):
     ds = toy_dataset()
     view = kdcache.build_cache(
@@ -572,3 +567,44 @@ def test_route_keys_of_mixed_types_are_refused():
             route_keys_B=np.array([1, "a"], dtype=object),
             routes={1: 0},
         )
+
+
+@pytest.mark.parametrize("sparse", [False, True], ids=["dense", "topk"])
+def test_the_reader_applies_a_per_sample_rule_without_recomputing_a_teacher(root, sparse):
+    """A view of the same entries under ``best_on_label`` (rows without a label fall back
+    to mean_probs) gives, through SoftTargetDataset, exactly the rule applied to the
+    stored targets with the batch's labels; no entry is written or recomputed."""
+    ds = toy_dataset(num_records=64, num_shards=2)
+    kind: dict = {"kind": "topk", "params": {"k": 5, "labels": True}} if sparse else {}
+    view = kdcache.build_cache(
+        ds,
+        kdcache.TeacherEnsemble([linear_teacher(seed=s) for s in range(3)]),
+        temperature=2.0,
+        root=root,
+        executor="local",
+        progress=False,
+        **kind,
+    )
+    before = sorted(e.key for e in view.entries)
+    rule = kdcache.EnsembleRule("best_on_label", fallback="mean_probs")
+    ruled = view.with_rule(rule)
+    assert ruled.key != view.key and sorted(e.key for e in ruled.entries) == before
+    stream = kdcache.SoftTargetDataset(ruled, ds, batch_size=16, shuffle=False)
+    batch = next(iter(stream))
+    ids = batch["sample_id"].numpy()
+    pos = {int(i): n for n, i in enumerate(np.asarray(ds.read_shard(0)["sample_id"]))}
+    rows = torch.tensor([pos[int(i)] for i in ids])
+    if sparse:
+        per_teacher = [e.read_sparse_shard(0)[1].rows(rows) for e in view.entries]
+        want = targets.combine_sparse_ensemble(per_teacher, rule=rule, labels_B=batch["labels"])
+        got = batch["targets"]
+        assert torch.equal(got.ids_BS, want.ids_BS)
+        assert torch.allclose(got.log_probs(), want.log_probs(), atol=0, rtol=0)
+    else:
+        scaled = torch.stack(
+            [torch.from_numpy(np.array(e.read_shard(0)[1]))[rows] for e in view.entries]
+        )
+        want = targets.combine_ensemble(scaled, rule=rule, labels_B=batch["labels"])
+        assert torch.equal(batch["teacher_log_probs"], want)
+    with pytest.raises(ConfigError, match="route_column"):
+        view.with_rule(kdcache.EnsembleRule("route", routes={0: 0}))
