@@ -298,13 +298,16 @@ def test_ray_train_two_workers_match_one_process(tmp_path, cache, capsys):
     # the local Ray that `kdcache train --ray` started for itself (GCS, raylet, object
     # manager, agents, workers) listened on 127.0.0.1 only. Known exception: the torch
     # rendezvous store that Ray Train's rank 0 creates (tcp://127.0.0.1:PORT) listens on
-    # every interface, as torch's TCPStore does; Ray Train offers no pre-bound socket.
+    # every interface, as torch's TCPStore does; Ray Train offers no pre-bound socket. It
+    # lives in a Ray worker process, whose title names the task it ran last (RayTrain's, or
+    # one before it such as execute._propagate_data_context), so it is recognised as the
+    # one socket beyond loopback held by a worker ("ray::...") process.
     names = {name for name, _, _ in sockets.seen}
     assert {"gcs_server", "raylet"} <= names, sockets.seen
-    beyond = sorted(
-        x for x in sockets.seen if x[1] not in LOOPBACK and not x[0].startswith("ray::RayTrain")
-    )
-    assert not beyond, beyond
+    beyond = sorted(x for x in sockets.seen if x[1] not in LOOPBACK)
+    stores = [x for x in beyond if x[0].startswith("ray::")]
+    assert len({port for _, _, port in stores}) <= 1, stores  # one rendezvous store
+    assert not [x for x in beyond if x not in stores], beyond
 
 
 @pytest.fixture
