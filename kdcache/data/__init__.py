@@ -2,7 +2,9 @@
 (:class:`ArrayDataset`, :class:`TokenDataset`) and file-backed plans read shard by shard
 (:class:`ParquetDataset`, :class:`ArrowDataset`, :class:`HFDiskDataset`, :func:`open_dataset`;
 :class:`TextDataset`, token sequences tokenised from text files where each shard is read),
-with batch :class:`Transform` s named by import path."""
+with batch :class:`Transform` s named by import path; K augmented views per record
+(:class:`AugmentedViews`, an :class:`Augmentation` named by import path) for soft targets
+per view."""
 
 from __future__ import annotations
 
@@ -32,12 +34,15 @@ from kdcache.data.tokens import (
     tokenizer_files_sha256,
 )
 from kdcache.data.transforms import Transform
+from kdcache.data.views import Augmentation, AugmentedViews, ViewRandom, epoch_views
 from kdcache.errors import InputChangedError
 
 __all__ = [
     "DEFAULT_SHARD_BYTES",
     "ArrayDataset",
     "ArrowDataset",
+    "Augmentation",
+    "AugmentedViews",
     "FileDataset",
     "HFDiskDataset",
     "InputChangedError",
@@ -48,7 +53,9 @@ __all__ = [
     "TextDataset",
     "TokenDataset",
     "Transform",
+    "ViewRandom",
     "encode_texts",
+    "epoch_views",
     "open_dataset",
     "open_shard",
     "pad_batch",
