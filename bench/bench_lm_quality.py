@@ -490,11 +490,13 @@ def print_table(report: dict[str, Any], result: dict[str, Any]) -> None:
             f"{f['sampled16_counts_paired_ppl_over_dense_kd_std']:.4f}"
         )
     if "topk64_bytes_over_sampled" in r:
+        lossless = r.get("topk64_lossless_bytes_over_sampled")
         print(
             f"top-64 8-bit over sampled counts (16 draws), bytes/token: "
-            f"{r['topk64_bytes_over_sampled']:.2f}x; top-64 float32 over it: "
-            f"{r['topk64_lossless_bytes_over_sampled']:.2f}x; quantisation error of top-64 "
-            f"8-bit {f['topk64_quant_kl_nats']:.2e} nats/token (mean)"
+            f"{r['topk64_bytes_over_sampled']:.2f}x; "
+            + ("" if lossless is None else f"top-64 float32 over it: {lossless:.2f}x; ")
+            + f"quantisation error of top-64 8-bit {f['topk64_quant_kl_nats']:.2e} "
+            "nats/token (mean)"
         )
     print(f"wall {f['wall_s']:.0f} s")
 
