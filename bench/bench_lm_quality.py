@@ -114,6 +114,15 @@ def all_rows(sample_seed: int) -> list[Row]:
             Row(f"sampled{n}{suffix}", kind, {"num_samples": n, "seed": sample_seed}, family=family)
             for n in (16, 64)
         ]
+    rows += [
+        Row(
+            f"sampled{n}-counts-sys",
+            "sampled_counts",
+            {"num_samples": n, "seed": sample_seed, "sampling": "systematic"},
+            family="sampled (systematic), counts only",
+        )
+        for n in (16, 64)
+    ]
     return rows
 
 
@@ -425,6 +434,10 @@ def summarise(report: dict[str, Any], args: argparse.Namespace) -> dict[str, Any
         if "sampled16-counts" in rows:
             ratios["sampled_ppl_over_dense_kd"] = (
                 rows["sampled16-counts"]["ppl_mean"] / dense["ppl_mean"]
+            )
+        if "sampled16-counts-sys" in rows:
+            ratios["sampled_systematic_ppl_over_dense_kd"] = (
+                rows["sampled16-counts-sys"]["ppl_mean"] / dense["ppl_mean"]
             )
         for r in report["rows"]:
             if r["name"] != "dense-online":

@@ -112,6 +112,7 @@ _OPTIONAL_PARAMS = (
     "members",
     "value_bits",
     "compression",
+    "sampling",
 )
 #: Lossless compressions a sparse entry's files may use (``params.compression``).
 COMPRESSIONS = ("zstd",)
@@ -359,6 +360,15 @@ def _normalise_params(kind: str, params: Any) -> tuple[tuple[str, Any], ...] | N
             out[name] = temps
         elif name == "members":
             out[name] = tuple(str(m) for m in value)
+        elif name == "sampling":
+            if kind not in COUNT_KINDS or value not in ("multinomial", "systematic"):
+                raise ConfigError(
+                    f"sampling is a parameter of the sampled kinds, one of 'multinomial' "
+                    f"(independent draws, the default) or 'systematic'; got {value!r} for "
+                    f"kind {kind!r}"
+                )
+            if value != "multinomial":  # the default is left out, so old keys stand
+                out[name] = value
         elif name == "compression":
             if value not in COMPRESSIONS:
                 raise ConfigError(

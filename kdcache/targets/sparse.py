@@ -362,6 +362,31 @@ def _dedup_sorted(sorted_BN: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.cumsum(is_new.long(), dim=1) - 1, is_new
 
 
+#: How ``sampled`` / ``sampled_counts`` targets draw their ids (``params.sampling``).
+SAMPLING_SCHEMES = ("multinomial", "systematic")
+
+
+def _systematic_draws(
+    probs_BV: torch.Tensor, num_samples: int, generator: torch.Generator | None
+) -> torch.Tensor:
+    """int64 [B, n], sorted: systematic sampling, one uniform offset per row.
+
+    Draw i of a row is the id whose cumulative probability interval holds
+    ``(i + U) / n``, ``U ~ U(0, 1)``: each draw is marginally a draw from p, so
+    ``E[counts_v / n] = p_v`` exactly, and the counts are ``floor(n p_v)`` or
+    ``ceil(n p_v)`` (for ids whose mass is within one stratum), far less variance than
+    independent draws. Source: Kitagawa, "Monte Carlo filter and smoother for non-Gaussian
+    nonlinear state space models", JCGS 1996 (systematic resampling); Douc, Cappe and
+    Moulines, "Comparison of resampling schemes for particle filtering", ISPA 2005.
+    """
+    num_rows, vocab = probs_BV.shape
+    cdf = torch.cumsum(probs_BV.double(), dim=-1)
+    cdf = cdf / cdf[:, -1:]  # the last interval ends at 1 exactly
+    offset = torch.rand((num_rows, 1), generator=generator, dtype=torch.float64)
+    u = (torch.arange(num_samples, dtype=torch.float64)[None, :] + offset) / num_samples
+    return torch.searchsorted(cdf, u, right=True).clamp_(max=vocab - 1)
+
+
 def sampled_targets(
     scaled_logits_BV: torch.Tensor,
     num_samples: int,
@@ -371,6 +396,7 @@ def sampled_targets(
     generator: torch.Generator | None = None,
     temperature: float | None = None,
     grid_temperatures: Sequence[float] = (),
+    sampling: str = "multinomial",
 ) -> SparseTargets:
     """Draw ``num_samples`` ids per row from the teacher distribution and keep their counts.
 
@@ -405,8 +431,13 @@ def sampled_targets(
         raise ConfigError(f"num_samples must be >= 1, got {num_samples}")
     num_rows = scaled.shape[0]
     probs = torch.softmax(scaled, dim=-1)
-    draws = torch.multinomial(probs, int(num_samples), replacement=True, generator=generator)
-    sorted_draws = draws.sort(dim=-1).values
+    if sampling == "systematic":
+        sorted_draws = _systematic_draws(probs, int(num_samples), generator)
+    elif sampling == "multinomial":
+        draws = torch.multinomial(probs, int(num_samples), replacement=True, generator=generator)
+        sorted_draws = draws.sort(dim=-1).values
+    else:
+        raise ConfigError(f"sampling must be one of {SAMPLING_SCHEMES}, got {sampling!r}")
     group, _ = _dedup_sorted(sorted_draws)
     ids = torch.full((num_rows, int(num_samples)), PAD_ID, dtype=torch.int64)
     ids.scatter_(1, group, sorted_draws)  # equal ids write equal values: deterministic
@@ -893,9 +924,12 @@ def sparsify(
     if spec.kind == "sampled":
         n = int(spec.param("num_samples"))
         seed = int(spec.param("seed", 0))
+        sampling = str(spec.param("sampling", "multinomial"))
         if row_sample_ids_M is None:
             gen = torch.Generator().manual_seed(seed)
-            return sampled_targets(scaled_MV, n, labels_B=labels, generator=gen, **grid)
+            return sampled_targets(
+                scaled_MV, n, labels_B=labels, generator=gen, sampling=sampling, **grid
+            )
         parts = []
         bounds = np.flatnonzero(np.diff(row_sample_ids_M)) + 1
         for lo, hi in zip(
@@ -908,6 +942,7 @@ def sparsify(
                     n,
                     labels_B=None if labels is None else labels[lo:hi],
                     generator=gen,
+                    sampling=sampling,
                     **grid,
                 )
             )
