@@ -78,7 +78,7 @@ def describe(cache: CacheEntry | EnsembleView, *, num_samples: int = 3) -> dict[
         rows = [t.rows(slice(0, num_samples)) for t in parts]
         combined = (
             rows[0]
-            if len(rows) == 1 or rows[0].kind == "sampled"
+            if len(rows) == 1 or rows[0].kind in schema.COUNT_KINDS
             else targets.combine_sparse_ensemble(
                 rows, rule=shown, weights=None if shown == rule else view.weights
             )

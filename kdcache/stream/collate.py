@@ -39,7 +39,7 @@ from typing import Any, Protocol
 import numpy as np
 import torch
 
-from kdcache import targets
+from kdcache import schema, targets
 from kdcache.data.base import ShardedDataset
 from kdcache.data.tokens import pad_batch, target_positions
 from kdcache.errors import ConfigError
@@ -212,7 +212,7 @@ def _combine_sparse(
 ) -> SparseTargets | list[SparseTargets]:
     if len(per_teacher) == 1:
         return per_teacher[0]
-    if combine and all(t.kind != "sampled" for t in per_teacher):
+    if combine and all(t.kind not in schema.COUNT_KINDS for t in per_teacher):
         return targets.combine_sparse_ensemble(
             per_teacher, rule=view.ensemble_rule, **(rule_columns or {})
         )

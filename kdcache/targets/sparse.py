@@ -799,12 +799,13 @@ def combine_sparse_ensemble(
             "teachers use 'mean_probs', or keep teachers apart with "
             "kdcache.losses.multi_teacher_loss(mode='sum_of_losses')"
         )
-    # sampled_counts targets are distributions (p_hat) with no tail: their mean is the
-    # estimate of the teachers' mean, unbiased, so they combine like top-k
-    if any(t.kind == "sampled" for t in targets_K):
+    # Sampled kinds stay apart: a mixture of sampled_counts estimates would lose the
+    # refusal of divergences that are not linear in p (it reads as an exact mixture).
+    if any(t.kind in COUNT_KINDS for t in targets_K):
         raise ConfigError(
             "sampled targets do not combine into one sparse target; use "
-            "kdcache.losses.multi_teacher_loss(mode='sum_of_losses') to mix their losses"
+            "kdcache.losses.multi_teacher_loss(mode='sum_of_losses') to mix their losses "
+            "(forward KL is linear in the target, so the gradient is the same)"
         )
     _check_sparse_members(targets_K, spec)
     if spec.rule in ENSEMBLE_RULES:

@@ -393,7 +393,7 @@ def test_sparse_refusals_say_why():
     torch.testing.assert_close(dense_of(routed, 10), dense_of(mixture, 10), atol=1e-6, rtol=0)
 
 
-def test_counts_only_targets_combine_by_label():
+def test_counts_only_targets_are_weighted_by_label_but_not_combined():
     s = scaled(2, 3, 8, 18)
     gen = torch.Generator().manual_seed(1)
     counts = [
@@ -401,8 +401,10 @@ def test_counts_only_targets_combine_by_label():
     ]
     label = int(counts[0].ids_BS[0, 0])
     labels = torch.tensor([label, -100, -100])
-    got = targets.combine_sparse_ensemble(counts, rule="best_on_label", labels_B=labels)
-    assert got.kind == "mixture"
+    # they are not combined into one target (a mixture would lose the refusal of
+    # divergences that are not linear in p); their per-row weights are still exact
+    with pytest.raises(ConfigError, match="sampled targets do not combine"):
+        targets.combine_sparse_ensemble(counts, rule="best_on_label", labels_B=labels)
     # a teacher that never drew the label has p_hat(y) = 0 exactly: cross-entropy +inf
     w = targets.sparse_ensemble_weights(counts, rule="best_on_label", labels_B=labels)
     lp = [
