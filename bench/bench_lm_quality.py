@@ -14,7 +14,10 @@ clipping at 1) is trained once per configuration and seed:
 * ``topk{k}-q8``: the same with quantised values (``params={"k": k, "value_bits": 8}``);
 * ``sampled{n}`` (n = 16, 64): sampled ids with counts and values (``kind="sampled"``,
   Anshumann et al., "Sparse Logit Sampling", ACL 2025, sec. 3);
-* ``sampled{n}-counts``: the same draws, counts only (``kind="sampled_counts"``).
+* ``sampled{n}-counts``: counts only (``kind="sampled_counts"``), drawn by this kind's
+  default, systematic sampling (one uniform offset per row: unbiased, less variance);
+* ``sampled{n}-counts-iid``: counts only of independent draws (``sampling:
+  multinomial``), the very draws of ``sampled{n}``.
 
 Caches are built once (``kdcache.build.build_cache``, local executor) over a fixed subset
 of the training sequences and read with ``kdcache.SoftTargetDataset``; the distillation
@@ -116,10 +119,10 @@ def all_rows(sample_seed: int) -> list[Row]:
         ]
     rows += [
         Row(
-            f"sampled{n}-counts-sys",
+            f"sampled{n}-counts-iid",
             "sampled_counts",
-            {"num_samples": n, "seed": sample_seed, "sampling": "systematic"},
-            family="sampled (systematic), counts only",
+            {"num_samples": n, "seed": sample_seed, "sampling": "multinomial"},
+            family="sampled (independent draws), counts only",
         )
         for n in (16, 64)
     ]
@@ -435,9 +438,9 @@ def summarise(report: dict[str, Any], args: argparse.Namespace) -> dict[str, Any
             ratios["sampled_ppl_over_dense_kd"] = (
                 rows["sampled16-counts"]["ppl_mean"] / dense["ppl_mean"]
             )
-        if "sampled16-counts-sys" in rows:
-            ratios["sampled_systematic_ppl_over_dense_kd"] = (
-                rows["sampled16-counts-sys"]["ppl_mean"] / dense["ppl_mean"]
+        if "sampled16-counts-iid" in rows:
+            ratios["sampled_iid_ppl_over_dense_kd"] = (
+                rows["sampled16-counts-iid"]["ppl_mean"] / dense["ppl_mean"]
             )
         for r in report["rows"]:
             if r["name"] != "dense-online":

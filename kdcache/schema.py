@@ -114,6 +114,11 @@ _OPTIONAL_PARAMS = (
     "compression",
     "sampling",
 )
+#: How each sampled kind draws its ids by default (``params.sampling``): independent
+#: draws for ``sampled`` (as it always has, so its keys stand); systematic sampling for
+#: ``sampled_counts``, whose only information is the counts, which systematic sampling
+#: estimates with far less variance (``docs/losses.md``).
+DEFAULT_SAMPLING = {"sampled": "multinomial", "sampled_counts": "systematic"}
 #: Lossless compressions a sparse entry's files may use (``params.compression``).
 COMPRESSIONS = ("zstd",)
 #: Bits a quantised value may take (``params.value_bits``).
@@ -364,10 +369,9 @@ def _normalise_params(kind: str, params: Any) -> tuple[tuple[str, Any], ...] | N
             if kind not in COUNT_KINDS or value not in ("multinomial", "systematic"):
                 raise ConfigError(
                     f"sampling is a parameter of the sampled kinds, one of 'multinomial' "
-                    f"(independent draws, the default) or 'systematic'; got {value!r} for "
-                    f"kind {kind!r}"
+                    f"(independent draws) or 'systematic'; got {value!r} for kind {kind!r}"
                 )
-            if value != "multinomial":  # the default is left out, so old keys stand
+            if value != DEFAULT_SAMPLING[kind]:  # the kind's default is left out of the key
                 out[name] = value
         elif name == "compression":
             if value not in COMPRESSIONS:

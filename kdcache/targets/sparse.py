@@ -17,7 +17,13 @@ import numpy as np
 import torch
 
 from kdcache.errors import ConfigError
-from kdcache.schema import COUNT_KINDS, RETEMPER_KINDS, SPARSE_KINDS, TargetSpec
+from kdcache.schema import (
+    COUNT_KINDS,
+    DEFAULT_SAMPLING,
+    RETEMPER_KINDS,
+    SPARSE_KINDS,
+    TargetSpec,
+)
 from kdcache.targets.dense import (
     _NEG_INF,
     ENSEMBLE_RULES,
@@ -914,10 +920,12 @@ def sparsify(
             **grid,
         )
     if spec.kind == "sampled_counts":
-        # the very draws of kind "sampled" with the same seed, values dropped
+        # the very draws of kind "sampled" with the same seed and sampling scheme (this
+        # kind's default scheme: systematic), values dropped
+        params = {"sampling": DEFAULT_SAMPLING["sampled_counts"], **dict(spec.params or ())}
         sampled = sparsify(
             scaled_MV,
-            TargetSpec(spec.temperature, "sampled", params=dict(spec.params or ())),
+            TargetSpec(spec.temperature, "sampled", params=params),
             row_sample_ids_M=row_sample_ids_M,
         )
         assert isinstance(sampled, SparseTargets)

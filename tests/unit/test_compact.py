@@ -235,17 +235,16 @@ def test_a_tampered_compact_shard_is_caught_without_the_checksum(tmp_path) -> No
 # --------------------------------------------------------------------------------------
 
 
-def test_counts_only_keeps_the_draws_of_kind_sampled() -> None:
+@pytest.mark.parametrize("sampling", ["systematic", "multinomial"])
+def test_counts_only_keeps_the_draws_of_kind_sampled(sampling: str) -> None:
+    """sampled_counts (default: systematic draws) keeps the draws of kind sampled with the
+    same seed and scheme; the scheme each kind defaults to is left out of its key."""
     z = torch.randn(40, 300) * 2
     rows = np.repeat(np.arange(4), 10)
-    sampled = sparsify(
-        z, TargetSpec(1.0, "sampled", params={"num_samples": 16, "seed": 5}), row_sample_ids_M=rows
-    )
-    counts = sparsify(
-        z,
-        TargetSpec(1.0, "sampled_counts", params={"num_samples": 16, "seed": 5}),
-        row_sample_ids_M=rows,
-    )
+    both = {"num_samples": 16, "seed": 5, "sampling": sampling}
+    sampled = sparsify(z, TargetSpec(1.0, "sampled", params=both), row_sample_ids_M=rows)
+    own = {"num_samples": 16, "seed": 5} if sampling == "systematic" else both
+    counts = sparsify(z, TargetSpec(1.0, "sampled_counts", params=own), row_sample_ids_M=rows)
     assert isinstance(sampled, SparseTargets) and isinstance(counts, SparseTargets)
     assert counts.kind == "sampled_counts"
     assert torch.equal(counts.ids_BS, sampled.ids_BS)
@@ -275,7 +274,7 @@ def test_counts_only_estimate_is_unbiased() -> None:
 
 def test_counts_only_forward_kl_gradient_matches_the_sampled_kind() -> None:
     z = torch.randn(30, 64) * 2
-    spec = {"num_samples": 16, "seed": 1}
+    spec = {"num_samples": 16, "seed": 1, "sampling": "systematic"}
     a = sparsify(z, TargetSpec(1.0, "sampled", params=spec))
     b = sparsify(z, TargetSpec(1.0, "sampled_counts", params=spec))
     s1 = torch.randn(30, 64, requires_grad=True)
@@ -429,6 +428,11 @@ def test_systematic_sampling_is_unbiased_with_less_variance() -> None:
     assert TargetSpec(1.0, "sampled", params={"num_samples": 8, "sampling": "multinomial"}) == (
         TargetSpec(1.0, "sampled", params={"num_samples": 8})
     )
+    default = TargetSpec(1.0, "sampled_counts", params={"num_samples": 8})
+    assert default == TargetSpec(
+        1.0, "sampled_counts", params={"num_samples": 8, "sampling": "systematic"}
+    )
+    assert default.param("sampling") is None  # the kind's default, left out of the key
     with pytest.raises(ConfigError, match="sampling is a parameter of the sampled kinds"):
         TargetSpec(1.0, "topk", params={"k": 4, "sampling": "systematic"})
     with pytest.raises(ConfigError, match="sampling is a parameter of the sampled kinds"):
