@@ -654,37 +654,48 @@ class TextDataset:
         """What identifies the sequences (the cache key's dataset part), memoised.
 
         Returns:
-            ``{"format", "num_records", "preprocessing": {"token_level", the tokenisation
-            settings, "tokenizer_files_sha256", "vocab_size", ...}, "files": [{"name",
-            "size", "version"}], "shards": [{"num_records", "unit", "pieces": [[file,
-            lo, hi], ...]}]}``; ``unit`` is ``"bytes"`` or ``"row_groups"`` (``hi``
-            exclusive). Sizes and versions are trusted; the tokens' digest of each shard
-            is computed where it is read (:meth:`open_shard`).
+            ``{"format", "preprocessing": {"token_level", the tokenisation settings,
+            "tokenizer_files_sha256", "vocab_size", ...}, "files": [{"name", "size",
+            "version"}], "shards": [{"unit", "pieces": [[file, lo, hi], ...]}]}``;
+            ``unit`` is ``"bytes"`` or ``"row_groups"`` (``hi`` exclusive). Parquet plans
+            add ``num_records`` (total and per shard, from the footers); text and JSON
+            Lines plans do not (their counts are known once a shard is read). Sizes and
+            versions are trusted; the tokens' digest of each shard is computed where it
+            is read (:meth:`open_shard`).
 
         Raises:
-            DataError: as :meth:`shard_counts`.
+            DataError: as :meth:`shard_counts` (Parquet).
         """
         fp = self.__dict__.get("_fingerprint")
         if fp is None:
-            counts = self.shard_counts()
             unit = "row_groups" if self.format == "parquet" else "bytes"
+            # Parquet counts come from the footers; a byte range's records are known only
+            # once read, so text / JSON Lines plans declare none (no scan on the driver):
+            # the teacher stage reads each shard where it runs, and the student's stream
+            # takes the counts from the cache's commit records.
+            counts: list[int | None] = (
+                list(self.shard_counts()) if self.format == "parquet" else [None] * self.num_shards
+            )
+            shards: list[dict[str, Any]] = []
+            for c, shard in zip(counts, self._shards, strict=True):
+                rec: dict[str, Any] = {
+                    "unit": unit,
+                    "pieces": [[self._names[p.file], p.lo, p.hi] for p in shard],
+                }
+                if c is not None:
+                    rec["num_records"] = c
+                shards.append(rec)
             fp = {
                 "format": f"text/{self.format}",
-                "num_records": sum(counts),
                 "preprocessing": {"token_level": "next-token", **self.preprocessing},
                 "files": [
                     {"name": n, "size": s, "version": v}
                     for n, (s, v) in zip(self._names, self._files, strict=True)
                 ],
-                "shards": [
-                    {
-                        "num_records": c,
-                        "unit": unit,
-                        "pieces": [[self._names[p.file], p.lo, p.hi] for p in shard],
-                    }
-                    for c, shard in zip(counts, self._shards, strict=True)
-                ],
+                "shards": shards,
             }
+            if self.format == "parquet":
+                fp["num_records"] = sum(c for c in counts if c is not None)
             self.__dict__["_fingerprint"] = fp
         return fp
 

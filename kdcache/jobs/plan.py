@@ -196,7 +196,10 @@ def plan_build(
 
     dataset = config.dataset.build()
     fp = dataset.fingerprint()
-    shard_rows = [int(s["num_records"]) for s in fp["shards"]]
+    if all(isinstance(s.get("num_records"), int) for s in fp["shards"]):
+        shard_rows = [int(s["num_records"]) for s in fp["shards"]]
+    else:  # a plan that knows its records only once read (text): one scan, for the plan
+        shard_rows = [int(n) for n in dataset.shard_counts()]
     files = fp.get("files")
     input_bytes = None if not files else int(sum(int(f.get("size", 0)) for f in files))
     num_rows = int(sum(shard_rows))

@@ -193,6 +193,33 @@ class CacheEntry:
     def dataset_fingerprint(self) -> dict[str, Any]:
         return dict(self.spec["dataset"])
 
+    def shard_samples(self, index: int) -> int:
+        """Samples (input records) of committed shard ``index``: its rows, or for a
+        token-level shard its sequences (``num_samples`` of its commit record).
+
+        Raises:
+            CacheCorruptError: the commit record lacks the count or disagrees with the
+                manifest.
+        """
+        rec = self.manifest_record(index)
+        if not self.spec.get("dataset", {}).get("preprocessing", {}).get("token_level"):
+            return rec.num_rows
+        stem = schema.shard_stem(index)
+        where = self.shards_location.display(stem + ".json")
+        side = schema.read_json(self.shards_location.read_bytes(stem + ".json"), where, "record")
+        n = side.get("num_samples")
+        if (
+            isinstance(n, bool)
+            or not isinstance(n, int)
+            or not 0 <= n <= rec.num_rows
+            or side.get("sha256") != rec.sha256
+        ):
+            raise CacheCorruptError(
+                f"{where}: its commit record holds no valid num_samples for the manifest's "
+                "shard; run 'kdcache verify --repair' and rebuild"
+            )
+        return n
+
     def quantization_error(self) -> dict[str, float]:
         """The error of quantised values (``params.value_bits``), over every row.
 

@@ -118,7 +118,7 @@ class ShardedStream(torch.utils.data.IterableDataset):
             )
         self.dataset = dataset
         self.layout_name = dataset_layout(dataset)
-        sizes = [int(s["num_records"]) for s in dataset.fingerprint()["shards"]]
+        sizes = self._shard_sizes()
         self.order = EpochOrder(
             np.array(sizes, dtype=np.int64),
             batch_size=batch_size,
@@ -154,6 +154,26 @@ class ShardedStream(torch.utils.data.IterableDataset):
         if self.layout_name == "tokens":
             return TokenLayout(self.dataset, None)
         return RecordLayout(self.dataset)
+
+    def _shard_sizes(self) -> list[int]:
+        """Samples per shard, which the order is made of: the dataset fingerprint's
+        ``num_records``; for a plan that declares none (text read in byte ranges), the
+        dataset's own count (:meth:`kdcache.TextDataset.shard_counts`, one scan).
+
+        Raises:
+            ConfigError: neither is there.
+        """
+        shards = self.dataset.fingerprint()["shards"]
+        if all(isinstance(s.get("num_records"), int) for s in shards):
+            return [int(s["num_records"]) for s in shards]
+        count = getattr(self.dataset, "shard_counts", None)
+        if count is None:
+            raise ConfigError(
+                f"{type(self.dataset).__name__} declares no records per shard (no "
+                "num_records in its fingerprint, no shard_counts()); the stream cannot order "
+                "its samples"
+            )
+        return [int(n) for n in count()]
 
     # -- order (see kdcache.stream.order) -----------------------------------------------
     @property
@@ -388,6 +408,16 @@ class SoftTargetDataset(ShardedStream):
         self.verify = verify
         self.combine = combine
         super().__init__(dataset, **kwargs)
+
+    def _shard_sizes(self) -> list[int]:
+        """As :meth:`ShardedStream._shard_sizes`, except that a plan without counts takes
+        them from the cache: each shard's commit record holds the samples its teacher read
+        (sequences of a token-level entry), so nothing is scanned on the driver."""
+        shards = self.dataset.fingerprint()["shards"]
+        if all(isinstance(s.get("num_records"), int) for s in shards):
+            return [int(s["num_records"]) for s in shards]
+        entry = self.view.entries[0]
+        return [entry.shard_samples(i) for i in range(entry.num_shards)]
 
     def _make_layout(self) -> Layout:
         view, tau = self.view, self.temperature

@@ -142,7 +142,7 @@ def test_every_record_is_read_exactly_once_whatever_the_cut(tmp_path, tok_dir):
         ds = TextDataset(paths, tokenizer=tok_dir, record_separator="\n\n", num_shards=n)
         assert ds.num_shards == n
         got = _all(ds)
-        assert sum(ds.fingerprint()["shards"][i]["num_records"] for i in range(n)) == 60
+        assert sum(ds.shard_counts()) == 60  # the one scan, outside the fingerprint
         assert len(got) == 60
         seen = set()
         for sid, (toks, _) in got.items():
@@ -259,6 +259,10 @@ def test_the_plan_reads_no_data_on_the_driver(tmp_path, tok_dir, monkeypatch):
         m.setattr(text_mod, "_fs_of", lambda root: (_NoDataFS(real(root)[0]), real(root)[1]))
         ds = TextDataset(paths, tokenizer=tok_dir, num_shards=3)
         assert ds.num_shards == 3 and ds.files == ["0.txt", "1.txt"]
+        # the fingerprint (the key) reads no data either: a byte range's records are
+        # counted where it is read
+        fp = ds.fingerprint()
+        assert len(fp["shards"]) == 3 and all("num_records" not in x for x in fp["shards"])
         with pytest.raises(AssertionError, match="read file data"):
             ds.read_shard(0)
     with monkeypatch.context() as m:  # Parquet: footers only, counts included
@@ -432,7 +436,13 @@ def _gpt2(path, tok_dir, n_positions=64):
     return str(path)
 
 
-def test_build_cache_and_stream_over_a_text_dataset(tmp_path, tok_dir):
+def test_build_cache_and_stream_over_a_text_dataset(tmp_path, tok_dir, monkeypatch):
+    # neither stage counts records on the driver: the teacher stage reads each byte range
+    # where it runs, and the student's stream takes the counts from the commit records
+    def no_scan(self):
+        raise AssertionError("shard_counts scanned the text on the driver")
+
+    monkeypatch.setattr(TextDataset, "shard_counts", no_scan)
     teacher_dir = _gpt2(tmp_path / "teacher", tok_dir)
     teacher = Teacher.from_hf(teacher_dir, task="causal-lm", name="t0")
     path = tmp_path / "a.txt"
@@ -467,6 +477,7 @@ def test_build_cache_and_stream_over_a_text_dataset(tmp_path, tok_dir):
     assert sorted(seen) == sorted(_all(ds)) and len(seen) == 2 * len(TEXTS)
     recs = [m.input_digest for m in (cache.manifest_record(i) for i in range(3))]
     assert all(r and r.startswith("xxh3_128:") for r in recs)
+    monkeypatch.undo()  # a stream without a cache counts the records: one scan
     assert len(list(ShardedStream(ds, batch_size=3, drop_last=False))) == 5
 
     # a file changed under the same size and mtime is refused at the join
