@@ -20,7 +20,7 @@ from kdcache import schema
 from kdcache._version import __version__
 from kdcache.build.report import BuildReport
 from kdcache.build.task import check_teacher_vocabularies
-from kdcache.data.base import ShardedDataset, dataset_layout
+from kdcache.data.base import ShardedDataset, dataset_layout, declared_shard_records
 from kdcache.errors import DataError
 from kdcache.executors import Executor, ExecutorConfig, TaskContext, get_executor
 from kdcache.schema import TargetSpec
@@ -279,17 +279,14 @@ def planned_rows(dataset: ShardedDataset, fingerprint: dict[str, Any]) -> list[i
             f"{name} has no shards (an empty dataset): there is nothing to cache; check the "
             "dataset's path, filter or factory"
         )
-    shards = fingerprint.get("shards") if isinstance(fingerprint, dict) else None
-    if not isinstance(shards, list) or not all(
-        isinstance(s, dict) and isinstance(s.get("num_records"), int) for s in shards
-    ):
+    rows = declared_shard_records(fingerprint)
+    if rows is None:
         return None
-    if len(shards) != dataset.num_shards:
+    if len(rows) != dataset.num_shards:
         raise DataError(
             f"{name} has num_shards={dataset.num_shards} but its fingerprint lists "
-            f"{len(shards)} shards; fix the dataset (the two must agree)"
+            f"{len(rows)} shards; fix the dataset (the two must agree)"
         )
-    rows = [int(s["num_records"]) for s in shards]
     empty = [i for i, n in enumerate(rows) if n < 1]
     if empty:
         raise DataError(

@@ -202,6 +202,18 @@ class StreamingDataset(ShardedDataset, Protocol):
         ...
 
 
+def declared_shard_records(fingerprint: Any) -> list[int] | None:
+    """Records per shard as a fingerprint declares them (``shards[i]["num_records"]``),
+    or None when it declares none for some shard (a plan that knows its records only once
+    a shard is read, such as text cut in byte ranges)."""
+    shards = fingerprint.get("shards") if isinstance(fingerprint, dict) else None
+    if not isinstance(shards, list) or not all(
+        isinstance(s, dict) and isinstance(s.get("num_records"), int) for s in shards
+    ):
+        return None
+    return [int(s["num_records"]) for s in shards]
+
+
 def open_shard(dataset: ShardedDataset, index: int, batch_size: int) -> ShardBatches:
     """Batches of shard ``index`` of any dataset: the dataset's own lazy reader when it has
     one (:class:`StreamingDataset`), else ``read_shard`` cut into batches (digest None).

@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 
 from kdcache import schema
-from kdcache.data.base import open_shard
+from kdcache.data.base import declared_shard_records, open_shard
 from kdcache.jobs.config import BuildConfig
 from kdcache.schema import TargetSpec
 
@@ -196,10 +196,9 @@ def plan_build(
 
     dataset = config.dataset.build()
     fp = dataset.fingerprint()
-    if all(isinstance(s.get("num_records"), int) for s in fp["shards"]):
-        shard_rows = [int(s["num_records"]) for s in fp["shards"]]
-    else:  # a plan that knows its records only once read (text): one scan, for the plan
-        shard_rows = [int(n) for n in dataset.shard_counts()]
+    declared = declared_shard_records(fp)
+    # a plan that knows its records only once read (text): one scan, for the plan
+    shard_rows = declared if declared is not None else [int(n) for n in dataset.shard_counts()]
     files = fp.get("files")
     input_bytes = None if not files else int(sum(int(f.get("size", 0)) for f in files))
     num_rows = int(sum(shard_rows))

@@ -204,21 +204,35 @@ class CacheEntry:
         rec = self.manifest_record(index)
         if not self.spec.get("dataset", {}).get("preprocessing", {}).get("token_level"):
             return rec.num_rows
-        stem = schema.shard_stem(index)
-        where = self.shards_location.display(stem + ".json")
-        side = schema.read_json(self.shards_location.read_bytes(stem + ".json"), where, "record")
+        where, side = self._commit_record(index)
         n = side.get("num_samples")
-        if (
-            isinstance(n, bool)
-            or not isinstance(n, int)
-            or not 0 <= n <= rec.num_rows
-            or side.get("sha256") != rec.sha256
-        ):
+        if isinstance(n, bool) or not isinstance(n, int) or not 0 <= n <= rec.num_rows:
             raise CacheCorruptError(
-                f"{where}: its commit record holds no valid num_samples for the manifest's "
-                "shard; run 'kdcache verify --repair' and rebuild"
+                f"{where}: its commit record holds no valid num_samples; run "
+                "'kdcache verify --repair' and rebuild"
             )
         return n
+
+    def _commit_record(self, index: int) -> tuple[str, dict[str, Any]]:
+        """``(where, sidecar JSON)`` of committed shard ``index``, checked to be the record
+        of the file the manifest lists (its SHA-256).
+
+        Raises:
+            CacheCorruptError: the sidecar is missing, torn or of another file.
+        """
+        rec = self.manifest_record(index)
+        stem = schema.shard_stem(index)
+        where = self.shards_location.display(stem + ".json")
+        try:
+            side = schema.read_json(self.shards_location.read_bytes(stem + ".json"), where)
+        except FileNotFoundError:
+            raise CacheCorruptError(f"{where} is missing; run 'kdcache verify --repair'") from None
+        if side.get("sha256") != rec.sha256:
+            raise CacheCorruptError(
+                f"{where} is not the commit record of the manifest's {rec.file}; run "
+                "'kdcache verify --repair' and rebuild"
+            )
+        return where, side
 
     def quantization_error(self) -> dict[str, float]:
         """The error of quantised values (``params.value_bits``), over every row.
@@ -241,11 +255,7 @@ class CacheEntry:
         total = worst = 0.0
         rows = 0
         for rec in self.shards:
-            where = self.shards_location.display(rec.file)
-            stem = rec.file[: -len(get_backend(self.target_spec.backend).suffix)]
-            side = schema.read_json(
-                self.shards_location.read_bytes(stem + ".json"), where, "commit record"
-            )
+            where, side = self._commit_record(rec.index)
             q: Any = side.get("quantization")
             try:
                 n = int(q["num_rows"])

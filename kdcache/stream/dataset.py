@@ -39,7 +39,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from kdcache.data.base import ShardedDataset, dataset_layout
+from kdcache.data.base import ShardedDataset, dataset_layout, declared_shard_records
 from kdcache.errors import ConfigError, SpecMismatchError
 from kdcache.stores.entry import CacheEntry
 from kdcache.stores.view import EnsembleView, as_view
@@ -163,9 +163,9 @@ class ShardedStream(torch.utils.data.IterableDataset):
         Raises:
             ConfigError: neither is there.
         """
-        shards = self.dataset.fingerprint()["shards"]
-        if all(isinstance(s.get("num_records"), int) for s in shards):
-            return [int(s["num_records"]) for s in shards]
+        declared = declared_shard_records(self.dataset.fingerprint())
+        if declared is not None:
+            return declared
         count = getattr(self.dataset, "shard_counts", None)
         if count is None:
             raise ConfigError(
@@ -413,9 +413,9 @@ class SoftTargetDataset(ShardedStream):
         """As :meth:`ShardedStream._shard_sizes`, except that a plan without counts takes
         them from the cache: each shard's commit record holds the samples its teacher read
         (sequences of a token-level entry), so nothing is scanned on the driver."""
-        shards = self.dataset.fingerprint()["shards"]
-        if all(isinstance(s.get("num_records"), int) for s in shards):
-            return [int(s["num_records"]) for s in shards]
+        declared = declared_shard_records(self.dataset.fingerprint())
+        if declared is not None:
+            return declared
         entry = self.view.entries[0]
         return [entry.shard_samples(i) for i in range(entry.num_shards)]
 
