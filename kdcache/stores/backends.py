@@ -127,7 +127,9 @@ class ShardBackend(Protocol):
     ``decode(encode(c))`` equals ``c`` column by column and dtype by dtype; ``encode`` is
     byte-for-byte deterministic (a retried task writes an identical file); the backend
     pickles; ``decode`` raises :class:`CacheCorruptError` (naming ``where``) on bytes it
-    cannot read.
+    cannot read. ``decode`` is given a bytes-like object: ``bytes``, or the
+    ``pyarrow.Buffer`` the reader reads a shard into (no copy; ``memoryview(data)`` or
+    ``pa.BufferReader(data)`` read either).
     """
 
     name: str
@@ -135,7 +137,7 @@ class ShardBackend(Protocol):
 
     def encode(self, shard: ShardColumns) -> bytes: ...
 
-    def decode(self, data: bytes, where: str) -> ShardColumns: ...
+    def decode(self, data: bytes | pa.Buffer, where: str) -> ShardColumns: ...
 
 
 def _meta_bytes(meta: dict[str, Any]) -> bytes:
@@ -208,7 +210,7 @@ class ArrowIPCBackend:
             writer.write_table(table)
         return sink.getvalue().to_pybytes()
 
-    def decode(self, data: bytes, where: str) -> ShardColumns:
+    def decode(self, data: bytes | pa.Buffer, where: str) -> ShardColumns:
         try:
             table = pa.ipc.open_file(pa.BufferReader(data)).read_all()
             meta = json.loads((table.schema.metadata or {}).get(META_KEY.encode(), b"{}"))
@@ -309,7 +311,7 @@ class ParquetBackend:
         )
         return sink.getvalue().to_pybytes()
 
-    def decode(self, data: bytes, where: str) -> ShardColumns:
+    def decode(self, data: bytes | pa.Buffer, where: str) -> ShardColumns:
         import pyarrow.parquet as pq
 
         try:
@@ -454,7 +456,7 @@ class ZarrBackend:
                 zf.writestr(info, store_dict[key].to_bytes())
         return buf.getvalue()
 
-    def decode(self, data: bytes, where: str) -> ShardColumns:
+    def decode(self, data: bytes | pa.Buffer, where: str) -> ShardColumns:
         zarr = require("zarr", "zarr")
         from zarr.core.buffer import cpu
         from zarr.storage import MemoryStore

@@ -293,7 +293,7 @@ class CacheEntry:
         where = self.shards_location.display(rec.file)
         before = self.shards_location.stat(rec.file) if verify else None
         try:
-            data = self.shards_location.read_bytes(rec.file)
+            data = self.shards_location.read_buffer(rec.file)
         except FileNotFoundError:
             raise CacheCorruptError(
                 f"{where} is listed in the manifest but missing; run "
@@ -518,7 +518,7 @@ class CacheEntry:
         for index in sorted(suspects):
             rec = by_index[index]
             where = self.shards_location.display(rec.file)
-            cols = backend.decode(self.shards_location.read_bytes(rec.file), where)
+            cols = backend.decode(self.shards_location.read_buffer(rec.file), where)
             shard_ids = np.unique(np.asarray(cols.sample_ids_N, dtype=np.int64))
             ids.append(shard_ids)
             owner.append(np.full(len(shard_ids), index, dtype=np.int64))
@@ -567,7 +567,7 @@ class CacheEntry:
                 return None
             if self.shards_location.size(rec.file) != rec.num_bytes:
                 return None
-            if check_bytes and sha256_hex(self.shards_location.read_bytes(rec.file)) != rec.sha256:
+            if check_bytes and sha256_hex(self.shards_location.read_buffer(rec.file)) != rec.sha256:
                 log.warning(
                     "%s does not match its commit record (altered since it was written); "
                     "recomputing it",

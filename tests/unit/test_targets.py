@@ -89,6 +89,45 @@ def test_combine_ensemble_against_float64(rule):
     np.testing.assert_allclose(got, ref, atol=3e-6)
 
 
+def _np_combine(s_KBV: np.ndarray, w_K: np.ndarray, rule: str) -> np.ndarray:
+    """float64 reference in log space (logsumexp over teachers), any [K, ..., V]."""
+    lp = np_log_softmax(s_KBV)
+    w = np.asarray(w_K, np.float64).reshape((-1,) + (1,) * (lp.ndim - 1))
+    if rule == "mean_logprobs":
+        return np_log_softmax((w * lp).sum(axis=0))
+    with np.errstate(divide="ignore"):
+        a = lp + np.log(w)
+    m = a.max(axis=0)
+    return m + np.log(np.exp(a - m).sum(axis=0))
+
+
+@pytest.mark.parametrize("rule", targets.ENSEMBLE_RULES)
+def test_combine_ensemble_is_exact_where_linear_space_underflows(rule):
+    """The one-pass mean of probabilities falls back to log space on rows that hold a
+    probability too small for float32 (here log-probabilities down to -300), and matches
+    float64 on every row, token-level [K, B, T, V] rows and zero weights included."""
+    g = torch.Generator().manual_seed(3)
+    s = torch.randn(3, 6, 4, 50, generator=g) * 3
+    s[:, 1, 2, 7] -= 300.0  # far below exp's float32 range in every teacher
+    s[0, 4, 0, :] *= 40.0  # one teacher with log-probabilities of -700 and below
+    for w in ([1.0, 1.0, 1.0], [2.0, 0.0, 3.0]):
+        got = targets.combine_ensemble(s, rule=rule, weights=w).double().numpy()
+        ref = _np_combine(s.double().numpy(), np.array(w) / sum(w), rule)
+        assert np.isfinite(got).all()
+        np.testing.assert_allclose(got, ref, rtol=2e-6, atol=2e-5)
+    assert float(targets.combine_ensemble(s, rule=rule)[1, 2, 7]) < -250.0
+
+
+def test_combine_ensemble_mean_logprobs_is_log_softmax_of_mixed_logits():
+    """The identity the fused geometric mean rests on: per-teacher log-normalisers are a
+    constant per row, so normalising once after mixing gives the same distribution."""
+    s = torch.stack([logits(5, 9, seed=k, scale=8.0) for k in range(4)]).double()
+    w = torch.tensor([0.1, 0.2, 0.3, 0.4], dtype=torch.float64)
+    left = torch.log_softmax((torch.log_softmax(s, -1) * w[:, None, None]).sum(0), -1)
+    right = torch.log_softmax((s * w[:, None, None]).sum(0), -1)
+    torch.testing.assert_close(left, right, rtol=0, atol=1e-12)
+
+
 def test_combine_ensemble_refuses_bad_rule_and_weights():
     s = torch.zeros(2, 1, 3)
     with pytest.raises(ConfigError, match="rule"):
