@@ -256,7 +256,7 @@ def _build(
     if len(entries) == 1:
         cache = entries[0]
     else:
-        cache = EnsembleView(entries, ensemble.rule, ensemble.weights)
+        cache = EnsembleView(entries, ensemble.ensemble_rule)
         cache.save()
     cache.build_report = report  # type: ignore[union-attr]
     return cache
@@ -343,7 +343,7 @@ def planned_key(
     keys = [schema.content_key(m) for m in materials]
     if len(keys) == 1:
         return keys[0]
-    return schema.content_key(view_json(keys, ensemble.rule, ensemble.weights))
+    return schema.content_key(view_json(keys, ensemble.ensemble_rule))
 
 
 def _log_summary(report: BuildReport, ensemble: TeacherEnsemble, entries: list[CacheEntry]) -> None:

@@ -39,7 +39,7 @@ def build_from_config(
     dataset = config.dataset.build()
     check_teachers_for_layout(config.teachers, dataset_layout(dataset), "the dataset")
     teachers = [t.build() for t in config.teachers]
-    ensemble = TeacherEnsemble(teachers, weights=config.ensemble.weights, rule=config.ensemble.rule)
+    ensemble = TeacherEnsemble(teachers, rule=config.ensemble.to_rule([t.name for t in teachers]))
     if config.alias and not move_alias:
         # Before any work: an alias that names another key refuses the build up front.
         key = planned_key(

@@ -26,7 +26,7 @@ import dataclasses
 import json
 import os
 import re
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Annotated, Any, ClassVar, TypeVar
 
 from pydantic import (
@@ -62,10 +62,12 @@ def _plain(value: Any, where: str) -> Any:
     if value is None or isinstance(value, (str, bool, int, float)):
         return value
     if isinstance(value, Mapping):
-        bad = [k for k in value if not isinstance(k, str)]
+        # YAML reads `0: x` as an int key; JSON has string keys only (ensemble.routes
+        # turns integer keys back into classes)
+        bad = [k for k in value if not isinstance(k, str) and (type(k) is not int)]
         if bad:
             raise ConfigError(f"{where or 'config'}: keys must be strings, got {bad[0]!r}")
-        return {k: _plain(v, f"{where}.{k}".lstrip(".")) for k, v in value.items()}
+        return {str(k): _plain(v, f"{where}.{k}".lstrip(".")) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
         return [_plain(v, f"{where}.{i}".lstrip(".")) for i, v in enumerate(value)]
     if dataclasses.is_dataclass(value) and not isinstance(value, type):
@@ -779,18 +781,88 @@ def check_teachers_for_layout(teachers: list[TeacherConfig], layout: str, what: 
             )
 
 
+def _is_int_literal(text: str) -> bool:
+    return text.lstrip("-").isdigit()
+
+
 @config_dataclass
 class EnsembleConfig:
-    """How the teachers combine at read time (see :func:`kdcache.targets.combine_ensemble`)."""
+    """How the teachers combine at read time (see :func:`kdcache.targets.combine_ensemble`
+    and ``docs/losses.md``, "Ensembles"). The rule is in the ensemble view's key, never
+    in an entry's: another rule over the same teachers recomputes nothing.
+
+    Attributes:
+        rule: One of :data:`kdcache.targets.ALL_ENSEMBLE_RULES`: ``mean_probs``,
+            ``mean_logprobs``, ``confidence_max``, ``confidence_entropy``,
+            ``best_on_label`` or ``route``.
+        weights: K static weights (normalised), or None (uniform); not with ``route``.
+        routes: ``route`` only: key -> a teacher (its name or index) or K weights, e.g.
+            ``{news: teacher-a, code: teacher-b}`` or, by class, ``{0: 1, 1: 0}``. Keys
+            that all read as integers are classes (ints); otherwise they are strings.
+        route_column: ``route`` only: the input column holding each sample's key
+            (``labels`` routes by class).
+        fallback: ``best_on_label`` only: ``mean_probs`` (default), ``mean_logprobs`` or
+            ``error`` for rows without a label.
+        entropy_temperature: ``confidence_entropy`` only: t > 0 in nats (default 1).
+
+    Example (YAML)::
+
+        ensemble: {rule: best_on_label, fallback: mean_probs}
+    """
 
     rule: str = "mean_probs"
     weights: list[float] | None = None
+    routes: dict[str, int | str | list[float]] | None = None
+    route_column: str | None = None
+    fallback: str | None = None
+    entropy_temperature: float | None = None
 
     def __post_init__(self) -> None:
-        from kdcache.targets.dense import ENSEMBLE_RULES
+        from kdcache.targets.dense import ALL_ENSEMBLE_RULES
 
-        if self.rule not in ENSEMBLE_RULES:
-            raise ConfigError(f"rule must be one of {ENSEMBLE_RULES}, got {self.rule!r}")
+        if self.rule not in ALL_ENSEMBLE_RULES:
+            raise ConfigError(
+                f"ensemble.rule must be one of {ALL_ENSEMBLE_RULES}, got {self.rule!r}"
+            )
+        self.to_rule(None)  # every other check, before any work
+
+    def to_rule(self, teacher_names: Sequence[str] | None) -> Any:
+        """The :class:`kdcache.EnsembleRule` this config describes; route targets given
+        by teacher name are resolved against ``teacher_names`` (the teachers' order).
+
+        Raises:
+            ConfigError: ``ensemble.<field>`` named, when the rule refuses a parameter,
+                or a route names a teacher that is not in ``teacher_names``.
+        """
+        from kdcache.targets.dense import EnsembleRule
+
+        routes: dict[Any, Any] | None = None
+        if self.routes is not None:
+            routes = {}
+            as_ints = all(_is_int_literal(k) for k in self.routes)
+            for key, target in self.routes.items():
+                if isinstance(target, str):
+                    if teacher_names is None:
+                        target = 0  # resolved when the teachers are known
+                    elif target in teacher_names:
+                        target = list(teacher_names).index(target)
+                    else:
+                        raise ConfigError(
+                            f"ensemble.routes.{key}: no teacher named {target!r}; the "
+                            f"teachers are {list(teacher_names)}"
+                        )
+                routes[int(key) if as_ints else key] = target
+        try:
+            return EnsembleRule(
+                self.rule,
+                weights=None if self.weights is None else tuple(self.weights),
+                routes=routes,  # type: ignore[arg-type]  # normalised by EnsembleRule
+                route_column=self.route_column,
+                fallback=self.fallback,
+                entropy_temperature=self.entropy_temperature,
+            )
+        except ConfigError as exc:
+            raise ConfigError(f"ensemble: {exc}") from None
 
 
 def _default_targets() -> TargetSpec:
@@ -871,6 +943,11 @@ class BuildConfig:
                 f"ensemble.weights has {len(self.ensemble.weights)} values for "
                 f"{len(names)} teachers"
             )
+        try:
+            self.ensemble.to_rule(names).check_num_teachers(len(names))
+        except ConfigError as exc:
+            msg = str(exc)
+            raise ConfigError(msg if msg.startswith("ensemble") else f"ensemble: {msg}") from None
         if self.dataset.text is not None:
             check_teachers_for_layout(self.teachers, "tokens", "dataset.text")
         if self.alias is not None:  # before the build, not after all its compute
@@ -1079,10 +1156,20 @@ class StudentConfig:
 @config_dataclass
 class CacheRefConfig:
     """Which soft targets: an entry directory, an ensemble view file, or (with ``root``)
-    a key or an alias (see :func:`kdcache.open_cache`)."""
+    a key or an alias (see :func:`kdcache.open_cache`).
+
+    Attributes:
+        uri: The entry, view, key or alias.
+        root: The cache root a key or an alias is looked up in.
+        ensemble: Combine the view's teachers by this rule instead of the view's own
+            (:meth:`kdcache.stores.view.EnsembleView.with_rule`): nothing is recomputed;
+            route targets by name are the view's teacher names. Needs a view of two or
+            more teachers.
+    """
 
     uri: str
     root: str | None = None
+    ensemble: EnsembleConfig | None = None
 
 
 @config_dataclass

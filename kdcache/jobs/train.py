@@ -398,6 +398,16 @@ def train_from_config(
     if cfg.cache is not None:
         cache = open_cache(cfg.cache.uri, root=cfg.cache.root)
         view = as_view(cache)
+        if cfg.cache.ensemble is not None:
+            if len(view.entries) < 2:
+                raise ConfigError(
+                    f"cache.ensemble: {cfg.cache.uri!r} holds one teacher's targets; a rule "
+                    "combines two or more (point cache.uri at an ensemble view, or drop "
+                    "cache.ensemble)"
+                )
+            rule = cfg.cache.ensemble.to_rule([e.teacher_name for e in view.entries])
+            view = view.with_rule(rule)  # the same entries: no teacher recomputed
+            cache = view
     loss_cfg = cfg.loss
     if loss_cfg.temperature is not None:
         temperature = loss_cfg.temperature
@@ -529,6 +539,7 @@ def train_from_config(
             "key": cache.key,
             "entries": [e.key for e in view.entries],
             "teachers": [e.teacher_name for e in view.entries],
+            "rule": view.rule if len(view.entries) > 1 else None,
             "temperature": view.temperature,
         },
         "evals": {label: r.evals[-1][1] if r.evals else {} for label, r in results.items()},

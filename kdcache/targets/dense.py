@@ -621,12 +621,13 @@ def _mean_probs(s_KBV: torch.Tensor, w_K: torch.Tensor) -> torch.Tensor:
     mix = e.sum(dim=0)
     if float(mix.amin()) >= _MIX_TINY:
         return mix.log_()
-    low = mix.amin(dim=-1) < _MIX_TINY
+    low_R = (mix.amin(dim=-1) < _MIX_TINY).reshape(-1)  # rows, flattened
     out = mix.log_()
-    if bool(low.any()):
-        rows = low.nonzero(as_tuple=True)
-        s_low = s_KBV[(slice(None), *rows)]  # [K, R, V]
-        out[rows] = torch.logsumexp(
+    if bool(low_R.any()):
+        width = s_KBV.shape[-1]
+        flat_out = out.view(-1, width)  # [R_all, V], a view: writes land in out
+        s_low = s_KBV.reshape(s_KBV.shape[0], -1, width)[:, low_R]  # [K, R, V]
+        flat_out[low_R] = torch.logsumexp(
             torch.log_softmax(s_low, dim=-1) + torch.log(w.reshape(-1, 1, 1)), dim=0
         )
     return out

@@ -355,8 +355,17 @@ class TeacherEnsemble:
             objects (mixed), with the same V. A spec stays a spec: the teacher stage
             loads it where it runs; :meth:`load` loads it here, for online use.
         weights: K non-negative weights (normalised), or None for uniform.
-        rule: ``"mean_probs"`` (mean of probabilities) or ``"mean_logprobs"`` (product of
-            experts, renormalised); see :func:`kdcache.targets.combine_ensemble`.
+        rule: ``"mean_probs"`` (mean of probabilities), ``"mean_logprobs"`` (product of
+            experts, renormalised), or a per-sample rule by name or as a
+            :class:`kdcache.EnsembleRule` with its parameters (``confidence_max``,
+            ``confidence_entropy``, ``best_on_label``, ``route``); see
+            :func:`kdcache.targets.combine_ensemble`. The rule is applied when targets are
+            read, never when they are computed: it is in the ensemble view's key, not in
+            any entry's, so changing it recomputes no teacher.
+
+    Attributes:
+        ensemble_rule: The rule with its parameters (weights included).
+        rule: Its name. weights: Its static weights as a list, or None.
 
     Raises:
         ConfigError: empty list, an item that is neither a Teacher nor a TeacherSpec,
@@ -367,7 +376,7 @@ class TeacherEnsemble:
         self,
         teachers: Sequence[Teacher | TeacherSpec],
         weights: Sequence[float] | None = None,
-        rule: str = "mean_probs",
+        rule: str | targets.EnsembleRule = "mean_probs",
     ) -> None:
         if not teachers:
             raise ConfigError("a TeacherEnsemble needs at least one teacher")
@@ -381,13 +390,18 @@ class TeacherEnsemble:
         names = [t.name for t in teachers]
         if len(set(names)) != len(names):
             raise ConfigError(f"teacher names must be unique, got {names}")
-        if rule not in targets.ENSEMBLE_RULES:
-            raise ConfigError(f"unknown rule {rule!r}; expected one of {targets.ENSEMBLE_RULES}")
+        if isinstance(rule, str) and rule not in targets.ALL_ENSEMBLE_RULES:
+            raise ConfigError(
+                f"unknown rule {rule!r}; expected one of {targets.ALL_ENSEMBLE_RULES}"
+            )
         if weights is not None and len(weights) != len(teachers):
             raise ConfigError(f"{len(weights)} weights for {len(teachers)} teachers")
+        spec = targets.as_ensemble_rule(rule, weights=weights)
+        spec.check_num_teachers(len(teachers))
         self.teachers: list[Teacher | TeacherSpec] = list(teachers)
-        self.weights = None if weights is None else [float(w) for w in weights]
-        self.rule = rule
+        self.ensemble_rule = spec
+        self.weights = None if spec.weights is None else list(spec.weights)
+        self.rule = spec.rule
         self._loaded: dict[int, Teacher] = {}  # spec position -> the spec loaded here
 
     def __len__(self) -> int:
@@ -437,18 +451,36 @@ class TeacherEnsemble:
         return sum(t.num_parameters for t in self.load())
 
     def log_probs(
-        self, inputs: torch.Tensor | np.ndarray, temperature: float = 1.0
+        self,
+        inputs: torch.Tensor | np.ndarray,
+        temperature: float = 1.0,
+        *,
+        labels_B: Any = None,
+        route_keys_B: Any = None,
     ) -> torch.Tensor:
         """Online ensemble target: combined log-probabilities [B, V] float32 at ``temperature``.
 
         Specs are loaded in this process on the first call (see :meth:`load`).
 
+        Args:
+            inputs: A batch [B, ...] for the teachers.
+            temperature: tau > 0.
+            labels_B: ``best_on_label`` only: int labels [B] (``-100`` where none).
+            route_keys_B: ``route`` only: each sample's key [B].
+
         Raises:
             TeacherOutputError: the teachers disagree on V.
+            ConfigError: what :func:`kdcache.targets.combine_ensemble` refuses (a
+                per-sample rule without its labels or keys).
         """
         logits = [targets.scale_logits(t.logits(inputs), temperature) for t in self.load()]
         if len({x.shape for x in logits}) != 1:
             raise TeacherOutputError(
                 f"teachers disagree on output shape: {[tuple(x.shape) for x in logits]}"
             )
-        return targets.combine_ensemble(torch.stack(logits), rule=self.rule, weights=self.weights)
+        extra: dict[str, Any] = {}
+        if labels_B is not None:
+            extra["labels_B"] = labels_B
+        if route_keys_B is not None:
+            extra["route_keys_B"] = route_keys_B
+        return targets.combine_ensemble(torch.stack(logits), rule=self.ensemble_rule, **extra)

@@ -181,6 +181,35 @@ def _train_config(tmp_path, cache, output_dir, **extra):
     return str(path)
 
 
+def _with_ensemble(path: str, ensemble: dict) -> str:
+    with open(path) as f:
+        config = json.load(f)
+    config["cache"]["ensemble"] = ensemble
+    with open(path, "w") as f:
+        json.dump(config, f)
+    return path
+
+
+def test_cache_ensemble_recombines_the_same_entries_by_another_rule(tmp_path, cache, capsys):
+    """``cache.ensemble`` in a train config re-combines the view's entries by another
+    rule at read time: the same entries (no teacher recomputed), another view key."""
+    names = [e.teacher_name for e in cache.entries]
+    path = _with_ensemble(
+        _train_config(tmp_path, cache, str(tmp_path / "out")),
+        {"rule": "confidence_entropy", "entropy_temperature": 0.5},
+    )
+    assert main(["train", path, "--no-progress"]) == 0
+    facts = _last_json(capsys.readouterr().out)["cache"]
+    assert facts["rule"] == "confidence_entropy" and facts["teachers"] == names
+    assert facts["entries"] == [e.key for e in cache.entries] and facts["key"] != cache.key
+    routed = _with_ensemble(
+        _train_config(tmp_path, cache, str(tmp_path / "out2")),
+        {"rule": "route", "route_column": "labels", "routes": {"0": "nobody"}},
+    )
+    assert main(["train", routed, "--no-progress"]) == 2
+    assert f"no teacher named 'nobody'; the teachers are {names}" in capsys.readouterr().err
+
+
 def test_an_epochs_override_replaces_max_steps(tmp_path, cache, capsys):
     path = _train_config(tmp_path, cache, str(tmp_path / "out"))
     assert main(["train", path, "epochs=2", "--no-progress"]) == 0

@@ -448,3 +448,42 @@ def test_write_alias_refuses_to_move_unless_asked(tmp_path, caplog):
     with caplog.at_level("WARNING", logger="kdcache.stores.catalog"):
         write_alias(root, "best", b, "entry")  # move=True, the default: re-pointed, logged
     assert alias_target(root, "best") == b and f"was {a}" in caplog.text
+
+
+# -- issue 17: per-sample ensemble rules in configs ------------------------------------------
+
+TWO = {
+    **BASE,
+    "teachers": [{"name": "a", "torchscript": "a.pt"}, {"name": "b", "torchscript": "b.pt"}],
+}
+
+
+def test_ensemble_config_takes_every_rule_with_its_parameters():
+    from kdcache.targets import ALL_ENSEMBLE_RULES, EnsembleRule
+
+    c = cfg.from_dict(
+        cfg.BuildConfig, {**TWO, "ensemble": {"rule": "best_on_label", "fallback": "error"}}
+    )
+    assert c.ensemble.to_rule(["a", "b"]) == EnsembleRule("best_on_label", fallback="error")
+    routed = {"rule": "route", "route_column": "domain", "routes": {"news": "b", "code": 0}}
+    c = cfg.from_dict(cfg.BuildConfig, {**TWO, "ensemble": routed})
+    assert dict(c.ensemble.to_rule(["a", "b"]).routes) == {"news": 1, "code": 0}
+    for rule in ALL_ENSEMBLE_RULES:
+        extra = {"route_column": "labels", "routes": {0: 1}} if rule == "route" else {}
+        cfg.from_dict(cfg.BuildConfig, {**TWO, "ensemble": {"rule": rule, **extra}})
+
+
+@pytest.mark.parametrize(
+    ("ensemble", "message"),
+    [
+        ({"rule": "vote"}, r"ensemble.rule must be one of \('mean_probs'"),
+        ({"rule": "mean_probs", "fallback": "error"}, "ensemble: .*fallback"),
+        ({"rule": "route", "route_column": "d"}, "ensemble: rule 'route' needs routes"),
+        ({"rule": "route", "routes": {"x": "c"}, "route_column": "d"}, "no teacher named 'c'"),
+        ({"rule": "route", "routes": {"x": 5}, "route_column": "d"}, "ensemble: .*5"),
+        ({"rule": "confidence_max", "weights": [1, 2, 3]}, "3 values for 2 teachers"),
+    ],
+)
+def test_ensemble_config_errors_name_the_field(ensemble, message):
+    with pytest.raises(ConfigError, match=message):
+        cfg.from_dict(cfg.BuildConfig, {**TWO, "ensemble": ensemble})

@@ -523,6 +523,36 @@ def test_a_new_rule_is_a_new_view_over_the_same_entries(root):
         EnsembleView(view.entries, EnsembleRule("route", routes={1: [1, 1, 1]}, route_column="x"))
 
 
+def test_a_teacher_ensemble_with_a_per_sample_rule_builds_its_view(root):
+    """``TeacherEnsemble(rule=EnsembleRule(...))``: the build computes the same entries
+    as with the default rule (a hit) and returns the view with that rule, whose key is
+    the one the build plans; online ``log_probs`` applies the same rule."""
+    ds = toy_dataset()
+    teachers = [linear_teacher(seed=s) for s in range(2)]
+    kw = dict(temperature=2.0, root=root, executor="local", progress=False)
+    plain = kdcache.build_cache(ds, kdcache.TeacherEnsemble(teachers), **kw)
+    rule = EnsembleRule("best_on_label", fallback="mean_logprobs")
+    ensemble = kdcache.TeacherEnsemble(teachers, rule=rule)
+    assert ensemble.rule == "best_on_label" and ensemble.ensemble_rule == rule
+    ruled = kdcache.build_cache(ds, ensemble, **kw)
+    assert ruled.build_report.hit and ruled.ensemble_rule == rule
+    assert [e.key for e in ruled.entries] == [e.key for e in plain.entries]
+    assert ruled.key != plain.key
+    assert ruled.key == kdcache.build.stage.planned_key(ds, ensemble, temperature=2.0)
+    shard = ds.read_shard(0)
+    x, y = torch.as_tensor(shard["inputs"][:6]), torch.as_tensor(shard["labels"][:6])
+    y[1] = -100
+    online = ensemble.log_probs(x, temperature=2.0, labels_B=y)
+    stacked = torch.stack([targets.scale_logits(t.logits(x), 2.0) for t in teachers])
+    torch.testing.assert_close(online, targets.combine_ensemble(stacked, rule=rule, labels_B=y))
+    with pytest.raises(ConfigError, match="labels"):
+        ensemble.log_probs(x, temperature=2.0)
+    with pytest.raises(ConfigError, match="unknown rule 'vote'"):
+        kdcache.TeacherEnsemble(teachers, rule="vote")
+    with pytest.raises(ConfigError, match="3 weights for 2 teachers"):
+        kdcache.TeacherEnsemble(teachers, weights=[1, 1, 1], rule="confidence_max")
+
+
 def test_multi_teacher_loss_with_a_per_sample_rule():
     s = scaled(2, 5, 6, 19)
     student = torch.randn(5, 6, generator=torch.Generator().manual_seed(3))
