@@ -163,7 +163,7 @@ class CacheEntry:
 
     @property
     def shards(self) -> list[ShardRecord]:
-        return [ShardRecord.from_json(s) for s in self.manifest["shards"]]
+        return list(self._records())
 
     @property
     def num_shards(self) -> int:
@@ -380,10 +380,24 @@ class CacheEntry:
             IndexError: no such shard.
             CacheCorruptError: the record is malformed (names the entry and shard).
         """
-        shards = self.manifest["shards"]
-        if not 0 <= index < len(shards):
-            raise IndexError(f"shard {index} out of range: entry has {len(shards)} shards")
-        return ShardRecord.from_json(shards[index], f"{self.key} manifest, shard {index}")
+        records = self._records()
+        if not 0 <= index < len(records):
+            raise IndexError(f"shard {index} out of range: entry has {len(records)} shards")
+        return records[index]
+
+    def _records(self) -> list[ShardRecord]:
+        """The manifest's commit records, parsed once per manifest read (a shard read
+        asks for its record on every epoch)."""
+        manifest = self.manifest
+        cached = self.__dict__.get("_parsed_records")
+        if cached is None or cached[0] is not manifest:
+            records = [
+                ShardRecord.from_json(s, f"{self.key} manifest, shard {i}")
+                for i, s in enumerate(manifest["shards"])
+            ]
+            cached = (manifest, records)
+            self.__dict__["_parsed_records"] = cached
+        return cached[1]
 
     # -- writing (the commit protocol) -----------------------------------------------------
     def write_spec(self, spec: dict[str, Any]) -> None:
