@@ -357,6 +357,8 @@ class Settings:
     num_shards: int
     temperature: float
     alpha: float
+    student_temperature: float
+    lr_schedule: str
     teacher_epochs: int
     student_epochs: int
     student_labels: int
@@ -388,7 +390,21 @@ def parse_args(argv: list[str] | None = None) -> Settings:
     add_executor_args(p)
     p.add_argument("--num-shards", type=int, default=8, help="input shards of the training set")
     p.add_argument("--temperature", type=float, default=4.0, help="softmax temperature tau")
-    p.add_argument("--alpha", type=float, default=0.9, help="weight of the distillation term")
+    p.add_argument("--alpha", type=float, default=1.0, help="weight of the distillation term")
+    p.add_argument(
+        "--student-temperature",
+        type=float,
+        default=1.0,
+        help="tau of the distilled student's loss; a value other than --temperature (the "
+        "cache's) re-tempers the cached targets exactly, with no teacher recomputed",
+    )
+    p.add_argument(
+        "--lr-schedule",
+        choices=LR_SCHEDULES,
+        default="warmup_cosine",
+        help="both students' learning rate: constant, or warmup_cosine (DeepSpeed's "
+        "WarmupCosineLR: linear warm-up over 10%% of the steps, then a cosine decay)",
+    )
     p.add_argument("--teacher-epochs", type=int, default=5)
     p.add_argument(
         "--student-epochs",
@@ -404,7 +420,7 @@ def parse_args(argv: list[str] | None = None) -> Settings:
         "or a sixth of --subset when that is smaller",
     )
     p.add_argument("--batch-size", type=int, default=128)
-    p.add_argument("--lr", type=float, default=3e-3, help="student learning rate")
+    p.add_argument("--lr", type=float, default=1e-2, help="student (peak) learning rate")
     p.add_argument(
         "--subset",
         type=int,
@@ -434,6 +450,11 @@ def parse_args(argv: list[str] | None = None) -> Settings:
             "--temperature must be > 0",
             a.temperature,
         ),
+        (
+            a.student_temperature > 0 and np.isfinite(a.student_temperature),
+            "--student-temperature must be > 0",
+            a.student_temperature,
+        ),
     ]
     for ok, message, value in checks:
         if not ok:
@@ -448,6 +469,8 @@ def parse_args(argv: list[str] | None = None) -> Settings:
         num_shards=a.num_shards,
         temperature=a.temperature,
         alpha=a.alpha,
+        student_temperature=a.student_temperature,
+        lr_schedule=a.lr_schedule,
         teacher_epochs=a.teacher_epochs,
         student_epochs=a.student_epochs,
         student_labels=(
@@ -579,10 +602,17 @@ def run(s: Settings) -> dict[str, Any]:
     kd_data = parquet_dataset(train_path, s.num_shards, student_label_transform(s, n))
     hard_data = train.subset(labelled, num_shards=1)
     batch = min(s.batch_size, s.student_labels)
-    kd_stream = kdcache.SoftTargetDataset(cache, kd_data, batch_size=batch, seed=s.seed)
+    kd_stream = kdcache.SoftTargetDataset(
+        cache,
+        kd_data,
+        batch_size=batch,
+        seed=s.seed,
+        temperature=s.student_temperature,
+        retemper=s.student_temperature != s.temperature,  # exact, from the stored z / tau
+    )
     steps = max(1, s.student_epochs * len(kd_stream))
     hard_stream = ShardedStream(hard_data, batch_size=batch, seed=s.seed)
-    ds = cpu_ds_config(lr=s.lr, micro_batch_size=batch)
+    ds = student_ds_config(s, batch, steps)
 
     def hard_loss(logits: torch.Tensor, b: dict[str, torch.Tensor]) -> torch.Tensor:
         return losses.cross_entropy(logits, b["labels"])
@@ -591,7 +621,7 @@ def run(s: Settings) -> dict[str, Any]:
         return losses.kd_loss(
             logits,
             b["teacher_log_probs"],
-            temperature=s.temperature,
+            temperature=s.student_temperature,
             alpha=s.alpha,
             labels_B=b["labels"],
         )
@@ -631,7 +661,7 @@ def run(s: Settings) -> dict[str, Any]:
                 "role": role,
                 "steps": result.steps,
                 "cache_key": cache.key if role == "student_kd" else None,
-                "temperature": s.temperature,
+                "temperature": s.student_temperature,
                 "alpha": s.alpha,
                 "student_labels": s.student_labels,
             },
@@ -718,7 +748,11 @@ def sweep_students(s: Settings, train_yaml: str, steps: int) -> dict[str, Any]:
     from kdcache.jobs.config import from_dict, read_file
     from kdcache.jobs.sweep import SweepConfig, format_table, run_sweep
 
-    train = {**read_file(train_yaml), "max_steps": max(1, steps // 4), "eval_every": 0}
+    short = max(1, steps // 4)
+    train = {**read_file(train_yaml), "max_steps": short, "eval_every": 0}
+    scheduler = train.get("deepspeed", {}).get("scheduler")
+    if scheduler:  # the schedule of a run of `short` steps
+        scheduler["params"].update(total_num_steps=short, warmup_num_steps=max(1, short // 10))
     out = os.path.join(os.path.dirname(os.path.abspath(s.report)), "sweep")
     cfg = from_dict(
         SweepConfig,
@@ -727,7 +761,11 @@ def sweep_students(s: Settings, train_yaml: str, steps: int) -> dict[str, Any]:
             "output_dir": out,
             "parameters": {
                 "loss.alpha": [0.5, 0.9],
-                "loss.temperature": [s.temperature / 2, s.temperature],
+                "loss.temperature": (
+                    sorted({s.student_temperature, s.temperature})
+                    if s.student_temperature != s.temperature
+                    else [s.temperature / 2, s.temperature]
+                ),
             },
             "address": s.executor.address if s.executor.kind == "ray" else None,
         },
@@ -787,6 +825,29 @@ def write_build_config(s: Settings, teachers: list[tuple[kdcache.Teacher, str]])
     return path
 
 
+#: ``--lr-schedule`` choices.
+LR_SCHEDULES = ("constant", "warmup_cosine")
+
+
+def student_ds_config(s: Settings, batch: int, steps: int) -> dict[str, Any]:
+    """Both students' DeepSpeed config: AdamW at ``--lr`` (no weight decay), and with
+    ``--lr-schedule warmup_cosine`` DeepSpeed's ``WarmupCosineLR``: linear warm-up from 0
+    over the first 10% of the ``steps``, then a cosine decay to 1e-4 of the peak."""
+    config = cpu_ds_config(lr=s.lr, micro_batch_size=batch)
+    if s.lr_schedule == "warmup_cosine":
+        config["scheduler"] = {
+            "type": "WarmupCosineLR",
+            "params": {
+                "total_num_steps": steps,
+                "warmup_num_steps": max(1, steps // 10),
+                "warmup_min_ratio": 0.0,
+                "warmup_type": "linear",
+                "cos_min_ratio": 1e-4,
+            },
+        }
+    return config
+
+
 def write_train_config(s: Settings, cache_key: str, batch: int, steps: int, eval_every: int) -> str:
     """Write WORK_DIR/train.yaml: the distilled student of this run as a ``kdcache train``
     config (same initial weights, sample order, loss, optimizer and steps), so
@@ -809,8 +870,12 @@ def write_train_config(s: Settings, cache_key: str, batch: int, steps: int, eval
             "label_transform": student_label_transform(s, n),
         },
         "eval_dataset": dataset_config(s, "test"),
-        "lr": s.lr,
-        "loss": {"kind": "forward_kl", "temperature": s.temperature, "alpha": s.alpha},
+        **(
+            {"lr": s.lr}
+            if s.lr_schedule == "constant"
+            else {"deepspeed": student_ds_config(s, batch, steps)}
+        ),
+        "loss": {"kind": "forward_kl", "temperature": s.student_temperature, "alpha": s.alpha},
         "stream": {"global_batch_size": batch},  # one rank: batch rows per step
         "max_steps": steps,
         "seed": s.seed,
@@ -864,7 +929,7 @@ def plot_curves(
     ax.set_ylabel("test accuracy")
     ax.set_title(
         f"Fashion-MNIST student ({num_parameters:,} params), {s.student_labels:,} labels, "
-        f"tau={s.temperature}",
+        f"tau={s.student_temperature}",
         fontsize=10,
     )
     ax.grid(alpha=0.3)
