@@ -405,7 +405,9 @@ def parse_args(argv: list[str] | None = None) -> Settings:
         help="both students' learning rate: constant, or warmup_cosine (DeepSpeed's "
         "WarmupCosineLR: linear warm-up over 10%% of the steps, then a cosine decay)",
     )
-    p.add_argument("--teacher-epochs", type=int, default=5)
+    p.add_argument(
+        "--teacher-epochs", type=int, default=5, help="passes of each teacher's training"
+    )
     p.add_argument(
         "--student-epochs",
         type=int,
@@ -419,7 +421,13 @@ def parse_args(argv: list[str] | None = None) -> Settings:
         help="labelled training images the students may use (0 < n <= N); default 1,000, "
         "or a sixth of --subset when that is smaller",
     )
-    p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument(
+        "--batch-size",
+        type=int,
+        default=128,
+        help="rows per step for teachers and students (the students' is at most "
+        "--student-labels, the labelled set the hard-label student sees)",
+    )
     p.add_argument("--lr", type=float, default=1e-2, help="student (peak) learning rate")
     p.add_argument(
         "--subset",
@@ -427,7 +435,9 @@ def parse_args(argv: list[str] | None = None) -> Settings:
         default=None,
         help="use only the first N training and N/6 test images (for quick runs)",
     )
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--seed", type=int, default=0, help="initial weights, labelled subset and sample order"
+    )
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
     p.add_argument(
         "--sweep",
@@ -728,6 +738,7 @@ def run(s: Settings) -> dict[str, Any]:
         "build_config": build_yaml,
         "train_config": train_yaml,
         "student_steps": steps,
+        "student_batch_size": batch,
         "student_curves": {role: [list(p) for p in c] for role, c in curves.items()},
         "plot": plot,
         "timings_s": timings,
@@ -748,11 +759,8 @@ def sweep_students(s: Settings, train_yaml: str, steps: int) -> dict[str, Any]:
     from kdcache.jobs.config import from_dict, read_file
     from kdcache.jobs.sweep import SweepConfig, format_table, run_sweep
 
-    short = max(1, steps // 4)
-    train = {**read_file(train_yaml), "max_steps": short, "eval_every": 0}
-    scheduler = train.get("deepspeed", {}).get("scheduler")
-    if scheduler:  # the schedule of a run of `short` steps
-        scheduler["params"].update(total_num_steps=short, warmup_num_steps=max(1, short // 10))
+    # the train config's schedule is "auto": kdcache train fits it to the shorter runs
+    train = {**read_file(train_yaml), "max_steps": max(1, steps // 4), "eval_every": 0}
     out = os.path.join(os.path.dirname(os.path.abspath(s.report)), "sweep")
     cfg = from_dict(
         SweepConfig,
@@ -829,17 +837,20 @@ def write_build_config(s: Settings, teachers: list[tuple[kdcache.Teacher, str]])
 LR_SCHEDULES = ("constant", "warmup_cosine")
 
 
-def student_ds_config(s: Settings, batch: int, steps: int) -> dict[str, Any]:
+def student_ds_config(s: Settings, batch: int, steps: int | str) -> dict[str, Any]:
     """Both students' DeepSpeed config: AdamW at ``--lr`` (no weight decay), and with
     ``--lr-schedule warmup_cosine`` DeepSpeed's ``WarmupCosineLR``: linear warm-up from 0
-    over the first 10% of the ``steps``, then a cosine decay to 1e-4 of the peak."""
+    over the first 10% of the ``steps``, then a cosine decay to 1e-4 of the peak.
+    ``steps="auto"`` (the train config's): ``kdcache train`` fills both from the run's
+    steps (:func:`kdcache.train.distributed.prepare_ds_config`), the same numbers for the
+    same steps, and the right ones for a run an override shortens."""
     config = cpu_ds_config(lr=s.lr, micro_batch_size=batch)
     if s.lr_schedule == "warmup_cosine":
         config["scheduler"] = {
             "type": "WarmupCosineLR",
             "params": {
                 "total_num_steps": steps,
-                "warmup_num_steps": max(1, steps // 10),
+                "warmup_num_steps": steps if steps == "auto" else max(1, int(steps) // 10),
                 "warmup_min_ratio": 0.0,
                 "warmup_type": "linear",
                 "cos_min_ratio": 1e-4,
@@ -873,7 +884,7 @@ def write_train_config(s: Settings, cache_key: str, batch: int, steps: int, eval
         **(
             {"lr": s.lr}
             if s.lr_schedule == "constant"
-            else {"deepspeed": student_ds_config(s, batch, steps)}
+            else {"deepspeed": student_ds_config(s, batch, "auto")}
         ),
         "loss": {"kind": "forward_kl", "temperature": s.student_temperature, "alpha": s.alpha},
         "stream": {"global_batch_size": batch},  # one rank: batch rows per step

@@ -821,25 +821,41 @@ class EnsembleConfig:
         from kdcache.targets.dense import ALL_ENSEMBLE_RULES
 
         if self.rule not in ALL_ENSEMBLE_RULES:
+            raise ConfigError(f"rule must be one of {ALL_ENSEMBLE_RULES}, got {self.rule!r}")
+        if self.rule == "route" and self.route_column is None:
             raise ConfigError(
-                f"ensemble.rule must be one of {ALL_ENSEMBLE_RULES}, got {self.rule!r}"
+                "rule 'route' needs route_column, the input column holding each sample's "
+                "key (e.g. domain, or labels to route by class)"
             )
-        self.to_rule(None)  # every other check, before any work
+        # every other check, before any work (the config loader names this field)
+        self.to_rule(None, where="")
 
-    def to_rule(self, teacher_names: Sequence[str] | None) -> Any:
+    def to_rule(self, teacher_names: Sequence[str] | None, *, where: str = "ensemble") -> Any:
         """The :class:`kdcache.EnsembleRule` this config describes; route targets given
         by teacher name are resolved against ``teacher_names`` (the teachers' order).
 
+        Args:
+            teacher_names: The teachers, in order; None: names are not resolved yet.
+            where: The config path that errors name (``ensemble``, ``cache.ensemble``).
+
         Raises:
-            ConfigError: ``ensemble.<field>`` named, when the rule refuses a parameter,
-                or a route names a teacher that is not in ``teacher_names``.
+            ConfigError: ``<where>.<field>`` named, when the rule refuses a parameter, a
+                route names a teacher that is not in ``teacher_names``, or route keys mix
+                classes (integers) and strings.
         """
         from kdcache.targets.dense import EnsembleRule
 
+        prefix = f"{where}." if where else ""
         routes: dict[Any, Any] | None = None
         if self.routes is not None:
             routes = {}
-            as_ints = all(_is_int_literal(k) for k in self.routes)
+            ints = [k for k in self.routes if _is_int_literal(k)]
+            if ints and len(ints) != len(self.routes):
+                others = [k for k in self.routes if not _is_int_literal(k)]
+                raise ConfigError(
+                    f"{prefix}routes: keys are all classes (integers) or all strings "
+                    f"(domains), not both: {ints} and {others}"
+                )
             for key, target in self.routes.items():
                 if isinstance(target, str):
                     if teacher_names is None:
@@ -848,10 +864,10 @@ class EnsembleConfig:
                         target = list(teacher_names).index(target)
                     else:
                         raise ConfigError(
-                            f"ensemble.routes.{key}: no teacher named {target!r}; the "
+                            f"{prefix}routes.{key}: no teacher named {target!r}; the "
                             f"teachers are {list(teacher_names)}"
                         )
-                routes[int(key) if as_ints else key] = target
+                routes[int(key) if ints else key] = target
         try:
             return EnsembleRule(
                 self.rule,
@@ -862,7 +878,7 @@ class EnsembleConfig:
                 entropy_temperature=self.entropy_temperature,
             )
         except ConfigError as exc:
-            raise ConfigError(f"ensemble: {exc}") from None
+            raise ConfigError(f"{where}: {exc}" if where else str(exc)) from None
 
 
 def _default_targets() -> TargetSpec:
@@ -1163,8 +1179,10 @@ class CacheRefConfig:
         root: The cache root a key or an alias is looked up in.
         ensemble: Combine the view's teachers by this rule instead of the view's own
             (:meth:`kdcache.stores.view.EnsembleView.with_rule`): nothing is recomputed;
-            route targets by name are the view's teacher names. Needs a view of two or
-            more teachers.
+            route targets by name are the view's teacher names; static weights are this
+            config's (``ensemble.weights``), not the view's. Needs a view of two or more
+            teachers. The new view is saved under the cache root, so the key the run
+            records opens there.
     """
 
     uri: str

@@ -405,8 +405,23 @@ def train_from_config(
                     "combines two or more (point cache.uri at an ensemble view, or drop "
                     "cache.ensemble)"
                 )
-            rule = cfg.cache.ensemble.to_rule([e.teacher_name for e in view.entries])
-            view = view.with_rule(rule)  # the same entries: no teacher recomputed
+            names = [e.teacher_name for e in view.entries]
+            rule = cfg.cache.ensemble.to_rule(names, where="cache.ensemble")
+            try:
+                view = view.with_rule(rule)  # the same entries: no teacher recomputed
+            except ConfigError as exc:
+                raise ConfigError(f"cache.ensemble: {exc} (the teachers are {names})") from None
+            if rank == 0:  # so that the key the run records opens (kdcache inspect KEY)
+                try:
+                    view.save()
+                except OSError as exc:  # a read-only cache root: the run goes on
+                    log.warning(
+                        "cache.ensemble: the view %s was not saved under %s (%s); the key "
+                        "this run records will not open there until the view is saved",
+                        view.key,
+                        view.root.uri,
+                        exc,
+                    )
             cache = view
     loss_cfg = cfg.loss
     if loss_cfg.temperature is not None:
@@ -540,6 +555,7 @@ def train_from_config(
             "entries": [e.key for e in view.entries],
             "teachers": [e.teacher_name for e in view.entries],
             "rule": view.rule if len(view.entries) > 1 else None,
+            "ensemble_rule": view.ensemble_rule.to_json() if len(view.entries) > 1 else None,
             "temperature": view.temperature,
         },
         "evals": {label: r.evals[-1][1] if r.evals else {} for label, r in results.items()},

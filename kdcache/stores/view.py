@@ -136,6 +136,11 @@ class EnsembleView:
         """The same entries combined by another rule: nothing is recomputed (call
         :meth:`save` to keep the new view under its own key).
 
+        The new rule comes with its own parameters: static weights are those of ``rule``
+        (an :class:`kdcache.targets.EnsembleRule`) or ``weights``, never this view's
+        (``view.with_rule(EnsembleRule("confidence_max", weights=view.weights))`` keeps
+        them as the rule's prior).
+
         Raises:
             ConfigError: as the constructor.
         """

@@ -569,9 +569,14 @@ def _dense_log_probs(scaled_logits_KBV: torch.Tensor, spec: EnsembleRule) -> tor
 #: are recomputed in log space.
 _MIX_TINY = 1e-30
 
-#: |s| up to which ``exp(s)`` is a normal float32 (e^-87.3 is the smallest): inputs
-#: within it need no max shift.
+#: |s| up to which ``exp(s)`` is a normal float32 (e^-87.3 is the smallest, e^88.7 the
+#: largest): inputs within it (less log V at the top, for the sum) need no max shift.
 _EXP_SAFE = 80.0
+
+#: Scaled logits beyond this magnitude are shifted by each teacher's row max before the
+#: geometric mean mixes them (a float32 sum of values near 1e7 keeps no digit of one
+#: near 1).
+_MIX_SHIFT_ABOVE = 1e3
 
 
 def _log_softmax(x: torch.Tensor) -> torch.Tensor:
@@ -589,9 +594,16 @@ def _mean_logprobs(s_KBV: torch.Tensor, w_K: torch.Tensor) -> torch.Tensor:
 
     The two are equal: ``log_softmax(s_k) = s_k - lse_k`` and ``sum_k w_k lse_k`` is one
     constant per row, which the outer ``log_softmax`` removes (w sums to 1). One pass
-    instead of K ``log_softmax``; w_K > 0 (zero weights dropped by the caller).
+    instead of K ``log_softmax``; w_K > 0 (zero weights dropped by the caller). Scaled
+    logits beyond +-:data:`_MIX_SHIFT_ABOVE` are first shifted by each teacher's row max
+    (a per-row constant too), so that one teacher's large offset cannot round another's
+    values away in the sum.
     """
     w = w_K.reshape((-1,) + (1,) * (s_KBV.dim() - 1))
+    lo, hi = (float(v) for v in torch.aminmax(s_KBV))
+    if max(-lo, hi) > _MIX_SHIFT_ABOVE:  # rare: huge logits; shifting is exact
+        m = s_KBV.amax(dim=-1, keepdim=True).clamp_min(torch.finfo(s_KBV.dtype).min)
+        s_KBV = s_KBV - m
     return _log_softmax((s_KBV * w).sum(dim=0))
 
 
@@ -604,14 +616,15 @@ def _mean_probs(s_KBV: torch.Tensor, w_K: torch.Tensor) -> torch.Tensor:
     (about 5x faster on the CPU, measured with torch 2.13). Where a row of the mixture has
     a probability below :data:`_MIX_TINY` (float32 underflow may have cost it digits:
     a log-probability below about -69 in every teacher), that row is recomputed in log
-    space, so every row matches the log-space result to float32 rounding. Inputs all
-    within +-:data:`_EXP_SAFE` skip the max shift. Two or three host syncs per call
+    space, so every row matches the log-space result to float32 rounding. Inputs within
+    ``[-_EXP_SAFE, _EXP_SAFE - log V]`` (so that no exp and no sum over V leaves the
+    normal float32 range) skip the max shift. Two or three host syncs per call
     (the range and the minimum), per shard, not per training step.
     """
     lo, hi = (float(v) for v in torch.aminmax(s_KBV))
-    if -_EXP_SAFE <= lo and hi <= _EXP_SAFE:
-        # every exp(s) is a normal float32 with full precision: no shift needed (the
-        # row max is a slow reduction over a narrow last dim)
+    if -_EXP_SAFE <= lo and hi + math.log(s_KBV.shape[-1]) <= _EXP_SAFE:
+        # every exp(s), and every row's sum of V of them, is a normal float32 with full
+        # precision: no shift needed (the row max is a slow reduction over a narrow dim)
         e = torch.exp(s_KBV)
     else:
         m = s_KBV.amax(dim=-1, keepdim=True).clamp_min(torch.finfo(s_KBV.dtype).min)
@@ -771,13 +784,13 @@ def combine_ensemble(
         return _mean_probs(s_KBV, w_K)
     logp_KBV = _dense_log_probs(scaled_logits_KBV, spec)
     num_teachers = logp_KBV.shape[0]
-    w_shape = (num_teachers,) + (1,) * (logp_KBV.dim() - 1)
     w_KB = _dense_rule_weights(spec, logp_KBV, labels_B, route_keys_B, ignore_index)
     combined = torch.logsumexp(logp_KBV + torch.log(w_KB).unsqueeze(-1), dim=0)
     if spec.rule == "best_on_label" and spec.fallback == "mean_logprobs":
         _, has = _labels(labels_B, tuple(logp_KBV.shape[1:-1]), ignore_index)
         w_K = _weights(num_teachers, spec.weights).to(logp_KBV.device)
-        geo = torch.log_softmax((logp_KBV * w_K.reshape(w_shape)).sum(dim=0), dim=-1)
+        keep = torch.nonzero(w_K).flatten()  # zero weights drop out (no 0 * -inf)
+        geo = _mean_logprobs(logp_KBV.index_select(0, keep), w_K.index_select(0, keep))
         combined = torch.where(has.to(logp_KBV.device).unsqueeze(-1), combined, geo)
     return combined
 

@@ -160,7 +160,10 @@ def prepare_ds_config(
     ``train_micro_batch_size_per_gpu`` (the stream's per-rank batch) and, for the
     schedulers that need it (``WarmupDecayLR``, ``WarmupCosineLR``), the scheduler's
     ``total_num_steps`` (optimizer steps of the whole run, from the manifest's row
-    count, the epochs and the batch).
+    count, the epochs and the batch). Filled only when ``"auto"``: a scheduler's
+    ``warmup_num_steps``, as 10% of the run's optimizer steps (at least 1), so that a
+    config whose run is shortened or lengthened by an override (``max_steps=``,
+    ``epochs=``) keeps the shape of its schedule.
 
     Args:
         ds_config: Dict or JSON path.
@@ -190,6 +193,16 @@ def prepare_ds_config(
         if params.get("total_num_steps", "auto") == "auto":
             params["total_num_steps"] = int(total_steps)
             log.info("DeepSpeed scheduler %s: total_num_steps=%d", scheduler["type"], total_steps)
+    if isinstance(scheduler, dict) and isinstance(scheduler.get("params"), dict):
+        params = scheduler["params"]
+        if params.get("warmup_num_steps") == "auto":
+            params["warmup_num_steps"] = max(1, int(total_steps) // 10)
+            log.info(
+                "DeepSpeed scheduler %s: warmup_num_steps=%d (10%% of %d steps)",
+                scheduler.get("type"),
+                params["warmup_num_steps"],
+                total_steps,
+            )
     return config
 
 

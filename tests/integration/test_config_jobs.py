@@ -202,12 +202,23 @@ def test_cache_ensemble_recombines_the_same_entries_by_another_rule(tmp_path, ca
     facts = _last_json(capsys.readouterr().out)["cache"]
     assert facts["rule"] == "confidence_entropy" and facts["teachers"] == names
     assert facts["entries"] == [e.key for e in cache.entries] and facts["key"] != cache.key
+    assert facts["ensemble_rule"]["entropy_temperature"] == 0.5
+    saved = kdcache.open_cache(facts["key"], root=str(cache.root.uri))  # the key opens
+    assert saved.ensemble_rule.rule == "confidence_entropy"
     routed = _with_ensemble(
         _train_config(tmp_path, cache, str(tmp_path / "out2")),
         {"rule": "route", "route_column": "labels", "routes": {"0": "nobody"}},
     )
     assert main(["train", routed, "--no-progress"]) == 2
-    assert f"no teacher named 'nobody'; the teachers are {names}" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert f"cache.ensemble.routes.0: no teacher named 'nobody'; the teachers are {names}" in err
+    weighted = _with_ensemble(
+        _train_config(tmp_path, cache, str(tmp_path / "out3")),
+        {"rule": "confidence_max", "weights": [1, 2, 3]},
+    )
+    assert main(["train", weighted, "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert "cache.ensemble: " in err and "3 ensemble weights for 2 teachers" in err
 
 
 def test_an_epochs_override_replaces_max_steps(tmp_path, cache, capsys):

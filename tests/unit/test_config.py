@@ -476,11 +476,16 @@ def test_ensemble_config_takes_every_rule_with_its_parameters():
 @pytest.mark.parametrize(
     ("ensemble", "message"),
     [
-        ({"rule": "vote"}, r"ensemble.rule must be one of \('mean_probs'"),
-        ({"rule": "mean_probs", "fallback": "error"}, "ensemble: .*fallback"),
-        ({"rule": "route", "route_column": "d"}, "ensemble: rule 'route' needs routes"),
+        ({"rule": "vote"}, r"^ensemble: rule must be one of \('mean_probs'"),
+        ({"rule": "mean_probs", "fallback": "error"}, "^ensemble: [^:]*fallback"),
+        ({"rule": "route", "route_column": "d"}, "^ensemble: rule 'route' needs routes"),
+        ({"rule": "route", "routes": {"x": 0}}, "^ensemble: rule 'route' needs route_column"),
         ({"rule": "route", "routes": {"x": "c"}, "route_column": "d"}, "no teacher named 'c'"),
-        ({"rule": "route", "routes": {"x": 5}, "route_column": "d"}, "ensemble: .*5"),
+        ({"rule": "route", "routes": {"x": 5}, "route_column": "d"}, "^ensemble: .*5"),
+        (
+            {"rule": "route", "routes": {"0": "a", "news": "b"}, "route_column": "d"},
+            r"^ensemble: routes: keys are all classes \(integers\) or all strings",
+        ),
         ({"rule": "confidence_max", "weights": [1, 2, 3]}, "3 values for 2 teachers"),
     ],
 )

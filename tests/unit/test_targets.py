@@ -118,6 +118,37 @@ def test_combine_ensemble_is_exact_where_linear_space_underflows(rule):
     assert float(targets.combine_ensemble(s, rule=rule)[1, 2, 7]) < -250.0
 
 
+def test_combine_ensemble_at_the_edges_of_float32():
+    """Scaled logits near the top of exp's range with a large V (the row's sum of V
+    exps overflows without the shift), one teacher offset by 1e7 (its values would round
+    the others away in a plain float32 mix): both rules still match float64."""
+    g = torch.Generator().manual_seed(5)
+    big_v = torch.stack(
+        [79.0 + 0.5 * torch.rand(2, 32768, generator=g), 0.5 * torch.randn(2, 32768, generator=g)]
+    )
+    offset = torch.stack([torch.randn(4, 9, generator=g) + 1e7, torch.randn(4, 9, generator=g)])
+    for s in (big_v, offset):
+        for rule in targets.ENSEMBLE_RULES:
+            got = targets.combine_ensemble(s, rule=rule).double()
+            ref = torch.from_numpy(_np_combine(s.double().numpy(), np.array([0.5, 0.5]), rule))
+            np.testing.assert_allclose(got.exp().sum(-1).numpy(), 1.0, rtol=1e-5)
+            torch.testing.assert_close(got.exp(), ref.exp(), rtol=0, atol=2e-6)
+
+
+def test_best_on_label_geometric_fallback_drops_zero_weights():
+    """A teacher of weight 0 with a -inf entry leaves no NaN in the mean_logprobs
+    fallback (0 * -inf never appears: zero weights drop out, as in the static rules)."""
+    s = torch.stack([logits(4, 6, seed=k) for k in range(3)])
+    s[1, :, 2] = float("-inf")
+    labels = torch.tensor([1, -100, 3, -100])
+    got = targets.combine_ensemble(
+        s, rule="best_on_label", fallback="mean_logprobs", weights=[1, 0, 1], labels_B=labels
+    )
+    assert torch.isfinite(got).all()
+    geo = targets.combine_ensemble(s[[0, 2]], rule="mean_logprobs")
+    torch.testing.assert_close(got[[1, 3]], geo[[1, 3]])
+
+
 def test_combine_ensemble_mean_logprobs_is_log_softmax_of_mixed_logits():
     """The identity the fused geometric mean rests on: per-teacher log-normalisers are a
     constant per row, so normalising once after mixing gives the same distribution."""
