@@ -822,13 +822,8 @@ class EnsembleConfig:
 
         if self.rule not in ALL_ENSEMBLE_RULES:
             raise ConfigError(f"rule must be one of {ALL_ENSEMBLE_RULES}, got {self.rule!r}")
-        if self.rule == "route" and self.route_column is None:
-            raise ConfigError(
-                "rule 'route' needs route_column, the input column holding each sample's "
-                "key (e.g. domain, or labels to route by class)"
-            )
         # every other check, before any work (the config loader names this field)
-        self.to_rule(None, where="")
+        self.to_rule(None, where="").check_readable()
 
     def to_rule(self, teacher_names: Sequence[str] | None, *, where: str = "ensemble") -> Any:
         """The :class:`kdcache.EnsembleRule` this config describes; route targets given

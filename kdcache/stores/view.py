@@ -88,11 +88,7 @@ class EnsembleView:
             raise ConfigError(f"{len(weights)} weights for {len(entries)} entries")
         spec = as_ensemble_rule(rule, weights=weights)
         spec.check_num_teachers(len(entries))
-        if spec.rule == "route" and spec.route_column is None:
-            raise ConfigError(
-                "an ensemble view with rule 'route' needs route_column, the input column "
-                "holding each sample's key (e.g. 'domain', or 'labels' to route by class)"
-            )
+        spec.check_readable()
         self.entries = list(entries)
         self.ensemble_rule = spec
         first = self.entries[0]

@@ -398,12 +398,7 @@ class TeacherEnsemble:
             raise ConfigError(f"{len(weights)} weights for {len(teachers)} teachers")
         spec = targets.as_ensemble_rule(rule, weights=weights)
         spec.check_num_teachers(len(teachers))
-        if spec.rule == "route" and spec.route_column is None:  # before any compute
-            raise ConfigError(
-                "rule 'route' needs route_column, the input column holding each sample's "
-                "key (e.g. 'domain', or 'labels' to route by class): "
-                "EnsembleRule('route', routes=..., route_column=...)"
-            )
+        spec.check_readable()  # before any compute
         self.teachers: list[Teacher | TeacherSpec] = list(teachers)
         self.ensemble_rule = spec
         self.weights = None if spec.weights is None else list(spec.weights)
