@@ -19,7 +19,9 @@ before timing (its time is reported, not counted).
 
 Names in ``--json``: ``ratios.cached_over_hard_t<N>`` and ``ratios.read_over_hard_t<N>``
 (epoch time over the hard-label epoch's at N torch threads; the goal is <= 1.05),
-``ratios.online_over_cached_t<N>``; the epoch times are ``figures.<case>_epoch_s_t<N>``.
+``ratios.online_over_cached_t<N>``, with ``--loader-workers W`` also
+``ratios.read_w<W>_over_hard_t<N>`` (the read case in W loader processes); the epoch
+times are ``figures.<case>_epoch_s_t<N>``.
 
     python bench/bench_student.py --quick            # a few minutes on 2 cores
     python bench/bench_student.py --json out.json    # {"name", "figures", "ratios"}
@@ -83,6 +85,13 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument(
         "--no-online", action="store_true", help="leave out the slow online-teacher case"
     )
+    ap.add_argument(
+        "--loader-workers",
+        type=int,
+        default=0,
+        help="also time the read case with the stream in N loader worker processes "
+        "(case read_wN; default 0: left out)",
+    )
     ap.add_argument("--json", default=None, metavar="PATH")
     args = ap.parse_args(argv)
     n = args.samples or (16384 if args.quick else 65536)
@@ -137,6 +146,14 @@ def main(argv: list[str] | None = None) -> dict:
                 ),
             ),
         }
+        if args.loader_workers > 0:
+            w = args.loader_workers
+            cases[f"read_w{w}"] = (
+                lambda: kdcache.SoftTargetDataset(
+                    cache, ds, batch_size=args.batch_size, seed=0, num_workers=w
+                ),
+                lambda lg, b: losses.cross_entropy(lg, b["labels"]),
+            )
         if args.no_online:
             del cases["online"]
         best = {(k, th): float("inf") for th in thread_counts for k in cases}
@@ -173,6 +190,9 @@ def main(argv: list[str] | None = None) -> dict:
         ratios[f"cached_over_hard_t{th}"] = best["cached", th] / hard
         if "online" in cases:
             ratios[f"online_over_cached_t{th}"] = best["online", th] / best["cached", th]
+        if args.loader_workers > 0:
+            w = args.loader_workers
+            ratios[f"read_w{w}_over_hard_t{th}"] = best[f"read_w{w}", th] / hard
     head = (
         "case",
         *[f"t{th} epoch s" for th in thread_counts],
@@ -199,7 +219,8 @@ def main(argv: list[str] | None = None) -> dict:
             print("  ".join("-" * w for w in widths))
     print()
     for name, value in ratios.items():
-        goal = "  (goal <= 1.05)" if "_over_hard_" in name else ""
+        has_goal = name.startswith(("read_over_hard_", "cached_over_hard_"))
+        goal = "  (goal <= 1.05)" if has_goal else ""
         print(f"  {name:24s} {value:7.3f}{goal}")
     print(
         f"{n:,} samples, {steps} steps of {args.batch_size}, best of {rounds} rounds at "
