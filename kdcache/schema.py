@@ -126,6 +126,10 @@ VALUE_BITS = range(2, 17)
 
 ENTRIES_DIR = "entries"
 ENSEMBLES_DIR = "ensembles"
+
+#: ``spec.teacher.kind`` of an entry that holds an ensemble view's combination
+#: (:mod:`kdcache.stores.combined`).
+COMBINED_TEACHER_KIND = "ensemble_combination"
 ALIASES_DIR = "aliases"
 SHARDS_DIR = "shards"
 SPEC_FILE = "spec.json"

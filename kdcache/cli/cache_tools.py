@@ -1,4 +1,4 @@
-"""``kdcache inspect | verify | ls | alias | gc``: tools over cache roots."""
+"""``kdcache inspect | verify | ls | alias | gc | combine``: tools over cache roots."""
 
 from __future__ import annotations
 
@@ -50,6 +50,23 @@ def register(sub: argparse._SubParsersAction) -> None:
     c.add_argument("--dry-run", action="store_true", help="list what would be removed")
     c.add_argument("--json", action="store_true")
     c.set_defaults(func=cmd_gc)
+
+    c = sub.add_parser(
+        "combine",
+        help="store an ensemble view's combination at one temperature as one entry",
+        description="Combine a dense ensemble view's teachers by its rule once, shard by "
+        "shard, into one entry of log-probabilities at TEMPERATURE (default: the view's). "
+        "Students streaming the view at that temperature then read it: one file per shard, "
+        "no combination per epoch. A complete combination is a hit; an interrupted one "
+        "resumes. See docs/format.md, 'Combined entry'.",
+    )
+    c.add_argument("uri", help="ensemble view .json, or a key/alias with --root")
+    c.add_argument("--root", default=None, help="cache root, to resolve a key or alias")
+    c.add_argument(
+        "--temperature", type=float, default=None, help="tau of the combination (the student's)"
+    )
+    c.add_argument("--no-progress", action="store_true", help="no progress bar or log lines")
+    c.set_defaults(func=cmd_combine)
 
     c = sub.add_parser("alias", help="point a human-readable name at a key")
     c.add_argument("root")
@@ -159,4 +176,22 @@ def cmd_gc(args: argparse.Namespace, rest: list[str]) -> int:
     for key in result.skipped_leased:
         print(f"skipped   {key} (live lease: a build is running)")
     print(f"{verb} {len(result.removed)} file(s), {result.num_bytes} bytes")
+    return 0
+
+
+def cmd_combine(args: argparse.Namespace, rest: list[str]) -> int:
+    import time
+
+    from kdcache.stores.view import as_view
+
+    view = as_view(_open(args))
+    started = time.perf_counter()
+    was_complete = view.combined_entry(args.temperature).is_complete
+    entry = view.materialize(args.temperature, progress=not args.no_progress)
+    what = "exists (a hit)" if was_complete else f"written in {time.perf_counter() - started:.1f}s"
+    print(
+        f"combined {view.rule} of {len(view.entries)} teachers at temperature "
+        f"{entry.temperature:g}: entry {entry.key} {what}, {entry.num_rows} rows, "
+        f"{entry.num_bytes} bytes ({entry.location.uri})"
+    )
     return 0

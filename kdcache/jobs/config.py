@@ -1178,11 +1178,18 @@ class CacheRefConfig:
             config's (``ensemble.weights``), not the view's. Needs a view of two or more
             teachers. The new view is saved under the cache root, so the key the run
             records opens there.
+        combined: Read a dense view of two or more teachers (its rule reading only their
+            outputs) from its combined entry at the loss temperature, made once before
+            training if it does not exist (:meth:`kdcache.EnsembleView.materialize`; every
+            later run and student reuses it): one file per shard instead of K, and no
+            combination per epoch. False combines at read time. A read-only cache root
+            falls back to combining at read time, with a warning.
     """
 
     uri: str
     root: str | None = None
     ensemble: EnsembleConfig | None = None
+    combined: bool = True
 
 
 @config_dataclass

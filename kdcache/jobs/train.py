@@ -330,6 +330,30 @@ class LMStudent:
         return distilled, hard
 
 
+def _combined_entry(cfg: Any, view: Any, temperature: float, rank: int) -> Any:
+    """The combined entry the students read (``cache.combined``), made if missing; None
+    when the view is not combined (one teacher, sparse or token-level, a rule that reads
+    the stream's rows, ``combined: false``, a hard-label loss, or a read-only cache root).
+    Every rank calls it: the entry's lease lets one make it while the others wait."""
+    from kdcache.stores.combined import combinable
+
+    if cfg.cache is None or not cfg.cache.combined or combinable(view) is not None:
+        return None
+    if cfg.loss.kind == "cross_entropy":
+        return None
+    try:
+        return view.materialize(temperature, verify=cfg.stream.verify, progress=rank == 0)
+    except OSError as exc:  # a read-only cache root: combine at read time
+        log.warning(
+            "cache.combined: the combination of view %s could not be stored under %s (%s); "
+            "combining at read time",
+            view.key,
+            view.root.uri,
+            exc,
+        )
+        return None
+
+
 def train_from_config(
     cfg: Any,
     *,
@@ -428,6 +452,7 @@ def train_from_config(
         temperature = loss_cfg.temperature
     else:
         temperature = view.temperature if view is not None else 1.0
+    combined = _combined_entry(cfg, view, temperature, rank) if view is not None else None
     lm = LMStudent.resolve(cfg, cache) if tokens else None
     if lm is not None and cfg.quantize_int8:
         raise ConfigError(
@@ -453,6 +478,7 @@ def train_from_config(
             temperature=temperature,
             retemper=temperature != view.temperature,
             verify=cfg.stream.verify,
+            combined=None if combined is not None else False,
             **order,
         )
 
@@ -557,6 +583,7 @@ def train_from_config(
             "rule": view.rule if len(view.entries) > 1 else None,
             "ensemble_rule": view.ensemble_rule.to_json() if len(view.entries) > 1 else None,
             "temperature": view.temperature,
+            "combined_entry": None if combined is None else combined.key,
         },
         "evals": {label: r.evals[-1][1] if r.evals else {} for label, r in results.items()},
     }

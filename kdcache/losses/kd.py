@@ -132,6 +132,13 @@ def _valid_rows(
     return None if keep_N1 is None else keep_N1.nonzero()[:, 0]
 
 
+def _reads_back_free(device: torch.device) -> bool:
+    """Whether reading a tensor of ``device`` back to the host costs nothing (the CPU):
+    then the losses read counts as numbers and drop masks that keep every row. On an
+    accelerator they never do (a read would wait for the device every step)."""
+    return device.type == "cpu"
+
+
 def _labelled_rows(
     labels: torch.Tensor, leading: torch.Size, vocab: int, ignore_index: int, device: torch.device
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -156,6 +163,8 @@ def _labelled_rows(
         labels_t = labels_t.to(device=device, dtype=torch.int64)
     labels_N1 = labels_t.reshape(-1, 1)
     keep_N1 = labels_N1 != ignore_index
+    if _reads_back_free(device) and bool(keep_N1.all()):
+        return labels_N1, keep_N1
     return torch.where(keep_N1, labels_N1, 0), keep_N1
 
 
@@ -194,8 +203,15 @@ def _dense_forward_kl_loss(
             f"{tuple(teacher.shape)} must have the same shape [..., V]"
         )
     leading, device = student_logits.shape[:-1], student_NV.device
+    # On the CPU a count is read back for free: the weights become numbers and a mask
+    # that keeps every row is dropped (fewer ops per step; the same value and gradient).
+    # Elsewhere counts stay tensors, so that nothing waits for the device.
+    on_cpu = _reads_back_free(device)
     keep_N1 = _keep_rows(mask, leading, device)
     count: int | torch.Tensor = student_NV.shape[0] if keep_N1 is None else keep_N1.sum()
+    if on_cpu and keep_N1 is not None:
+        count = int(count)
+        keep_N1 = None if count == student_NV.shape[0] else keep_N1
     kl_weight = _weight(kl_scale, count, normalizer)
     labels_N1 = keep_labels_N1 = None
     nll_weight: Weight = 0.0
@@ -203,7 +219,11 @@ def _dense_forward_kl_loss(
         labels_N1, keep_labels_N1 = _labelled_rows(
             labels, leading, student_NV.shape[1], ignore_index, device
         )
-        nll_weight = _weight(nll_scale, keep_labels_N1.sum(), normalizer)
+        labelled: int | torch.Tensor = keep_labels_N1.sum()
+        if on_cpu:
+            labelled = int(labelled)
+            keep_labels_N1 = None if labelled == student_NV.shape[0] else keep_labels_N1
+        nll_weight = _weight(nll_scale, labelled, normalizer)
     return dense_forward_kl_loss(
         student_NV,
         teacher if teacher.dim() == 2 else teacher.reshape(student_NV.shape),

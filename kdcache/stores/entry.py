@@ -277,6 +277,13 @@ class CacheEntry:
     def is_sparse(self) -> bool:
         return self.target_spec.is_sparse
 
+    @property
+    def is_combined(self) -> bool:
+        """Whether the entry holds an ensemble view's combined log-probabilities
+        (:mod:`kdcache.stores.combined`) rather than one teacher's scaled logits."""
+        teacher = self.spec.get("teacher")
+        return isinstance(teacher, dict) and teacher.get("kind") == schema.COMBINED_TEACHER_KIND
+
     # -- reading -------------------------------------------------------------------------
     def read_columns(self, index: int, *, verify: bool = True) -> ShardColumns:
         """Read committed shard ``index`` as the backend's :class:`ShardColumns`.

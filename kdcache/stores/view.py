@@ -60,7 +60,8 @@ class EnsembleView:
 
     The combination rule is applied by the reader (:class:`kdcache.SoftTargetDataset`) via
     :func:`kdcache.targets.combine_ensemble` (dense) or
-    :func:`kdcache.targets.combine_sparse_ensemble` (sparse); nothing is materialised.
+    :func:`kdcache.targets.combine_sparse_ensemble` (sparse). :meth:`materialize` stores
+    a dense view's combination once, as one entry that readers then use in its place.
     Per-sample rules need the batch's labels (``best_on_label``) or the input column
     ``route_column`` (``route``); :attr:`ensemble_rule` says which.
 
@@ -184,6 +185,29 @@ class EnsembleView:
     def num_bytes(self) -> int:
         return sum(e.num_bytes for e in self.entries)
 
+    @property
+    def is_combined(self) -> bool:
+        """Whether this is one combined entry (:meth:`materialize`), whose stored values
+        are the final log-probabilities: a reader neither combines nor re-tempers them."""
+        return len(self.entries) == 1 and self.entries[0].is_combined
+
+    def combined_entry(self, temperature: float | None = None) -> CacheEntry:
+        """The entry that holds (or would hold) this view combined at ``temperature``
+        (None: the view's); nothing is read or written (see
+        :func:`kdcache.stores.combined.combined_entry`)."""
+        from kdcache.stores.combined import combined_entry
+
+        return combined_entry(self, temperature)
+
+    def materialize(self, temperature: float | None = None, **kwargs: Any) -> CacheEntry:
+        """Combine this view once into one dense entry at ``temperature`` (None: the
+        view's), which the student stream then reads instead of the K members; a hit when
+        it exists. See :func:`kdcache.stores.combined.materialize` (its keywords, errors
+        and the stored format)."""
+        from kdcache.stores.combined import materialize
+
+        return materialize(self, temperature, **kwargs)
+
     def save(self) -> str:
         """Write ``<root>/ensembles/<key>.json``, unless it already holds these bytes (so
         that a cache hit writes nothing: it works on a read-only root); returns its URI."""
@@ -263,7 +287,7 @@ def check_reader(
             order; None skips the check.
         retemper: Allow another temperature: dense targets re-temper exactly; sparse
             top-k / top-p targets only to a temperature in their log-partition grid;
-            sampled and mixture targets never.
+            sampled and mixture targets, and combined entries, never.
 
     Raises:
         SpecMismatchError: the temperature differs (without ``retemper``, or beyond what
@@ -278,6 +302,13 @@ def check_reader(
                 "was asked; pass retemper=True to re-temper, or build at that temperature"
             )
         for e in view.entries:
+            if e.is_combined:
+                raise SpecMismatchError(
+                    f"entry {e.key} holds an ensemble's combined soft targets at temperature "
+                    f"{e.temperature}; a combination cannot be re-tempered to {temperature}. "
+                    "Read its view at that temperature, or store that combination "
+                    "(EnsembleView.materialize(temperature))"
+                )
             spec = e.target_spec
             if not spec.is_sparse:
                 continue

@@ -164,10 +164,15 @@ class DenseLayout(RecordLayout):
     ) -> None:
         super().__init__(dataset)
         self.view, self.temperature, self.verify = view, float(temperature), verify
+        self.combined = view.is_combined
 
     def _joined(self, shard: int) -> tuple[dict[str, np.ndarray], np.ndarray]:
         inputs = read_inputs(self.view, self.dataset, shard, verify=self.verify)
-        ids, scaled_KNV = self.view.read_shard(shard, verify=self.verify)
+        if self.combined:  # one entry, read as it is (no [1, n, V] copy)
+            ids, vals_NV = self.view.entries[0].read_shard(shard, verify=self.verify)
+            scaled_KNV = vals_NV[None]
+        else:
+            ids, scaled_KNV = self.view.read_shard(shard, verify=self.verify)
         perm = input_order(ids, inputs["sample_id"], f"shard {shard}")
         return inputs, scaled_KNV if perm is None else scaled_KNV[:, perm]
 
@@ -180,6 +185,8 @@ class DenseLayout(RecordLayout):
         """Re-temper and combine a loaded shard: its columns and ``teacher_log_probs``
         float32 [n, V] (log-probabilities at the stream's temperature)."""
         inputs, scaled_KNV = raw
+        if self.combined:  # stored as the final log-probabilities, float32
+            return {**inputs, "teacher_log_probs": np.asarray(scaled_KNV[0], dtype=np.float32)}
         scaled = torch.from_numpy(scaled_KNV)
         if self.temperature != self.view.temperature:
             scaled = targets.retemper(scaled, self.view.temperature, self.temperature)

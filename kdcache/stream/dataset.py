@@ -41,8 +41,9 @@ import torch
 
 from kdcache.data.base import ShardedDataset, dataset_layout, declared_shard_records
 from kdcache.errors import ConfigError, SpecMismatchError
+from kdcache.stores.combined import combinable
 from kdcache.stores.entry import CacheEntry
-from kdcache.stores.view import EnsembleView, as_view
+from kdcache.stores.view import EnsembleView, as_view, check_reader
 from kdcache.stream.collate import (
     DenseLayout,
     FeatureLayout,
@@ -366,6 +367,13 @@ class SoftTargetDataset(ShardedStream):
         combine: Combine K sparse top-k/top-p teachers into one mixture per batch
             (:func:`kdcache.targets.combine_sparse_ensemble`); False keeps a list of K.
             Sampled teachers are never combined: their losses are summed.
+        combined: For a dense view of K >= 2 teachers whose rule reads only their outputs
+            (:mod:`kdcache.stores.combined`): read its combined entry at ``temperature``
+            (one file per shard, no arithmetic; the same floats as combining here).
+            None (default): when that entry exists; True: make it first if it does not
+            (:meth:`kdcache.EnsembleView.materialize`, a pass over the view; call it on
+            one process before starting several ranks); False: combine at read time.
+            Ignored where it does not apply. :attr:`combined_entry` says what is read.
         **kwargs: Order and sharding options of :class:`ShardedStream`.
 
     Yields:
@@ -375,7 +383,8 @@ class SoftTargetDataset(ShardedStream):
 
     Raises:
         SpecMismatchError: the cache was built over another dataset (names both
-            fingerprints), or at another temperature without ``retemper=True``.
+            fingerprints), or at another temperature without ``retemper=True``, or it is a
+            combined entry and another temperature was asked (it cannot re-temper).
         ConfigError: features asked of a token or sparse cache, or a bad option.
         SampleIdMismatchError: (while iterating) a cache shard's ids differ from its input
             shard's; the message names the shard and a missing id. Nothing is zero-filled.
@@ -391,10 +400,13 @@ class SoftTargetDataset(ShardedStream):
         verify: bool = True,
         output: str = "log_probs",
         combine: bool = True,
+        combined: bool | None = None,
         **kwargs: Any,
     ) -> None:
         if output not in ("log_probs", "features"):
             raise ConfigError(f"output must be 'log_probs' or 'features', got {output!r}")
+        if combined not in (None, True, False):
+            raise ConfigError(f"combined must be None, True or False, got {combined!r}")
         self.output = output
         self.view = as_view(cache)
         check_same_dataset(self.view, dataset)
@@ -405,6 +417,24 @@ class SoftTargetDataset(ShardedStream):
                 f"cache holds soft targets at temperature {self.cache_temperature}, "
                 f"{self.temperature} was asked; pass retemper=True to re-temper exactly"
             )
+        check_reader(self.view, temperature=self.temperature, retemper=retemper)
+        #: The combined entry this stream reads in place of the view, or None.
+        self.combined_entry: CacheEntry | None = None
+        if combined is not False and output == "log_probs" and combinable(self.view) is None:
+            if combined:
+                entry = self.view.materialize(self.temperature, verify=verify)
+            else:
+                entry = self.view.combined_entry(self.temperature)
+            if entry.is_complete:
+                log.info(
+                    "reading the combined entry %s of view %s at temperature %g",
+                    entry.key,
+                    self.view.key,
+                    self.temperature,
+                )
+                self.combined_entry = entry
+                self.view = as_view(entry)
+                self.cache_temperature = self.temperature
         self.verify = verify
         self.combine = combine
         super().__init__(dataset, **kwargs)
@@ -430,6 +460,11 @@ class SoftTargetDataset(ShardedStream):
                 )
             return TokenLayout(self.dataset, view, verify=self.verify, combine=self.combine)
         if self.output == "features":
+            if view.is_combined:
+                raise ConfigError(
+                    "output='features' needs a feature entry; this is an ensemble's combined "
+                    "soft targets"
+                )
             if view.is_sparse:
                 raise ConfigError("output='features' needs a dense feature entry")
             return FeatureLayout(self.dataset, view, temperature=tau, verify=self.verify)

@@ -221,6 +221,25 @@ def test_cache_ensemble_recombines_the_same_entries_by_another_rule(tmp_path, ca
     assert "cache.ensemble: " in err and "3 ensemble weights for 2 teachers" in err
 
 
+def test_the_train_job_reads_the_views_combined_entry_unless_told_not_to(tmp_path, cache, capsys):
+    """``cache.combined`` (on by default) stores the view's combination at the loss
+    temperature once and streams it; ``cache.combined: false`` combines per shard."""
+    path = _train_config(tmp_path, cache, str(tmp_path / "out"), loss={"temperature": 1.0})
+    assert main(["train", path, "--no-progress"]) == 0
+    facts = _last_json(capsys.readouterr().out)["cache"]
+    entry = cache.combined_entry(1.0)
+    assert facts["combined_entry"] == entry.key and entry.is_complete and entry.is_combined
+    assert facts["key"] == cache.key  # the run still records the view it distils from
+    with open(path) as f:
+        config = json.load(f)
+    config["cache"]["combined"] = False
+    config["output_dir"] = str(tmp_path / "out2")
+    with open(path, "w") as f:
+        json.dump(config, f)
+    assert main(["train", path, "--no-progress"]) == 0
+    assert _last_json(capsys.readouterr().out)["cache"]["combined_entry"] is None
+
+
 def test_an_epochs_override_replaces_max_steps(tmp_path, cache, capsys):
     path = _train_config(tmp_path, cache, str(tmp_path / "out"))
     assert main(["train", path, "epochs=2", "--no-progress"]) == 0

@@ -139,3 +139,18 @@ def test_config_schema_of_one_kind_or_all(capsys):
         pass
     else:
         assert "sweep" in every
+
+
+def test_combine_stores_the_views_combination_once_then_hits(view, root, capsys):
+    assert main(["combine", view.key, "--root", root, "--temperature", "1", "--no-progress"]) == 0
+    out = capsys.readouterr().out
+    entry = view.combined_entry(1.0)
+    assert f"entry {entry.key} written" in out and "mean_probs of 2 teachers" in out
+    assert entry.is_complete and entry.is_combined
+    assert main(["combine", view.key, "--root", root, "--temperature", "1", "--no-progress"]) == 0
+    assert "exists (a hit)" in capsys.readouterr().out
+    assert main(["verify", entry.key, "--root", root]) == 0
+    capsys.readouterr()
+    # one teacher's entry has nothing to combine: a clear error, exit 2
+    assert main(["combine", view.entries[0].key, "--root", root]) == 2
+    assert "one teacher" in capsys.readouterr().err

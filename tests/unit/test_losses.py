@@ -971,7 +971,12 @@ def test_fused_dense_path_equals_the_general_path_for_a_teacher_with_grad():
 def test_fused_kd_loss_reads_nothing_back_to_the_host(monkeypatch):
     """The proxy, on the CPU, for "no per-step device synchronisation": without a
     normalizer, kd_loss and token_kd_loss (forward and backward) never turn a tensor
-    into a Python number or ask for data-dependent shapes (nonzero)."""
+    into a Python number or ask for data-dependent shapes (nonzero). The CPU's own
+    shortcut (counts read as numbers, where that is free) is turned off to run the
+    accelerator's path."""
+    from kdcache.losses import kd as kd_module
+
+    monkeypatch.setattr(kd_module, "_reads_back_free", lambda device: False)
     tau, b, t, v = 2.0, 2, 5, 7
     s = rand(b, t, v, seed=71).requires_grad_()
     lp = targets.log_probs(rand(b, t, v, seed=72) / tau)
@@ -993,3 +998,31 @@ def test_fused_kd_loss_reads_nothing_back_to_the_host(monkeypatch):
     losses.kd_loss(s, lp, temperature=tau, divergence="jsd", mask=mask)
     monkeypatch.undo()
     assert "nonzero" in calls
+
+
+@pytest.mark.parametrize("labels_kind", ["all", "some", "none"])
+@pytest.mark.parametrize("with_mask", [False, True])
+def test_the_cpus_count_shortcut_gives_the_accelerator_paths_value_and_gradient(
+    monkeypatch, labels_kind, with_mask
+):
+    """On the CPU kd_loss reads counts as numbers and drops masks that keep every row;
+    the value and the gradient are those of the path that keeps them as tensors."""
+    from kdcache.losses import kd as kd_module
+
+    tau, b, v = 3.0, 9, 6
+    lp = targets.log_probs(rand(b, v, seed=81) / tau)
+    labels = torch.arange(b) % v
+    if labels_kind == "some":
+        labels[::3] = -100
+    elif labels_kind == "none":
+        labels[:] = -100
+    mask = torch.ones(b, dtype=torch.bool) if with_mask else None
+    out = []
+    for free in (True, False):
+        monkeypatch.setattr(kd_module, "_reads_back_free", lambda device, _f=free: _f)
+        s = rand(b, v, seed=82).requires_grad_()
+        loss = losses.kd_loss(s, lp, temperature=tau, alpha=0.6, labels_B=labels, mask=mask)
+        loss.backward()
+        out.append((loss.detach(), s.grad))
+    torch.testing.assert_close(out[0][0], out[1][0], rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(out[0][1], out[1][1], rtol=1e-6, atol=1e-7)
