@@ -115,9 +115,7 @@ def _input_digest(view: EnsembleView, index: int) -> str | None:
         CacheCorruptError: two members recorded different digests (they did not see the
             same inputs; nothing can be combined from them).
     """
-    digests = {
-        d for e in view.entries if (d := e.manifest_record(index).input_digest) is not None
-    }
+    digests = {d for e in view.entries if (d := e.manifest_record(index).input_digest) is not None}
     if len(digests) > 1:
         raise CacheCorruptError(
             f"shard {index}: the members of view {view.key} recorded different input "
