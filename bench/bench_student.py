@@ -80,7 +80,7 @@ class _Scaled(torch.nn.Module):
 
 def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    ap.add_argument("--quick", action="store_true", help="16,384 samples instead of 65,536")
+    ap.add_argument("--quick", action="store_true", help="32,768 samples instead of 65,536")
     ap.add_argument("--samples", type=int, default=None)
     ap.add_argument("--rounds", type=int, default=None)
     ap.add_argument("--batch-size", type=int, default=256)
@@ -99,7 +99,7 @@ def main(argv: list[str] | None = None) -> dict:
     )
     ap.add_argument("--json", default=None, metavar="PATH")
     args = ap.parse_args(argv)
-    n = args.samples or (16384 if args.quick else 65536)
+    n = args.samples or (32768 if args.quick else 65536)
     rounds = args.rounds or 3
     thread_counts = [int(t) for t in str(args.threads).split(",")]
     logging.basicConfig(level=logging.WARNING)

@@ -54,6 +54,10 @@ class CacheCorruptError(KDCacheError, OSError):
     """A committed file does not match its recorded size or checksum."""
 
 
+class CacheReadOnlyError(KDCacheError, PermissionError):
+    """A cache root that must be written to (a combination to store) is not writable."""
+
+
 class FormatVersionError(KDCacheError, ValueError):
     """The cache was written by a newer, unknown format version."""
 

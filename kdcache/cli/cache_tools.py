@@ -65,7 +65,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     c.add_argument(
         "--temperature", type=float, default=None, help="tau of the combination (the student's)"
     )
-    c.add_argument("--no-progress", action="store_true", help="no progress bar or log lines")
+    c.add_argument("--no-progress", action="store_true", help="no progress bar")
     c.set_defaults(func=cmd_combine)
 
     c = sub.add_parser("alias", help="point a human-readable name at a key")
@@ -110,8 +110,26 @@ def cmd_verify(args: argparse.Namespace, rest: list[str]) -> int:
         print(f"NOT REPAIRED {line}")
     unrepairable = len(result.problems) - len(result.damaged) - len(result.broken)
     if done:
-        print("rerun the same build to recompute what was uncommitted (kdcache build CONFIG)")
+        combined = {e.key for e, _ in result.damaged if _is_combined(e)}
+        combined |= {e.key for e in result.broken if _is_combined(e)}
+        if combined:
+            print(
+                "rerun 'kdcache combine VIEW' to recompute what was uncommitted in the "
+                f"combined entries ({', '.join(sorted(combined))})"
+            )
+        if len(combined) < len({e.key for e, _ in result.damaged} | {e.key for e in result.broken}):
+            print("rerun the same build to recompute what was uncommitted (kdcache build CONFIG)")
     return 0 if not left and unrepairable == 0 else 1
+
+
+def _is_combined(entry: Any) -> bool:
+    """Whether an entry's (readable) spec says it holds a combination."""
+    from kdcache.errors import KDCacheError
+
+    try:
+        return bool(entry.is_combined)
+    except (KDCacheError, OSError, ValueError):  # a torn spec: verify reported it
+        return False
 
 
 def cmd_ls(args: argparse.Namespace, rest: list[str]) -> int:
@@ -182,13 +200,21 @@ def cmd_gc(args: argparse.Namespace, rest: list[str]) -> int:
 def cmd_combine(args: argparse.Namespace, rest: list[str]) -> int:
     import time
 
+    from kdcache.errors import ConfigError
+    from kdcache.stores.entry import CacheEntry
     from kdcache.stores.view import as_view
 
-    view = as_view(_open(args))
+    cache = _open(args)
+    if isinstance(cache, CacheEntry):
+        raise ConfigError(
+            f"{args.uri} is one entry ({cache.teacher_name!r}), not an ensemble view: there "
+            "is nothing to combine. Give the view's key (kdcache ls ROOT lists them)"
+        )
+    view = as_view(cache)
     started = time.perf_counter()
     was_complete = view.combined_entry(args.temperature).is_complete
     entry = view.materialize(args.temperature, progress=not args.no_progress)
-    what = "exists (a hit)" if was_complete else f"written in {time.perf_counter() - started:.1f}s"
+    what = "exists (a hit)" if was_complete else f"complete in {time.perf_counter() - started:.1f}s"
     print(
         f"combined {view.rule} of {len(view.entries)} teachers at temperature "
         f"{entry.temperature:g}: entry {entry.key} {what}, {entry.num_rows} rows, "

@@ -17,7 +17,7 @@ from kdcache.data.base import dataset_layout
 from kdcache.errors import ConfigError, require
 from kdcache.local_ray import loopback_ray, starts_a_local_ray
 from kdcache.stores.fs import Location
-from kdcache.stores.view import as_view
+from kdcache.stores.view import as_view, check_reader
 from kdcache.teachers.loaders import HFLogits
 from kdcache.train.distributed import (
     cpu_ds_config,
@@ -330,7 +330,7 @@ class LMStudent:
         return distilled, hard
 
 
-def _combined_entry(cfg: Any, view: Any, temperature: float, rank: int) -> Any:
+def _combined_entry(cfg: Any, view: Any, dataset: Any, temperature: float, rank: int) -> Any:
     """The combined entry the students read (``cache.combined``), made if missing; None
     when the view is not combined (one teacher, sparse or token-level, a rule that reads
     the stream's rows, ``combined: false``, a hard-label loss, or a read-only cache root).
@@ -341,16 +341,15 @@ def _combined_entry(cfg: Any, view: Any, temperature: float, rank: int) -> Any:
         return None
     if cfg.loss.kind == "cross_entropy":
         return None
+    from kdcache.errors import CacheReadOnlyError
+    from kdcache.stream.join import check_same_dataset
+
+    check_same_dataset(view, dataset)  # before a pass over the cache, not after
+    check_reader(view, temperature=temperature, retemper=True)
     try:
         return view.materialize(temperature, verify=cfg.stream.verify, progress=rank == 0)
-    except OSError as exc:  # a read-only cache root: combine at read time
-        log.warning(
-            "cache.combined: the combination of view %s could not be stored under %s (%s); "
-            "combining at read time",
-            view.key,
-            view.root.uri,
-            exc,
-        )
+    except CacheReadOnlyError as exc:  # a read-only cache root: combine at read time
+        log.warning("cache.combined: %s; combining at read time", exc)
         return None
 
 
@@ -452,7 +451,7 @@ def train_from_config(
         temperature = loss_cfg.temperature
     else:
         temperature = view.temperature if view is not None else 1.0
-    combined = _combined_entry(cfg, view, temperature, rank) if view is not None else None
+    combined = _combined_entry(cfg, view, dataset, temperature, rank) if view is not None else None
     lm = LMStudent.resolve(cfg, cache) if tokens else None
     if lm is not None and cfg.quantize_int8:
         raise ConfigError(

@@ -164,7 +164,9 @@ def _labelled_rows(
     labels_N1 = labels_t.reshape(-1, 1)
     keep_N1 = labels_N1 != ignore_index
     if _reads_back_free(device) and bool(keep_N1.all()):
-        return labels_N1, keep_N1
+        # a copy, as torch.where makes below: the loss keeps it for its backward, and the
+        # caller may refill its label buffer before that
+        return labels_N1.clone(), keep_N1
     return torch.where(keep_N1, labels_N1, 0), keep_N1
 
 
@@ -204,7 +206,8 @@ def _dense_forward_kl_loss(
         )
     leading, device = student_logits.shape[:-1], student_NV.device
     # On the CPU a count is read back for free: the weights become numbers and a mask
-    # that keeps every row is dropped (fewer ops per step; the same value and gradient).
+    # that keeps every row is dropped (fewer ops per step; the same value and gradient to
+    # float32 rounding).
     # Elsewhere counts stay tensors, so that nothing waits for the device.
     on_cpu = _reads_back_free(device)
     keep_N1 = _keep_rows(mask, leading, device)

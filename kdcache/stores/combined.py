@@ -41,10 +41,10 @@ import torch
 
 from kdcache import schema
 from kdcache._version import __version__
-from kdcache.errors import CacheCorruptError, ConfigError
+from kdcache.errors import CacheCorruptError, CacheReadOnlyError, ConfigError
 from kdcache.stores.entry import CacheEntry
 from kdcache.stores.lease import Lease, _LeaseKeeper
-from kdcache.stores.view import EnsembleView
+from kdcache.stores.view import EnsembleView, check_reader
 
 log = logging.getLogger(__name__)
 
@@ -86,8 +86,15 @@ def combined_spec(view: EnsembleView, temperature: float | None = None) -> dict[
     """
     why = combinable(view)
     if why is not None:
-        raise ConfigError(f"ensemble view {view.key} cannot be stored combined: {why}")
+        what = (
+            f"entry {view.entries[0].key} is one teacher's targets"
+            if len(view.entries) == 1
+            else f"ensemble view {view.key}"
+        )
+        raise ConfigError(f"{what} cannot be stored combined: {why}")
     tau = view.temperature if temperature is None else float(temperature)
+    # members re-temper exactly, except a combined member (a mixture), which is refused
+    check_reader(view, temperature=tau, retemper=True)
     targets = schema.TargetSpec(temperature=tau, kind="dense", storage_dtype="float32")
     teacher = {
         "kind": schema.COMBINED_TEACHER_KIND,
@@ -161,7 +168,9 @@ def materialize(
             unfinished or damaged, or the members disagree on a shard's ids or inputs.
         TeacherOutputError: a combined value is not finite (it is never stored).
         LeaseHeldError: another job holds the entry's lease past its wait.
-        OSError: the cache root is not writable.
+        CacheReadOnlyError: the cache root is not writable (nothing was written).
+        SpecMismatchError: a member is itself a combined entry at another temperature (a
+            combination cannot be re-tempered).
     """
     from kdcache import targets
     from kdcache.progress import Progress
@@ -181,7 +190,14 @@ def materialize(
         )
         for i in damaged:
             entry.invalidate_shard(i)
-    entry.write_spec(material)
+    try:
+        entry.write_spec(material)
+    except PermissionError as exc:
+        raise CacheReadOnlyError(
+            f"cannot store the combination of view {view.key} under {view.root.uri}: {exc}. "
+            "Combine it where the cache root is writable (kdcache combine), or read the "
+            "view combined at read time (SoftTargetDataset(..., combined=False))"
+        ) from exc
     lease = Lease(entry, ttl_s=lease_ttl_s)
     if not lease.acquire():
         return entry  # another job completed it while we waited

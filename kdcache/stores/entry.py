@@ -284,6 +284,15 @@ class CacheEntry:
         teacher = self.spec.get("teacher")
         return isinstance(teacher, dict) and teacher.get("kind") == schema.COMBINED_TEACHER_KIND
 
+    def _rerun(self) -> str:
+        """What recomputes this entry's uncommitted shards, for error messages."""
+        if self.is_combined:
+            return (
+                "rerun 'kdcache combine' on its view, or EnsembleView.materialize (it "
+                "recomputes only the damaged shards)"
+            )
+        return "rerun the build (it recomputes only the damaged shards)"
+
     # -- reading -------------------------------------------------------------------------
     def read_columns(self, index: int, *, verify: bool = True) -> ShardColumns:
         """Read committed shard ``index`` as the backend's :class:`ShardColumns`.
@@ -304,8 +313,7 @@ class CacheEntry:
         except FileNotFoundError:
             raise CacheCorruptError(
                 f"{where} is listed in the manifest but missing; run "
-                f"'kdcache verify {self.location.uri} --repair', then rerun the build "
-                "(it recomputes only the damaged shards)"
+                f"'kdcache verify {self.location.uri} --repair', then {self._rerun()}"
             ) from None
         if verify:
             # Checked once per file version per process: a file whose size and
@@ -321,8 +329,7 @@ class CacheEntry:
                         f"{where} is truncated or altered: {len(data)} bytes with SHA-256 "
                         f"{sha256_hex(data)[:12]}..., manifest says {rec.num_bytes} bytes, "
                         f"{rec.sha256[:12]}...; run 'kdcache verify {self.location.uri} "
-                        "--repair', then rerun the build (it recomputes only the damaged "
-                        "shards)"
+                        f"--repair', then {self._rerun()}"
                     )
                 if memo is not None and self.shards_location.stat(rec.file) == before:
                     _VERIFIED.add(memo)

@@ -296,19 +296,20 @@ def check_reader(
     """
     view = as_view(cache)
     if temperature is not None and float(temperature) != view.temperature:
-        if not retemper:
-            raise SpecMismatchError(
-                f"cache holds soft targets at temperature {view.temperature}, {temperature} "
-                "was asked; pass retemper=True to re-temper, or build at that temperature"
-            )
         for e in view.entries:
             if e.is_combined:
                 raise SpecMismatchError(
                     f"entry {e.key} holds an ensemble's combined soft targets at temperature "
                     f"{e.temperature}; a combination cannot be re-tempered to {temperature}. "
                     "Read its view at that temperature, or store that combination "
-                    "(EnsembleView.materialize(temperature))"
+                    "(EnsembleView.materialize(temperature), kdcache combine)"
                 )
+        if not retemper:
+            raise SpecMismatchError(
+                f"cache holds soft targets at temperature {view.temperature}, {temperature} "
+                "was asked; pass retemper=True to re-temper, or build at that temperature"
+            )
+        for e in view.entries:
             spec = e.target_spec
             if not spec.is_sparse:
                 continue

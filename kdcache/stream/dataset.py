@@ -40,7 +40,7 @@ import numpy as np
 import torch
 
 from kdcache.data.base import ShardedDataset, dataset_layout, declared_shard_records
-from kdcache.errors import ConfigError, SpecMismatchError
+from kdcache.errors import CacheReadOnlyError, ConfigError
 from kdcache.stores.combined import combinable
 from kdcache.stores.entry import CacheEntry
 from kdcache.stores.view import EnsembleView, as_view, check_reader
@@ -372,8 +372,9 @@ class SoftTargetDataset(ShardedStream):
             (one file per shard, no arithmetic; the same floats as combining here).
             None (default): when that entry exists; True: make it first if it does not
             (:meth:`kdcache.EnsembleView.materialize`, a pass over the view; call it on
-            one process before starting several ranks); False: combine at read time.
-            Ignored where it does not apply. :attr:`combined_entry` says what is read.
+            one process before starting several ranks; on a read-only cache root it warns
+            and combines at read time); False: combine at read time. Ignored where it
+            does not apply. :attr:`combined_entry` says what is read.
         **kwargs: Order and sharding options of :class:`ShardedStream`.
 
     Yields:
@@ -405,39 +406,46 @@ class SoftTargetDataset(ShardedStream):
     ) -> None:
         if output not in ("log_probs", "features"):
             raise ConfigError(f"output must be 'log_probs' or 'features', got {output!r}")
-        if combined not in (None, True, False):
+        if combined is not None and not isinstance(combined, bool):
             raise ConfigError(f"combined must be None, True or False, got {combined!r}")
         self.output = output
         self.view = as_view(cache)
         check_same_dataset(self.view, dataset)
         self.cache_temperature = self.view.temperature
         self.temperature = self.cache_temperature if temperature is None else float(temperature)
-        if self.temperature != self.cache_temperature and not retemper:
-            raise SpecMismatchError(
-                f"cache holds soft targets at temperature {self.cache_temperature}, "
-                f"{self.temperature} was asked; pass retemper=True to re-temper exactly"
-            )
         check_reader(self.view, temperature=self.temperature, retemper=retemper)
-        #: The combined entry this stream reads in place of the view, or None.
-        self.combined_entry: CacheEntry | None = None
-        if combined is not False and output == "log_probs" and combinable(self.view) is None:
-            if combined:
-                entry = self.view.materialize(self.temperature, verify=verify)
-            else:
-                entry = self.view.combined_entry(self.temperature)
-            if entry.is_complete:
-                log.info(
-                    "reading the combined entry %s of view %s at temperature %g",
-                    entry.key,
-                    self.view.key,
-                    self.temperature,
-                )
-                self.combined_entry = entry
-                self.view = as_view(entry)
-                self.cache_temperature = self.temperature
         self.verify = verify
         self.combine = combine
-        super().__init__(dataset, **kwargs)
+        #: The combined entry this stream reads in place of the view, or None.
+        self.combined_entry: CacheEntry | None = None
+        super().__init__(dataset, **kwargs)  # every option checked before anything is written
+        if combined is not False and output == "log_probs" and combinable(self.view) is None:
+            self._use_combined(make=bool(combined))
+
+    def _use_combined(self, *, make: bool) -> None:
+        """Read the view's combined entry at the stream's temperature, if it exists (made
+        first with ``make``; a read-only cache root falls back to combining per shard)."""
+        try:
+            entry = (
+                self.view.materialize(self.temperature, verify=self.verify)
+                if make
+                else self.view.combined_entry(self.temperature)
+            )
+        except CacheReadOnlyError as exc:
+            log.warning("%s; combining at read time", exc)
+            return
+        if not entry.is_complete:
+            return
+        log.info(
+            "reading the combined entry %s of view %s at temperature %g",
+            entry.key,
+            self.view.key,
+            self.temperature,
+        )
+        self.combined_entry = entry
+        self.view = as_view(entry)
+        self.cache_temperature = self.temperature
+        self.layout = self._make_layout()
 
     def _shard_sizes(self) -> list[int]:
         """As :meth:`ShardedStream._shard_sizes`, except that a plan without counts takes

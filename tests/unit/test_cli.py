@@ -145,7 +145,7 @@ def test_combine_stores_the_views_combination_once_then_hits(view, root, capsys)
     assert main(["combine", view.key, "--root", root, "--temperature", "1", "--no-progress"]) == 0
     out = capsys.readouterr().out
     entry = view.combined_entry(1.0)
-    assert f"entry {entry.key} written" in out and "mean_probs of 2 teachers" in out
+    assert f"entry {entry.key} complete in" in out and "mean_probs of 2 teachers" in out
     assert entry.is_complete and entry.is_combined
     assert main(["combine", view.key, "--root", root, "--temperature", "1", "--no-progress"]) == 0
     assert "exists (a hit)" in capsys.readouterr().out
@@ -153,4 +153,4 @@ def test_combine_stores_the_views_combination_once_then_hits(view, root, capsys)
     capsys.readouterr()
     # one teacher's entry has nothing to combine: a clear error, exit 2
     assert main(["combine", view.entries[0].key, "--root", root]) == 2
-    assert "one teacher" in capsys.readouterr().err
+    assert "not an ensemble view: there is nothing to combine" in capsys.readouterr().err

@@ -1026,3 +1026,15 @@ def test_the_cpus_count_shortcut_gives_the_accelerator_paths_value_and_gradient(
         out.append((loss.detach(), s.grad))
     torch.testing.assert_close(out[0][0], out[1][0], rtol=1e-6, atol=1e-7)
     torch.testing.assert_close(out[0][1], out[1][1], rtol=1e-6, atol=1e-7)
+
+
+def test_the_callers_label_buffer_may_be_refilled_before_backward():
+    """kd_loss keeps its own copy of the labels for the backward pass."""
+    tau = 2.0
+    lp = targets.log_probs(rand(4, 5, seed=91) / tau)
+    s = rand(4, 5, seed=92).requires_grad_()
+    labels = torch.tensor([0, 1, 2, 3])
+    loss = losses.kd_loss(s, lp, temperature=tau, alpha=0.5, labels_B=labels)
+    labels.fill_(4)  # the next batch's labels, loaded into the same buffer
+    loss.backward()
+    assert torch.isfinite(s.grad).all()
