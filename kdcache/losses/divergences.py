@@ -351,6 +351,57 @@ def _flat_student(student_logits: torch.Tensor) -> torch.Tensor:
 Weight = float | torch.Tensor
 
 
+#: Values of a batch ([N, V]) up to which the fused forward-KL node computes its gradient
+#: in the forward and keeps it (2^20: 4 MiB of float32; a classifier's batch, never a
+#: language model's [B * T, V]).
+_GRAD_IN_FORWARD_MAX = 1 << 20
+
+
+def _dense_forward_kl_with_grad(
+    s_NV: torch.Tensor,
+    t_NV: torch.Tensor,
+    tau: float,
+    labels_N1: torch.Tensor | None,
+    w_kl: float,
+    w_nll: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(loss, d loss / d logits)`` of :class:`_DenseForwardKL` for every row counted
+    and number weights: the same value, and the gradient its backward would compute
+    (``w_kl (q sum_v p - p) / tau + w_nll (softmax(logits) - onehot)``), from the
+    softmaxes the value needs. float32 [N, V] logits and teacher log-probabilities."""
+    m_N1 = s_NV.amax(dim=1, keepdim=True)
+    a_NV = s_NV - m_N1
+    loss = None
+    e1_NV = sum1_N1 = None
+    if labels_N1 is not None:
+        e1_NV = torch.exp(a_NV)
+        sum1_N1 = e1_NV.sum(dim=1, keepdim=True)
+        try:
+            picked_N1 = s_NV.gather(1, labels_N1)
+        except (RuntimeError, IndexError) as err:  # raised on the CPU
+            raise ConfigError(
+                f"labels must be in [0, {s_NV.shape[1]}) or equal the ignore index"
+            ) from err
+        loss = (sum1_N1.log().add_(m_N1) - picked_N1).sum() * w_nll
+    e_NV = torch.exp(a_NV.div_(tau))
+    sum_N1 = e_NV.sum(dim=1, keepdim=True)
+    log_z_N1 = sum_N1.log()
+    log_q_NV = a_NV.sub_(log_z_N1)  # log_softmax(logits / tau)
+    p_NV = torch.exp(t_NV)
+    mass_N1 = p_NV.sum(dim=1, keepdim=True)
+    # as in the general forward: nansum drops 0 * (-inf), the partition brings back a NaN
+    kl_N1 = torch.sub(t_NV, log_q_NV, out=a_NV).mul_(p_NV).nansum(dim=1, keepdim=True)
+    kl_N1.addcmul_(log_z_N1, mass_N1, value=0.0)
+    kl = kl_N1.sum() * w_kl
+    loss = kl if loss is None else kl + loss
+    g_NV = e_NV.div_(sum_N1).mul_(mass_N1).sub_(p_NV).mul_(w_kl / tau)
+    if labels_N1 is not None:
+        assert e1_NV is not None and sum1_N1 is not None
+        g_NV.add_(e1_NV.div_(sum1_N1), alpha=w_nll)
+        g_NV.scatter_add_(1, labels_N1, torch.full(labels_N1.shape, -w_nll, dtype=g_NV.dtype))
+    return loss, g_NV
+
+
 class _DenseForwardKL(torch.autograd.Function):
     """Forward KL to dense targets, optionally with the hard-label NLL, as one node.
 
@@ -368,6 +419,14 @@ class _DenseForwardKL(torch.autograd.Function):
     fifteen; each direction makes two float32 [N, V] buffers and works in place on them
     (the forward keeps only [N] statistics, the backward recomputes q and p from the
     inputs); nothing waits for the device.
+
+    Small batches (at most :data:`_GRAD_IN_FORWARD_MAX` values, a classifier's [B, V]),
+    every row counted and number weights (the CPU's case, see
+    :func:`kdcache.losses.kd._reads_back_free`) take a shorter route: the forward computes
+    the gradient too, from the softmaxes it has already, and keeps it ([N, V] float32,
+    the size of the logits), so that the backward is one multiplication. Per-op overhead,
+    not arithmetic, is what such a batch costs; the value and gradient are the same to
+    float32 rounding.
     """
 
     @staticmethod
@@ -385,6 +444,21 @@ class _DenseForwardKL(torch.autograd.Function):
         f32 = torch.float32
         s_NV = logits_NV if logits_NV.dtype == f32 else logits_NV.float()
         t_NV = teacher_NV if teacher_NV.dtype == f32 else teacher_NV.float()
+        if (
+            w_kl is not None
+            and keep_N1 is None
+            and keep_labels_N1 is None
+            and isinstance(w_kl, float)
+            and isinstance(w_nll, float)
+            and s_NV.numel() <= _GRAD_IN_FORWARD_MAX
+            and ctx.needs_input_grad[0]
+        ):
+            loss, ctx.grad_NV = _dense_forward_kl_with_grad(
+                s_NV, t_NV, float(tau), labels_N1, w_kl, w_nll
+            )
+            ctx.logits_dtype = logits_NV.dtype
+            return loss
+        ctx.grad_NV = None
         # Shift by the row max; a row with no finite max is NaN, as in log_softmax.
         m_N1 = s_NV.amax(dim=1, keepdim=True)
         a_NV = s_NV - m_N1
@@ -426,6 +500,10 @@ class _DenseForwardKL(torch.autograd.Function):
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        if ctx.grad_NV is not None:  # computed by the forward (small batches)
+            g_NV = ctx.grad_NV * grad.float()
+            ctx.grad_NV = None
+            return (g_NV.to(ctx.logits_dtype), *(None,) * 7)
         logits_NV, teacher_NV, keep_N1, labels_N1, keep_labels_N1, m_N1, log_z_N1, mass_N1 = (
             ctx.saved_tensors
         )

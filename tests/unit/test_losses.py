@@ -1038,3 +1038,44 @@ def test_the_callers_label_buffer_may_be_refilled_before_backward():
     labels.fill_(4)  # the next batch's labels, loaded into the same buffer
     loss.backward()
     assert torch.isfinite(s.grad).all()
+
+
+@pytest.mark.parametrize("alpha", [1.0, 0.7])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_small_batches_gradient_computed_in_the_forward_equals_the_backwards(
+    monkeypatch, alpha, dtype
+):
+    """The fused node's short route for small batches (the gradient made by the forward)
+    gives the general route's value and gradient: teacher zeros (-inf), a scaled
+    backward, low-precision logits."""
+    from kdcache.losses import divergences
+
+    tau, b, v = 2.5, 12, 7
+    lp = targets.log_probs(rand(b, v, seed=93) / tau)
+    lp[0, 3] = float("-inf")  # a class the teacher rules out
+    lp[0] = torch.log_softmax(lp[0], dim=-1)
+    labels = torch.arange(b) % v
+    out = []
+    for limit in (1 << 20, 0):  # the short route, then the general one
+        monkeypatch.setattr(divergences, "_GRAD_IN_FORWARD_MAX", limit)
+        s = rand(b, v, seed=94).to(dtype).requires_grad_()
+        loss = losses.kd_loss(s, lp, temperature=tau, alpha=alpha, labels_B=labels)
+        (loss * 3.0).backward()
+        assert s.grad.dtype == dtype
+        out.append((loss.detach(), s.grad.float()))
+    torch.testing.assert_close(out[0][0], out[1][0], rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(out[0][1], out[1][1], rtol=1e-5, atol=1e-6)
+
+
+def test_the_short_route_keeps_nan_and_refuses_a_second_backward():
+    tau = 2.0
+    lp = targets.log_probs(rand(4, 5, seed=95) / tau)
+    s = rand(4, 5, seed=96)
+    s[1, 2] = float("nan")
+    s.requires_grad_()
+    loss = losses.kd_loss(s, lp, temperature=tau)
+    assert torch.isnan(loss)
+    s2 = rand(4, 5, seed=97).requires_grad_()
+    (g,) = torch.autograd.grad(losses.kd_loss(s2, lp, temperature=tau), s2, create_graph=True)
+    with pytest.raises(RuntimeError):
+        g.sum().backward()
