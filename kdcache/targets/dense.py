@@ -607,12 +607,53 @@ def _drop_zero_weights(s_KBV: torch.Tensor, w_K: torch.Tensor) -> tuple[torch.Te
     return s_KBV.index_select(0, keep), w_K.index_select(0, keep)
 
 
+def _cpu_float32(x: torch.Tensor) -> bool:
+    return (
+        x.device.type == "cpu"
+        and x.dtype == torch.float32
+        and x.is_contiguous()
+        and not x.requires_grad
+    )
+
+
+def _exp(x: torch.Tensor) -> torch.Tensor:
+    """``torch.exp(x)``, through numpy on the CPU for the reason :func:`_exp_` gives."""
+    if _cpu_float32(x):
+        return torch.from_numpy(np.exp(x.numpy()))
+    return torch.exp(x)
+
+
+def _exp_(x: torch.Tensor) -> torch.Tensor:
+    """``x.exp_()``; a contiguous float32 CPU tensor goes through numpy's exp (one thread,
+    a few ulp). torch 2.13's CPU ``exp`` hands chunks to MKL's vector math, and with MKL
+    threads enabled (the default) it was measured to return one thread's half of a
+    30,720-value tensor off by up to 1.5e-4 relative (about 600 ulp), in about 1 run in 4,
+    while another Python thread was busy; with ``MKL_NUM_THREADS=1`` never (24 runs).
+    The combination is stored (:mod:`kdcache.stores.combined`), so it must not depend on
+    such timing."""
+    if _cpu_float32(x):
+        a = x.numpy()
+        np.exp(a, out=a)
+        return x
+    return x.exp_()
+
+
+def _log_(x: torch.Tensor) -> torch.Tensor:
+    """``x.log_()``, through numpy on the CPU for the reason :func:`_exp_` gives."""
+    if _cpu_float32(x):
+        a = x.numpy()
+        with np.errstate(divide="ignore", invalid="ignore"):  # log 0 = -inf, as torch
+            np.log(a, out=a)
+        return x
+    return x.log_()
+
+
 def _log_softmax(x: torch.Tensor) -> torch.Tensor:
     """``log_softmax`` over the last dim as max, exp, sum, log: the same values to float32
     rounding, and on narrow rows (a classifier's V = 10) about 5x faster than
     ``torch.log_softmax`` on the CPU (measured with torch 2.13, one thread)."""
     shifted = x - _row_max(x)
-    lse = torch.exp(shifted).sum(dim=-1, keepdim=True).log_()
+    lse = _log_(_exp(shifted).sum(dim=-1, keepdim=True))
     return shifted.sub_(lse)
 
 
@@ -651,16 +692,16 @@ def _mean_probs(s_KBV: torch.Tensor, w_K: torch.Tensor) -> torch.Tensor:
     if -_EXP_SAFE <= lo and hi + math.log(s_KBV.shape[-1]) <= _EXP_SAFE:
         # every exp(s), and every row's sum of V of them, is a normal float32 with full
         # precision: no shift needed (the row max is a slow reduction over a narrow dim)
-        e = torch.exp(s_KBV)
+        e = _exp(s_KBV)
     else:
-        e = torch.sub(s_KBV, _row_max(s_KBV)).exp_()
+        e = _exp_(torch.sub(s_KBV, _row_max(s_KBV)))
     w = w_K.reshape((-1,) + (1,) * (s_KBV.dim() - 1))
     e.mul_(w / e.sum(dim=-1, keepdim=True))
     mix = e.sum(dim=0)
     if float(mix.amin()) >= _MIX_TINY:
-        return mix.log_()
+        return _log_(mix)
     low_R = (mix.amin(dim=-1) < _MIX_TINY).reshape(-1)  # rows, flattened
-    out = mix.log_()
+    out = _log_(mix)
     if bool(low_R.any()):
         width = s_KBV.shape[-1]
         flat_out = out.view(-1, width)  # [R_all, V], a view: writes land in out

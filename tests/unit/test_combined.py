@@ -280,3 +280,33 @@ def test_inspect_says_what_a_combined_entry_holds(built):
     assert describe(view, num_samples=0)["combined_entry"] == entry.key
     info = describe(entry, num_samples=1)
     assert info["combined_from"]["view"] == view.key and info["rule"] == "mean_probs"
+
+
+def test_the_combination_does_not_depend_on_another_threads_timing(built):
+    """The stored combination is computed on the CPU through numpy's exp and log
+    (kdcache.targets.dense._exp_): torch's threaded CPU exp (MKL's vector math) was
+    measured to lose accuracy on part of a tensor while another thread was busy. Two
+    combinations of the same values, one with a busy thread alongside, agree bit for bit
+    and with a float64 reference."""
+    import threading
+
+    _, view = built
+    g = torch.Generator().manual_seed(5)
+    s = torch.randn(3, 2048, 10, generator=g) * 6
+    stop = threading.Event()
+
+    def busy() -> None:
+        while not stop.is_set():
+            np.exp(np.ones(50_000, dtype=np.float32)).sum()
+
+    t = threading.Thread(target=busy)
+    t.start()
+    try:
+        with_busy = targets.combine_ensemble(s, rule="mean_probs")
+    finally:
+        stop.set()
+        t.join()
+    alone = targets.combine_ensemble(s, rule="mean_probs")
+    assert torch.equal(with_busy, alone)
+    ref = torch.logsumexp(torch.log_softmax(s.double(), -1) - np.log(3.0), dim=0)
+    assert float((alone.double() - ref).abs().max()) < 2e-6
