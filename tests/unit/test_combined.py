@@ -149,7 +149,7 @@ def test_a_combination_is_never_re_tempered(built):
     entry = view.materialize()
     with pytest.raises(SpecMismatchError, match="cannot be re-tempered"):
         kdcache.SoftTargetDataset(entry, ds, batch_size=8, temperature=1.0, retemper=True)
-    with pytest.raises(SpecMismatchError, match="cannot be re-tempered to 1.0"):
+    with pytest.raises(SpecMismatchError, match=r"cannot be re-tempered to 1\.0"):
         kdcache.SoftTargetDataset(entry, ds, batch_size=8, temperature=1.0)
     with pytest.raises(ConfigError, match="feature entry"):
         kdcache.SoftTargetDataset(entry, ds, batch_size=8, output="features")
@@ -282,7 +282,7 @@ def test_inspect_says_what_a_combined_entry_holds(built):
     assert info["combined_from"]["view"] == view.key and info["rule"] == "mean_probs"
 
 
-def test_the_combination_does_not_depend_on_another_threads_timing(built):
+def test_the_combination_does_not_depend_on_another_threads_timing():
     """The stored combination is computed on the CPU through numpy's exp and log
     (kdcache.targets.dense._exp_): torch's threaded CPU exp (MKL's vector math) was
     measured to lose accuracy on part of a tensor while another thread was busy. Two
@@ -290,7 +290,6 @@ def test_the_combination_does_not_depend_on_another_threads_timing(built):
     and with a float64 reference."""
     import threading
 
-    _, view = built
     g = torch.Generator().manual_seed(5)
     s = torch.randn(3, 2048, 10, generator=g) * 6
     stop = threading.Event()
