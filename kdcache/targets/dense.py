@@ -628,7 +628,7 @@ def _exp_(x: torch.Tensor) -> torch.Tensor:
     a few ulp). torch 2.13's CPU ``exp`` hands chunks to MKL's vector math, and with MKL
     threads enabled (the default) it was measured to return one thread's half of a
     30,720-value tensor off by up to 1.5e-4 relative (about 600 ulp), in about 1 run in 4,
-    while another Python thread was busy; with ``MKL_NUM_THREADS=1`` never (24 runs).
+    while another Python thread was busy; with ``MKL_NUM_THREADS=1`` never (12 runs).
     The combination is stored (:mod:`kdcache.stores.combined`), so it must not depend on
     such timing."""
     if _cpu_float32(x):
