@@ -126,15 +126,15 @@ VALUE_BITS = range(2, 17)
 
 ENTRIES_DIR = "entries"
 ENSEMBLES_DIR = "ensembles"
-
-#: ``spec.teacher.kind`` of an entry that holds an ensemble view's combination
-#: (:mod:`kdcache.stores.combined`).
-COMBINED_TEACHER_KIND = "ensemble_combination"
 ALIASES_DIR = "aliases"
 SHARDS_DIR = "shards"
 SPEC_FILE = "spec.json"
 MANIFEST_FILE = "manifest.json"
 LEASE_FILE = "lease.json"
+
+#: ``spec.teacher.kind`` of an entry that holds an ensemble view's combination
+#: (:mod:`kdcache.stores.combined`).
+COMBINED_TEACHER_KIND = "ensemble_combination"
 
 #: Length of the hex key (128 bits of SHA-256): short enough to type, far from collisions.
 KEY_HEX_CHARS = 32

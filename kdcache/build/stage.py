@@ -182,18 +182,8 @@ def _build(
     try:
         for k, entry in enumerate(entries):
             if entry.is_complete:
-                damaged = entry.damaged_shards()
-                if not damaged:
+                if not entry.uncommit_damaged():
                     continue
-                log.warning(
-                    "cache entry %s lists %d shard file(s) that are missing or of the wrong "
-                    "size (%s); recomputing them",
-                    entry.key,
-                    len(damaged),
-                    ", ".join(schema.shard_stem(i) for i in damaged),
-                )
-                for i in damaged:
-                    entry.invalidate_shard(i)
             lease = Lease(entry, ttl_s=lease_ttl_s)
             if not lease.acquire():
                 continue  # another job completed it while we waited

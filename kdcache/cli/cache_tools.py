@@ -110,14 +110,14 @@ def cmd_verify(args: argparse.Namespace, rest: list[str]) -> int:
         print(f"NOT REPAIRED {line}")
     unrepairable = len(result.problems) - len(result.damaged) - len(result.broken)
     if done:
-        combined = {e.key for e, _ in result.damaged if _is_combined(e)}
-        combined |= {e.key for e in result.broken if _is_combined(e)}
+        touched = {e.key: e for e, _ in result.damaged} | {e.key: e for e in result.broken}
+        combined = sorted(k for k, e in touched.items() if _is_combined(e))
         if combined:
             print(
                 "rerun 'kdcache combine VIEW' to recompute what was uncommitted in the "
-                f"combined entries ({', '.join(sorted(combined))})"
+                f"combined entries ({', '.join(combined)})"
             )
-        if len(combined) < len({e.key for e, _ in result.damaged} | {e.key for e in result.broken}):
+        if len(combined) < len(touched):
             print("rerun the same build to recompute what was uncommitted (kdcache build CONFIG)")
     return 0 if not left and unrepairable == 0 else 1
 

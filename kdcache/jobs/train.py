@@ -17,7 +17,7 @@ from kdcache.data.base import dataset_layout
 from kdcache.errors import ConfigError, require
 from kdcache.local_ray import loopback_ray, starts_a_local_ray
 from kdcache.stores.fs import Location
-from kdcache.stores.view import as_view, check_reader
+from kdcache.stores.view import as_view
 from kdcache.teachers.loaders import HFLogits
 from kdcache.train.distributed import (
     cpu_ds_config,
@@ -345,7 +345,6 @@ def _combined_entry(cfg: Any, view: Any, dataset: Any, temperature: float, rank:
     from kdcache.stream.join import check_same_dataset
 
     check_same_dataset(view, dataset)  # before a pass over the cache, not after
-    check_reader(view, temperature=temperature, retemper=True)
     try:
         return view.materialize(temperature, verify=cfg.stream.verify, progress=rank == 0)
     except CacheReadOnlyError as exc:  # a read-only cache root: combine at read time

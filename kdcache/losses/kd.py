@@ -163,10 +163,6 @@ def _labelled_rows(
         labels_t = labels_t.to(device=device, dtype=torch.int64)
     labels_N1 = labels_t.reshape(-1, 1)
     keep_N1 = labels_N1 != ignore_index
-    if _reads_back_free(device) and bool(keep_N1.all()):
-        # a copy, as torch.where makes below: the loss keeps it for its backward, and the
-        # caller may refill its label buffer before that
-        return labels_N1.clone(), keep_N1
     return torch.where(keep_N1, labels_N1, 0), keep_N1
 
 

@@ -72,9 +72,8 @@ def describe(cache: CacheEntry | EnsembleView, *, num_samples: int = 3) -> dict[
         from kdcache.stores.combined import combinable
 
         if combinable(view) is None:  # the combination stored at the view's temperature?
-            out["combined_entry"] = (
-                view.combined_entry().key if view.combined_entry().is_complete else None
-            )
+            stored = view.combined_entry()
+            out["combined_entry"] = stored.key if stored.is_complete else None
     if first.is_sparse:
         out["sparse"] = {"kind": first.target_spec.kind, **dict(first.target_spec.params or ())}
     # A rule that needs per-row inputs (labels, route keys) is applied by the reader, which

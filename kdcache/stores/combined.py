@@ -178,18 +178,8 @@ def materialize(
     material = combined_spec(view, temperature)
     tau = float(material["targets"]["temperature"])
     entry = CacheEntry(view.root, schema.content_key(material))
-    if entry.is_complete:
-        damaged = entry.damaged_shards()
-        if not damaged:
-            return entry
-        log.warning(
-            "combined entry %s lists %d shard file(s) that are missing or of the wrong size; "
-            "recomputing them",
-            entry.key,
-            len(damaged),
-        )
-        for i in damaged:
-            entry.invalidate_shard(i)
+    if entry.is_complete and not entry.uncommit_damaged():
+        return entry
     try:
         entry.write_spec(material)
     except PermissionError as exc:

@@ -579,6 +579,23 @@ class CacheEntry:
             present[info.base_name] = info.size
         return [rec.index for rec in self.shards if present.get(rec.file) != rec.num_bytes]
 
+    def uncommit_damaged(self) -> list[int]:
+        """Uncommit the shards :meth:`damaged_shards` finds (logged as a warning), so that
+        rerunning what made the entry (its build, or for a combined entry its
+        combination) recomputes exactly those; returns their indices (empty: sound)."""
+        damaged = self.damaged_shards()
+        if damaged:
+            log.warning(
+                "cache entry %s lists %d shard file(s) that are missing or of the wrong "
+                "size (%s); recomputing them",
+                self.key,
+                len(damaged),
+                ", ".join(schema.shard_stem(i) for i in damaged),
+            )
+            for i in damaged:
+                self.invalidate_shard(i)
+        return damaged
+
     def committed_shard(
         self, index: int, *, check_bytes: bool = False
     ) -> tuple[ShardRecord, int] | None:
