@@ -28,12 +28,14 @@ Conventions (kdcache's choice where tools disagree; see ``docs/losses.md``):
 
 from __future__ import annotations
 
+import ctypes
 import math
 from typing import Any
 
 import torch
 
 from kdcache.errors import ConfigError
+from kdcache.losses import _cpu_kernel
 from kdcache.targets.sparse import SparseTargets
 
 #: Divergences every distillation entry point accepts (``divergence=...``).
@@ -358,6 +360,7 @@ _GRAD_IN_FORWARD_MAX = 1 << 20
 
 
 def _dense_forward_kl_with_grad(
+    kernel: Any,
     s_NV: torch.Tensor,
     t_NV: torch.Tensor,
     tau: float,
@@ -366,40 +369,42 @@ def _dense_forward_kl_with_grad(
     w_nll: float,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``(loss, d loss / d logits)`` of :class:`_DenseForwardKL` for every row counted
-    and number weights: the same value, and the gradient its backward would compute
-    (``w_kl (q sum_v p - p) / tau + w_nll (softmax(logits) - onehot)``), from the
-    softmaxes the value needs. float32 [N, V] logits and teacher log-probabilities."""
-    m_N1 = s_NV.amax(dim=1, keepdim=True)
-    a_NV = s_NV - m_N1
-    loss = None
-    e1_NV = sum1_N1 = None
-    if labels_N1 is not None:
-        e1_NV = torch.exp(a_NV)
-        sum1_N1 = e1_NV.sum(dim=1, keepdim=True)
-        try:
-            picked_N1 = s_NV.gather(1, labels_N1)
-        except (RuntimeError, IndexError) as err:  # raised on the CPU
-            raise ConfigError(
-                f"labels must be in [0, {s_NV.shape[1]}) or equal the ignore index"
-            ) from err
-        loss = (sum1_N1.log().add_(m_N1) - picked_N1).sum() * w_nll
-    e_NV = torch.exp(a_NV.div_(tau))
-    sum_N1 = e_NV.sum(dim=1, keepdim=True)
-    log_z_N1 = sum_N1.log()
-    log_q_NV = a_NV.sub_(log_z_N1)  # log_softmax(logits / tau)
-    p_NV = torch.exp(t_NV)
-    mass_N1 = p_NV.sum(dim=1, keepdim=True)
-    # as in the general forward: nansum drops 0 * (-inf), the partition brings back a NaN
-    kl_N1 = torch.sub(t_NV, log_q_NV, out=a_NV).mul_(p_NV).nansum(dim=1, keepdim=True)
-    kl_N1.addcmul_(log_z_N1, mass_N1, value=0.0)
-    kl = kl_N1.sum() * w_kl
-    loss = kl if loss is None else kl + loss
-    g_NV = e_NV.div_(sum_N1).mul_(mass_N1).sub_(p_NV).mul_(w_kl / tau)
-    if labels_N1 is not None:
-        assert e1_NV is not None and sum1_N1 is not None
-        g_NV.add_(e1_NV.div_(sum1_N1), alpha=w_nll)
-        g_NV.scatter_add_(1, labels_N1, torch.full(labels_N1.shape, -w_nll, dtype=g_NV.dtype))
-    return loss, g_NV
+    and number weights, by the compiled CPU kernel (:mod:`kdcache.losses._cpu_kernel`):
+    the same value, and the gradient its backward would compute (``w_kl (q sum_v p - p) /
+    tau + w_nll (softmax(logits) - onehot)``), in one pass over the rows. float32 [N, V]
+    CPU logits and teacher log-probabilities; int64 [N, 1] labels or None. Returns a
+    float32 scalar (the sum taken in float64) and float32 [N, V].
+
+    Raises:
+        ConfigError: a label outside [0, V).
+    """
+    s = s_NV.detach().contiguous()
+    t = t_NV.detach().contiguous()
+    n, v = s.shape
+    labels = None if labels_N1 is None else labels_N1.contiguous()
+    g_NV = torch.empty_like(s)
+    scratch = torch.empty(2 * v, dtype=torch.float32)
+    bad_row = ctypes.c_int64(-1)
+    loss = kernel(
+        s.data_ptr(),
+        t.data_ptr(),
+        None if labels is None else labels.data_ptr(),
+        n,
+        v,
+        tau,
+        w_kl,
+        w_nll,
+        g_NV.data_ptr(),
+        scratch.data_ptr(),
+        ctypes.byref(bad_row),
+    )
+    if bad_row.value >= 0:
+        assert labels is not None
+        raise ConfigError(
+            f"labels must be in [0, {v}) or equal the ignore index; row {bad_row.value} "
+            f"has {int(labels[bad_row.value, 0])}"
+        )
+    return torch.tensor(loss, dtype=torch.float32), g_NV
 
 
 class _DenseForwardKL(torch.autograd.Function):
@@ -451,10 +456,13 @@ class _DenseForwardKL(torch.autograd.Function):
             and isinstance(w_kl, float)
             and isinstance(w_nll, float)
             and s_NV.numel() <= _GRAD_IN_FORWARD_MAX
+            and s_NV.device.type == "cpu"
+            and t_NV.device.type == "cpu"
             and ctx.needs_input_grad[0]
+            and (kernel := _cpu_kernel.load()) is not None
         ):
             loss, ctx.grad_NV = _dense_forward_kl_with_grad(
-                s_NV, t_NV, float(tau), labels_N1, w_kl, w_nll
+                kernel, s_NV, t_NV, float(tau), labels_N1, w_kl, w_nll
             )
             ctx.logits_dtype = logits_NV.dtype
             return loss

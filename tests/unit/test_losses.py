@@ -1079,3 +1079,116 @@ def test_the_short_route_keeps_nan_and_refuses_a_second_backward():
     (g,) = torch.autograd.grad(losses.kd_loss(s2, lp, temperature=tau), s2, create_graph=True)
     with pytest.raises(RuntimeError):
         g.sum().backward()
+
+
+def _kernel_or_skip():
+    from kdcache.losses import _cpu_kernel
+
+    if _cpu_kernel.load() is None:
+        pytest.skip("no C compiler here: kd_loss takes its torch route")
+
+
+def _both_routes(monkeypatch, make_logits, lp, **kw):
+    """(loss, grad) by the compiled kernel's route, then by the general torch route."""
+    from kdcache.losses import divergences
+
+    out = []
+    for limit in (1 << 20, 0):
+        monkeypatch.setattr(divergences, "_GRAD_IN_FORWARD_MAX", limit)
+        s = make_logits().requires_grad_()
+        loss = losses.kd_loss(s, lp, **kw)
+        loss.backward()
+        out.append((loss.detach(), s.grad))
+    return out
+
+
+@pytest.mark.parametrize(
+    ("b", "v", "tau", "alpha"),
+    [(256, 10, 4.0, 0.9), (3, 5000, 1.0, 0.5), (7, 3, 0.5, 1.0), (1, 1, 2.0, 0.3)],
+)
+def test_the_compiled_kernel_gives_the_torch_routes_value_and_gradient(
+    monkeypatch, b, v, tau, alpha
+):
+    _kernel_or_skip()
+    lp = targets.log_probs(rand(b, v, seed=101) / tau)
+    if v > 2:
+        lp[0, 1] = float("-inf")  # a class the teacher rules out
+        lp[0] = torch.log_softmax(lp[0], dim=-1)
+    labels = torch.arange(b) % v
+    (l_k, g_k), (l_t, g_t) = _both_routes(
+        monkeypatch,
+        lambda: rand(b, v, seed=102, scale=5.0),
+        lp,
+        temperature=tau,
+        alpha=alpha,
+        labels_B=labels,
+    )
+    assert torch.isfinite(l_k) and torch.isfinite(g_k).all()
+    torch.testing.assert_close(l_k, l_t, rtol=2e-6, atol=1e-6)
+    torch.testing.assert_close(g_k, g_t, rtol=1e-5, atol=1e-7)
+
+
+def test_the_compiled_kernel_keeps_nan_inf_and_the_student_ruling_a_class_out(monkeypatch):
+    _kernel_or_skip()
+    tau = 2.0
+    lp = targets.log_probs(rand(4, 6, seed=103) / tau)
+
+    def logits_with(row: int, col: int, value: float):
+        def make():
+            s = rand(4, 6, seed=104)
+            s[row, col] = value
+            return s
+
+        return make
+
+    # a NaN logit: the loss and that row's gradient are NaN in both routes
+    (l_k, g_k), (l_t, g_t) = _both_routes(
+        monkeypatch,
+        logits_with(1, 2, float("nan")),
+        lp,
+        temperature=tau,
+        alpha=0.5,
+        labels_B=torch.tensor([0, 1, 2, 3]),
+    )
+    assert torch.isnan(l_k) and torch.isnan(l_t)
+    assert torch.isnan(g_k[1]).all() and torch.isnan(g_t[1]).all()
+    torch.testing.assert_close(g_k[[0, 2, 3]], g_t[[0, 2, 3]], rtol=1e-5, atol=1e-7)
+    # the student rules out a class the teacher keeps: +inf in both routes
+    (l_k, _), (l_t, _) = _both_routes(
+        monkeypatch, logits_with(0, 3, float("-inf")), lp, temperature=tau, alpha=1.0
+    )
+    assert l_k == l_t == float("inf")
+
+
+@pytest.mark.parametrize("label", [10, -5])
+def test_the_compiled_kernel_refuses_a_label_outside_the_classes(label):
+    _kernel_or_skip()
+    lp = targets.log_probs(rand(4, 10, seed=105))
+    labels = torch.tensor([0, label, 2, 3])
+    with pytest.raises(ConfigError, match=r"labels must be in \[0, 10\).*row 1"):
+        losses.kd_loss(
+            rand(4, 10, seed=106).requires_grad_(),
+            lp,
+            temperature=1.0,
+            alpha=0.5,
+            labels_B=labels,
+        )
+
+
+def test_without_the_kernel_the_loss_takes_its_torch_route(monkeypatch, caplog):
+    """No compiler (or KDCACHE_CPU_KERNEL=0): load() is None, the loss still works."""
+    from kdcache.losses import _cpu_kernel
+
+    monkeypatch.setenv("CC", "/nonexistent/cc")
+    with caplog.at_level("INFO", logger="kdcache.losses._cpu_kernel"):
+        assert _cpu_kernel._compile() is None
+    assert "torch route" in caplog.text
+    monkeypatch.setattr(_cpu_kernel, "_loaded", False)
+    monkeypatch.setattr(_cpu_kernel, "_function", None)
+    monkeypatch.setenv(_cpu_kernel.ENV_SWITCH, "0")
+    assert _cpu_kernel.load() is None
+    s = rand(8, 4, seed=107).requires_grad_()
+    lp = targets.log_probs(rand(8, 4, seed=108))
+    loss = losses.kd_loss(s, lp, temperature=1.0, alpha=0.5, labels_B=torch.arange(8) % 4)
+    loss.backward()
+    assert torch.isfinite(loss) and torch.isfinite(s.grad).all()
