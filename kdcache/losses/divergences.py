@@ -425,13 +425,14 @@ class _DenseForwardKL(torch.autograd.Function):
     (the forward keeps only [N] statistics, the backward recomputes q and p from the
     inputs); nothing waits for the device.
 
-    Small batches (at most :data:`_GRAD_IN_FORWARD_MAX` values, a classifier's [B, V]),
-    every row counted and number weights (the CPU's case, see
-    :func:`kdcache.losses.kd._reads_back_free`) take a shorter route: the forward computes
-    the gradient too, from the softmaxes it has already, and keeps it ([N, V] float32,
-    the size of the logits), so that the backward is one multiplication. Per-op overhead,
-    not arithmetic, is what such a batch costs; the value and gradient are the same to
-    float32 rounding.
+    Small CPU batches (at most :data:`_GRAD_IN_FORWARD_MAX` values, a classifier's
+    [B, V]) with every row counted and number weights (see
+    :func:`kdcache.losses.kd._reads_back_free`) take a shorter route when the compiled
+    CPU kernel is available (:mod:`kdcache.losses._cpu_kernel`): the forward computes the
+    value and the gradient in one C pass over the rows and keeps the gradient ([N, V]
+    float32, the size of the logits), so that the backward is one multiplication. Per-op
+    overhead, not arithmetic, is what such a batch costs in torch; the value and gradient
+    are the same to float32 rounding.
     """
 
     @staticmethod
