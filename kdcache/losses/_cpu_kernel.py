@@ -7,12 +7,13 @@ gradient in one pass over the rows, the arithmetic of
 :func:`kdcache.losses.divergences._DenseForwardKL` (see there for the formulas and their
 NaN and -inf rules), and loads it with :mod:`ctypes`.
 
-It is compiled once per process, on first use, with the C compiler found on ``PATH``
-(``$CC``, else ``cc``), into a temporary directory that is removed once the library is
+It is compiled once per process, on first use, with the C compiler ``$CC`` (else ``cc``
+or ``gcc`` on ``PATH``), into a temporary directory that is removed once the library is
 loaded: nothing is cached on disk, so nothing on disk has to be trusted, and ranks never
 race for a file. It needs no Python headers and no torch headers (about 0.2 s). Without
 a compiler, or with ``KDCACHE_CPU_KERNEL=0``, :func:`load` returns None and the loss takes
-its torch route (the same value and gradient to float32 rounding).
+its torch route: the same value and gradient to float32 rounding (the kernel sums rows
+in float64, so on wide rows of close distributions it is the more exact of the two).
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from __future__ import annotations
 import ctypes
 import logging
 import os
+import shlex
 import shutil
 import subprocess
 import tempfile
@@ -34,22 +36,32 @@ _SOURCE = r"""
 #include <math.h>
 #include <stdint.h>
 
+#ifdef __cplusplus
+extern "C" {
+#endif
+
 /* Fused forward KL(p || softmax(s / tau)) + NLL at temperature 1, and its gradient.
  * s, t: float32 [n, v] row-major (logits; teacher log-probabilities at tau).
  * labels: int64 [n] class ids, or NULL for no NLL term.
  * g: float32 [n, v] out, d loss / d s.  scratch: float32 [2 v].
- * Returns w_kl * sum_i KL_i + w_nll * sum_i NLL_i, summed in double; on a label outside
- * [0, v) sets *bad_row to its row and returns 0. */
+ * Row sums, the KL terms and the total are taken in double (a KL between close
+ * distributions is a small difference of large sums). Returns w_kl * sum_i KL_i +
+ * w_nll * sum_i NLL_i; on a label outside [0, v) sets *bad_row to its row and
+ * returns 0 (g is then partly written). */
 double kdcache_forward_kl_nll(const float *s, const float *t, const int64_t *labels,
-                              int64_t n, int64_t v, float tau, float w_kl, float w_nll,
+                              int64_t n, int64_t v, double tau, double w_kl, double w_nll,
                               float *g, float *scratch, int64_t *bad_row) {
     double loss = 0.0;
     float *e1 = scratch, *p = scratch + v;
-    const float k = w_kl / tau;
+    const float tau_f = (float)tau, k = (float)(w_kl / tau), w_nll_f = (float)w_nll;
     *bad_row = -1;
     for (int64_t i = 0; i < n; ++i) {
         const float *si = s + i * v, *ti = t + i * v;
         float *gi = g + i * v;
+        if (labels && (labels[i] < 0 || labels[i] >= v)) {
+            *bad_row = i;
+            return 0.0;
+        }
         /* the row max; NaN if the row holds one (as torch's amax) */
         float m = -INFINITY;
         int nan_in = 0;
@@ -59,10 +71,10 @@ double kdcache_forward_kl_nll(const float *s, const float *t, const int64_t *lab
         }
         if (nan_in) m = NAN;
         /* softmax(s / tau) (unnormalised, into g), softmax(s) (into e1), teacher p */
-        float z = 0.0f, sum1 = 0.0f, mass = 0.0f;
+        double z = 0.0, sum1 = 0.0, mass = 0.0;
         for (int64_t j = 0; j < v; ++j) {
             const float a = si[j] - m;
-            gi[j] = expf(a / tau);
+            gi[j] = expf(a / tau_f);
             z += gi[j];
             p[j] = expf(ti[j]);
             mass += p[j];
@@ -71,32 +83,33 @@ double kdcache_forward_kl_nll(const float *s, const float *t, const int64_t *lab
                 sum1 += e1[j];
             }
         }
-        const float log_z = logf(z);
+        const double log_z = log(z);
         /* KL: NaN terms (0 * -inf where the teacher has no mass) are dropped, and the
          * partition and mass bring back a NaN of the row's inputs */
-        float kl = 0.0f;
+        double kl = 0.0;
         for (int64_t j = 0; j < v; ++j) {
-            const float term = p[j] * (ti[j] - ((si[j] - m) / tau - log_z));
+            const double log_q = (double)((si[j] - m) / tau_f) - log_z;
+            const double term = (double)p[j] * ((double)ti[j] - log_q);
             if (!isnan(term)) kl += term;
         }
-        kl += 0.0f * log_z * mass;
-        loss += (double)kl * (double)w_kl;
-        const float scale = mass / z;
+        kl += 0.0 * log_z * mass;
+        loss += kl * w_kl;
+        const float scale = (float)(mass / z);
         for (int64_t j = 0; j < v; ++j) gi[j] = (gi[j] * scale - p[j]) * k;
         if (labels) {
             const int64_t y = labels[i];
-            if (y < 0 || y >= v) {
-                *bad_row = i;
-                return 0.0;
-            }
-            loss += ((double)logf(sum1) + (double)m - (double)si[y]) * (double)w_nll;
-            const float c = w_nll / sum1;
+            loss += (log(sum1) + (double)m - (double)si[y]) * w_nll;
+            const float c = (float)(w_nll / sum1);
             for (int64_t j = 0; j < v; ++j) gi[j] += e1[j] * c;
-            gi[y] -= w_nll;
+            gi[y] -= w_nll_f;
         }
     }
     return loss;
 }
+
+#ifdef __cplusplus
+}
+#endif
 """
 
 _lock = threading.Lock()
@@ -105,35 +118,40 @@ _function: ctypes._CFuncPtr | None = None  # type: ignore[name-defined]
 
 
 def _compile() -> ctypes._CFuncPtr | None:  # type: ignore[name-defined]
-    compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
-    if not compiler:
+    cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
+    if not cc:
         log.info("no C compiler on PATH: kd_loss takes its torch route on the CPU")
         return None
-    workdir = tempfile.mkdtemp(prefix="kdcache-kernel-")
+    compiler = shlex.split(cc)  # CC may carry a launcher or flags ("ccache gcc")
     try:
-        src = os.path.join(workdir, "kernel.c")
-        lib = os.path.join(workdir, "kernel.so")
-        with open(src, "w") as f:
-            f.write(_SOURCE)
-        # -O2, no -ffast-math: IEEE NaN and inf semantics are part of the loss's contract
-        cmd = [compiler, "-O2", "-fno-math-errno", "-shared", "-fPIC", src, "-o", lib, "-lm"]
-        done = subprocess.run(cmd, capture_output=True, text=True, timeout=120, check=False)
-        if done.returncode != 0:
-            log.info(
-                "compiling kd_loss's CPU kernel failed (%s); kd_loss takes its torch route: %s",
-                compiler,
-                done.stderr.strip()[-500:],
-            )
-            return None
-        fn = ctypes.CDLL(lib).kdcache_forward_kl_nll
-    except (OSError, subprocess.SubprocessError) as err:
-        log.info("kd_loss's CPU kernel is unavailable (%s); kd_loss takes its torch route", err)
+        workdir = tempfile.mkdtemp(prefix="kdcache-kernel-")
+        try:
+            src = os.path.join(workdir, "kernel.c")
+            lib = os.path.join(workdir, "kernel.so")
+            with open(src, "w") as f:
+                f.write(_SOURCE)
+            # -O2, no -ffast-math: IEEE NaN and inf semantics are part of the loss's
+            # contract; no contraction into FMA, so every platform rounds alike
+            cmd = [*compiler, "-O2", "-fno-math-errno", "-ffp-contract=off", "-shared"]
+            cmd += ["-fPIC", src, "-o", lib, "-lm"]
+            done = subprocess.run(cmd, capture_output=True, text=True, timeout=120, check=False)
+            if done.returncode != 0:
+                log.info(
+                    "compiling kd_loss's CPU kernel with %s failed; kd_loss takes its torch "
+                    "route: %s",
+                    cc,
+                    done.stderr.strip()[-500:],
+                )
+                return None
+            fn = ctypes.CDLL(lib).kdcache_forward_kl_nll
+        finally:
+            shutil.rmtree(workdir, ignore_errors=True)  # the loaded library stays mapped
+    except Exception as err:  # any failure to build means: the torch route
+        log.info("kd_loss's CPU kernel is unavailable (%r); kd_loss takes its torch route", err)
         return None
-    finally:
-        shutil.rmtree(workdir, ignore_errors=True)  # the loaded library stays mapped
     fn.restype = ctypes.c_double
-    vp, i64, f32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float
-    fn.argtypes = [vp, vp, vp, i64, i64, f32, f32, f32, vp, vp, vp]
+    vp, i64, f64 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_double
+    fn.argtypes = [vp, vp, vp, i64, i64, f64, f64, f64, vp, vp, vp]
     return fn
 
 
@@ -146,7 +164,9 @@ def load() -> ctypes._CFuncPtr | None:  # type: ignore[name-defined]
         return _function
     with _lock:
         if not _loaded:
-            if os.environ.get(ENV_SWITCH, "1") != "0":
-                _function = _compile()
-            _loaded = True
+            try:
+                if os.environ.get(ENV_SWITCH, "1") != "0":
+                    _function = _compile()
+            finally:
+                _loaded = True  # tried once per process, whatever happened
     return _function

@@ -354,8 +354,8 @@ Weight = float | torch.Tensor
 
 
 #: Values of a batch ([N, V]) up to which the fused forward-KL node computes its gradient
-#: in the forward and keeps it (2^20: 4 MiB of float32; a classifier's batch, never a
-#: language model's [B * T, V]).
+#: in the forward on the CPU and keeps it (2^20: 4 MiB of float32; a classifier's batch,
+#: or a short language-model batch such as 8 x 128k).
 _GRAD_IN_FORWARD_MAX = 1 << 20
 
 
@@ -459,6 +459,15 @@ class _DenseForwardKL(torch.autograd.Function):
             and s_NV.numel() <= _GRAD_IN_FORWARD_MAX
             and s_NV.device.type == "cpu"
             and t_NV.device.type == "cpu"
+            and t_NV.shape == s_NV.shape
+            and (
+                labels_N1 is None
+                or (
+                    labels_N1.dtype == torch.int64
+                    and labels_N1.device.type == "cpu"
+                    and tuple(labels_N1.shape) == (s_NV.shape[0], 1)
+                )
+            )
             and ctx.needs_input_grad[0]
             and (kernel := _cpu_kernel.load()) is not None
         ):
@@ -511,7 +520,6 @@ class _DenseForwardKL(torch.autograd.Function):
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
         if ctx.grad_NV is not None:  # computed by the forward (small batches)
             g_NV = ctx.grad_NV * grad.float()
-            ctx.grad_NV = None
             return (g_NV.to(ctx.logits_dtype), *(None,) * 7)
         logits_NV, teacher_NV, keep_N1, labels_N1, keep_labels_N1, m_N1, log_z_N1, mass_N1 = (
             ctx.saved_tensors
@@ -595,10 +603,16 @@ def dense_forward_kl_loss(
         Scalar float32 tensor.
 
     Raises:
-        ConfigError: a label outside [0, V), found by the gather that reads it on the
+        ConfigError: logits and teacher of different shapes (or not [N, V]); a label
+            outside [0, V), found by the gather (or the CPU kernel) that reads it on the
             CPU (on an accelerator the gather's device-side assertion fails instead: a
             host check would synchronise every step).
     """
+    if teacher_log_probs_NV.shape != student_logits_NV.shape or student_logits_NV.dim() != 2:
+        raise ConfigError(
+            f"student logits {tuple(student_logits_NV.shape)} and teacher log-probabilities "
+            f"{tuple(teacher_log_probs_NV.shape)} must have the same shape [N, V]"
+        )
     return _DenseForwardKL.apply(
         student_logits_NV,
         teacher_log_probs_NV,
