@@ -43,7 +43,7 @@ extern "C" {
 /* Fused forward KL(p || softmax(s / tau)) + NLL at temperature 1, and its gradient.
  * s, t: float32 [n, v] row-major (logits; teacher log-probabilities at tau).
  * labels: int64 [n] class ids, or NULL for no NLL term.
- * g: float32 [n, v] out, d loss / d s.  scratch: float32 [2 v].
+ * g: float32 [n, v] out, d loss / d s.  scratch: float32 [3 v].
  * Row sums, the KL terms and the total are taken in double (a KL between close
  * distributions is a small difference of large sums). Returns w_kl * sum_i KL_i +
  * w_nll * sum_i NLL_i; on a label outside [0, v) sets *bad_row to its row and
@@ -52,7 +52,7 @@ double kdcache_forward_kl_nll(const float *s, const float *t, const int64_t *lab
                               int64_t n, int64_t v, double tau, double w_kl, double w_nll,
                               float *g, float *scratch, int64_t *bad_row) {
     double loss = 0.0;
-    float *e1 = scratch, *p = scratch + v;
+    float *e1 = scratch, *p = scratch + v, *b = scratch + 2 * v;
     const float tau_f = (float)tau, k = (float)(w_kl / tau), w_nll_f = (float)w_nll;
     *bad_row = -1;
     for (int64_t i = 0; i < n; ++i) {
@@ -74,7 +74,8 @@ double kdcache_forward_kl_nll(const float *s, const float *t, const int64_t *lab
         double z = 0.0, sum1 = 0.0, mass = 0.0;
         for (int64_t j = 0; j < v; ++j) {
             const float a = si[j] - m;
-            gi[j] = expf(a / tau_f);
+            b[j] = a / tau_f;
+            gi[j] = expf(b[j]);
             z += gi[j];
             p[j] = expf(ti[j]);
             mass += p[j];
@@ -88,7 +89,7 @@ double kdcache_forward_kl_nll(const float *s, const float *t, const int64_t *lab
          * partition and mass bring back a NaN of the row's inputs */
         double kl = 0.0;
         for (int64_t j = 0; j < v; ++j) {
-            const double log_q = (double)((si[j] - m) / tau_f) - log_z;
+            const double log_q = (double)b[j] - log_z;
             const double term = (double)p[j] * ((double)ti[j] - log_q);
             if (!isnan(term)) kl += term;
         }

@@ -383,7 +383,7 @@ def _dense_forward_kl_with_grad(
     n, v = s.shape
     labels = None if labels_N1 is None else labels_N1.contiguous()
     g_NV = torch.empty_like(s)
-    scratch = torch.empty(2 * v, dtype=torch.float32)
+    scratch = torch.empty(3 * v, dtype=torch.float32)
     bad_row = ctypes.c_int64(-1)
     loss = kernel(
         s.data_ptr(),
