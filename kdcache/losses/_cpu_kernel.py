@@ -145,6 +145,7 @@ def _compile() -> ctypes._CFuncPtr | None:  # type: ignore[name-defined]
                 )
                 return None
             fn = ctypes.CDLL(lib).kdcache_forward_kl_nll
+            log.debug("compiled kd_loss's CPU kernel with %s", cc)
         finally:
             shutil.rmtree(workdir, ignore_errors=True)  # the loaded library stays mapped
     except Exception as err:  # any failure to build means: the torch route
