@@ -26,6 +26,7 @@ import shutil
 import subprocess
 import tempfile
 import threading
+from typing import Any, NamedTuple
 
 log = logging.getLogger(__name__)
 
@@ -35,33 +36,60 @@ ENV_SWITCH = "KDCACHE_CPU_KERNEL"
 _SOURCE = r"""
 #include <math.h>
 #include <stdint.h>
+#include <stdlib.h>
 
 #ifdef __cplusplus
 extern "C" {
 #endif
 
+/* Count the labelled rows of labels int64 [n] (those != ignore) and check that each is
+ * in [0, v). Returns the count, or -1 - i for the first labelled row i outside. */
+int64_t kdcache_count_labels(const int64_t *labels, int64_t n, int64_t v, int64_t ignore) {
+    int64_t count = 0;
+    for (int64_t i = 0; i < n; ++i) {
+        const int64_t y = labels[i];
+        if (y == ignore) continue;
+        if (y < 0 || y >= v) return -1 - i;
+        ++count;
+    }
+    return count;
+}
+
 /* Fused forward KL(p || softmax(s / tau)) + NLL at temperature 1, and its gradient.
  * s, t: float32 [n, v] row-major (logits; teacher log-probabilities at tau).
- * labels: int64 [n] class ids, or NULL for no NLL term.
- * g: float32 [n, v] out, d loss / d s.  scratch: float32 [3 v].
+ * labels: int64 [n] class ids (ignore: no label), or NULL for no NLL term.
+ * g: float32 [n, v] out, d loss / d s (rows without a label get no NLL gradient).
+ * The NLL weight is w_nll, or w_nll / max(1, labelled rows) when nll_per_count.
  * Row sums, the KL terms and the total are taken in double (a KL between close
  * distributions is a small difference of large sums). Returns w_kl * sum_i KL_i +
- * w_nll * sum_i NLL_i; on a label outside [0, v) sets *bad_row to its row and
- * returns 0 (g is then partly written). */
+ * w_nll * sum_labelled NLL_i. status[0]: -1, or the first row whose label is outside
+ * [0, v) (then nothing is written), or -2 when memory for [3 v] floats was refused. */
 double kdcache_forward_kl_nll(const float *s, const float *t, const int64_t *labels,
                               int64_t n, int64_t v, double tau, double w_kl, double w_nll,
-                              float *g, float *scratch, int64_t *bad_row) {
+                              int64_t ignore, int64_t nll_per_count, float *g,
+                              int64_t *status) {
+    status[0] = -1;
+    if (labels) {
+        const int64_t count = kdcache_count_labels(labels, n, v, ignore);
+        if (count < 0) {
+            status[0] = -1 - count;
+            return 0.0;
+        }
+        if (nll_per_count) w_nll /= (double)(count > 0 ? count : 1);
+    }
+    float *scratch = (float *)malloc((size_t)(3 * (v > 0 ? v : 1)) * sizeof(float));
+    if (!scratch) {
+        status[0] = -2;
+        return 0.0;
+    }
     double loss = 0.0;
     float *e1 = scratch, *p = scratch + v, *b = scratch + 2 * v;
     const float tau_f = (float)tau, k = (float)(w_kl / tau), w_nll_f = (float)w_nll;
-    *bad_row = -1;
     for (int64_t i = 0; i < n; ++i) {
         const float *si = s + i * v, *ti = t + i * v;
         float *gi = g + i * v;
-        if (labels && (labels[i] < 0 || labels[i] >= v)) {
-            *bad_row = i;
-            return 0.0;
-        }
+        const int64_t y = labels ? labels[i] : ignore;
+        const int labelled = labels != NULL && y != ignore;
         /* the row max; NaN if the row holds one (as torch's amax) */
         float m = -INFINITY;
         int nan_in = 0;
@@ -70,7 +98,7 @@ double kdcache_forward_kl_nll(const float *s, const float *t, const int64_t *lab
             m = si[j] > m ? si[j] : m;
         }
         if (nan_in) m = NAN;
-        /* softmax(s / tau) (unnormalised, into g), softmax(s) (into e1), teacher p */
+        /* softmax(s / tau) unnormalised (into g), teacher p, softmax(s) unnormalised */
         double z = 0.0, sum1 = 0.0, mass = 0.0;
         for (int64_t j = 0; j < v; ++j) {
             const float a = si[j] - m;
@@ -79,7 +107,7 @@ double kdcache_forward_kl_nll(const float *s, const float *t, const int64_t *lab
             z += gi[j];
             p[j] = expf(ti[j]);
             mass += p[j];
-            if (labels) {
+            if (labelled) {
                 e1[j] = expf(a);
                 sum1 += e1[j];
             }
@@ -97,14 +125,14 @@ double kdcache_forward_kl_nll(const float *s, const float *t, const int64_t *lab
         loss += kl * w_kl;
         const float scale = (float)(mass / z);
         for (int64_t j = 0; j < v; ++j) gi[j] = (gi[j] * scale - p[j]) * k;
-        if (labels) {
-            const int64_t y = labels[i];
+        if (labelled) {
             loss += (log(sum1) + (double)m - (double)si[y]) * w_nll;
             const float c = (float)(w_nll / sum1);
             for (int64_t j = 0; j < v; ++j) gi[j] += e1[j] * c;
             gi[y] -= w_nll_f;
         }
     }
+    free(scratch);
     return loss;
 }
 
@@ -113,12 +141,20 @@ double kdcache_forward_kl_nll(const float *s, const float *t, const int64_t *lab
 #endif
 """
 
+
+class Kernel(NamedTuple):
+    """The compiled functions (see the C source above), with their argument types set."""
+
+    forward_kl_nll: Any
+    count_labels: Any
+
+
 _lock = threading.Lock()
 _loaded: bool = False
-_function: ctypes._CFuncPtr | None = None  # type: ignore[name-defined]
+_function: Kernel | None = None
 
 
-def _compile() -> ctypes._CFuncPtr | None:  # type: ignore[name-defined]
+def _compile() -> Kernel | None:
     cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
     if not cc:
         log.info("no C compiler on PATH: kd_loss takes its torch route on the CPU")
@@ -144,21 +180,24 @@ def _compile() -> ctypes._CFuncPtr | None:  # type: ignore[name-defined]
                     done.stderr.strip()[-500:],
                 )
                 return None
-            fn = ctypes.CDLL(lib).kdcache_forward_kl_nll
+            so = ctypes.CDLL(lib)
+            fn, count = so.kdcache_forward_kl_nll, so.kdcache_count_labels
             log.debug("compiled kd_loss's CPU kernel with %s", cc)
         finally:
             shutil.rmtree(workdir, ignore_errors=True)  # the loaded library stays mapped
     except Exception as err:  # any failure to build means: the torch route
         log.info("kd_loss's CPU kernel is unavailable (%r); kd_loss takes its torch route", err)
         return None
-    fn.restype = ctypes.c_double
     vp, i64, f64 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_double
-    fn.argtypes = [vp, vp, vp, i64, i64, f64, f64, f64, vp, vp, vp]
-    return fn
+    fn.restype = f64
+    fn.argtypes = [vp, vp, vp, i64, i64, f64, f64, f64, i64, i64, vp, vp]
+    count.restype = i64
+    count.argtypes = [vp, i64, i64, i64]
+    return Kernel(fn, count)
 
 
-def load() -> ctypes._CFuncPtr | None:  # type: ignore[name-defined]
-    """The compiled ``kdcache_forward_kl_nll`` (see the C source above), or None when it
+def load() -> Kernel | None:
+    """The compiled kernel (see the C source above), or None when it
     is switched off (``KDCACHE_CPU_KERNEL=0``) or cannot be built here. Compiled on the
     first call in a process (thread-safe), then returned from memory."""
     global _loaded, _function

@@ -28,14 +28,12 @@ Conventions (kdcache's choice where tools disagree; see ``docs/losses.md``):
 
 from __future__ import annotations
 
-import ctypes
 import math
 from typing import Any
 
 import torch
 
 from kdcache.errors import ConfigError
-from kdcache.losses import _cpu_kernel
 from kdcache.targets.sparse import SparseTargets
 
 #: Divergences every distillation entry point accepts (``divergence=...``).
@@ -353,60 +351,6 @@ def _flat_student(student_logits: torch.Tensor) -> torch.Tensor:
 Weight = float | torch.Tensor
 
 
-#: Values of a batch ([N, V]) up to which the fused forward-KL node computes its gradient
-#: in the forward on the CPU and keeps it (2^20: 4 MiB of float32; a classifier's batch,
-#: or a short language-model batch such as 8 x 128k).
-_GRAD_IN_FORWARD_MAX = 1 << 20
-
-
-def _dense_forward_kl_with_grad(
-    kernel: Any,
-    s_NV: torch.Tensor,
-    t_NV: torch.Tensor,
-    tau: float,
-    labels_N1: torch.Tensor | None,
-    w_kl: float,
-    w_nll: float,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(loss, d loss / d logits)`` of :class:`_DenseForwardKL` for every row counted
-    and number weights, by the compiled CPU kernel (:mod:`kdcache.losses._cpu_kernel`):
-    the same value, and the gradient its backward would compute (``w_kl (q sum_v p - p) /
-    tau + w_nll (softmax(logits) - onehot)``), in one pass over the rows. float32 [N, V]
-    CPU logits and teacher log-probabilities; int64 [N, 1] labels or None. Returns a
-    float32 scalar (the sum taken in float64) and float32 [N, V].
-
-    Raises:
-        ConfigError: a label outside [0, V).
-    """
-    s = s_NV.detach().contiguous()
-    t = t_NV.detach().contiguous()
-    n, v = s.shape
-    labels = None if labels_N1 is None else labels_N1.contiguous()
-    g_NV = torch.empty_like(s)
-    scratch = torch.empty(3 * v, dtype=torch.float32)
-    bad_row = ctypes.c_int64(-1)
-    loss = kernel(
-        s.data_ptr(),
-        t.data_ptr(),
-        None if labels is None else labels.data_ptr(),
-        n,
-        v,
-        tau,
-        w_kl,
-        w_nll,
-        g_NV.data_ptr(),
-        scratch.data_ptr(),
-        ctypes.byref(bad_row),
-    )
-    if bad_row.value >= 0:
-        assert labels is not None
-        raise ConfigError(
-            f"labels must be in [0, {v}) or equal the ignore index; row {bad_row.value} "
-            f"has {int(labels[bad_row.value, 0])}"
-        )
-    return torch.tensor(loss, dtype=torch.float32), g_NV
-
-
 class _DenseForwardKL(torch.autograd.Function):
     """Forward KL to dense targets, optionally with the hard-label NLL, as one node.
 
@@ -425,14 +369,8 @@ class _DenseForwardKL(torch.autograd.Function):
     (the forward keeps only [N] statistics, the backward recomputes q and p from the
     inputs); nothing waits for the device.
 
-    Small CPU batches (at most :data:`_GRAD_IN_FORWARD_MAX` values, a classifier's
-    [B, V]) with every row counted and number weights (see
-    :func:`kdcache.losses.kd._reads_back_free`) take a shorter route when the compiled
-    CPU kernel is available (:mod:`kdcache.losses._cpu_kernel`): the forward computes the
-    value and the gradient in one C pass over the rows and keeps the gradient ([N, V]
-    float32, the size of the logits), so that the backward is one multiplication. Per-op
-    overhead, not arithmetic, is what such a batch costs in torch; the value and gradient
-    are the same to float32 rounding.
+    On the CPU, :func:`kdcache.losses.kd_loss` gives a classifier's batch to a compiled
+    kernel instead (:mod:`kdcache.losses._cpu_kernel`), with the same arithmetic.
     """
 
     @staticmethod
@@ -450,33 +388,6 @@ class _DenseForwardKL(torch.autograd.Function):
         f32 = torch.float32
         s_NV = logits_NV if logits_NV.dtype == f32 else logits_NV.float()
         t_NV = teacher_NV if teacher_NV.dtype == f32 else teacher_NV.float()
-        if (
-            w_kl is not None
-            and keep_N1 is None
-            and keep_labels_N1 is None
-            and isinstance(w_kl, float)
-            and isinstance(w_nll, float)
-            and s_NV.numel() <= _GRAD_IN_FORWARD_MAX
-            and s_NV.device.type == "cpu"
-            and t_NV.device.type == "cpu"
-            and t_NV.shape == s_NV.shape
-            and (
-                labels_N1 is None
-                or (
-                    labels_N1.dtype == torch.int64
-                    and labels_N1.device.type == "cpu"
-                    and tuple(labels_N1.shape) == (s_NV.shape[0], 1)
-                )
-            )
-            and ctx.needs_input_grad[0]
-            and (kernel := _cpu_kernel.load()) is not None
-        ):
-            loss, ctx.grad_NV = _dense_forward_kl_with_grad(
-                kernel, s_NV, t_NV, float(tau), labels_N1, w_kl, w_nll
-            )
-            ctx.logits_dtype = logits_NV.dtype
-            return loss
-        ctx.grad_NV = None
         # Shift by the row max; a row with no finite max is NaN, as in log_softmax.
         m_N1 = s_NV.amax(dim=1, keepdim=True)
         a_NV = s_NV - m_N1
@@ -518,9 +429,6 @@ class _DenseForwardKL(torch.autograd.Function):
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
-        if ctx.grad_NV is not None:  # computed by the forward (small batches)
-            g_NV = ctx.grad_NV * grad.float()
-            return (g_NV.to(ctx.logits_dtype), *(None,) * 7)
         logits_NV, teacher_NV, keep_N1, labels_N1, keep_labels_N1, m_N1, log_z_N1, mass_N1 = (
             ctx.saved_tensors
         )

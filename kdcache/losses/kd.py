@@ -18,6 +18,7 @@ averaged gradient exactly that of one process holding the whole global batch.
 
 from __future__ import annotations
 
+import ctypes
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -26,6 +27,7 @@ import torch
 from kdcache import losses
 from kdcache import targets as _targets
 from kdcache.errors import ConfigError
+from kdcache.losses import _cpu_kernel
 from kdcache.losses.divergences import (
     Targets,
     Weight,
@@ -198,6 +200,119 @@ def _weight(scale: float, count: int | torch.Tensor, normalizer: Normalizer | No
     return scale / torch.tensor(value, dtype=torch.float32, device=count.device)
 
 
+#: Values of a batch ([N, V]) up to which the CPU route of the fused loss runs the
+#: compiled kernel (2^20: 4 MiB of float32; a classifier's batch, or a short
+#: language-model batch such as 8 x 128k); larger batches take the torch route.
+_GRAD_IN_FORWARD_MAX = 1 << 20
+
+
+class _KernelGradient(torch.autograd.Function):
+    """``apply(logits [N, V], grad [N, V] float32, value)``: the float32 scalar ``value``,
+    whose gradient with respect to the logits is ``grad`` (made by the kernel with the
+    value). The backward is one multiplication; ``grad`` stays with the node, so a
+    backward with ``retain_graph`` can run again."""
+
+    @staticmethod
+    def forward(
+        ctx: Any, logits_NV: torch.Tensor, grad_NV: torch.Tensor, value: float
+    ) -> torch.Tensor:
+        ctx.grad_NV, ctx.logits_dtype = grad_NV, logits_NV.dtype
+        return torch.tensor(value, dtype=torch.float32)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        g_NV = ctx.grad_NV * grad
+        return (
+            g_NV if ctx.logits_dtype == torch.float32 else g_NV.to(ctx.logits_dtype),
+            None,
+            None,
+        )
+
+
+def _kernel_route(
+    student_NV: torch.Tensor,
+    teacher_NV: torch.Tensor,
+    labels: torch.Tensor | None,
+    leading: torch.Size,
+    *,
+    tau: float,
+    kl_scale: float,
+    nll_scale: float,
+    ignore_index: int,
+    normalizer: Normalizer | None,
+) -> torch.Tensor | None:
+    """The fused loss of a CPU batch by the compiled kernel (:mod:`kdcache.losses._cpu_kernel`):
+    its value and its gradient in one C call, the gradient kept for the backward. Both
+    terms as :func:`_dense_forward_kl_loss` defines them, every row counted in the KL,
+    unlabelled rows (``ignore_index``) left out of the NLL; the normalizer is called for
+    the KL, then for the NLL. None where the kernel cannot take the batch (no kernel, not
+    on the CPU, over :data:`_GRAD_IN_FORWARD_MAX` values, labels that are not an int64
+    CPU tensor of the logits' leading shape): the torch route then reads, or refuses, it.
+
+    Raises:
+        ConfigError: a label outside [0, V) that is not ``ignore_index`` (nothing is
+            computed), or a normalizer that returns a bad divisor.
+    """
+    kernel = _cpu_kernel.load()
+    if (
+        kernel is None
+        or student_NV.device.type != "cpu"
+        or teacher_NV.device.type != "cpu"
+        or student_NV.numel() > _GRAD_IN_FORWARD_MAX
+    ):
+        return None
+    n, v = student_NV.shape
+    labels_N = None
+    if labels is not None:
+        if (
+            not isinstance(labels, torch.Tensor)
+            or labels.device.type != "cpu"
+            or labels.dtype != torch.int64
+            or labels.shape != leading
+        ):
+            return None
+        labels_N = labels.reshape(n).contiguous()
+    s_NV = student_NV.detach()
+    s_NV = (s_NV if s_NV.dtype == torch.float32 else s_NV.float()).contiguous()
+    t_NV = teacher_NV.detach()
+    t_NV = (t_NV if t_NV.dtype == torch.float32 else t_NV.float()).contiguous()
+    w_kl = kl_scale / _divisor(n, normalizer)
+    w_nll, per_count = nll_scale, 1  # divided by the labelled count in C
+    if labels_N is not None and normalizer is not None:
+        count = kernel.count_labels(labels_N.data_ptr(), n, v, ignore_index)
+        if count >= 0:  # else the kernel's call below says which row
+            w_nll, per_count = nll_scale / _divisor(count, normalizer), 0
+    g_NV = torch.empty_like(s_NV)
+    status = (ctypes.c_int64 * 1)()
+    value = kernel.forward_kl_nll(
+        s_NV.data_ptr(),
+        t_NV.data_ptr(),
+        None if labels_N is None else labels_N.data_ptr(),
+        n,
+        v,
+        tau,
+        w_kl,
+        w_nll,
+        ignore_index,
+        per_count,
+        g_NV.data_ptr(),
+        status,
+    )
+    if status[0] != -1:
+        if status[0] == -2:
+            raise MemoryError(f"kd_loss's CPU kernel could not allocate {3 * v} floats")
+        assert labels_N is not None
+        row = int(status[0])
+        raise ConfigError(
+            f"labels must be in [0, {v}) or equal ignore_index={ignore_index}; row {row} "
+            f"has {int(labels_N[row])}"
+        )
+    if not (student_NV.requires_grad and torch.is_grad_enabled()):
+        return torch.tensor(value, dtype=torch.float32)
+    return _KernelGradient.apply(student_NV, g_NV, value)
+
+
 def _dense_forward_kl_loss(
     student_logits: torch.Tensor,
     teacher: torch.Tensor,
@@ -220,6 +335,20 @@ def _dense_forward_kl_loss(
             f"{tuple(teacher.shape)} must have the same shape [..., V]"
         )
     leading, device = student_logits.shape[:-1], student_NV.device
+    if mask is None:
+        fast = _kernel_route(
+            student_NV,
+            teacher if teacher.dim() == 2 else teacher.reshape(student_NV.shape),
+            labels,
+            leading,
+            tau=tau,
+            kl_scale=kl_scale,
+            nll_scale=nll_scale,
+            ignore_index=ignore_index,
+            normalizer=normalizer,
+        )
+        if fast is not None:
+            return fast
     # On the CPU a count is read back for free: the weights become numbers and a mask
     # that keeps every row is dropped (fewer ops per step; the same value and gradient to
     # float32 rounding).

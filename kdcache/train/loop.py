@@ -144,7 +144,7 @@ def train_student(
             f"checkpoints need the stream's position, but {type(stream).__name__} has no "
             "state_dict(); use a kdcache.stream.ShardedStream or SoftTargetDataset"
         )
-    deepspeed = require("deepspeed", "deepspeed")
+    require("deepspeed", "deepspeed")  # a missing DeepSpeed is said before anything starts
     rank, world = init_distributed()
     stream_world = getattr(stream, "world_size", world)
     if stream_world != world:
@@ -152,7 +152,6 @@ def train_student(
             f"the stream was made for {stream_world} rank(s) but {world} are running; create "
             "it after kdcache.train.init_distributed() (or pass rank= and world_size=)"
         )
-    config = load_ds_config(ds_config)
     if rank == 0:
         log.info(
             "%s: starting DeepSpeed on %d rank(s) (its first start on a machine compiles a "
@@ -160,11 +159,7 @@ def train_student(
             desc,
             world,
         )
-    engine, _, _, _ = deepspeed.initialize(
-        model=model, model_parameters=model.parameters(), config=config
-    )
-    skip_single_rank_allreduce(engine)  # over one rank it copies and changes nothing
-    device = torch.device(getattr(engine, "device", "cpu"))
+    engine, device = start_engine(model, ds_config)
     result = TrainResult()
     if (
         resume
@@ -236,13 +231,9 @@ def train_student(
         got_batch = False
         for batch in stream:
             got_batch = True
-            batch = to_device(batch, device)
-            logits = engine(batch["inputs"])
-            loss = loss_fn(logits, batch)
-            engine.backward(loss)
-            engine.step()
+            loss, rows = micro_step(engine, device, batch, loss_fn)
             micro += 1
-            result.samples += int(batch["inputs"].shape[0])
+            result.samples += rows
             if micro % accum:
                 continue
             result.steps += 1
@@ -291,6 +282,47 @@ def train_student(
     result.state_dict = _gathered_state(engine)
     module.eval()
     return module, result
+
+
+def start_engine(
+    model: torch.nn.Module, ds_config: dict[str, Any] | str
+) -> tuple[Any, torch.device]:
+    """A DeepSpeed engine over ``model`` and the device it runs on, as :func:`train_student`
+    starts it (call :func:`kdcache.train.init_distributed` first).
+
+    Over one float32 rank without ZeRO the gradient all-reduce is switched off
+    (:func:`kdcache.train.distributed.skip_single_rank_allreduce`): it would copy and change
+    nothing.
+
+    Raises:
+        ConfigError: the config file cannot be read.
+        MissingDependencyError: DeepSpeed is not installed.
+    """
+    deepspeed = require("deepspeed", "deepspeed")
+    engine, _, _, _ = deepspeed.initialize(
+        model=model, model_parameters=model.parameters(), config=load_ds_config(ds_config)
+    )
+    skip_single_rank_allreduce(engine)
+    return engine, torch.device(getattr(engine, "device", "cpu"))
+
+
+def micro_step(
+    engine: Any, device: torch.device, batch: dict[str, Any], loss_fn: LossFn
+) -> tuple[torch.Tensor, int]:
+    """One micro-step of :func:`train_student`: the batch moved to ``device``
+    (:func:`to_device`), the student's forward, ``loss_fn``, backward and the engine's step
+    (an optimizer step at the end of each gradient-accumulation window).
+
+    Returns:
+        ``(loss, rows)``: the scalar loss, still on the device (reading it is a host sync),
+        and the batch's rows (``inputs.shape[0]``).
+    """
+    batch = to_device(batch, device)
+    logits = engine(batch["inputs"])
+    loss = loss_fn(logits, batch)
+    engine.backward(loss)
+    engine.step()
+    return loss, int(batch["inputs"].shape[0])
 
 
 #: Steps whose losses stay on the device before they are read (one host sync for all).

@@ -1048,7 +1048,7 @@ def test_small_batches_gradient_computed_in_the_forward_equals_the_backwards(
     """The fused node's short route for small batches (the gradient made by the forward)
     gives the general route's value and gradient: teacher zeros (-inf), a scaled
     backward, low-precision logits."""
-    from kdcache.losses import divergences
+    from kdcache.losses import kd
 
     tau, b, v = 2.5, 12, 7
     lp = targets.log_probs(rand(b, v, seed=93) / tau)
@@ -1057,7 +1057,7 @@ def test_small_batches_gradient_computed_in_the_forward_equals_the_backwards(
     labels = torch.arange(b) % v
     out = []
     for limit in (1 << 20, 0):  # the short route, then the general one
-        monkeypatch.setattr(divergences, "_GRAD_IN_FORWARD_MAX", limit)
+        monkeypatch.setattr(kd, "_GRAD_IN_FORWARD_MAX", limit)
         s = rand(b, v, seed=94).to(dtype).requires_grad_()
         loss = losses.kd_loss(s, lp, temperature=tau, alpha=alpha, labels_B=labels)
         (loss * 3.0).backward()
@@ -1090,11 +1090,11 @@ def _kernel_or_skip():
 
 def _both_routes(monkeypatch, make_logits, lp, **kw):
     """(loss, grad) by the compiled kernel's route, then by the general torch route."""
-    from kdcache.losses import divergences
+    from kdcache.losses import kd
 
     out = []
     for limit in (1 << 20, 0):
-        monkeypatch.setattr(divergences, "_GRAD_IN_FORWARD_MAX", limit)
+        monkeypatch.setattr(kd, "_GRAD_IN_FORWARD_MAX", limit)
         s = make_logits().requires_grad_()
         loss = losses.kd_loss(s, lp, **kw)
         loss.backward()
