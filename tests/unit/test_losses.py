@@ -1259,3 +1259,116 @@ def test_the_kernel_builds_with_a_cxx_compiler_or_a_compiler_with_flags(monkeypa
         pytest.skip(f"no {cc.split()[0]} here")
     monkeypatch.setenv("CC", cc)
     assert _cpu_kernel._compile() is not None
+
+
+def _routes_with(monkeypatch, make_logits, lp, normalizer=None, **kw):
+    """(loss, grad, normalizer calls) by the kernel's route, then by the torch route."""
+    from kdcache.losses import kd
+
+    out = []
+    for limit in (1 << 20, 0):
+        monkeypatch.setattr(kd, "_GRAD_IN_FORWARD_MAX", limit)
+        calls: list[int] = []
+
+        def norm(count: int) -> float:
+            calls.append(count)
+            return normalizer(count)
+
+        s = make_logits().requires_grad_()
+        loss = losses.kd_loss(s, lp, normalizer=None if normalizer is None else norm, **kw)
+        loss.backward()
+        out.append((loss.detach(), s.grad, calls))
+    return out
+
+
+@pytest.mark.parametrize("normalizer", [None, lambda c: 0.5 * c + 3.0])
+def test_the_kernel_route_leaves_unlabelled_rows_out_of_the_nll_as_the_torch_route(
+    monkeypatch, normalizer
+):
+    """Rows with ignore_index count in the KL only; a normalizer is called for the KL's
+    count, then the NLL's, on both routes."""
+    _kernel_or_skip()
+    b, v, tau = 9, 6, 2.0
+    lp = targets.log_probs(rand(b, v, seed=121) / tau)
+    labels = torch.tensor([0, -100, 2, 5, -100, -100, 1, 3, 4])
+    (l_k, g_k, c_k), (l_t, g_t, c_t) = _routes_with(
+        monkeypatch,
+        lambda: rand(b, v, seed=122, scale=4.0),
+        lp,
+        normalizer,
+        temperature=tau,
+        alpha=0.6,
+        labels_B=labels,
+    )
+    torch.testing.assert_close(l_k, l_t, rtol=2e-6, atol=1e-6)
+    torch.testing.assert_close(g_k, g_t, rtol=1e-5, atol=1e-7)
+    assert c_k == c_t == ([] if normalizer is None else [9, 6])
+    # an unlabelled row's gradient is the KL's alone: the same as with alpha = 1 scaled
+    (l_1, g_1, _), _ = _routes_with(
+        monkeypatch,
+        lambda: rand(b, v, seed=122, scale=4.0),
+        lp,
+        normalizer,
+        temperature=tau,
+        alpha=1.0,
+    )
+    torch.testing.assert_close(g_k[1], 0.6 * g_1[1], rtol=1e-5, atol=1e-7)
+
+
+def test_the_kernel_route_with_no_labelled_row_is_the_kl_alone(monkeypatch):
+    _kernel_or_skip()
+    lp = targets.log_probs(rand(5, 4, seed=123))
+    (l_k, g_k, _), (l_t, g_t, _) = _routes_with(
+        monkeypatch,
+        lambda: rand(5, 4, seed=124),
+        lp,
+        temperature=1.0,
+        alpha=0.5,
+        labels_B=torch.full((5,), -100),
+    )
+    assert torch.isfinite(l_k) and torch.isfinite(g_k).all()
+    torch.testing.assert_close(l_k, l_t, rtol=2e-6, atol=1e-6)
+    torch.testing.assert_close(g_k, g_t, rtol=1e-5, atol=1e-7)
+
+
+def test_the_kernel_route_refuses_a_bad_label_among_unlabelled_rows_before_the_normalizer():
+    """The label check comes first: a bad label is named, and a normalizer (a collective
+    on several ranks) is not left half-called for the NLL."""
+    _kernel_or_skip()
+    lp = targets.log_probs(rand(4, 5, seed=125))
+    calls: list[int] = []
+    with pytest.raises(ConfigError, match=r"labels must be in \[0, 5\).*row 2 has 7"):
+        losses.kd_loss(
+            rand(4, 5, seed=126).requires_grad_(),
+            lp,
+            temperature=1.0,
+            alpha=0.5,
+            labels_B=torch.tensor([-100, 1, 7, 0]),
+            normalizer=lambda c: calls.append(c) or float(c),
+        )
+    assert calls == [4]  # the KL's count only
+
+
+def test_labels_of_another_shape_are_refused_on_the_cpu_too():
+    _kernel_or_skip()
+    lp = targets.log_probs(rand(4, 5, seed=127))
+    with pytest.raises(ConfigError, match="labels shape"):
+        losses.kd_loss(
+            rand(4, 5, seed=128).requires_grad_(),
+            lp,
+            temperature=1.0,
+            alpha=0.5,
+            labels_B=torch.tensor([[0], [1], [2], [3]]),
+        )
+
+
+def test_the_kernel_route_without_grad_gives_the_value_alone():
+    _kernel_or_skip()
+    lp = targets.log_probs(rand(6, 5, seed=129))
+    s = rand(6, 5, seed=130)
+    labels = torch.arange(6) % 5
+    with torch.no_grad():
+        value = losses.kd_loss(s.requires_grad_(), lp, temperature=2.0, alpha=0.5, labels_B=labels)
+    assert not value.requires_grad and value.grad_fn is None
+    again = losses.kd_loss(s, lp, temperature=2.0, alpha=0.5, labels_B=labels)
+    torch.testing.assert_close(value, again.detach())
