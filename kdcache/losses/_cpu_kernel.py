@@ -2,10 +2,11 @@
 
 For a classifier's batch ([256, 10]: a few thousand values) the loss costs per operation,
 not per value: about 30 torch or numpy calls of 2-5 us each, against a fused
-cross-entropy of two. This module compiles one C function that computes the loss and its
-gradient in one pass over the rows, the arithmetic of
-:func:`kdcache.losses.divergences._DenseForwardKL` (see there for the formulas and their
-NaN and -inf rules), and loads it with :mod:`ctypes`.
+cross-entropy of two. This module compiles one C function that checks and counts the
+labels, then computes the loss and its gradient in one pass over the rows, the arithmetic
+of :func:`kdcache.losses.divergences._DenseForwardKL` (see there for the formulas and
+their NaN and -inf rules), and loads it with :mod:`ctypes`; :func:`kdcache.losses.kd_loss`
+calls it (``kdcache.losses.kd._kernel_route``).
 
 It is compiled once per process, on first use, with the C compiler ``$CC`` (else ``cc``
 or ``gcc`` on ``PATH``), into a temporary directory that is removed once the library is
