@@ -78,6 +78,7 @@ double kdcache_forward_kl_nll(const float *s, const float *t, const int64_t *lab
         }
         if (nll_per_count) w_nll /= (double)(count > 0 ? count : 1);
     }
+    if (n == 0) return 0.0;
     float *scratch = (float *)malloc((size_t)(3 * (v > 0 ? v : 1)) * sizeof(float));
     if (!scratch) {
         status[0] = -2;

@@ -19,6 +19,7 @@ averaged gradient exactly that of one process holding the whole global batch.
 from __future__ import annotations
 
 import ctypes
+import operator
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -216,13 +217,17 @@ class _KernelGradient(torch.autograd.Function):
     def forward(
         ctx: Any, logits_NV: torch.Tensor, grad_NV: torch.Tensor, value: float
     ) -> torch.Tensor:
-        ctx.grad_NV, ctx.logits_dtype = grad_NV, logits_NV.dtype
+        # saved, not kept as an attribute: freed by the backward (unless retain_graph),
+        # and a second backward without retain_graph is refused as anywhere in torch
+        ctx.save_for_backward(grad_NV)
+        ctx.logits_dtype = logits_NV.dtype
         return torch.tensor(value, dtype=torch.float32)
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
-        g_NV = ctx.grad_NV * grad
+        (saved_NV,) = ctx.saved_tensors
+        g_NV = saved_NV * grad
         return (
             g_NV if ctx.logits_dtype == torch.float32 else g_NV.to(ctx.logits_dtype),
             None,
@@ -260,7 +265,14 @@ def _kernel_route(
         or student_NV.device.type != "cpu"
         or teacher_NV.device.type != "cpu"
         or student_NV.numel() > _GRAD_IN_FORWARD_MAX
+        or student_NV.shape[1] == 0
     ):
+        return None
+    try:  # C reads an int64: anything else (a float, beyond 64 bits) is the torch route's
+        ignore_index = operator.index(ignore_index)
+    except TypeError:
+        return None
+    if not -(1 << 63) <= ignore_index < 1 << 63:
         return None
     n, v = student_NV.shape
     labels_N = None

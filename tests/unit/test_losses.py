@@ -1372,3 +1372,51 @@ def test_the_kernel_route_without_grad_gives_the_value_alone():
     assert not value.requires_grad and value.grad_fn is None
     again = losses.kd_loss(s, lp, temperature=2.0, alpha=0.5, labels_B=labels)
     torch.testing.assert_close(value, again.detach())
+
+
+def test_the_kernel_route_frees_its_gradient_and_refuses_a_second_backward():
+    _kernel_or_skip()
+    lp = targets.log_probs(rand(6, 5, seed=131))
+    s = rand(6, 5, seed=132).requires_grad_()
+    loss = losses.kd_loss(s, lp, temperature=2.0, alpha=0.5, labels_B=torch.arange(6) % 5)
+    loss.backward()
+    with pytest.raises(RuntimeError, match="second time"):
+        loss.backward()
+
+
+@pytest.mark.parametrize("ignore_index", [-100.0, 2**64])
+def test_an_ignore_index_c_cannot_read_takes_the_torch_route(monkeypatch, ignore_index):
+    """A float or an out-of-int64 ignore_index is not handed to C (it would be refused or
+    wrapped): the torch route reads it, the normalizer called the same times."""
+    from kdcache.losses import kd
+
+    _kernel_or_skip()
+    lp = targets.log_probs(rand(6, 5, seed=133))
+    labels = torch.tensor([0, 1, 2, 3, 4, 0])
+    out = []
+    for limit in (1 << 20, 0):
+        monkeypatch.setattr(kd, "_GRAD_IN_FORWARD_MAX", limit)
+        calls: list[int] = []
+        s = rand(6, 5, seed=134).requires_grad_()
+        loss = losses.kd_loss(
+            s,
+            lp,
+            temperature=1.0,
+            alpha=0.5,
+            labels_B=labels,
+            ignore_index=ignore_index,
+            normalizer=lambda c, calls=calls: calls.append(c) or float(c),
+        )
+        loss.backward()
+        out.append((loss.detach(), s.grad, calls))
+    torch.testing.assert_close(out[0][0], out[1][0])
+    torch.testing.assert_close(out[0][1], out[1][1])
+    assert out[0][2] == out[1][2] == [6, 6]
+
+
+def test_an_empty_batch_of_wide_rows_allocates_nothing():
+    _kernel_or_skip()
+    s = torch.empty(0, 1 << 40).requires_grad_()  # no row: nothing to allocate per row
+    loss = losses.kd_loss(s, torch.empty(0, 1 << 40), temperature=1.0)
+    loss.backward()
+    assert float(loss.detach()) == 0.0 and s.grad.shape == s.shape
