@@ -347,10 +347,11 @@ def _dense_forward_kl_loss(
             f"{tuple(teacher.shape)} must have the same shape [..., V]"
         )
     leading, device = student_logits.shape[:-1], student_NV.device
+    teacher_NV = teacher if teacher.dim() == 2 else teacher.reshape(student_NV.shape)
     if mask is None:
         fast = _kernel_route(
             student_NV,
-            teacher if teacher.dim() == 2 else teacher.reshape(student_NV.shape),
+            teacher_NV,
             labels,
             leading,
             tau=tau,
@@ -390,7 +391,7 @@ def _dense_forward_kl_loss(
         nll_weight = _weight(nll_scale, labelled, normalizer)
     return dense_forward_kl_loss(
         student_NV,
-        teacher if teacher.dim() == 2 else teacher.reshape(student_NV.shape),
+        teacher_NV,
         temperature=tau,
         kl_weight=kl_weight,
         keep_N1=keep_N1,

@@ -313,6 +313,14 @@ def micro_step(
     (:func:`to_device`), the student's forward, ``loss_fn``, backward and the engine's step
     (an optimizer step at the end of each gradient-accumulation window).
 
+    Args:
+        engine: From :func:`start_engine`.
+        device: Its device.
+        batch: A stream's batch: at least ``inputs`` [B, ...] (what the student takes),
+            and whatever ``loss_fn`` reads (``labels`` int64 [B], ``teacher_log_probs``
+            float32 [B, V], ...).
+        loss_fn: ``loss_fn(student_logits, batch) -> scalar`` (see :func:`train_student`).
+
     Returns:
         ``(loss, rows)``: the scalar loss, still on the device (reading it is a host sync),
         and the batch's rows (``inputs.shape[0]``).

@@ -1088,18 +1088,29 @@ def _kernel_or_skip():
         pytest.skip("no C compiler here: kd_loss takes its torch route")
 
 
-def _both_routes(monkeypatch, make_logits, lp, **kw):
-    """(loss, grad) by the compiled kernel's route, then by the general torch route."""
+def _routes_with(monkeypatch, make_logits, lp, normalizer=None, **kw):
+    """(loss, grad, normalizer calls) by the kernel's route, then by the torch route."""
     from kdcache.losses import kd
 
     out = []
     for limit in (1 << 20, 0):
         monkeypatch.setattr(kd, "_GRAD_IN_FORWARD_MAX", limit)
+        calls: list[int] = []
+
+        def norm(count: int, calls: list[int] = calls) -> float:
+            calls.append(count)
+            return normalizer(count)
+
         s = make_logits().requires_grad_()
-        loss = losses.kd_loss(s, lp, **kw)
+        loss = losses.kd_loss(s, lp, normalizer=None if normalizer is None else norm, **kw)
         loss.backward()
-        out.append((loss.detach(), s.grad))
+        out.append((loss.detach(), s.grad, calls))
     return out
+
+
+def _both_routes(monkeypatch, make_logits, lp, **kw):
+    """(loss, grad) by the compiled kernel's route, then by the general torch route."""
+    return [(loss, grad) for loss, grad, _ in _routes_with(monkeypatch, make_logits, lp, **kw)]
 
 
 @pytest.mark.parametrize(
@@ -1261,26 +1272,6 @@ def test_the_kernel_builds_with_a_cxx_compiler_or_a_compiler_with_flags(monkeypa
     assert _cpu_kernel._compile() is not None
 
 
-def _routes_with(monkeypatch, make_logits, lp, normalizer=None, **kw):
-    """(loss, grad, normalizer calls) by the kernel's route, then by the torch route."""
-    from kdcache.losses import kd
-
-    out = []
-    for limit in (1 << 20, 0):
-        monkeypatch.setattr(kd, "_GRAD_IN_FORWARD_MAX", limit)
-        calls: list[int] = []
-
-        def norm(count: int, calls: list[int] = calls) -> float:
-            calls.append(count)
-            return normalizer(count)
-
-        s = make_logits().requires_grad_()
-        loss = losses.kd_loss(s, lp, normalizer=None if normalizer is None else norm, **kw)
-        loss.backward()
-        out.append((loss.detach(), s.grad, calls))
-    return out
-
-
 @pytest.mark.parametrize("normalizer", [None, lambda c: 0.5 * c + 3.0])
 def test_the_kernel_route_leaves_unlabelled_rows_out_of_the_nll_as_the_torch_route(
     monkeypatch, normalizer
@@ -1388,30 +1379,21 @@ def test_the_kernel_route_frees_its_gradient_and_refuses_a_second_backward():
 def test_an_ignore_index_c_cannot_read_takes_the_torch_route(monkeypatch, ignore_index):
     """A float or an out-of-int64 ignore_index is not handed to C (it would be refused or
     wrapped): the torch route reads it, the normalizer called the same times."""
-    from kdcache.losses import kd
-
     _kernel_or_skip()
     lp = targets.log_probs(rand(6, 5, seed=133))
-    labels = torch.tensor([0, 1, 2, 3, 4, 0])
-    out = []
-    for limit in (1 << 20, 0):
-        monkeypatch.setattr(kd, "_GRAD_IN_FORWARD_MAX", limit)
-        calls: list[int] = []
-        s = rand(6, 5, seed=134).requires_grad_()
-        loss = losses.kd_loss(
-            s,
-            lp,
-            temperature=1.0,
-            alpha=0.5,
-            labels_B=labels,
-            ignore_index=ignore_index,
-            normalizer=lambda c, calls=calls: calls.append(c) or float(c),
-        )
-        loss.backward()
-        out.append((loss.detach(), s.grad, calls))
-    torch.testing.assert_close(out[0][0], out[1][0])
-    torch.testing.assert_close(out[0][1], out[1][1])
-    assert out[0][2] == out[1][2] == [6, 6]
+    (l_k, g_k, c_k), (l_t, g_t, c_t) = _routes_with(
+        monkeypatch,
+        lambda: rand(6, 5, seed=134),
+        lp,
+        float,
+        temperature=1.0,
+        alpha=0.5,
+        labels_B=torch.tensor([0, 1, 2, 3, 4, 0]),
+        ignore_index=ignore_index,
+    )
+    torch.testing.assert_close(l_k, l_t)
+    torch.testing.assert_close(g_k, g_t)
+    assert c_k == c_t == [6, 6]
 
 
 def test_an_empty_batch_of_wide_rows_allocates_nothing():
